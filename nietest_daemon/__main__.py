@@ -1,0 +1,21 @@
+"""Entry point of the `nietest` console script and of `python -m nietest_daemon`."""
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    # Processes run under supervisord (worker, broker) log JSON from their first line, so that
+    # even an import error below lands in their log file as JSON.
+    if args[:1] in (["worker"], ["broker"]):
+        from nietest_daemon import logs
+
+        name = args[0] if args[0] == "broker" else f"worker-{args[1] if len(args) > 1 else '?'}"
+        logs.configure(name)
+    from nietest_daemon.cli import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

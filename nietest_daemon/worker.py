@@ -1,0 +1,147 @@
+"""`nietest worker QUEUE`: one Dramatiq Worker consuming one queue, in this process.
+
+supervisord runs one of these per configured process. On SIGTERM the worker stops fetching,
+finishes the messages in hand within NIETEST_DRAIN_SECONDS, returns every other message it
+holds (prefetched, delayed, and any still running past the budget) to the broker, and exits 0.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import dramatiq
+import redis
+import structlog
+from dramatiq.common import dq_name
+from dramatiq.middleware import Middleware
+
+from nietest_daemon import logs
+from nietest_daemon.broker import NietestRedisBroker, build_broker, wait_for_broker
+from nietest_daemon.settings import Settings
+
+log = logs.get_logger(__name__)
+
+#: Actor modules always loaded; NIETEST_ACTOR_MODULES adds more (tests use it for test actors).
+BUILTIN_ACTOR_MODULES = ("nietest_daemon.actors",)
+
+
+class InHand(Middleware):
+    """Tracks the messages being processed, so the shutdown can hand back those it abandons.
+
+    After `abandon()`, a late acknowledgement would delete a message that was just returned to
+    the queue; so from then on any ack or nack blocks until the process exits.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._messages: dict[str, Any] = {}
+        self._abandoned = threading.Event()
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        with self._lock:
+            self._messages[message.message_id] = message
+
+    def after_process_message(self, broker: dramatiq.Broker, message: Any, *, result=None, exception=None) -> None:
+        with self._lock:
+            self._messages.pop(message.message_id, None)
+
+    after_skip_message = after_process_message
+
+    def before_ack(self, broker: dramatiq.Broker, message: Any) -> None:
+        if self._abandoned.is_set():
+            threading.Event().wait()
+
+    before_nack = before_ack
+
+    def abandon(self) -> list[Any]:
+        with self._lock:
+            self._abandoned.set()
+            return list(self._messages.values())
+
+
+def import_actors(settings: Settings) -> list[str]:
+    modules = [*BUILTIN_ACTOR_MODULES, *settings.actor_modules]
+    for name in modules:
+        importlib.import_module(name)
+    return modules
+
+
+def _housekeeping(broker: NietestRedisBroker, queue_name: str, interval: float, stop: threading.Event) -> None:
+    """Heartbeat and queue maintenance on a timer (see NietestRedisBroker.maintain)."""
+    while not stop.wait(interval):
+        try:
+            broker.maintain(queue_name)
+            broker.maintain(dq_name(queue_name))
+        except (redis.RedisError, OSError) as exc:
+            log.warning("queue maintenance failed", error=str(exc))
+
+
+def run(settings: Settings, queue_key: str) -> int:
+    queue = settings.queue(queue_key)
+    logs.set_secrets(settings.secrets())
+    logging.getLogger().setLevel(settings.log_level)
+    structlog.contextvars.bind_contextvars(queue=queue.name)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("stop requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    broker = build_broker(settings)
+    log.info(
+        "worker starting",
+        threads=queue.threads,
+        broker=settings.broker_description,
+        store=settings.store_description,
+        drain_seconds=settings.drain_seconds,
+    )
+    if not wait_for_broker(broker.client, settings.broker_url, stop):
+        log.info("worker stopped before the broker was reachable")
+        return 0
+
+    modules = import_actors(settings)
+    broker.declare_queue(queue.name)
+    in_hand = InHand()
+    broker.add_middleware(in_hand)
+    worker = dramatiq.Worker(broker, queues={queue.name}, worker_threads=queue.threads)
+    worker.start()
+    interval = max(0.5, min(settings.broker_heartbeat_timeout / 4, 15.0))
+    threading.Thread(
+        target=_housekeeping, args=(broker, queue.name, interval, stop), name="housekeeping", daemon=True
+    ).start()
+    actors = sorted(a for a in broker.get_declared_actors() if broker.get_actor(a).queue_name == queue.name)
+    log.info("worker started", actors=actors, actor_modules=modules)
+
+    stop.wait()
+    started = time.monotonic()
+    log.info("draining", budget_seconds=settings.drain_seconds)
+    worker.stop(timeout=int(settings.drain_seconds * 1000))
+    abandoned = in_hand.abandon()
+    if abandoned:
+        ids = [m.options["redis_message_id"] for m in abandoned if "redis_message_id" in m.options]
+        try:
+            broker.do_requeue(queue.name, *ids)
+        except redis.RedisError as exc:
+            log.error(
+                "could not return unfinished messages; they come back after the heartbeat timeout",
+                error=str(exc),
+                message_ids=ids,
+            )
+    log.info(
+        "worker stopped",
+        seconds=round(time.monotonic() - started, 3),
+        returned_unfinished=len(abandoned),
+    )
+    logging.shutdown()
+    # Threads still stuck in an abandoned message must not keep the process alive.
+    os._exit(0)
