@@ -90,7 +90,7 @@ def _start_line(settings: Settings) -> str:
 
 
 def run(settings: Settings) -> int:
-    """Exec supervisord (with JSON logs, see supervisord_json) in the foreground.
+    """Exec supervisord (JSON logs, prompt respawn: see nietest_daemon/supervisord.py) in the foreground.
 
     Returns only when it refuses to start.
     """
@@ -103,7 +103,7 @@ def run(settings: Settings) -> int:
     settings.run_dir.chmod(0o700)
     print(_start_line(settings), flush=True)
     os.chdir(settings.data_dir)
-    argv = [sys.executable, "-m", "nietest_daemon.supervisord_json", "-n", "-c", str(config_path())]
+    argv = [sys.executable, "-m", "nietest_daemon.supervisord", "-n", "-c", str(config_path())]
     os.execve(sys.executable, argv, environment(settings))
 
 

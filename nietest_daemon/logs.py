@@ -26,8 +26,11 @@ import structlog
 import structlog.tracebacks
 
 MAX_LINE_BYTES = 16 * 1024
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^:/@\s\"]*):(?P<pw>[^@/\s\"]+)@", re.I)
-_FEISHU_HOOK = re.compile(r"(/open-apis/bot/v2/hook/)[A-Za-z0-9\-]+")
+# Bounded repetitions keep both patterns linear on long lines (no catastrophic backtracking).
+_URL_PASSWORD = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.\-]{0,15}://)(?P<user>[^:/@\s\"]{0,256}):(?P<pw>[^@/\s\"]{1,256})@", re.I
+)
+_FEISHU_HOOK = re.compile(r"(/open-apis/bot/v2/hook/)[A-Za-z0-9\-]{1,128}")
 _CORE_KEYS = ("timestamp", "level", "event", "logger", "pid", "process")
 
 
@@ -49,8 +52,11 @@ class Redactor:
     def __call__(self, text: str) -> str:
         if self._secrets is not None:
             text = self._secrets.sub("***", text)
-        text = _URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text)
-        return _FEISHU_HOOK.sub(r"\1***", text)
+        if "://" in text:
+            text = _URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text)
+        if "/hook/" in text:
+            text = _FEISHU_HOOK.sub(r"\1***", text)
+        return text
 
 
 REDACTOR = Redactor()

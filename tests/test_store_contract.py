@@ -1,0 +1,724 @@
+"""Contract suite of the task store (DESIGN.md §5), run against both implementations.
+
+`SQLiteStore` runs for real, on a file in tmp_path (threads and, separately, processes).
+
+`MongoStore` runs on `mongomock.MongoClient().db`: mongomock stands in because no MongoDB
+server can run on our machines. mongomock executes each operation in Python and is *not*
+atomic per operation (its `find_one_and_update` is a find, then an update by `_id` that drops
+the filter), so the Mongo store runs on `AtomicDatabase`, a thin proxy that holds one lock for
+the duration of every single collection call. That restores exactly what a MongoDB server
+guarantees -- each single-document operation is atomic -- and nothing more: any correctness
+the store needs beyond that (ordering between its operations) is still exercised by the races.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import mongomock
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nietest_daemon import store as store_module
+from nietest_daemon.store import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PENDING,
+    PROCESSING,
+    STATUSES,
+    DuplicateTaskError,
+    FinishOutcome,
+    MongoStore,
+    SQLiteStore,
+    Store,
+    UnknownSubtaskError,
+    final_task_status,
+    open_store,
+    utcnow,
+)
+
+COUNTER_FIELDS = ("processed_images", "completed_images", "failed_images", "cancelled_images")
+
+
+# --- mongomock made atomic per operation -------------------------------------------------------------
+
+
+class AtomicCollection:
+    """Proxy of a mongomock collection: every method call runs under one lock, as on a server."""
+
+    def __init__(self, collection: Any, lock: threading.RLock) -> None:
+        self._collection = collection
+        self._lock = lock
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._collection, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return call
+
+
+class AtomicDatabase:
+    """Proxy of a mongomock database handing out `AtomicCollection`s sharing one lock."""
+
+    def __init__(self, db: Any) -> None:
+        self._db = db
+        self._lock = threading.RLock()
+
+    def __getitem__(self, name: str) -> AtomicCollection:
+        return AtomicCollection(self._db[name], self._lock)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+
+# --- fixtures ------------------------------------------------------------------------------------------
+
+StoreFactory = Callable[[], Store]
+
+
+@pytest.fixture(params=["sqlite", "mongo"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    """Factory of handles on one shared store (several handles = several clients of one database)."""
+    opened: list[Store] = []
+    if request.param == "sqlite":
+
+        def make() -> Store:
+            opened.append(SQLiteStore(tmp_path / "data"))
+            return opened[-1]
+
+    else:
+        db = AtomicDatabase(mongomock.MongoClient().db)
+
+        def make() -> Store:
+            opened.append(MongoStore(db, task_collection="tasks", subtask_collection="subtasks"))  # type: ignore[arg-type]
+            return opened[-1]
+
+    yield make
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(make_store: StoreFactory) -> Store:
+    return make_store()
+
+
+def task_doc(task_id: str, total: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": task_id,
+        "name": f"campaign {task_id}",
+        "priority": 1,
+        "total_images": total,
+        "prompts": [{"type": "freetext", "value": "1girl", "weight": 1.0}],
+        "ratio": "1:1",
+        "seed": 42,
+        "batch_size": 1,
+        "use_polish": False,
+        "is_lumina": False,
+        "variables": {},
+        "variables_map": {"0": {"variable_id": "v", "variable_name": "x", "variable_type": "ratio", "values": []}},
+        **extra,
+    }
+
+
+def sub_ids(task_id: str, n: int) -> list[str]:
+    return [f"{task_id}-{i:05d}" for i in range(n)]
+
+
+def sub_docs(task_id: str, n: int) -> list[dict[str, Any]]:
+    return [
+        {"id": sid, "variable_indices": [i], "ratio": "1:1", "width": 1024, "height": 1024, "seed": i}
+        for i, sid in enumerate(sub_ids(task_id, n))
+    ]
+
+
+def make_task(store: Store, task_id: str, n: int) -> list[str]:
+    store.create_task(task_doc(task_id, n))
+    assert store.insert_subtasks(task_id, sub_docs(task_id, n)) == n
+    return sub_ids(task_id, n)
+
+
+def counters(task: dict[str, Any]) -> dict[str, int]:
+    return {k: task[k] for k in ("total_images", *COUNTER_FIELDS)}
+
+
+def assert_aware_utc(value: Any) -> None:
+    assert isinstance(value, datetime) and value.utcoffset() == timedelta(0), value
+
+
+# --- tasks ---------------------------------------------------------------------------------------------
+
+
+def test_create_and_get_task(store: Store) -> None:
+    doc = task_doc("t1", 4)
+    store.create_task(doc)
+    assert "status" not in doc  # the caller's dict is not modified
+    task = store.get_task("t1")
+    assert task is not None
+    assert task["id"] == "t1" and task["name"] == "campaign t1" and task["status"] == PENDING
+    assert task["total_images"] == 4 and task["progress"] == 0.0
+    assert all(task[k] == 0 for k in COUNTER_FIELDS)
+    assert task["prompts"] == doc["prompts"] and task["variables_map"] == doc["variables_map"]
+    assert task["cancel_requested"] is False and task["error"] is None
+    assert_aware_utc(task["created_at"])
+    assert task["updated_at"] == task["created_at"]
+    assert task["started_at"] is None and task["completed_at"] is None
+    assert set(store_module.TASK_FIELDS) <= set(task)
+    assert store.get_task("nope") is None
+
+
+def test_duplicate_task_is_refused(store: Store) -> None:
+    store.create_task(task_doc("t1", 1))
+    with pytest.raises(DuplicateTaskError, match="t1"):
+        store.create_task(task_doc("t1", 2))
+    assert store.get_task("t1")["total_images"] == 1  # type: ignore[index]
+    with pytest.raises(ValueError, match="id"):
+        store.create_task({"name": "no id"})
+
+
+def test_list_tasks_newest_first_and_by_status(store: Store) -> None:
+    for i in range(5):
+        store.create_task(task_doc(f"t{i}", 1))
+        time.sleep(0.003)  # distinct millisecond timestamps
+    assert [t["id"] for t in store.list_tasks()] == ["t4", "t3", "t2", "t1", "t0"]
+    assert [t["id"] for t in store.list_tasks(limit=2)] == ["t4", "t3"]
+    assert store.mark_task_running("t1")
+    assert [t["id"] for t in store.list_tasks(status=PROCESSING)] == ["t1"]
+    assert [t["id"] for t in store.list_tasks(status=[PROCESSING, PENDING], limit=3)] == ["t4", "t3", "t2"]
+
+
+def test_mark_task_running_once(store: Store) -> None:
+    store.create_task(task_doc("t", 1))
+    assert store.mark_task_running("t") is True
+    task = store.get_task("t")
+    assert task["status"] == PROCESSING  # type: ignore[index]
+    assert_aware_utc(task["started_at"])  # type: ignore[index]
+    assert store.mark_task_running("t") is False
+    assert store.get_task("t")["started_at"] == task["started_at"]  # type: ignore[index]
+    assert store.mark_task_running("missing") is False
+
+
+# --- subtasks ------------------------------------------------------------------------------------------
+
+
+def test_insert_subtasks_is_idempotent(store: Store) -> None:
+    store.create_task(task_doc("t", 7))
+    docs = sub_docs("t", 7)
+    assert store.insert_subtasks("t", docs[:5]) == 5
+    assert store.insert_subtasks("t", docs[:5]) == 0
+    assert store.insert_subtasks("t", docs[3:]) == 2  # 3 and 4 present, 5 and 6 new
+    assert store.count_subtasks("t") == {**dict.fromkeys(STATUSES, 0), PENDING: 7}
+    sub = store.get_subtask("t-00006")
+    assert sub is not None
+    assert sub["task_id"] == "t" and sub["status"] == PENDING and sub["variable_indices"] == [6]
+    assert sub["job_uuid"] is None and sub["poll_count"] == 0 and sub["attempts"] == 0
+    assert sub["result"] is None and sub["error"] is None and sub["width"] == 1024
+    assert_aware_utc(sub["created_at"])
+    assert set(store_module.SUBTASK_FIELDS) <= set(sub)
+    assert store.get_subtask("missing") is None
+
+
+def test_insert_thousands_of_subtasks(store: Store) -> None:
+    store.create_task(task_doc("big", 5000))
+    started = time.monotonic()
+    assert store.insert_subtasks("big", sub_docs("big", 5000)) == 5000
+    assert store.insert_subtasks("big", iter(sub_docs("big", 5000))) == 0
+    assert time.monotonic() - started < 10
+    assert store.count_subtasks("big")[PENDING] == 5000
+
+
+def test_list_subtasks(store: Store) -> None:
+    ids = make_task(store, "t", 6)
+    make_task(store, "other", 2)
+    assert [s["id"] for s in store.list_subtasks("t")] == ids
+    assert [s["id"] for s in store.list_subtasks("t", limit=2)] == ids[:2]
+    store.finish_subtask(ids[1], COMPLETED)
+    store.start_subtask(ids[3])
+    assert [s["id"] for s in store.list_subtasks("t", status=PENDING)] == [ids[0], ids[2], ids[4], ids[5]]
+    assert [s["id"] for s in store.list_subtasks("t", status=[COMPLETED, PROCESSING])] == [ids[1], ids[3]]
+    assert store.count_subtasks("t") == {PENDING: 4, PROCESSING: 1, COMPLETED: 1, FAILED: 0, CANCELLED: 0}
+
+
+def test_start_subtask(store: Store) -> None:
+    (sid,) = make_task(store, "t", 1)
+    first = store.start_subtask(sid)
+    assert first is not None and first["status"] == PROCESSING and first["attempts"] == 1
+    assert_aware_utc(first["started_at"])
+    time.sleep(0.003)
+    again = store.start_subtask(sid)  # a redelivery
+    assert again is not None and again["attempts"] == 2
+    assert again["started_at"] == first["started_at"] and again["updated_at"] > first["updated_at"]
+    store.finish_subtask(sid, FAILED, error="boom")
+    assert store.start_subtask(sid) is None
+    assert store.get_subtask(sid)["status"] == FAILED  # type: ignore[index]
+    assert store.start_subtask("missing") is None
+
+
+def test_record_job_first_writer_wins(store: Store) -> None:
+    (sid,) = make_task(store, "t", 1)
+    store.start_subtask(sid)
+    assert store.record_job(sid, "job-a", 111) is True
+    assert store.record_job(sid, "job-b", 222) is False
+    sub = store.get_subtask(sid)
+    assert sub["job_uuid"] == "job-a" and sub["seed"] == 111  # type: ignore[index]
+    # A TIMEOUT resubmit clears only the job it saw.
+    assert store.clear_job(sid, "job-b") is False
+    assert store.record_poll(sid) == 1
+    assert store.clear_job(sid, "job-a") is True
+    assert store.clear_job(sid, "job-a") is False
+    sub = store.get_subtask(sid)
+    assert sub["job_uuid"] is None and sub["poll_count"] == 0  # type: ignore[index]
+    assert store.record_job(sid, "job-c", 333) is True
+    assert store.get_subtask(sid)["job_uuid"] == "job-c"  # type: ignore[index]
+
+
+@contextmanager
+def tight_thread_switching() -> Iterator[None]:
+    """Make the interpreter switch threads very often, so races interleave inside operations."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
+def test_record_job_race(make_store: StoreFactory) -> None:
+    s = make_store()
+    (sid,) = make_task(s, "t", 1)
+    barrier = threading.Barrier(8)
+    wins: list[str] = []
+
+    def run(i: int) -> None:
+        handle = make_store()
+        barrier.wait()
+        if handle.record_job(sid, f"job-{i}", i):
+            wins.append(f"job-{i}")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    with tight_thread_switching():
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert len(wins) == 1
+    assert s.get_subtask(sid)["job_uuid"] == wins[0]  # type: ignore[index]
+
+
+def test_record_poll(store: Store) -> None:
+    (sid,) = make_task(store, "t", 1)
+    assert [store.record_poll(sid) for _ in range(3)] == [1, 2, 3]
+    assert store.get_subtask(sid)["poll_count"] == 3  # type: ignore[index]
+    with pytest.raises(UnknownSubtaskError):
+        store.record_poll("missing")
+
+
+# --- the finish path -----------------------------------------------------------------------------------
+
+
+def test_finish_changes_counters_once(store: Store) -> None:
+    ids = make_task(store, "t", 4)
+    first = store.finish_subtask(ids[0], COMPLETED, result="https://img/0.png")
+    assert isinstance(first, FinishOutcome)
+    assert first.changed and not first.finalised and first.status == COMPLETED and first.task_id == "t"
+    assert first.task is not None and first.task["completed_images"] == 1
+    again = store.finish_subtask(ids[0], FAILED, error="late duplicate")
+    assert again is not None and not again.changed and not again.finalised and again.status == COMPLETED
+    sub = store.get_subtask(ids[0])
+    assert sub["status"] == COMPLETED and sub["result"] == "https://img/0.png" and sub["error"] is None  # type: ignore[index]
+    assert_aware_utc(sub["completed_at"])  # type: ignore[index]
+    task = store.get_task("t")
+    assert counters(task) == {  # type: ignore[arg-type]
+        "total_images": 4,
+        "processed_images": 1,
+        "completed_images": 1,
+        "failed_images": 0,
+        "cancelled_images": 0,
+    }
+    assert task["progress"] == 25.0 and task["status"] == PENDING  # type: ignore[index]
+    assert store.finish_subtask("missing", COMPLETED) is None
+    with pytest.raises(ValueError, match="terminal"):
+        store.finish_subtask(ids[1], PROCESSING)
+
+
+def test_counters_equal_recount(store: Store) -> None:
+    ids = make_task(store, "t", 40)
+    rng = random.Random(7)
+    for _ in range(150):
+        sid = rng.choice(ids)
+        op = rng.random()
+        if op < 0.3:
+            store.start_subtask(sid)
+        elif op < 0.4:
+            store.record_poll(sid)
+        else:
+            store.finish_subtask(sid, rng.choice([COMPLETED, FAILED, CANCELLED]), result="u")
+        task = store.get_task("t")
+        recount = store.recount("t")
+        assert counters(task) == {k: recount[k] for k in counters(task)}  # type: ignore[arg-type]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.integers(0, 5), st.sampled_from([COMPLETED, FAILED, CANCELLED])), max_size=20))
+def test_finish_sequences_property(make_store: StoreFactory, ops: list[tuple[int, str]]) -> None:
+    """Any sequence of finishes, repeats included: counters = recount, finalised at most once, iff all terminal."""
+    s = make_store()
+    task_id = f"h{time.monotonic_ns()}"
+    ids = make_task(s, task_id, 6)
+    finalisers = [o for i, status in ops if (o := s.finish_subtask(ids[i], status)) and o.finalised]
+    task = s.get_task(task_id)
+    recount = s.recount(task_id)
+    assert counters(task) == {k: recount[k] for k in counters(task)}  # type: ignore[arg-type]
+    all_done = len({i for i, _ in ops}) == 6
+    assert len(finalisers) == (1 if all_done else 0)
+    assert (task["status"] in store_module.TERMINAL) == all_done  # type: ignore[index]
+
+
+def race_finish(make_store: StoreFactory, task_id: str, ids: list[str], workers: int) -> list[FinishOutcome]:
+    """`workers` threads, each with its own handle, all finishing every subtask in their own order."""
+    barrier = threading.Barrier(workers)
+    outcomes: list[FinishOutcome] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def run(seed: int) -> None:
+        try:
+            handle = make_store()
+            rng = random.Random(seed)
+            order = ids[:]
+            rng.shuffle(order)
+            barrier.wait()
+            for sid in order:
+                outcome = handle.finish_subtask(sid, rng.choice([COMPLETED, COMPLETED, FAILED]), result=f"r{seed}")
+                assert outcome is not None
+                with lock:
+                    outcomes.append(outcome)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in range(workers)]
+    with tight_thread_switching():
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors
+    return outcomes
+
+
+def test_exactly_once_finalisation_under_threads(make_store: StoreFactory) -> None:
+    s = make_store()
+    ids = make_task(s, "race", 120)
+    s.mark_task_running("race")
+    outcomes = race_finish(make_store, "race", ids, workers=8)
+    assert len(outcomes) == 8 * 120
+    changed = [o for o in outcomes if o.changed]
+    assert sorted(o.subtask_id for o in changed) == sorted(ids)  # each subtask moved exactly once
+    finalisers = [o for o in outcomes if o.finalised]
+    assert len(finalisers) == 1
+    task = s.get_task("race")
+    assert task is not None
+    recount = s.recount("race")
+    assert counters(task) == {k: recount[k] for k in counters(task)}
+    assert task["processed_images"] == 120 and task["progress"] == 100.0
+    assert task["status"] == finalisers[0].task_status == final_task_status(task)[0]
+    assert_aware_utc(task["completed_at"])
+    wins = Counter(o.status for o in changed)
+    assert wins[COMPLETED] == task["completed_images"] and wins[FAILED] == task["failed_images"]
+
+
+def _process_worker(data_dir: str, ids: list[str], seed: int, barrier: Any, results: Any) -> None:
+    """One process of the SQLite multi-process race: its own store, every subtask, its own order."""
+    handle = SQLiteStore(data_dir)
+    rng = random.Random(seed)
+    order = ids[:]
+    rng.shuffle(order)
+    changed: list[str] = []
+    finalised: list[str | None] = []
+    barrier.wait()
+    for sid in order:
+        outcome = handle.finish_subtask(sid, COMPLETED if rng.random() < 0.7 else FAILED)
+        assert outcome is not None
+        if outcome.changed:
+            changed.append(sid)
+        if outcome.finalised:
+            finalised.append(outcome.task_status)
+    handle.close()
+    results.put((changed, finalised))
+
+
+def test_sqlite_exactly_once_across_processes(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    s = SQLiteStore(data_dir)
+    ids = make_task(s, "mp", 200)
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_process_worker, args=(str(data_dir), ids, i, barrier, results)) for i in range(4)]
+    for p in procs:
+        p.start()
+    collected = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    changed = [sid for c, _ in collected for sid in c]
+    finalised = [status for _, f in collected for status in f]
+    assert sorted(changed) == sorted(ids)
+    assert len(finalised) == 1
+    task = s.get_task("mp")
+    assert task is not None
+    recount = s.recount("mp")
+    assert counters(task) == {k: recount[k] for k in counters(task)}
+    assert task["processed_images"] == 200 and task["status"] == finalised[0]
+    s.close()
+
+
+def _forked_finish(handle: SQLiteStore, subtask_id: str) -> None:
+    outcome = handle.finish_subtask(subtask_id, COMPLETED)
+    handle.close()
+    raise SystemExit(0 if outcome is not None and outcome.changed else 1)
+
+
+def test_sqlite_store_opened_before_a_fork(tmp_path: Path) -> None:
+    """A forked child never reuses the parent's connection: it opens its own and both keep working."""
+    s = SQLiteStore(tmp_path)
+    ids = make_task(s, "f", 2)
+    child = multiprocessing.get_context("fork").Process(target=_forked_finish, args=(s, ids[0]))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert s.finish_subtask(ids[1], FAILED).finalised  # type: ignore[union-attr]
+    assert s.get_task("f")["status"] == COMPLETED  # type: ignore[index]
+    s.close()
+
+
+# --- task status rules ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("statuses", "expected", "partial"),
+    [
+        ([COMPLETED, COMPLETED, COMPLETED], COMPLETED, False),
+        ([COMPLETED, FAILED, COMPLETED], COMPLETED, True),
+        ([FAILED, FAILED, FAILED], FAILED, False),
+        ([FAILED, CANCELLED, COMPLETED], CANCELLED, False),
+    ],
+)
+def test_task_status_rules(store: Store, statuses: list[str], expected: str, partial: bool) -> None:
+    ids = make_task(store, "t", len(statuses))
+    store.mark_task_running("t")
+    outcomes = [
+        store.finish_subtask(sid, status, error=None if status == COMPLETED else "x")
+        for sid, status in zip(ids, statuses, strict=True)
+    ]
+    assert [bool(o and o.finalised) for o in outcomes] == [False] * (len(ids) - 1) + [True]
+    last = outcomes[-1]
+    assert last is not None and last.task_status == expected and last.partial is partial
+    task = store.get_task("t")
+    assert task is not None and task["status"] == expected and task["progress"] == 100.0
+    assert_aware_utc(task["completed_at"])
+    if partial:
+        assert task["error"] == "partially completed: 1 of 3 images failed"
+        assert store_module.is_partial(task)
+    elif expected == COMPLETED:
+        assert task["error"] is None
+    assert store.finalise_task("t") is None  # already final: never twice
+
+
+def test_final_task_status_function() -> None:
+    base = {"total_images": 4, "completed_images": 0, "failed_images": 0, "cancelled_images": 0}
+    assert final_task_status({**base, "completed_images": 4}) == (COMPLETED, None)
+    assert final_task_status({**base, "completed_images": 4, "cancel_requested": True})[0] == COMPLETED
+    assert final_task_status({**base, "completed_images": 3, "cancelled_images": 1})[0] == CANCELLED
+    assert final_task_status({**base, "failed_images": 4, "cancel_requested": True})[0] == CANCELLED
+    assert final_task_status({**base, "failed_images": 4})[0] == FAILED
+    assert final_task_status({**base, "completed_images": 1, "failed_images": 3}) == (
+        COMPLETED,
+        "partially completed: 3 of 4 images failed",
+    )
+
+
+def test_finalise_task_repairs_a_complete_task(store: Store) -> None:
+    ids = make_task(store, "t", 2)
+    store.finish_subtask(ids[0], COMPLETED)
+    assert store.finalise_task("t") is None  # not complete yet
+    assert store.finish_subtask(ids[1], COMPLETED).finalised  # type: ignore[union-attr]
+    assert store.finalise_task("t") is None
+    assert store.finalise_task("missing") is None
+
+
+# --- cancel --------------------------------------------------------------------------------------------
+
+
+def test_cancel_moves_pending_to_cancelled_and_finalises_when_all_terminal(store: Store) -> None:
+    ids = make_task(store, "t", 6)
+    store.mark_task_running("t")
+    store.finish_subtask(ids[0], COMPLETED)
+    store.start_subtask(ids[1])  # running: its job is not polled further, finished by its actor
+    assert store.is_cancel_requested("t") is False
+    assert store.request_cancel("t") == 4
+    assert store.is_cancel_requested("t") is True
+    assert store.count_subtasks("t") == {PENDING: 0, PROCESSING: 1, COMPLETED: 1, FAILED: 0, CANCELLED: 4}
+    task = store.get_task("t")
+    assert task["status"] == PROCESSING and task["cancelled_images"] == 4 and task["processed_images"] == 5  # type: ignore[index]
+    assert store.request_cancel("t") == 0  # idempotent
+    assert store.start_subtask(ids[2]) is None  # cancelled is terminal
+    last = store.finish_subtask(ids[1], CANCELLED)
+    assert last is not None and last.changed and last.finalised and last.task_status == CANCELLED
+    task = store.get_task("t")
+    assert task["status"] == CANCELLED and task["completed_images"] == 1  # type: ignore[index]
+    recount = store.recount("t")
+    assert counters(task) == {k: recount[k] for k in counters(task)}  # type: ignore[arg-type]
+
+
+def test_cancel_of_all_pending_finalises_in_the_cancel_call(store: Store) -> None:
+    make_task(store, "t", 3)
+    outcome = store.cancel_task("t")
+    assert outcome.found and outcome.cancelled == 3 and outcome.finalised and outcome.task_status == CANCELLED
+    assert store.get_task("t")["status"] == CANCELLED  # type: ignore[index]
+    again = store.cancel_task("t")
+    assert again.cancelled == 0 and not again.finalised
+
+
+def test_cancel_before_expansion(store: Store) -> None:
+    store.create_task(task_doc("t", 2))
+    outcome = store.cancel_task("t")
+    assert outcome.finalised and outcome.cancelled == 0 and outcome.task_status == CANCELLED
+    # The master expands late, then sees the flag and cancels again: counted, never finalised twice.
+    assert store.insert_subtasks("t", sub_docs("t", 2)) == 2
+    assert store.is_cancel_requested("t")
+    late = store.cancel_task("t")
+    assert late.cancelled == 2 and not late.finalised
+    task = store.get_task("t")
+    assert task["status"] == CANCELLED and task["cancelled_images"] == 2  # type: ignore[index]
+    assert store.request_cancel("missing") == 0
+    assert store.cancel_task("missing").found is False
+    assert store.is_cancel_requested("missing") is False
+
+
+def test_cancel_racing_finishers(make_store: StoreFactory) -> None:
+    s = make_store()
+    ids = make_task(s, "t", 60)
+    barrier = threading.Barrier(4)
+    finalisers: list[str | None] = []
+
+    def finisher(seed: int) -> None:
+        handle = make_store()
+        order = ids[:]
+        random.Random(seed).shuffle(order)
+        barrier.wait()
+        for sid in order:
+            o = handle.finish_subtask(sid, COMPLETED)
+            if o and o.finalised:
+                finalisers.append(o.task_status)
+
+    def canceller() -> None:
+        handle = make_store()
+        barrier.wait()
+        o = handle.cancel_task("t")
+        if o.finalised:
+            finalisers.append(o.task_status)
+
+    threads = [threading.Thread(target=finisher, args=(i,)) for i in range(3)] + [threading.Thread(target=canceller)]
+    with tight_thread_switching():
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert len(finalisers) == 1
+    task = s.get_task("t")
+    recount = s.recount("t")
+    assert counters(task) == {k: recount[k] for k in counters(task)}  # type: ignore[arg-type]
+    assert task["processed_images"] == 60 and task["status"] == finalisers[0]  # type: ignore[index]
+
+
+# --- the sweep -----------------------------------------------------------------------------------------
+
+
+def test_find_stale_subtasks(store: Store) -> None:
+    ids = make_task(store, "t", 4)
+    store.start_subtask(ids[0])
+    store.start_subtask(ids[1])
+    time.sleep(0.005)
+    cut = utcnow()
+    time.sleep(0.005)
+    store.start_subtask(ids[2])
+    time.sleep(0.005)
+    store.record_poll(ids[1])  # progress: no longer stale, and now the most recently updated
+    store.start_subtask(ids[3])
+    store.finish_subtask(ids[3], COMPLETED)
+    stale = store.find_stale_subtasks(cut, limit=10)
+    assert [s["id"] for s in stale] == [ids[0]]
+    assert_aware_utc(stale[0]["updated_at"])
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    assert [s["id"] for s in store.find_stale_subtasks(later, limit=10)] == [ids[0], ids[2], ids[1]]
+    assert len(store.find_stale_subtasks(later, limit=2)) == 2
+    naive = (later.replace(tzinfo=None), cut - timedelta(hours=1))
+    assert len(store.find_stale_subtasks(naive[0])) == 3  # a naive time is taken as UTC
+    assert store.find_stale_subtasks(naive[1]) == []
+
+
+# --- opening -------------------------------------------------------------------------------------------
+
+
+def test_open_store_picks_sqlite_or_mongo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sqlite = open_store(data_dir=tmp_path)
+    assert isinstance(sqlite, SQLiteStore) and sqlite.path == tmp_path / "nietest.sqlite3"
+    sqlite.close()
+
+    made: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def fake_client(*args: Any, **kwargs: Any) -> mongomock.MongoClient:
+        made.append((args, kwargs))
+        return mongomock.MongoClient()
+
+    monkeypatch.setattr("pymongo.MongoClient", fake_client)
+    by_uri = open_store(
+        data_dir=tmp_path, mongo_uri="mongodb://u:p@db.example:27017", mongo_db="x", task_collection="tk"
+    )
+    assert isinstance(by_uri, MongoStore) and by_uri.tasks.name == "tk" and by_uri.db.name == "x"
+    assert made[-1][0] == ("mongodb://u:p@db.example:27017",)
+    by_uri.close()
+    by_host = open_store(
+        data_dir=tmp_path, mongo_host="db.example", mongo_port=27018, mongo_user="u", mongo_password="p"
+    )
+    assert isinstance(by_host, MongoStore) and by_host.subtasks.name == "subtasks" and by_host.db.name == "task_db"
+    assert made[-1][1]["host"] == "db.example" and made[-1][1]["port"] == 27018 and made[-1][1]["username"] == "u"
+    by_host.close()
+
+
+def test_sqlite_is_wal_and_survives_reopen(tmp_path: Path) -> None:
+    s = SQLiteStore(tmp_path)
+    make_task(s, "t", 2)
+    assert s._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    s.close()
+    with pytest.raises(store_module.StoreError):
+        s.get_task("t")
+    with SQLiteStore(tmp_path) as again:
+        assert again.count_subtasks("t")[PENDING] == 2
+
+
+def test_mongo_indexes() -> None:
+    db = mongomock.MongoClient().db
+    MongoStore(db)
+    sub_keys = [list(ix["key"]) for ix in db.subtasks.index_information().values()]
+    task_keys = [list(ix["key"]) for ix in db.tasks.index_information().values()]
+    assert [("task_id", 1), ("status", 1)] in sub_keys
+    assert [("status", 1), ("created_at", -1)] in task_keys
