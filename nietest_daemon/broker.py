@@ -58,12 +58,17 @@ def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
 
 def build_broker(settings: Settings) -> NietestRedisBroker:
     """The broker of every nietest process; also made the Dramatiq global broker."""
+    from nietest_daemon.middleware import CatchExceptions, TaskTracker
+
+    # after_* hooks run in reverse order: Retries decides, CatchExceptions marks, TaskTracker logs.
     middleware = [
         AgeLimit(),
         TimeLimit(),
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
+        TaskTracker(),
+        CatchExceptions(),
         Retries(max_retries=settings.max_retries),
         CurrentMessage(),
     ]

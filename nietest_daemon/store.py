@@ -308,6 +308,13 @@ class Store(ABC):
         """pending -> processing, started_at set; True if this call changed the task."""
 
     @abstractmethod
+    def fail_task(self, task_id: str, error: str) -> bool:
+        """A task that cannot be worked on (its master failed): non-terminal -> failed with `error`, once.
+
+        Its remaining pending subtasks are left to `cancel_task`; True if this call changed the task.
+        """
+
+    @abstractmethod
     def start_subtask(self, subtask_id: str) -> Doc | None:
         """pending/processing -> processing, attempts += 1, started_at once; the doc, or None if terminal/unknown."""
 
@@ -583,6 +590,16 @@ class SQLiteStore(Store):
     def is_cancel_requested(self, task_id: str) -> bool:
         task = self.get_task(task_id)
         return bool(task and task.get("cancel_requested"))
+
+    def fail_task(self, task_id: str, error: str) -> bool:
+        with self._tx() as conn:
+            task = self._read(conn, "tasks", task_id)
+            if task is None or task["status"] in TERMINAL:
+                return False
+            now = utcnow()
+            task.update(status=FAILED, error=error, updated_at=now, completed_at=now)
+            self._write_task(conn, task)
+            return True
 
     # --- subtasks ------------------------------------------------------------------------------------
 
@@ -908,6 +925,14 @@ class MongoStore(Store):
         query: Doc = {} if wanted is None else {"status": {"$in": wanted}}
         cursor = self.tasks.find(query).sort([("created_at", -1), ("_id", -1)]).limit(int(limit))
         return [d for d in map(_from_mongo, cursor) if d is not None]
+
+    def fail_task(self, task_id: str, error: str) -> bool:
+        now = _to_bson(utcnow())
+        res = self.tasks.update_one(
+            {"_id": task_id, "status": {"$in": list(ACTIVE)}},
+            {"$set": {"status": FAILED, "error": error, "updated_at": now, "completed_at": now}},
+        )
+        return bool(res.modified_count)
 
     def mark_task_running(self, task_id: str) -> bool:
         now = _to_bson(utcnow())

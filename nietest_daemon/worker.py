@@ -109,6 +109,9 @@ def run(settings: Settings, queue_key: str) -> int:
         log.info("worker stopped before the broker was reachable")
         return 0
 
+    from nietest_daemon import pipeline
+
+    pipeline.context(settings)
     modules = import_actors(settings)
     broker.declare_queue(queue.name)
     in_hand = InHand()
@@ -119,6 +122,8 @@ def run(settings: Settings, queue_key: str) -> int:
     threading.Thread(
         target=_housekeeping, args=(broker, queue.name, interval, stop), name="housekeeping", daemon=True
     ).start()
+    if queue_key == "master":
+        threading.Thread(target=pipeline.run_sweeper, args=(stop,), name="sweeper", daemon=True).start()
     actors = sorted(a for a in broker.get_declared_actors() if broker.get_actor(a).queue_name == queue.name)
     log.info("worker started", actors=actors, actor_modules=modules)
 

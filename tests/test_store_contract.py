@@ -722,3 +722,13 @@ def test_mongo_indexes() -> None:
     task_keys = [list(ix["key"]) for ix in db.tasks.index_information().values()]
     assert [("task_id", 1), ("status", 1)] in sub_keys
     assert [("status", 1), ("created_at", -1)] in task_keys
+
+
+def test_fail_task_is_conditional(store) -> None:
+    store.create_task({"id": "tf1", "name": "t", "total_images": 2})
+    assert store.fail_task("tf1", "master crashed: boom") is True
+    task = store.get_task("tf1")
+    assert task["status"] == "failed" and task["error"] == "master crashed: boom" and task["completed_at"]
+    assert store.fail_task("tf1", "again") is False
+    assert store.get_task("tf1")["error"] == "master crashed: boom"
+    assert store.fail_task("missing", "x") is False

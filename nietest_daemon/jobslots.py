@@ -1,0 +1,73 @@
+"""A cap on image jobs in flight per API, shared by every worker process (DESIGN.md §4).
+
+Holders are members of a Redis sorted set scored by the expiry of their lease. A subtask takes
+a slot before it creates a job and gives it back when it reaches a terminal state; every poll
+renews the lease, so the slot of a holder that crashed comes back by itself when its lease runs
+out. A subtask that finds no free slot joins a FIFO waiting set and is woken (re-enqueued) by
+the release that frees one, so nothing spins while it waits.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+PREFIX = "nietest:slots"
+
+# KEYS: holders, waiting. ARGV: member, cap, now, lease expiry.
+_ACQUIRE = """
+redis.call("zremrangebyscore", KEYS[1], "-inf", ARGV[3])
+if redis.call("zscore", KEYS[1], ARGV[1]) or redis.call("zcard", KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call("zadd", KEYS[1], ARGV[4], ARGV[1])
+  redis.call("zrem", KEYS[2], ARGV[1])
+  return 1
+end
+redis.call("zadd", KEYS[2], "NX", ARGV[3], ARGV[1])
+return 0
+"""
+
+# KEYS: holders, waiting. ARGV: member, now, cap. Returns the waiter to wake, if a slot is free for one.
+_RELEASE = """
+redis.call("zrem", KEYS[1], ARGV[1])
+redis.call("zrem", KEYS[2], ARGV[1])
+redis.call("zremrangebyscore", KEYS[1], "-inf", ARGV[2])
+if redis.call("zcard", KEYS[1]) < tonumber(ARGV[3]) then
+  local next = redis.call("zpopmin", KEYS[2])
+  if next[1] then return next[1] end
+end
+return false
+"""
+
+
+class JobSlots:
+    """Slots of one API (`standard` or `lumina`)."""
+
+    def __init__(self, client: redis.Redis, api: str, cap: int, lease_seconds: float) -> None:
+        self.client = client
+        self.cap = cap
+        self.lease_seconds = lease_seconds
+        self.holders = f"{PREFIX}:{api}:holders"
+        self.waiting = f"{PREFIX}:{api}:waiting"
+        self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
+
+    def acquire(self, member: str) -> bool:
+        """Take (or renew) a slot for `member`; False puts it on the waiting list."""
+        now = time.time()
+        args = [member, self.cap, now, now + self.lease_seconds]
+        return bool(self._acquire(keys=[self.holders, self.waiting], args=args))
+
+    def renew(self, member: str) -> None:
+        self.client.zadd(self.holders, {member: time.time() + self.lease_seconds}, xx=True)
+
+    def release(self, member: str) -> str | None:
+        """Give the slot back; returns the longest-waiting member, which the caller should wake."""
+        woken = self._release(keys=[self.holders, self.waiting], args=[member, time.time(), self.cap])
+        return woken.decode() if isinstance(woken, bytes) else woken
+
+    def in_flight(self) -> int:
+        return int(self.client.zcount(self.holders, time.time(), "+inf"))
+
+    def waiting_count(self) -> int:
+        return int(self.client.zcard(self.waiting))

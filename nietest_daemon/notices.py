@@ -1,0 +1,99 @@
+"""Task notices to the Feishu task bot (DESIGN.md §9): one message per task event, never per subtask.
+
+The party that causes an event (the master's first run: `submitted`; the call that finalised
+the task: `completed`, `partially_completed`, `failed` or `cancelled`) enqueues a `send_notice`
+message on the master queue. That message survives a worker crash (it lives in the broker), a
+Redis marker keeps a redelivered one from posting twice, and a webhook that is down costs one
+bounded attempt: the notice is logged with its content and never fails a task.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from nietest_daemon.logs import get_logger
+from nietest_daemon.store import CANCELLED, COMPLETED, FAILED, is_partial
+
+if TYPE_CHECKING:
+    from nietest_daemon.pipeline import Context
+
+log = get_logger(__name__)
+
+SEND_NOTICE = "send_notice"
+SEVERITY = {
+    "submitted": "info",
+    "completed": "success",
+    "partially_completed": "warning",
+    "failed": "critical",
+    "cancelled": "warning",
+}
+TITLES = {
+    "submitted": "Task submitted",
+    "completed": "Task completed",
+    "partially_completed": "Task partially completed",
+    "failed": "Task failed",
+    "cancelled": "Task cancelled",
+}
+
+
+def final_event(task: dict[str, Any]) -> str:
+    if task.get("status") == COMPLETED:
+        return "partially_completed" if is_partial(task) else "completed"
+    return {FAILED: "failed", CANCELLED: "cancelled"}.get(task.get("status"), "completed")
+
+
+def _enqueue(ctx: Context, task: dict[str, Any], event: str) -> None:
+    from nietest_daemon.pipeline import enqueue
+
+    enqueue(SEND_NOTICE, ctx.settings.queue("master").name, task["id"], event)
+
+
+def task_submitted(ctx: Context, task: dict[str, Any]) -> None:
+    _enqueue(ctx, task, "submitted")
+
+
+def task_finished(ctx: Context, task: dict[str, Any]) -> None:
+    _enqueue(ctx, task, final_event(task))
+
+
+def link(ctx: Context, task_id: str) -> str | None:
+    base = ctx.settings.frontend_base_url
+    return f"{base.rstrip('/')}/tasks/{task_id}" if base else None
+
+
+def card_lines(ctx: Context, task: dict[str, Any], event: str) -> list[str]:
+    total = int(task.get("total_images") or 0)
+    lines = [f"**{task.get('name')}**", f"task id: {task['id']}"]
+    if event == "submitted":
+        lines.append(f"images: {total}")
+    else:
+        lines.append(
+            f"completed {task.get('completed_images', 0)} · failed {task.get('failed_images', 0)} · "
+            f"cancelled {task.get('cancelled_images', 0)} of {total}"
+        )
+        if task.get("error"):
+            lines.append(f"note: {task['error']}")
+    url = link(ctx, task["id"])
+    if url:
+        lines.append(f"[open in the front end]({url})")
+    return lines
+
+
+def deliver(ctx: Context, task_id: str, event: str) -> None:
+    """Post one task notice (the body of the `send_notice` actor); at most once per task and event."""
+    marker = f"nietest:notice:{task_id}:{event}"
+    if ctx.redis.exists(marker):
+        return
+    task = ctx.store.get_task(task_id)
+    if task is None:
+        log.error("notice for an unknown task dropped", task_id=task_id, notice=event)
+        return
+    lines = card_lines(ctx, task, event)
+    result = ctx.notifier.send_card(TITLES.get(event, event), lines, SEVERITY.get(event, "info"))
+    ctx.redis.set(marker, "1", ex=7 * 86400)
+    if result.delivered:
+        log.info("task notice sent", task_id=task_id, notice=event)
+    elif not result.skipped:
+        log.error("task notice not delivered", task_id=task_id, notice=event, error=result.error, content=lines)
+    else:
+        log.info("task notice (no webhook configured)", task_id=task_id, notice=event, content=lines)
