@@ -424,6 +424,7 @@ class FeishuClient:
         self._queue: Queue[_Job | None] = Queue(maxsize=queue_size)
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
+        self._in_flight: _Job | None = None  # the job the background sender is delivering
         self._closed = False
 
     @property
@@ -508,6 +509,10 @@ class FeishuClient:
             with contextlib.suppress(Full):
                 self._queue.put_nowait(None)
             worker.join(max(0.0, min(1.0, timeout)))
+        in_flight = self._in_flight
+        if worker is not None and worker.is_alive() and in_flight is not None:
+            # still waiting for the webhook: the caller (a process about to exit) will not see the outcome
+            self._log_undelivered(in_flight.summary, "client closed while the webhook had not answered yet", 0)
         if self._http is not None and (worker is None or not worker.is_alive()):
             self._http.close()
 
@@ -550,11 +555,13 @@ class FeishuClient:
             try:
                 if job is None:
                     return
+                self._in_flight = job
                 try:
                     self._deliver(job)
                 except Exception as exc:  # the worker must survive anything
                     self._log_undelivered(job.summary, redact(f"{type(exc).__name__}: {exc}"), 0)
             finally:
+                self._in_flight = None
                 self._queue.task_done()
 
     def _log_skipped(self, job: _Job) -> None:

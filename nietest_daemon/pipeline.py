@@ -42,7 +42,17 @@ from nietest_daemon.jobslots import JobSlots
 from nietest_daemon.logs import get_logger
 from nietest_daemon.nieta import NietaClient, NietaError, choose_seed
 from nietest_daemon.settings import Settings
-from nietest_daemon.store import CANCELLED, COMPLETED, FAILED, PENDING, TERMINAL, Store, open_store, utcnow
+from nietest_daemon.store import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PENDING,
+    TERMINAL,
+    CancelOutcome,
+    Store,
+    open_store,
+    utcnow,
+)
 
 log = get_logger(__name__)
 
@@ -55,7 +65,9 @@ TIMEOUT_RESUBMITS = 1  # new jobs a subtask may create after the API answered TI
 CREATE_ERROR_RETRIES = 3  # actor-level retries of a transient create failure (each after the client's own)
 POLL_ERROR_RETRIES = 5  # consecutive transient poll failures tolerated
 WAIT_RECHECK_SECONDS = 30.0  # a waiting subtask re-checks for a slot this often, in case a wake-up was lost
-CREATING_LOCK_SECONDS = 120
+WAIT_RECHECK_MAX_SECONDS = 600.0  # ... times (1 + waiters / cap), at most this
+CREATING_LOCK_SECONDS = 180  # longer than one create call with all the client's retries
+CREATING_RECHECK_SECONDS = 15.0  # a run that finds another message creating the job looks again this late
 CHAIN_TTL_SECONDS = 86400
 DISPATCH_BATCH = 1000
 MAX_ATTEMPTS = 8  # starts of one subtask (redeliveries, sweeps) before it is given up
@@ -171,6 +183,21 @@ def schedule_poll(ctx: Context, sub: dict[str, Any], *, delay: float, **kwargs: 
     ctx.redis.set(_chain_key(sub["id"]), message.message_id, ex=CHAIN_TTL_SECONDS)
 
 
+def _creating_key(subtask_id: str) -> str:
+    return f"nietest:creating:{subtask_id}"
+
+
+_UNLOCK = """
+if redis.call("get", KEYS[1]) == ARGV[1] then return redis.call("del", KEYS[1]) end
+return 0
+"""
+
+
+def _unlock(ctx: Context, key: str, owner: str) -> None:
+    """Delete the lock only if `owner` still holds it (it may have expired and been taken since)."""
+    ctx.redis.eval(_UNLOCK, 1, key, owner)
+
+
 def _is_current_poll(ctx: Context, subtask_id: str) -> bool:
     message = CurrentMessage.get_current_message()
     current = ctx.redis.get(_chain_key(subtask_id))
@@ -180,15 +207,25 @@ def _is_current_poll(ctx: Context, subtask_id: str) -> bool:
 # --- ending a subtask -----------------------------------------------------------------------------
 
 
+def release_slot(ctx: Context, subtask_id: str, is_lumina: bool) -> None:
+    """Give the subtask's slot back (or its place in the waiting list) and wake the waiter it went to.
+
+    `JobSlots.release` hands a free slot to the longest waiter: that waiter is woken by this call
+    or by nobody (the slot then idles until the waiter's delayed re-check), so every release must
+    go through here, also for a subtask that finds itself terminal: it may hold a handed-on slot.
+    """
+    woken = ctx.slots[is_lumina].release(subtask_id)
+    if woken:
+        send_run(ctx, woken, is_lumina)
+
+
 def finish(
     ctx: Context, sub: dict[str, Any], status: str, *, result: str | None = None, error: str | None = None
 ) -> None:
     """Move a subtask to a terminal state (once), free its slot, update streaks, notify on finalisation."""
     outcome = ctx.store.finish_subtask(sub["id"], status, result=result, error=error)
     is_lumina = bool(sub.get("is_lumina"))
-    woken = ctx.slots[is_lumina].release(sub["id"])
-    if woken:
-        send_run(ctx, woken, is_lumina)
+    release_slot(ctx, sub["id"], is_lumina)
     if outcome is None or not outcome.changed:
         return
     log.info(
@@ -207,6 +244,22 @@ def finish(
             log.warning("could not record the failure streak", error=str(exc))
     if outcome.finalised and outcome.task is not None:
         notices.task_finished(ctx, outcome.task)
+
+
+def cancel_task(ctx: Context, task_id: str) -> CancelOutcome:
+    """Cancel a task: its pending subtasks end `cancelled` (running jobs end at their next poll),
+    they leave the slot waiting lists, and the call that finalised the task sends its notice."""
+    outcome = ctx.store.cancel_task(task_id)
+    if not outcome.found:
+        return outcome
+    for slots in ctx.slots.values():
+        try:
+            slots.forget_waiting(f"{task_id}:")
+        except redis.RedisError as exc:  # they leave the list when their wake-up comes instead
+            log.warning("could not clear the slot waiting list", task_id=task_id, error=str(exc))
+    if outcome.finalised and outcome.task is not None:
+        notices.task_finished(ctx, outcome.task)
+    return outcome
 
 
 # --- the actors' bodies ---------------------------------------------------------------------------
@@ -233,9 +286,7 @@ def process_task(task_id: str) -> None:
     if batch:
         created += ctx.store.insert_subtasks(task_id, batch)
     if ctx.store.is_cancel_requested(task_id):
-        outcome = ctx.store.cancel_task(task_id)
-        if outcome.finalised and outcome.task is not None:
-            notices.task_finished(ctx, outcome.task)
+        cancel_task(ctx, task_id)
         return
     if first_run:
         notices.task_submitted(ctx, ctx.store.get_task(task_id) or doc)
@@ -252,9 +303,12 @@ def run_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0) -> None:
     if sub is None:
         log.error("no such subtask; message dropped", subtask_id=subtask_id)
         return
-    if sub["status"] in TERMINAL:
-        return
     is_lumina = bool(sub.get("is_lumina"))
+    if sub["status"] in TERMINAL:
+        # It may still sit in the waiting list (cancelled while it waited) and this message may be
+        # the wake-up of a freed slot: leave the list and hand the wake-up on, or it is lost.
+        release_slot(ctx, subtask_id, is_lumina)
+        return
     if ctx.store.is_cancel_requested(sub["task_id"]):
         finish(ctx, sub, CANCELLED, error="task cancelled")
         return
@@ -265,34 +319,47 @@ def run_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0) -> None:
     if sub.get("attempts", 0) >= MAX_ATTEMPTS:
         finish(ctx, sub, FAILED, error=f"given up after {sub['attempts']} attempts to start the image job")
         return
-    if not ctx.slots[is_lumina].acquire(subtask_id):
-        # Waiting: a released slot wakes us; the delayed re-check covers a lost wake-up.
-        send_run(
-            ctx,
-            subtask_id,
-            is_lumina,
-            delay=WAIT_RECHECK_SECONDS * random.uniform(0.8, 1.2),
-            resubmits=resubmits,
-            errors=errors,
-        )
+    slots = ctx.slots[is_lumina]
+    if not slots.acquire(subtask_id):
+        # Waiting: a released slot wakes us; the delayed re-check only covers a lost wake-up, so
+        # it backs off with the length of the queue (50 000 waiters must not spin every 30 s).
+        backlog = 1 + slots.waiting_count() / max(1, slots.cap)
+        delay = min(WAIT_RECHECK_MAX_SECONDS, WAIT_RECHECK_SECONDS * backlog) * random.uniform(0.8, 1.2)
+        send_run(ctx, subtask_id, is_lumina, delay=delay, resubmits=resubmits, errors=errors)
         return
-    lock = f"nietest:creating:{subtask_id}"
-    if not ctx.redis.set(lock, "1", nx=True, ex=CREATING_LOCK_SECONDS):
-        return  # another delivery is creating this job right now; it schedules the polls
+    lock = _creating_key(subtask_id)
+    message = CurrentMessage.get_current_message()
+    owner = message.message_id if message is not None else f"local-{random.getrandbits(64):x}"
+    if not ctx.redis.set(lock, owner, nx=True, ex=CREATING_LOCK_SECONDS):
+        holder = ctx.redis.get(lock)
+        if holder is None or holder.decode() != owner:
+            # Another message is creating this job right now (it schedules the polls), or its
+            # process died mid-create (the lock then expires): look again later, never drop it.
+            send_run(ctx, subtask_id, is_lumina, delay=CREATING_RECHECK_SECONDS, resubmits=resubmits, errors=errors)
+            return
+        # The lock is this very message's: it was redelivered because the process that held it
+        # died. Nobody else is creating; take the lock over.
+        ctx.redis.set(lock, owner, ex=CREATING_LOCK_SECONDS)
     try:
         _create_job(ctx, subtask_id, is_lumina, resubmits, errors)
     finally:
-        ctx.redis.delete(lock)
+        _unlock(ctx, lock, owner)
 
 
 def _create_job(ctx: Context, subtask_id: str, is_lumina: bool, resubmits: int, errors: int) -> None:
     sub = ctx.store.start_subtask(subtask_id)
     if sub is None:  # became terminal meanwhile
-        ctx.slots[is_lumina].release(subtask_id)
+        release_slot(ctx, subtask_id, is_lumina)
         return
     max_polls, interval = ctx.polling(is_lumina)
     if sub.get("job_uuid"):
         schedule_poll(ctx, sub, delay=interval, resubmits=resubmits)
+        return
+    # cancel_task cancels pending subtasks only: one that a cancel found processing (start_subtask
+    # above ran first) is left to us, so look again now that it is processing: a cancelled task
+    # pays for no new job.
+    if ctx.store.is_cancel_requested(sub["task_id"]):
+        finish(ctx, sub, CANCELLED, error="task cancelled")
         return
     if ctx.nieta is None:
         finish(ctx, sub, FAILED, error="NIETA_XTOKEN is not set on the workers")
@@ -309,7 +376,7 @@ def _create_job(ctx: Context, subtask_id: str, is_lumina: bool, resubmits: int, 
                 error=str(exc),
                 retry_in_seconds=round(delay, 1),
             )
-            ctx.slots[is_lumina].release(subtask_id)
+            release_slot(ctx, subtask_id, is_lumina)
             send_run(ctx, subtask_id, is_lumina, delay=delay, resubmits=resubmits, errors=errors + 1)
             return
         finish(ctx, sub, FAILED, error=f"could not create the image job: {exc}")
@@ -341,7 +408,7 @@ def poll_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0, no_url: i
         return
     is_lumina = bool(sub.get("is_lumina"))
     if sub["status"] in TERMINAL:
-        ctx.slots[is_lumina].release(subtask_id)
+        release_slot(ctx, subtask_id, is_lumina)
         return
     if ctx.store.is_cancel_requested(sub["task_id"]):
         finish(ctx, sub, CANCELLED, error="task cancelled while its image job ran")
@@ -367,13 +434,12 @@ def poll_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0, no_url: i
     if status.state == "pending":
         polls = ctx.store.record_poll(subtask_id)
         if polls >= max_polls:
-            waited = polls * interval
             finish(
                 ctx,
                 sub,
                 FAILED,
-                error=f"image job {sub['job_uuid']} still {status.raw_status or 'pending'} "
-                f"after {polls} polls ({waited:.0f} s)",
+                error=f"image job {sub['job_uuid']} still {status.raw_status or 'pending'} after {polls} polls "
+                f"over {_waited(sub, polls * interval):.1f} s (polling budget {max_polls} x {interval:g} s)",
             )
             return
         ctx.slots[is_lumina].renew(subtask_id)
@@ -407,6 +473,14 @@ def poll_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0, no_url: i
         finish(ctx, sub, FAILED, error=status.error or f"image job failed ({status.raw_status})")
 
 
+def _waited(sub: dict[str, Any], nominal: float) -> float:
+    """Seconds since the subtask started (its first job, before any TIMEOUT resubmit), at least `nominal`."""
+    started = sub.get("started_at")
+    if started is None:
+        return nominal
+    return max(nominal, (utcnow() - started).total_seconds())
+
+
 # --- the periodic sweep ---------------------------------------------------------------------------
 
 
@@ -421,7 +495,8 @@ def stale_after(settings: Settings) -> float:
 
 def sweep(ctx: Context, *, older_than_seconds: float | None = None) -> dict[str, int]:
     """Resume (or fail) subtasks stuck in processing; finalise tasks whose finaliser died."""
-    cutoff = utcnow() - timedelta(seconds=older_than_seconds or stale_after(ctx.settings))
+    age = stale_after(ctx.settings) if older_than_seconds is None else older_than_seconds  # 0 means "all"
+    cutoff = utcnow() - timedelta(seconds=age)
     resumed = failed = finalised = 0
     for sub in ctx.store.find_stale_subtasks(cutoff, limit=1000):
         is_lumina = bool(sub.get("is_lumina"))

@@ -190,6 +190,7 @@ class Settings:
     alert_crash_loop_window: float
     alert_failure_streak: int
     alert_coalesce_seconds: float
+    start_retries: int
     drain_seconds: float
     broker_heartbeat_timeout: float
     actor_modules: tuple[str, ...]
@@ -259,6 +260,7 @@ class Settings:
             "NIETEST_LOG_BACKUPS": str(self.log_backups),
             "NIETEST_STOP_WAIT_SECONDS": str(self.stop_wait_seconds),
             "NIETEST_BROKER_PROCESSES": "1" if self.embedded_broker else "0",
+            "NIETEST_START_RETRIES": str(self.start_retries),
         }
         for q in self.queues.values():
             env[f"NIETEST_{q.key.upper()}_PROCESSES"] = str(q.processes)
@@ -369,6 +371,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         alert_crash_loop_window=get("NIETEST_ALERT_CRASH_LOOP_WINDOW", _float(1, 86400), 300.0),
         alert_failure_streak=get("NIETEST_ALERT_FAILURE_STREAK", _int(1, 100_000), 5),
         alert_coalesce_seconds=get("NIETEST_ALERT_COALESCE_SECONDS", _float(0, 3600), 10.0),
+        start_retries=get("NIETEST_START_RETRIES", _int(0, 1000), 10),
         drain_seconds=get("NIETEST_DRAIN_SECONDS", _float(0, 3600), 30.0),
         broker_heartbeat_timeout=get("NIETEST_BROKER_HEARTBEAT_TIMEOUT", _float(1, 3600), 60.0),
         actor_modules=get("NIETEST_ACTOR_MODULES", _modules, ()),

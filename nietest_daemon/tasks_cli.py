@@ -142,16 +142,13 @@ def status(settings: Settings, task_id: str, *, as_json: bool) -> int:
 
 
 def cancel(settings: Settings, task_id: str) -> int:
-    from nietest_daemon import notices
-    from nietest_daemon.pipeline import context
+    from nietest_daemon.pipeline import cancel_task, context
 
     _broker(settings)
     ctx = context(settings)
-    outcome = ctx.store.cancel_task(task_id)
+    outcome = cancel_task(ctx, task_id)
     if not outcome.found:
         return _error(f"no task {task_id}")
-    if outcome.finalised and outcome.task is not None:
-        notices.task_finished(ctx, outcome.task)
     print(
         f"task {task_id}: cancel requested; {outcome.cancelled} pending subtasks cancelled; "
         f"running jobs are not polled further"

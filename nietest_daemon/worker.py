@@ -27,6 +27,10 @@ from nietest_daemon.settings import Settings
 
 log = logs.get_logger(__name__)
 
+#: How long an idle consumer waits between fetches (Dramatiq's default is 1000 ms). It also bounds
+#: how late a delayed message (the next poll of a subtask) starts after it is due.
+WORKER_TIMEOUT_MS = 100
+
 #: Actor modules always loaded; NIETEST_ACTOR_MODULES adds more (tests use it for test actors).
 BUILTIN_ACTOR_MODULES = ("nietest_daemon.actors",)
 
@@ -116,7 +120,9 @@ def run(settings: Settings, queue_key: str) -> int:
     broker.declare_queue(queue.name)
     in_hand = InHand()
     broker.add_middleware(in_hand)
-    worker = dramatiq.Worker(broker, queues={queue.name}, worker_threads=queue.threads)
+    worker = dramatiq.Worker(
+        broker, queues={queue.name}, worker_threads=queue.threads, worker_timeout=WORKER_TIMEOUT_MS
+    )
     worker.start()
     interval = max(0.5, min(settings.broker_heartbeat_timeout / 4, 15.0))
     threading.Thread(

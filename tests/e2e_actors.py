@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import dramatiq
@@ -49,3 +50,51 @@ def _make(key: str, queue_name: str) -> None:
 
 for _key, (_var, _default) in QUEUE_NAME_VARS.items():
     _make(_key, os.environ.get(_var) or _default)
+
+
+# --- added for the alerts tests (tests/test_alerts_e2e.py) --------------------------------------
+
+_lock = threading.Lock()
+_shared: dict[str, object] = {}
+
+
+def _settings():
+    from nietest_daemon import settings as settings_module
+
+    with _lock:
+        if "settings" not in _shared:
+            _shared["settings"] = settings_module.load()
+        return _shared["settings"]
+
+
+def _feishu():
+    """One FeishuClient per worker process, on the task webhook, as task notices use it."""
+    from nietest_daemon.feishu import FeishuClient
+
+    settings = _settings()
+    with _lock:
+        if "feishu" not in _shared:
+            _shared["feishu"] = FeishuClient(
+                settings.feishu_task_webhook_url, settings.feishu_webhook_secret, _client(), trust_env=False
+            )
+        return _shared["feishu"]
+
+
+def _make_alert_actors(key: str, queue_name: str) -> None:
+    @dramatiq.actor(actor_name=f"outcome_{key}", queue_name=queue_name, max_retries=0)
+    def outcome(ok: bool, error: str | None = None) -> None:
+        """One subtask outcome on this queue, recorded as the pipeline records it (failure streaks)."""
+        from nietest_daemon import streaks
+
+        streaks.record(_client(), queue_name, ok, error, threshold=_settings().alert_failure_streak)
+        _client().rpush("test:done", f"outcome:{os.getpid()}")
+
+    @dramatiq.actor(actor_name=f"notify_{key}", queue_name=queue_name, max_retries=0)
+    def notify(token: str) -> None:
+        """Queue a Feishu card on the shared client's background sender, then mark `token` done."""
+        _feishu().submit_card(f"notice {token}", "a test notice", "info")
+        _client().rpush("test:done", f"{token}:{os.getpid()}")
+
+
+for _key, (_var, _default) in QUEUE_NAME_VARS.items():
+    _make_alert_actors(_key, os.environ.get(_var) or _default)

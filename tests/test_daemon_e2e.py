@@ -48,8 +48,14 @@ def daemon():
 
 
 def test_every_configured_process_runs(daemon: Daemon) -> None:
-    running = daemon.wait_running()
-    assert {g: len(ps) for g, ps in running.items() if ps} == {"broker": 1, "master": 1, "subtask": 2, "subtask_ops": 1}
+    running = wait_for(lambda: (r := daemon.wait_running()).get("alerts") and r, 15, what="the alerts listener too")
+    assert {g: len(ps) for g, ps in running.items() if ps} == {
+        "alerts": 1,
+        "broker": 1,
+        "master": 1,
+        "subtask": 2,
+        "subtask_ops": 1,
+    }
     status = daemon.status()
     assert status["queues"]["master_ops"]["processes"] == 0
     assert not [p for p in status["processes"] if p["group"] == "master_ops"]

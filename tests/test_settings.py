@@ -93,6 +93,8 @@ def test_supervisor_env_exports_validated_values() -> None:
         ("NIETEST_LOG_MAX_BYTES", "50 parsecs", "size"),
         ("NIETEST_LOG_LEVEL", "LOUD", "DEBUG"),
         ("NIETEST_ALERT_CRASH_LOOP_RESTARTS", "1", "between 2"),
+        ("NIETEST_START_RETRIES", "-1", "between 0 and 1000"),
+        ("NIETEST_START_RETRIES", "often", "integer"),
         ("NIETEST_DRAIN_SECONDS", "-5", "between 0"),
         ("NIETEST_BROKER_HEARTBEAT_TIMEOUT", "0", "between 1"),
         ("NIETEST_ACTOR_MODULES", "tests/e2e_actors.py", "module names"),
@@ -143,3 +145,12 @@ def test_secrets_lists_every_secret_value() -> None:
         "https://open.feishu.cn/open-apis/bot/v2/hook/hook-id-1",
     ):
         assert value in secrets
+
+
+def test_start_retries_default_and_export() -> None:
+    """supervisord's startretries for the workers (etc/supervisord.conf): 10 unless set."""
+    assert load({}).start_retries == 10
+    s = load({"NIETEST_START_RETRIES": "2"})
+    assert s.start_retries == 2
+    assert s.supervisor_env()["NIETEST_START_RETRIES"] == "2"
+    assert load({}).supervisor_env()["NIETEST_START_RETRIES"] == "10"

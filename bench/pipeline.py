@@ -1,0 +1,291 @@
+"""The task pipeline's concurrency, overhead and memory, against the fake Nieta API on loopback.
+
+    .venv/bin/python bench/pipeline.py [--subtasks 500]
+
+1. Concurrency: 500 subtasks, fake generation time 2 s, polling interval 0.5 s,
+   NIETEST_MAX_JOBS=200, 2 subtask processes x 5 threads. Wall time to finish the task for
+   (a) nietest, (b) a baseline actor written the way the replaced system did it (the worker
+   thread sleeps between polls), same processes and threads, and (c) the lower bound
+   ceil(500 / 200) x (2 s + 0.5 s). The fake API's own load is printed beside.
+2. Overhead: zero generation time and the shortest polling interval (0.05 s): subtasks per
+   second through the whole pipeline (store writes included) versus bare Dramatiq no-op
+   messages per second on the same broker and processes.
+3. Memory: peak resident memory (VmHWM) of each subtask worker with 500 jobs in flight.
+Every phase runs a real `nietest daemon` (embedded valkey broker, SQLite store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dramatiq
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nietest_daemon import settings as settings_module  # noqa: E402
+from nietest_daemon.daemon import control_proxy  # noqa: E402
+from nietest_daemon.pipeline import open_store_for  # noqa: E402
+
+TOKEN = "bench-token-0123456789"
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            value = predicate()
+            if value:
+                return value
+        time.sleep(interval)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def status_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class FakeAPI:
+    """tests/fake_nieta.py in its own process (so its CPU use is measurable)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "fake_nieta.py"), "--token", TOKEN, "--no-record"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        ready = json.loads(self.proc.stdout.readline())
+        self.url = ready["url"]
+        self.http = httpx.Client(base_url=self.url, timeout=10)
+
+    def configure(self, generation_time: float) -> None:
+        self.http.post("/_fake/config", json={"generation_time": generation_time}).raise_for_status()
+        self.http.post("/_fake/reset").raise_for_status()
+
+    def stats(self) -> dict:
+        return self.http.get("/_fake/stats").json()
+
+    def env(self) -> dict[str, str]:
+        return {"NIETA_XTOKEN": TOKEN, "NIETA_API_BASE_URL": self.url, "NIETA_OPS_API_BASE_URL": self.url + "/ops"}
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+
+
+@contextlib.contextmanager
+def daemon(**overrides: str) -> Iterator[tuple[settings_module.Settings, dict[str, str]]]:
+    home = Path(tempfile.mkdtemp(prefix="ntp-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NIETEST_")}
+    env.update(
+        NIETEST_HOME=str(home),
+        NIETEST_MASTER_PROCESSES="1",
+        NIETEST_SUBTASK_PROCESSES="2",
+        NIETEST_SUBTASK_THREADS="5",
+        NIETEST_SUBTASK_OPS_PROCESSES="0",
+        NIETEST_ACTOR_MODULES="baseline_actors",
+        PYTHONPATH=os.pathsep.join([str(ROOT / "bench"), str(ROOT)]),
+        **overrides,
+    )
+    settings = settings_module.load(env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nietest_daemon", "daemon"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(settings.control_socket.exists, 30, "control socket")
+        proxy = control_proxy(settings)
+        wait_for(
+            lambda: all(p["statename"] == "RUNNING" for p in proxy.supervisor.getAllProcessInfo()),
+            60,
+            "processes RUNNING",
+        )
+        yield settings, env
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def worker_pids(settings: settings_module.Settings, group: str) -> list[int]:
+    return [p["pid"] for p in control_proxy(settings).supervisor.getAllProcessInfo() if p["group"] == group]
+
+
+def task_file(directory: Path, subtasks: int) -> Path:
+    values = [{"type": "freetext", "value": f"bench style {i}", "weight": 1.0} for i in range(subtasks)]
+    task = {
+        "name": f"bench {subtasks}",
+        "prompts": [
+            {
+                "type": "freetext",
+                "value": "",
+                "weight": 1.0,
+                "is_variable": True,
+                "variable_id": "v",
+                "variable_name": "style",
+                "variable_values": values,
+            }
+        ],
+        "ratio": {"type": "ratio", "value": "1:1", "is_variable": False, "format": "string"},
+    }
+    path = directory / f"bench-{subtasks}.json"
+    path.write_text(json.dumps(task))
+    return path
+
+
+def run_task(settings: settings_module.Settings, env: dict[str, str], path: Path, timeout: float) -> tuple[float, dict]:
+    """Submit through the CLI; return the wall time from submit to the task's end, and the task."""
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "nietest_daemon", "submit", str(path)], capture_output=True, text=True, env=env
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"nietest submit failed: {out.stderr.strip()}")
+    task_id = out.stdout.strip()
+    store = open_store_for(settings)
+    task = wait_for(
+        lambda: (t := store.get_task(task_id)) and t["status"] in ("completed", "failed", "cancelled") and t,
+        timeout,
+        "the task to end",
+        interval=0.02,
+    )
+    elapsed = time.monotonic() - started
+    store.close()
+    return elapsed, task
+
+
+def enqueue_many(settings: settings_module.Settings, actor: str, args_list: list[tuple]) -> redis.Redis:
+    from dramatiq.brokers.redis import RedisBroker
+
+    client = redis.Redis.from_url(settings.broker_url)
+    broker = RedisBroker(client=client, middleware=[])
+    queue = settings.queue("subtask").name
+    for args in args_list:
+        broker.enqueue(dramatiq.Message(queue_name=queue, actor_name=actor, args=args, kwargs={}, options={}))
+    return client
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subtasks", type=int, default=500)
+    parser.add_argument("--skip-baseline", action="store_true", help="skip (b), which takes about two minutes")
+    args = parser.parse_args()
+    n = args.subtasks
+    work = Path(tempfile.mkdtemp(prefix="ntp-bench-"))
+    api = FakeAPI()
+    results: dict[str, object] = {}
+    try:
+        # 1. concurrency --------------------------------------------------------------------------------
+        api.configure(generation_time=2.0)
+        with daemon(**api.env(), NIETEST_MAX_JOBS="200", IMAGE_POLLING_INTERVAL="0.5") as (settings, env):
+            fake_cpu = cpu_seconds(api.proc.pid)
+            elapsed, task = run_task(settings, env, task_file(work, n), timeout=300)
+            fake_cpu = cpu_seconds(api.proc.pid) - fake_cpu
+            stats = api.stats()
+            results["a"] = (elapsed, task["completed_images"], stats, fake_cpu)
+            if not args.skip_baseline:
+                api.configure(generation_time=2.0)
+                started = time.monotonic()
+                client = enqueue_many(settings, "baseline_subtask", [(i, 0.5) for i in range(n)])
+                wait_for(lambda: int(client.get("bench:baseline_done") or 0) >= n, 1200, "baseline done", 0.1)
+                results["b"] = time.monotonic() - started
+        bound = math.ceil(n / 200) * (2.0 + 0.5)
+
+        # 2. overhead ----------------------------------------------------------------------------------
+        api.configure(generation_time=0.0)
+        with daemon(**api.env(), NIETEST_MAX_JOBS="100000", IMAGE_POLLING_INTERVAL="0.05") as (settings, env):
+            elapsed, task = run_task(settings, env, task_file(work, n), timeout=300)
+            pipeline_rate = n / elapsed
+            messages = n * 2 + 1  # run + one poll per subtask, plus the master
+            started = time.monotonic()
+            client = enqueue_many(settings, "bench_noop", [()] * (n * 4))
+            wait_for(lambda: int(client.get("bench:noop_done") or 0) >= n * 4, 300, "no-ops done", 0.01)
+            noop_rate = n * 4 / (time.monotonic() - started)
+            results["overhead"] = (pipeline_rate, noop_rate, messages / elapsed, task["completed_images"])
+
+        # 3. memory at 500 jobs in flight ----------------------------------------------------------------
+        api.configure(generation_time=15.0)
+        with daemon(**api.env(), NIETEST_MAX_JOBS="100000", IMAGE_POLLING_INTERVAL="0.5") as (settings, env):
+            store_task = task_file(work, n)
+            subprocess.run(
+                [sys.executable, "-m", "nietest_daemon", "submit", str(store_task)],
+                check=True,
+                capture_output=True,
+                env=os.environ.copy(),
+            )
+            wait_for(lambda: api.stats()["jobs"] >= n, 60, "all jobs in flight", 0.1)
+            time.sleep(3)  # a few polling rounds with every job in flight
+            pids = worker_pids(settings, "subtask")
+            results["memory"] = [(status_kib(p, "VmHWM"), status_kib(p, "VmRSS")) for p in pids]
+            results["in_flight"] = api.stats()["jobs"]
+    finally:
+        api.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    elapsed, completed, stats, fake_cpu = results["a"]
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        "?",
+    )
+    print(f"machine: {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}")
+    print(f"1. concurrency: {n} subtasks, generation 2 s, polling 0.5 s, NIETEST_MAX_JOBS=200, 2 x 5 threads")
+    print(f"   (a) nietest                      {elapsed:7.1f} s   ({completed} completed)")
+    if "b" in results:
+        speedup = results["b"] / elapsed
+        print(f"   (b) baseline, thread polls       {results['b']:7.1f} s   -> nietest {speedup:.1f}x faster")
+    print(f"   (c) lower bound ceil({n}/200)*2.5 {bound:7.1f} s   -> nietest at {elapsed / bound:.2f}x it")
+    print(
+        f"   fake API during (a): {stats['requests']} requests, {stats['requests_per_second']} req/s, peak "
+        f"{stats['peak_requests_per_second']}/s, mean service {stats['mean_service_ms']} ms, "
+        f"max in flight {stats['max_in_flight']}, CPU {fake_cpu:.1f} s in {elapsed:.1f} s"
+    )
+    pipeline_rate, noop_rate, msg_rate, completed = results["overhead"]
+    print(f"2. overhead: generation 0 s, polling 0.05 s, {n} subtasks ({completed} completed)")
+    print(f"   pipeline        {pipeline_rate:7.1f} subtasks/s  ({msg_rate:.0f} pipeline messages/s)")
+    print(f"   bare Dramatiq   {noop_rate:7.1f} no-op messages/s, same broker and processes")
+    print(
+        f"   ratio           {pipeline_rate / noop_rate:.3f} subtasks per no-op message "
+        f"(a subtask is at least 2 messages, 2 HTTP calls and 4 store writes)"
+    )
+    print(f"3. memory with {results['in_flight']} jobs in flight, per subtask worker (peak VmHWM / current VmRSS):")
+    for hwm, rss in results["memory"]:
+        print(f"   {hwm / 1024:6.1f} MiB / {rss / 1024:6.1f} MiB")
+    ok = "b" not in results or results["b"] / elapsed >= 10
+    ok = ok and elapsed / bound <= 1.5
+    print(f"targets (>= 10x the baseline, <= 1.5x the bound): {'met' if ok else 'MISSED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""Job slots (the cap on image jobs in flight), their wake-ups in the pipeline, and failure streaks.
+
+All against a private valkey-server (real Redis semantics, real Lua); the pipeline cases also use
+a real SQLite store in a temporary directory, the real Dramatiq Redis broker (messages are
+inspected in valkey, not run) and the fake Nieta API over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import dramatiq.broker
+import pytest
+import redis
+from conftest import PrivateValkey, wait_for
+from fake_nieta import FakeNieta
+
+from nietest_daemon import pipeline, streaks
+from nietest_daemon import settings as settings_module
+from nietest_daemon.broker import build_broker
+from nietest_daemon.jobslots import JobSlots
+from nietest_daemon.nieta import NietaClient
+from nietest_daemon.store import CANCELLED, COMPLETED, PROCESSING
+
+# --- JobSlots ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def client(private_valkey: Callable[..., PrivateValkey]) -> Iterator[redis.Redis]:
+    server = private_valkey()
+    c = redis.Redis.from_url(server.url)
+    yield c
+    c.close()
+
+
+def test_cap_is_enforced_and_waiters_are_woken_oldest_first(client: redis.Redis) -> None:
+    slots = JobSlots(client, "standard", cap=2, lease_seconds=60)
+    assert slots.acquire("a") and slots.acquire("b")
+    assert not slots.acquire("c")
+    assert not slots.acquire("d")
+    assert not slots.acquire("c")  # asking again keeps c's place in the line
+    assert (slots.in_flight(), slots.waiting_count()) == (2, 2)
+    assert slots.acquire("a")  # a holder asking again keeps its slot (a renewal)
+    assert slots.in_flight() == 2
+
+    assert slots.release("a") == "c"  # the slot goes to the longest waiter; the caller wakes it
+    assert (slots.in_flight(), slots.waiting_count()) == (2, 1)
+    assert slots.acquire("c")  # woken, c finds the slot its own
+    assert slots.release("b") == "d"
+    assert slots.acquire("d")
+    assert slots.release("c") is None  # nobody waits
+    assert slots.release("c") is None  # releasing twice is harmless
+    assert (slots.in_flight(), slots.waiting_count()) == (1, 0)
+
+
+def test_a_woken_waiter_keeps_its_place_and_can_hand_the_slot_on(client: redis.Redis) -> None:
+    slots = JobSlots(client, "standard", cap=1, lease_seconds=60)
+    assert slots.acquire("a")
+    assert not slots.acquire("b")
+    assert not slots.acquire("c")
+    assert slots.release("x") is None  # a non-holder frees nothing: everyone keeps waiting
+    assert slots.waiting_count() == 2
+    assert slots.release("a") == "b"
+    # A newcomer arriving before b's wake-up runs cannot take b's slot.
+    assert not slots.acquire("newcomer")
+    assert slots.acquire("b")
+    # b turns out not to need it (cancelled meanwhile): its release hands the slot on, in order.
+    assert slots.release("b") == "c"
+    assert slots.release("c") == "newcomer"
+    assert (slots.in_flight(), slots.waiting_count()) == (1, 0)
+
+
+def test_a_crashed_holders_slot_comes_back_when_its_lease_runs_out(client: redis.Redis) -> None:
+    slots = JobSlots(client, "standard", cap=1, lease_seconds=0.5)
+    assert slots.acquire("crashed")
+    assert not slots.acquire("next")
+    started = time.monotonic()
+    wait_for(lambda: slots.acquire("next"), 5, interval=0.05, what="the expired lease's slot")
+    assert time.monotonic() - started >= 0.3
+    assert slots.in_flight() == 1 and slots.waiting_count() == 0
+
+
+def test_renewing_keeps_the_slot_and_never_resurrects_a_released_one(client: redis.Redis) -> None:
+    slots = JobSlots(client, "standard", cap=1, lease_seconds=0.4)
+    assert slots.acquire("a")
+    deadline = time.monotonic() + 1.2  # three leases long
+    while time.monotonic() < deadline:
+        slots.renew("a")
+        assert not slots.acquire("b")
+        time.sleep(0.05)
+    assert slots.release("a") == "b"  # b asked while a held it: the slot is b's now
+    slots.renew("a")  # a late renewal of a finished subtask
+    assert client.zscore(slots.holders, "a") is None
+    assert slots.in_flight() == 1 and slots.acquire("b")
+
+
+def test_apis_have_separate_caps(client: redis.Redis) -> None:
+    standard = JobSlots(client, "standard", cap=1, lease_seconds=60)
+    lumina = JobSlots(client, "lumina", cap=1, lease_seconds=60)
+    assert standard.acquire("s1") and lumina.acquire("l1")
+    assert not standard.acquire("s2") and not lumina.acquire("l2")
+    assert standard.release("s1") == "s2"
+    assert lumina.waiting_count() == 1
+
+
+def test_concurrent_acquires_never_exceed_the_cap(client: redis.Redis) -> None:
+    cap = 7
+    granted: list[str] = []
+    lock = threading.Lock()
+
+    def contend(worker: int) -> None:
+        c = redis.Redis(connection_pool=client.connection_pool)
+        slots = JobSlots(c, "standard", cap=cap, lease_seconds=60)
+        for i in range(40):
+            member = f"w{worker}-{i}"
+            if slots.acquire(member):
+                with lock:
+                    granted.append(member)
+
+    threads = [threading.Thread(target=contend, args=(w,)) for w in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    slots = JobSlots(client, "standard", cap=cap, lease_seconds=60)
+    assert len(granted) == cap
+    assert slots.in_flight() == cap and slots.waiting_count() == 12 * 40 - cap
+
+
+def test_forget_waiting_takes_one_tasks_subtasks_off_the_list(client: redis.Redis) -> None:
+    slots = JobSlots(client, "standard", cap=1, lease_seconds=60)
+    assert slots.acquire("holder")
+    for member in ["t1:0", "t1:1", "t10:0", "t[1]:0", "t*:0", "t2:0"]:
+        assert not slots.acquire(member)
+    assert slots.forget_waiting("t1:") == 2  # not t10:0
+    assert slots.forget_waiting("t[1]:") == 1  # glob characters in the prefix are literal
+    assert slots.forget_waiting("t*:") == 1
+    assert slots.forget_waiting("nothing:") == 0
+    assert sorted(m.decode() for m in client.zrange(slots.waiting, 0, -1)) == ["t10:0", "t2:0"]
+    assert slots.release("holder") == "t10:0"
+
+
+# --- wake-ups in the pipeline -----------------------------------------------------------------------
+
+
+class Pipeline:
+    """The pipeline's Context in this process: a private broker, a SQLite store, the fake API."""
+
+    def __init__(self, ctx: pipeline.Context, broker: dramatiq.Broker, api: FakeNieta) -> None:
+        self.ctx = ctx
+        self.broker = broker
+        self.api = api
+        self.queue = ctx.settings.queue("subtask").name
+
+    def add_task(self, task_id: str, n: int) -> list[str]:
+        self.ctx.store.create_task({"id": task_id, "name": task_id, "total_images": n})
+        ids = [f"{task_id}:{i}" for i in range(n)]
+        docs = [
+            {"id": sid, "variable_indices": [i], "prompts": [{"type": "freetext", "value": sid, "weight": 1.0}]}
+            for i, sid in enumerate(ids)
+        ]
+        assert self.ctx.store.insert_subtasks(task_id, docs) == n
+        self.ctx.store.mark_task_running(task_id)
+        return ids
+
+    def messages(self, *, delayed: bool = False) -> list[tuple[str, str]]:
+        """(actor, subtask id) of the messages waiting on the subtask queue (or its delay queue)."""
+        name = f"dramatiq:{self.queue}{'.DQ' if delayed else ''}"
+        client = self.ctx.redis
+        found = []
+        for raw in client.hvals(f"{name}.msgs"):
+            message = json.loads(raw)
+            found.append((message["actor_name"], message["args"][0]))
+        return sorted(found)
+
+    def woken(self) -> list[str]:
+        return [sid for actor, sid in self.messages() if actor == "run_subtask"]
+
+    def clear(self) -> None:
+        for name in (self.queue, f"{self.queue}.DQ"):
+            self.ctx.redis.delete(f"dramatiq:{name}", f"dramatiq:{name}.msgs")
+
+
+def holders(pipe: Pipeline, lumina: bool = False) -> list[str]:
+    return sorted(m.decode() for m in pipe.ctx.redis.zrange(pipe.ctx.slots[lumina].holders, 0, -1))
+
+
+@pytest.fixture
+def pipe(
+    private_valkey: Callable[..., PrivateValkey], short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Pipeline]:
+    server = private_valkey()
+    with FakeNieta(generation_time=0.0) as api:
+        env = {
+            "NIETEST_HOME": str(short_tmp),
+            "BROKER_REDIS_URL": server.url,
+            "NIETEST_MAX_JOBS": "1",
+            **api.env(),
+        }
+        settings = settings_module.load(env)
+        monkeypatch.setattr(dramatiq.broker, "global_broker", dramatiq.broker.global_broker)
+        broker = build_broker(settings)
+        ctx = pipeline.build_context(settings)
+        # No client retries: a transient error surfaces at once as a retryable NietaError.
+        ctx.nieta = NietaClient(api.token, api.url, api.ops_url, max_retries=0)
+        monkeypatch.setattr(pipeline, "_context", ctx)
+        yield Pipeline(ctx, broker, api)
+        ctx.nieta.close()
+        ctx.store.close()
+        broker.close()
+
+
+def test_a_finished_holder_wakes_the_longest_waiter(pipe: Pipeline) -> None:
+    a, b, c = pipe.add_task("t", 3)
+    pipeline.run_subtask(a)  # takes the only slot, creates the job, schedules its first poll
+    pipeline.run_subtask(b)
+    pipeline.run_subtask(c)
+    assert pipe.ctx.slots[False].waiting_count() == 2
+    assert pipe.messages(delayed=True) == [("poll_subtask", a), ("run_subtask", b), ("run_subtask", c)]
+    assert pipe.messages() == []  # waiting holds no thread and sends nothing but the late re-checks
+    assert len(pipe.api.requests_to("create")) == 1
+
+    pipeline.finish(pipe.ctx, pipe.ctx.store.get_subtask(a), COMPLETED, result="http://x/a.png")
+    assert pipe.woken() == [b]
+    assert holders(pipe) == [b]  # handed over before the wake-up runs
+
+
+def test_a_cancelled_waiter_hands_its_wake_up_on(pipe: Pipeline) -> None:
+    a, b, c = pipe.add_task("t", 3)
+    pipeline.run_subtask(a)
+    pipeline.run_subtask(b)
+    pipeline.run_subtask(c)
+    # b is cancelled while it waits (store only: its place in the waiting list stays).
+    assert pipe.ctx.store.finish_subtask(b, CANCELLED).changed
+    pipeline.finish(pipe.ctx, pipe.ctx.store.get_subtask(a), COMPLETED, result="http://x/a.png")
+    assert pipe.woken() == [b]
+    pipe.clear()
+    pipeline.run_subtask(b)  # the wake-up reaches a cancelled subtask ...
+    assert pipe.woken() == [c]  # ... which passes it to the next waiter instead of losing it
+    assert holders(pipe) == [c]
+    assert len(pipe.api.requests_to("create")) == 1
+
+
+def test_cancel_takes_the_tasks_waiters_off_the_list(pipe: Pipeline) -> None:
+    (a,) = pipe.add_task("run", 1)
+    waiting = pipe.add_task("cx", 3)
+    (other,) = pipe.add_task("other", 1)
+    for sid in [a, *waiting, other]:
+        pipeline.run_subtask(sid)
+    assert pipe.ctx.slots[False].waiting_count() == 4
+    outcome = pipeline.cancel_task(pipe.ctx, "cx")
+    assert outcome.cancelled == 3 and outcome.finalised
+    assert [m.decode() for m in pipe.ctx.redis.zrange(pipe.ctx.slots[False].waiting, 0, -1)] == [other]
+    pipeline.finish(pipe.ctx, pipe.ctx.store.get_subtask(a), COMPLETED, result="http://x/a.png")
+    assert pipe.woken() == [other]
+
+
+def test_a_create_that_fails_for_now_frees_its_slot_for_a_waiter(pipe: Pipeline) -> None:
+    a, b = pipe.add_task("t", 2)
+    pipe.api.add_rule("http_500", marker=a, times=1)
+    assert pipe.ctx.slots[False].acquire(a)  # a holds the slot (its run is about to create the job)
+    pipeline.run_subtask(b)  # b waits for it
+    pipe.clear()
+    pipeline.run_subtask(a)  # the create answers 500: retryable, so a tries again later
+    assert [r.status for r in pipe.api.requests_to("create")] == [500]
+    assert pipe.woken() == [b]  # a gave its slot back and woke b
+    assert pipe.messages(delayed=True) == [("run_subtask", a)]
+    assert holders(pipe) == [b]
+    assert pipe.ctx.store.get_subtask(a)["job_uuid"] is None
+
+
+def test_a_poll_of_a_finished_subtask_frees_its_slot_for_a_waiter(pipe: Pipeline) -> None:
+    a, b = pipe.add_task("t", 2)
+    pipeline.run_subtask(a)
+    pipeline.run_subtask(b)
+    # a ends by another path (a cancel seen by the store) while it still holds the slot.
+    assert pipe.ctx.store.finish_subtask(a, CANCELLED).changed
+    pipe.clear()
+    pipeline.poll_subtask(a)
+    assert pipe.woken() == [b]
+    assert holders(pipe) == [b]
+
+
+def test_a_run_that_finds_another_creating_comes_back_later(pipe: Pipeline) -> None:
+    (a,) = pipe.add_task("t", 1)
+    pipe.ctx.redis.set(f"nietest:creating:{a}", "another-message", ex=60)
+    pipeline.run_subtask(a)
+    assert pipe.api.requests_to("create") == []
+    assert pipe.messages(delayed=True) == [("run_subtask", a)]  # not dropped
+    assert pipe.ctx.redis.get(f"nietest:creating:{a}") == b"another-message"  # not stolen
+    pipe.ctx.redis.delete(f"nietest:creating:{a}")
+    pipeline.run_subtask(a)
+    sub = pipe.ctx.store.get_subtask(a)
+    assert sub["status"] == PROCESSING and sub["job_uuid"] and sub["seed"]
+    assert pipe.ctx.redis.get(f"nietest:creating:{a}") is None
+
+
+def test_no_job_is_created_for_a_task_cancelled_before_the_create(pipe: Pipeline) -> None:
+    (a,) = pipe.add_task("t", 1)
+    real_start = pipe.ctx.store.start_subtask
+
+    def start_then_cancel(subtask_id: str) -> Any:
+        sub = real_start(subtask_id)  # the subtask is processing now ...
+        pipe.ctx.store.cancel_task("t")  # ... when the cancel comes: it cancels pending subtasks only
+        return sub
+
+    pipe.ctx.store.start_subtask = start_then_cancel  # type: ignore[method-assign]
+    pipeline.run_subtask(a)
+    assert pipe.api.requests_to("create") == []
+    assert pipe.ctx.store.get_subtask(a)["status"] == CANCELLED
+    assert pipe.ctx.store.get_task("t")["status"] == "cancelled"
+    assert pipe.ctx.slots[False].in_flight() == 0
+
+
+def test_the_sweep_resumes_or_fails_subtasks_stuck_in_processing(pipe: Pipeline) -> None:
+    polled, unstarted, exhausted, fresh = pipe.add_task("t", 4)
+    store = pipe.ctx.store
+    store.start_subtask(polled)
+    store.record_job(polled, "job-1", 7)  # its poll messages were lost
+    store.start_subtask(unstarted)  # its process died before the create
+    for _ in range(pipeline.MAX_ATTEMPTS):
+        store.start_subtask(exhausted)
+    store.start_subtask(fresh)
+    assert pipeline.sweep(pipe.ctx, older_than_seconds=3600) == {"resumed": 0, "failed": 0, "finalised": 0}
+
+    # a cutoff a second ahead: every processing subtask counts as stuck
+    assert pipeline.sweep(pipe.ctx, older_than_seconds=-1) == {"resumed": 3, "failed": 1, "finalised": 0}
+    assert pipe.messages() == sorted([("poll_subtask", polled), ("run_subtask", unstarted), ("run_subtask", fresh)])
+    assert store.get_subtask(exhausted)["status"] == "failed"
+    assert "given up by the sweep" in store.get_subtask(exhausted)["error"]
+    assert store.get_subtask(unstarted)["attempts"] == 2  # the resumption counts as an attempt
+
+
+def test_the_sweep_finalises_a_task_whose_finaliser_died(pipe: Pipeline) -> None:
+    (a,) = pipe.add_task("t", 1)
+    store = pipe.ctx.store
+    assert store.finish_subtask(a, COMPLETED, result="http://x/a.png").finalised
+    # As if the finaliser had died after counting (MongoStore's two writes): counters complete,
+    # the task still processing.
+    with store._tx() as conn:
+        task = store._read(conn, "tasks", "t")
+        task.update(status=PROCESSING, completed_at=None)
+        store._write_task(conn, task)
+    master = pipe.ctx.settings.queue("master").name
+    pipe.ctx.redis.delete(f"dramatiq:{master}", f"dramatiq:{master}.msgs")
+    assert pipeline.sweep(pipe.ctx)["finalised"] == 1
+    assert store.get_task("t")["status"] == "completed"
+    notices = [json.loads(m) for m in pipe.ctx.redis.hvals(f"dramatiq:{master}.msgs")]
+    assert [(m["actor_name"], m["args"]) for m in notices] == [("send_notice", ["t", "completed"])]
+    assert pipeline.sweep(pipe.ctx)["finalised"] == 0  # once
+
+
+# --- failure streaks ---------------------------------------------------------------------------------
+
+
+def test_a_run_of_failures_is_reported_once_and_its_end_once(client: redis.Redis) -> None:
+    q = "nietest_subtask"
+    assert streaks.record(client, q, True, threshold=3) == 0
+    assert streaks.drain_events(client) == []  # success without a run: nothing to report
+    for i in range(1, 3):
+        assert streaks.record(client, q, False, f"error {i}", threshold=3) == i
+    assert streaks.drain_events(client) == []  # below the threshold
+    assert streaks.record(client, q, False, "error 3", threshold=3) == 3
+    assert streaks.record(client, q, False, "x" * 1000, threshold=3) == 4  # no second event for the same run
+    events = streaks.drain_events(client)
+    assert len(events) == 1
+    assert events[0]["kind"] == "failure_run" and events[0]["queue"] == q and events[0]["failures"] == 3
+    assert events[0]["errors"] == ["error 3", "error 2", "error 1"]  # newest first
+    current = streaks.current(client, q)
+    assert current["failures"] == 4 and current["errors"][0] == "x" * streaks.MAX_ERROR_CHARS
+
+    assert streaks.record(client, q, True, threshold=3) == 0
+    events = streaks.drain_events(client)
+    assert [(e["kind"], e["failures"]) for e in events] == [("recovered", 4)]
+    assert streaks.current(client, q) == {"queue": q, "failures": 0, "errors": []}
+    assert streaks.drain_events(client) == []  # drained
+
+
+def test_streaks_are_per_queue_and_safe_from_many_threads(client: redis.Redis) -> None:
+    def fail(queue: str) -> None:
+        for _ in range(50):
+            streaks.record(client, queue, False, "boom", threshold=100)
+
+    threads = [threading.Thread(target=fail, args=(q,)) for q in ("a", "a", "b", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert streaks.current(client, "a")["failures"] == 100
+    assert streaks.current(client, "b")["failures"] == 100
+    events = streaks.drain_events(client)
+    assert sorted((e["kind"], e["queue"]) for e in events) == [("failure_run", "a"), ("failure_run", "b")]
+    streaks.record(client, "a", True, threshold=100)
+    assert streaks.current(client, "b")["failures"] == 100  # a's success does not end b's run
+    assert [e["queue"] for e in streaks.drain_events(client)] == ["a"]

@@ -1,0 +1,663 @@
+"""End-to-end: the task pipeline on the real daemon, against the fake Nieta API and a fake Feishu bot.
+
+Real parts only: `nietest daemon` (supervisord, worker processes, embedded valkey), the SQLite
+store in its data dir, `FakeNieta` (a real HTTP server for both API hosts) and `FakeFeishu`
+(a real webhook). One daemon is shared by most cases (module scope); each case uses its own
+markers in the prompts, so the fake's records and scripted rules of one case never match
+another's. Everything waits on a condition with a deadline; nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, Daemon, wait_for
+from fake_feishu import FakeFeishu
+from fake_nieta import FakeNieta, Recorded
+
+from nietest_daemon.broker import queue_stats
+from nietest_daemon.jobslots import PREFIX as SLOTS_PREFIX
+from nietest_daemon.nieta import LUMINA_ELEMENT_UUID
+from nietest_daemon.pipeline import open_store_for
+from nietest_daemon.store import Store
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLE = ROOT / "examples" / "task.json"
+MAX_JOBS = 3  # the shared daemon's cap per API
+MAX_POLLS = 12  # the shared daemon's IMAGE_MAX_POLLING_ATTEMPTS / LUMINA_MAX_POLLING_ATTEMPTS
+INTERVAL = 0.2  # the shared daemon's polling intervals
+
+
+# --- fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[FakeNieta]:
+    with FakeNieta(generation_time=0.3) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def hook() -> Iterator[FakeFeishu]:
+    """The task bot (task notices only)."""
+    with FakeFeishu() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def alert_hook() -> Iterator[FakeFeishu]:
+    """The alert bot, kept apart so that only task notices reach `hook`."""
+    with FakeFeishu() as fake:
+        yield fake
+
+
+def daemon_env(api: FakeNieta, hook: FakeFeishu, alert_hook: FakeFeishu, **overrides: str) -> dict[str, str]:
+    env = {
+        **api.env(),
+        "FEISHU_TASK_WEBHOOK_URL": hook.url,
+        "FEISHU_ALERT_WEBHOOK_URL": alert_hook.url,
+        "NIETEST_MASTER_PROCESSES": "1",
+        "NIETEST_MASTER_THREADS": "2",
+        "NIETEST_SUBTASK_PROCESSES": "2",
+        "NIETEST_SUBTASK_THREADS": "2",
+        "NIETEST_SUBTASK_OPS_PROCESSES": "1",
+        "NIETEST_SUBTASK_OPS_THREADS": "2",
+        "NIETEST_DRAIN_SECONDS": "5",
+        "NIETEST_BROKER_HEARTBEAT_TIMEOUT": "3",
+        "NIETEST_MAX_JOBS": str(MAX_JOBS),
+        "NIETEST_MAX_LUMINA_JOBS": str(MAX_JOBS),
+        "IMAGE_POLLING_INTERVAL": str(INTERVAL),
+        "LUMINA_POLLING_INTERVAL": str(INTERVAL),
+        "IMAGE_MAX_POLLING_ATTEMPTS": str(MAX_POLLS),
+        "LUMINA_MAX_POLLING_ATTEMPTS": str(MAX_POLLS),
+    }
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="nt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def daemon(home: Path, api: FakeNieta, hook: FakeFeishu, alert_hook: FakeFeishu) -> Iterator[Daemon]:
+    """The daemon most cases share: caps of 3 jobs per API, 0.2 s polls, 12 polls per job."""
+    (home / "d").mkdir()
+    d = Daemon(home / "d", **daemon_env(api, hook, alert_hook))
+    d.start()
+    yield d
+    try:
+        d.stop()
+    finally:
+        d.kill_everything()
+
+
+@pytest.fixture(scope="module")
+def store(daemon: Daemon) -> Iterator[Store]:
+    s = open_store_for(daemon.settings)
+    yield s
+    s.close()
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+def param(name: str, value: Any, fmt: str) -> dict[str, Any]:
+    return {"type": name, "value": value, "is_variable": False, "format": fmt}
+
+
+def marker_task(name: str, markers: list[str], *, lumina: bool = False) -> dict[str, Any]:
+    """A task with one variable prompt: one subtask per marker, the marker in its prompt text."""
+    return {
+        "name": name,
+        "priority": 1,
+        "prompts": [
+            {"type": "freetext", "value": "1girl, portrait", "weight": 1.0, "is_variable": False},
+            {
+                "type": "freetext",
+                "value": "",
+                "weight": 1.0,
+                "is_variable": True,
+                "variable_id": "marker",
+                "variable_name": "marker",
+                "variable_values": [{"type": "freetext", "value": f"look {m}", "weight": 1.0} for m in markers],
+            },
+        ],
+        "ratio": param("ratio", "1:1", "string"),
+        "seed": param("seed", None, "int"),
+        "use_polish": param("use_polish", False, "bool"),
+        "is_lumina": param("is_lumina", lumina, "bool"),
+        "lumina_model_name": param("lumina_model_name", None, "string"),
+        "lumina_cfg": param("lumina_cfg", None, "float"),
+        "lumina_step": param("lumina_step", None, "int"),
+    }
+
+
+def write_task(directory: Path, doc: dict[str, Any]) -> Path:
+    path = directory / f"task-{uuid.uuid4().hex[:8]}.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def submit(daemon: Daemon, doc: dict[str, Any]) -> str:
+    result = daemon.run("submit", str(write_task(daemon.home, doc)))
+    task_id = result.stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{32}", task_id), result.stdout
+    return task_id
+
+
+def wait_task(store: Store, task_id: str, timeout: float = 45.0) -> dict[str, Any]:
+    def ended() -> dict[str, Any] | None:
+        task = store.get_task(task_id)
+        return task if task and task["status"] in ("completed", "failed", "cancelled") else None
+
+    return wait_for(ended, timeout, what=f"task {task_id} to end")
+
+
+def title(message: dict[str, Any]) -> str:
+    return message["card"]["header"]["title"]["content"]
+
+
+def notices(hook: FakeFeishu, task_id: str) -> list[str]:
+    """Titles of the task notices that name this task, in arrival order."""
+    return [title(m) for m in hook.messages if isinstance(m, dict) and f"task id: {task_id}" in json.dumps(m)]
+
+
+def settle(daemon: Daemon, timeout: float = 20.0) -> None:
+    """Wait until the master queue (task notices) is drained: no notice is still on its way."""
+    name = daemon.settings.queue("master").name
+
+    def drained() -> bool:
+        stats = queue_stats(daemon.redis, name)
+        return stats["ready"] == 0 and stats["in_progress"] == 0 and stats["delayed"] == 0
+
+    wait_for(drained, timeout, what="master queue drained")
+
+
+def creates_since(api: FakeNieta, start: int) -> list[Recorded]:
+    return [r for r in api.requests[start:] if r.endpoint == "create"]
+
+
+def marker_of(text: str, pattern: str) -> str:
+    found = re.findall(pattern, text)
+    assert len(found) == 1, (pattern, text)
+    return found[0]
+
+
+def job_text(api: FakeNieta, job_uuid: str | None) -> str:
+    job = api.job(job_uuid) if job_uuid else None
+    return job.text if job else ""
+
+
+def subtasks_by_marker(store: Store, task_id: str, pattern: str) -> dict[str, dict[str, Any]]:
+    subs = store.list_subtasks(task_id)
+    return {marker_of(json.dumps(s["prompts"]), pattern): s for s in subs}
+
+
+def assert_counters_match(store: Store, task_id: str) -> dict[str, Any]:
+    task = store.get_task(task_id)
+    assert task is not None
+    recount = store.recount(task_id)
+    assert {k: task[k] for k in recount} == recount
+    return task
+
+
+# --- 6. validation (first: the daemon is still fresh) ------------------------------------------------
+
+
+def test_invalid_task_is_refused_and_nothing_is_stored_or_enqueued(daemon: Daemon, store: Store) -> None:
+    master = daemon.settings.queue("master").name
+    # No master worker consumes while this runs, so an enqueued message would stay visible.
+    daemon.run("ctl", "stop", "master:*")
+    try:
+        assert store.list_tasks(limit=1000) == []
+        base = json.loads(EXAMPLE.read_text())
+        cases = {
+            "name": {k: v for k, v in base.items() if k != "name"},
+            "ratio.value": {**base, "ratio": param("ratio", "wide", "string")},
+            "is_lumina.variable_values[1]": {**base, "is_lumina": {**base["is_lumina"], "variable_values": [True, 1]}},
+            "prompts[0].type": {**base, "prompts": [{**base["prompts"][0], "type": "image"}, *base["prompts"][1:]]},
+        }
+        for field, doc in cases.items():
+            result = daemon.run("submit", str(write_task(daemon.home, doc)), check=False)
+            assert result.returncode != 0, field
+            assert result.stdout == "", field
+            assert field in result.stderr and "invalid task" in result.stderr, result.stderr
+        not_json = daemon.home / "broken.json"
+        not_json.write_text('{"name": "x", ')
+        result = daemon.run("submit", str(not_json), check=False)
+        assert result.returncode != 0 and "task: is not valid JSON" in result.stderr
+
+        assert store.list_tasks(limit=1000) == []
+        for key in ("master", "subtask", "subtask_ops"):
+            stats = queue_stats(daemon.redis, daemon.settings.queue(key).name)
+            assert stats == {"ready": 0, "in_progress": 0, "delayed": 0, "dead": 0}, (key, stats)
+
+        # The control: a valid task is stored pending and its message waits on the master queue.
+        task_id = submit(daemon, marker_task("control", ["val-0"]))
+        assert store.get_task(task_id)["status"] == "pending"
+        assert queue_stats(daemon.redis, master)["ready"] == 1
+    finally:
+        daemon.run("ctl", "start", "master:*")
+    assert wait_task(store, task_id)["status"] == "completed"
+
+
+# --- 1. the example task ------------------------------------------------------------------------------
+
+
+def test_example_task_completes_with_one_job_per_subtask(
+    daemon: Daemon, store: Store, api: FakeNieta, hook: FakeFeishu
+) -> None:
+    start = len(api.requests)
+    example = json.loads(EXAMPLE.read_text())
+    result = daemon.run("submit", str(EXAMPLE), "--wait", timeout=60)
+    task_id = result.stdout.strip()
+    task = store.get_task(task_id)
+    assert task["status"] == "completed" and task["error"] is None
+    assert (task["total_images"], task["completed_images"], task["failed_images"]) == (6, 6, 0)
+    assert task["progress"] == 100.0
+    assert set(task["variables_map"]) == {"0", "1"}
+    assert task["variables_map"]["0"]["variable_id"] == "style"
+    assert task["variables_map"]["1"]["variable_id"] == "lumina"
+
+    subs = sorted(store.list_subtasks(task_id), key=lambda s: s["variable_indices"])
+    styles = [v["value"] for v in example["prompts"][1]["variable_values"]]
+    # Dimensions: the style prompt, then is_lumina; Cartesian product, last dimension fastest.
+    assert [s["variable_indices"] for s in subs] == [list(c) for c in itertools.product(range(3), range(2))]
+    assert [s["id"] for s in subs] == [f"{task_id}:{i}.{j}" for i, j in itertools.product(range(3), range(2))]
+
+    creates = creates_since(api, start)
+    assert len(creates) == 6, [r.body for r in creates]  # exactly one make_image per subtask
+    by_uuid = {r.job_uuid: r for r in creates}
+    for sub in subs:
+        style_index, lumina_index = sub["variable_indices"]
+        assert sub["status"] == "completed" and sub["error"] is None
+        assert sub["is_lumina"] is (lumina_index == 1)
+        assert styles[style_index] in json.dumps(sub["prompts"])
+        assert (sub["width"], sub["height"]) == (888, 1184)
+        assert sub["job_uuid"] in by_uuid
+        request = by_uuid[sub["job_uuid"]]
+        body = request.body
+        assert sub["result"] == f"{api.ops_url if sub['is_lumina'] else api.url}/_image/{sub['job_uuid']}.png"
+        assert isinstance(sub["seed"], int) and 1 <= sub["seed"] <= 2**31 - 1
+        assert body["seed"] == sub["seed"]  # the seed stored is the seed sent
+        assert (body["width"], body["height"]) == (888, 1184)
+        assert body["rawPrompt"][1]["value"] == styles[style_index]
+        element_uuids = [p.get("uuid") for p in body["rawPrompt"]]
+        if sub["is_lumina"]:
+            assert request.ops and request.path == "/ops/v3/make_image"
+            assert body["rawPrompt"][-1]["uuid"] == LUMINA_ELEMENT_UUID
+            assert body["rawPrompt"][-1]["name"] == "lumina1"
+            assert body["client_args"] == {"ckpt_name": "lumina_2", "cfg": 5.5, "steps": 30}
+        else:
+            assert not request.ops and request.path == "/v3/make_image"
+            assert LUMINA_ELEMENT_UUID not in element_uuids
+            assert "client_args" not in body
+        # every poll of the job went to the host that created it
+        polls = [r for r in api.requests[start:] if r.endpoint == "poll" and r.job_uuid == sub["job_uuid"]]
+        assert polls and all(r.ops == request.ops and r.status == 200 for r in polls)
+    assert len({s["seed"] for s in subs}) == 6  # no seed given: a random one per subtask
+
+    settle(daemon)
+    assert [t.split("] ")[1] for t in notices(hook, task_id)] == ["Task submitted", "Task completed"]
+
+
+# --- 2 + 8. FAILURE and ILLEGAL_IMAGE; status --json -------------------------------------------------
+
+PARTIAL = ["pf-0", "pf-1", "pf-2", "pf-3", "pf-4", "pf-5"]
+
+
+@pytest.fixture(scope="module")
+def partial_task(daemon: Daemon, store: Store, api: FakeNieta) -> dict[str, Any]:
+    """A task of 6 subtasks: pf-0 and pf-3 end FAILURE, pf-4 ILLEGAL_IMAGE, the others succeed."""
+    api.add_rule("failure", marker="pf-0", error="GPU on fire: CUDA out of memory", generation_time=0.1)
+    api.add_rule("failure", marker="pf-3", error="GPU on fire: CUDA out of memory", generation_time=0.1)
+    api.add_rule("illegal_image", marker="pf-4", error="nsfw score 0.97", generation_time=0.1)
+    start = len(api.requests)
+    task_id = submit(daemon, marker_task("partial", PARTIAL))
+    task = wait_task(store, task_id)
+    return {"id": task_id, "task": task, "start": start}
+
+
+def test_failure_and_moderation_end_their_subtask_at_once(
+    daemon: Daemon, store: Store, api: FakeNieta, hook: FakeFeishu, partial_task: dict[str, Any]
+) -> None:
+    task_id, task = partial_task["id"], partial_task["task"]
+    assert task["status"] == "completed"
+    assert task["error"] == "partially completed: 3 of 6 images failed"
+    assert (task["completed_images"], task["failed_images"], task["cancelled_images"]) == (3, 3, 0)
+    assert_counters_match(store, task_id)
+
+    subs = subtasks_by_marker(store, task_id, r"pf-\d")
+    assert api.created_counts(r"pf-\d") == dict.fromkeys(PARTIAL, 1)  # one job each, moderation never retried
+    expected_errors = {
+        "pf-0": "GPU on fire: CUDA out of memory",  # the API's own text, verbatim
+        "pf-3": "GPU on fire: CUDA out of memory",
+        "pf-4": "refused by moderation (ILLEGAL_IMAGE): nsfw score 0.97",
+    }
+    for marker, sub in subs.items():
+        if marker in expected_errors:
+            assert sub["status"] == "failed"
+            assert sub["error"] == expected_errors[marker]
+            assert sub["result"] is None and sub["job_uuid"]
+            job = api.job(sub["job_uuid"])
+            assert 1 <= job.polls <= 2, (marker, job.polls)  # ended at once, not after the polling budget
+            assert sub["poll_count"] <= 1
+        else:
+            assert sub["status"] == "completed" and sub["result"] and sub["error"] is None
+
+    settle(daemon)
+    titles = notices(hook, task_id)
+    assert len(titles) == 2 and titles[0].endswith("Task submitted"), titles
+    assert titles[1].endswith("Task partially completed")
+    final = next(m for m in hook.messages if f"task id: {task_id}" in json.dumps(m) and "partially" in title(m))
+    text = json.dumps(final)
+    assert "completed 3 · failed 3 · cancelled 0 of 6" in json.loads(text)["card"]["elements"][0]["text"]["content"]
+
+
+def test_status_json_reports_counters_and_errors_by_text(daemon: Daemon, partial_task: dict[str, Any]) -> None:
+    task_id = partial_task["id"]
+    report = json.loads(daemon.run("status", task_id, "--json").stdout)
+    assert report["id"] == task_id and report["name"] == "partial"
+    assert report["status"] == "completed" and report["partially_completed"] is True
+    assert (report["total_images"], report["processed_images"]) == (6, 6)
+    assert (report["completed_images"], report["failed_images"], report["cancelled_images"]) == (3, 3, 0)
+    assert report["progress"] == 100.0
+    assert report["by_status"] == {"pending": 0, "processing": 0, "completed": 3, "failed": 3, "cancelled": 0}
+    assert report["errors"] == [
+        {"error": "GPU on fire: CUDA out of memory", "count": 2},
+        {"error": "refused by moderation (ILLEGAL_IMAGE): nsfw score 0.97", "count": 1},
+    ]
+    text = daemon.run("status", task_id).stdout
+    assert "partially completed" in text and "2 x GPU on fire" in text
+    missing = daemon.run("status", "0" * 32, check=False)
+    assert missing.returncode != 0 and "no task" in missing.stderr
+
+
+# --- 3. TIMEOUT, transient HTTP errors, a job that never ends ---------------------------------------
+
+
+def test_timeout_and_transient_http_errors_are_retried_within_budget(
+    daemon: Daemon, store: Store, api: FakeNieta, hook: FakeFeishu
+) -> None:
+    markers = ["rt-to", "rt-5c", "rt-4c", "rt-5p", "rt-4p", "rt-ok"]
+    api.add_rule("timeout", marker="rt-to", times=1, error="worker lost", generation_time=0.1)
+    api.add_rule("http_500", endpoint="create", marker="rt-5c", times=2)
+    api.add_rule("http_429", endpoint="create", marker="rt-4c", times=2, retry_after=0.3)
+    api.add_rule("http_500", endpoint="poll", marker="rt-5p", times=2)
+    api.add_rule("http_429", endpoint="poll", marker="rt-4p", times=3, retry_after=0.2)
+    start = len(api.requests)
+    task_id = submit(daemon, marker_task("retries", markers))
+    task = wait_task(store, task_id)
+    assert task["status"] == "completed" and task["error"] is None, task
+    assert task["completed_images"] == 6
+    assert_counters_match(store, task_id)
+
+    # TIMEOUT earns exactly one new job (TIMEOUT_RESUBMITS = 1); HTTP errors never create extra jobs.
+    assert api.created_counts(r"rt-\w\w") == {"rt-to": 2, "rt-5c": 1, "rt-4c": 1, "rt-5p": 1, "rt-4p": 1, "rt-ok": 1}
+    subs = subtasks_by_marker(store, task_id, r"rt-\w\w")
+    jobs = [j for j in api.jobs if "rt-to" in j.text]
+    assert subs["rt-to"]["job_uuid"] == max(jobs, key=lambda j: j.created).uuid  # the new job's result counts
+    assert subs["rt-to"]["seed"] == jobs[0].body["seed"] == jobs[1].body["seed"]  # the resubmit keeps the seed
+    for sub in subs.values():
+        assert sub["status"] == "completed" and sub["result"].endswith(f"/_image/{sub['job_uuid']}.png")
+
+    # The fake really answered the errors, and the pipeline got past them.
+    answered = Counter()
+    for r in api.requests[start:]:
+        text = json.dumps(r.body) if r.endpoint == "create" else job_text(api, r.job_uuid)
+        found = re.findall(r"rt-\w\w", text)
+        if found and r.status in (429, 500):
+            answered[(found[0], r.endpoint, r.status)] += 1
+    assert answered == {
+        ("rt-5c", "create", 500): 2,
+        ("rt-4c", "create", 429): 2,
+        ("rt-5p", "poll", 500): 2,
+        ("rt-4p", "poll", 429): 3,
+    }
+    settle(daemon)
+    assert [t.split("] ")[1] for t in notices(hook, task_id)] == ["Task submitted", "Task completed"]
+
+
+def test_job_pending_past_the_budget_and_repeated_timeouts_fail(
+    daemon: Daemon, store: Store, api: FakeNieta, hook: FakeFeishu
+) -> None:
+    api.add_rule("never", marker="nv-pending")
+    api.add_rule("timeout", marker="nv-timeout", times=5, error="queue full", generation_time=0.1)
+    submitted = time.monotonic()
+    task_id = submit(daemon, marker_task("never", ["nv-pending", "nv-timeout"]))
+    task = wait_task(store, task_id)
+    elapsed = time.monotonic() - submitted
+    assert task["status"] == "failed" and task["failed_images"] == 2
+    subs = subtasks_by_marker(store, task_id, r"nv-\w+")
+
+    pending = subs["nv-pending"]
+    assert pending["status"] == "failed" and pending["job_uuid"]  # the job uuid stays stored
+    assert pending["poll_count"] == MAX_POLLS
+    assert api.job(pending["job_uuid"]).polls == MAX_POLLS
+    assert pending["job_uuid"] in pending["error"] and f"after {MAX_POLLS} polls" in pending["error"]
+    waited = float(re.search(r"over ([0-9.]+) s", pending["error"]).group(1))
+    assert MAX_POLLS * INTERVAL <= waited <= elapsed, pending["error"]  # how long it really waited
+
+    timed_out = subs["nv-timeout"]
+    assert timed_out["status"] == "failed"
+    assert timed_out["error"] == "the API timed the job out (TIMEOUT) 2 times: queue full"
+    assert api.created_counts(r"nv-\w+") == {"nv-pending": 1, "nv-timeout": 2}
+    settle(daemon)
+    assert [t.split("] ")[1] for t in notices(hook, task_id)] == ["Task submitted", "Task failed"]
+
+
+# --- 5. cancel during a run --------------------------------------------------------------------------
+
+
+def test_cancel_during_a_run_stops_new_jobs(daemon: Daemon, store: Store, api: FakeNieta, hook: FakeFeishu) -> None:
+    markers = [f"cx-{i:02d}" for i in range(12)]
+    api.add_rule("slow", marker="cx-", generation_time=1.5)
+    task_id = submit(daemon, marker_task("cancel me", markers))
+    # The cap lets 3 jobs run; the 9 others wait for a slot.
+    wait_for(lambda: sum(api.created_counts(r"cx-\d\d").values()) >= MAX_JOBS, 20, what="first jobs created")
+    assert store.get_task(task_id)["status"] == "processing"
+    result = daemon.run("cancel", task_id)
+    cancelled_at = time.time()
+    assert "cancel requested" in result.stdout
+
+    task = wait_task(store, task_id, timeout=30)
+    assert task["status"] == "cancelled"
+    settle(daemon)
+    creates = [r for r in api.requests_to("create") if re.search(r"cx-\d\d", json.dumps(r.body))]
+    # A create that had passed its last cancel check before the cancel returned may still arrive
+    # an instant later; none may come after that.
+    late = [round(r.time - cancelled_at, 3) for r in creates if r.time > cancelled_at + 0.5]
+    assert late == [], late
+    assert len(creates) < len(markers)
+    assert api.duplicates(r"cx-\d\d") == {}
+
+    subs = store.list_subtasks(task_id)
+    counts = Counter(s["status"] for s in subs)
+    assert counts["failed"] == 0 and counts["pending"] == 0 and counts["processing"] == 0
+    assert counts["cancelled"] >= len(markers) - len(creates)
+    assert_counters_match(store, task_id)
+    # running jobs are not polled further once their subtask is cancelled
+    for sub in subs:
+        if sub["status"] == "cancelled" and sub["job_uuid"]:
+            polls = [r.time for r in api.requests_to("poll") if r.job_uuid == sub["job_uuid"]]
+            assert all(t <= sub["completed_at"].timestamp() + 0.5 for t in polls)
+    titles = [t.split("] ")[1] for t in notices(hook, task_id)]
+    assert titles == ["Task submitted", "Task cancelled"]
+    # Every slot came back, and no cancelled subtask is left waiting for one.
+    holders, waiting = f"{SLOTS_PREFIX}:standard:holders", f"{SLOTS_PREFIX}:standard:waiting"
+    wait_for(lambda: daemon.redis.zcard(holders) == 0, 10, what="slots of the cancelled task freed")
+    assert [m for m in daemon.redis.zrange(waiting, 0, -1) if m.decode().startswith(task_id)] == []
+    # Cancelling again is harmless and sends nothing more.
+    daemon.run("cancel", task_id)
+    settle(daemon)
+    assert len(notices(hook, task_id)) == 2
+
+
+# --- 7. the cap -------------------------------------------------------------------------------------
+
+
+def in_flight_peak(api: FakeNieta, job_uuids: set[str]) -> int:
+    """Most jobs in flight at once, seen from the API: from the create until the poll that returned SUCCESS."""
+    events: list[tuple[float, int]] = []
+    for job_uuid in job_uuids:
+        create = next(r for r in api.requests_to("create") if r.job_uuid == job_uuid)
+        polls = [r for r in api.requests_to("poll") if r.job_uuid == job_uuid and r.status == 200]
+        events += [(create.time, 1), (max(r.time for r in polls), -1)]
+    peak = current = 0
+    for _, delta in sorted(events, key=lambda e: (e[0], -e[1])):  # at a tie, count the start first
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+def test_jobs_in_flight_never_exceed_the_cap(daemon: Daemon, store: Store, api: FakeNieta) -> None:
+    markers = [f"cap-{i:02d}" for i in range(12)]
+    api.add_rule("slow", marker="cap-", generation_time=1.0)
+    started = time.monotonic()
+    task_id = submit(daemon, marker_task("cap", markers))
+    # 4 rounds of 3 jobs of ~1 s: far less than a waiting subtask's 30 s re-check, so every
+    # round must start from the wake-up a finished job sends.
+    task = wait_task(store, task_id, timeout=25)
+    took = time.monotonic() - started
+    assert task["status"] == "completed" and task["completed_images"] == 12
+    assert api.created_counts(r"cap-\d\d") == dict.fromkeys(markers, 1)
+    uuids = {s["job_uuid"] for s in store.list_subtasks(task_id)}
+    assert in_flight_peak(api, uuids) == MAX_JOBS
+    assert took < 20, took
+
+
+# --- 4. kill -9 workers while their subtasks poll ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kill_api() -> Iterator[FakeNieta]:
+    with FakeNieta(generation_time=4.0) as fake:  # jobs run long enough to be polled through a kill
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def kill_daemon(home: Path, kill_api: FakeNieta, alert_hook: FakeFeishu) -> Iterator[tuple[Daemon, FakeFeishu]]:
+    with FakeFeishu() as task_hook:
+        (home / "k").mkdir()
+        env = daemon_env(
+            kill_api,
+            task_hook,
+            alert_hook,
+            NIETEST_MAX_JOBS="50",
+            NIETEST_SUBTASK_THREADS="3",
+            IMAGE_MAX_POLLING_ATTEMPTS="200",
+        )
+        d = Daemon(home / "k", **env)
+        d.start()
+        yield d, task_hook
+        try:
+            d.stop()
+        finally:
+            d.kill_everything()
+
+
+def kill_9(daemon: Daemon, *names: str) -> dict[str, int]:
+    before = daemon.pids()
+    for name in names:
+        os.kill(before[name], signal.SIGKILL)
+    return before
+
+
+def wait_replaced(daemon: Daemon, before: dict[str, int], *names: str) -> None:
+    def replaced() -> bool:
+        now = daemon.pids()
+        return all(now.get(n) not in (None, before[n]) for n in names)
+
+    wait_for(replaced, 20, what=f"{names} replaced")
+
+
+def test_kill_9_of_a_worker_while_its_subtasks_poll_loses_nothing(
+    kill_daemon: tuple[Daemon, FakeFeishu], kill_api: FakeNieta
+) -> None:
+    daemon, hook = kill_daemon
+    store = open_store_for(daemon.settings)
+    markers = [f"k9-{i:02d}" for i in range(10)]
+    task_id = submit(daemon, marker_task("kill -9", markers))
+
+    def all_polling() -> bool:
+        subs = store.list_subtasks(task_id)
+        return len(subs) == 10 and all(s["job_uuid"] and s["poll_count"] >= 1 for s in subs)
+
+    wait_for(all_polling, 20, what="every subtask has a job and polls")
+    stored = {s["id"]: s["job_uuid"] for s in store.list_subtasks(task_id)}
+    before = kill_9(daemon, "subtask:subtask_00")  # it holds some of the subtasks' poll messages
+
+    task = wait_task(store, task_id, timeout=40)
+    assert task["status"] == "completed" and task["error"] is None
+    assert task["completed_images"] == 10
+    assert_counters_match(store, task_id)
+    assert kill_api.duplicates(r"k9-\d\d") == {}  # no second make_image for a subtask with a job uuid
+    for sub in store.list_subtasks(task_id):
+        assert sub["status"] == "completed"
+        assert sub["job_uuid"] == stored[sub["id"]]
+        assert sub["result"].endswith(f"/_image/{sub['job_uuid']}.png")
+    wait_replaced(daemon, before, "subtask:subtask_00")
+    settle(daemon)
+    assert [t.split("] ")[1] for t in notices(hook, task_id)] == ["Task submitted", "Task completed"]
+    store.close()
+
+
+def test_kill_9_of_every_subtask_worker_during_a_create_resumes_it(
+    kill_daemon: tuple[Daemon, FakeFeishu], kill_api: FakeNieta
+) -> None:
+    """The message that was creating a job dies with its worker while holding the subtask's
+    "creating" lock; its redelivery must take the lock over (not wait for it, not drop the subtask)."""
+    daemon, hook = kill_daemon
+    store = open_store_for(daemon.settings)
+    kill_api.add_rule("delay", endpoint="create", marker="kc-slow", delay=4.0, times=1)
+    markers = [f"kc-{i:02d}" for i in range(6)]
+    task_id = submit(daemon, marker_task("kill -9 mid-create", [*markers, "kc-slow"]))
+
+    def ready() -> bool:
+        subs = subtasks_by_marker(store, task_id, r"kc-\w+")
+        slow = [r for r in kill_api.requests_to("create") if "kc-slow" in json.dumps(r.body)]
+        polling = all(subs[m]["job_uuid"] and subs[m]["poll_count"] >= 1 for m in markers) if len(subs) == 7 else False
+        return polling and len(slow) == 1 and slow[0].status is None  # its create is in flight
+
+    wait_for(ready, 20, what="jobs polling and one create in flight")
+    stored = {s["id"]: s["job_uuid"] for s in store.list_subtasks(task_id)}
+    slow_id = subtasks_by_marker(store, task_id, r"kc-\w+")["kc-slow"]["id"]
+    assert stored[slow_id] is None
+    names = [n for n in daemon.pids() if n.startswith("subtask:")]
+    before = kill_9(daemon, *names)
+
+    task = wait_task(store, task_id, timeout=40)
+    assert task["status"] == "completed" and task["completed_images"] == 7
+    assert_counters_match(store, task_id)
+    assert kill_api.duplicates(r"kc-\d\d") == {}
+    for sub in store.list_subtasks(task_id):
+        assert sub["status"] == "completed" and sub["result"].endswith(f"/_image/{sub['job_uuid']}.png")
+        if sub["id"] != slow_id:
+            assert sub["job_uuid"] == stored[sub["id"]]
+    # The create cut off by the kill still made a job that nobody could know of (its uuid was
+    # never stored); the redelivered message made the one whose result counts.
+    wait_for(lambda: kill_api.created_count("kc-slow") == 2, 10, what="the orphaned create to finish")
+    slow_jobs = sorted((j for j in kill_api.jobs if "kc-slow" in j.text), key=lambda j: j.created)
+    assert store.get_subtask(slow_id)["job_uuid"] in {j.uuid for j in slow_jobs}
+    wait_replaced(daemon, before, *names)
+    settle(daemon)
+    assert [t.split("] ")[1] for t in notices(hook, task_id)] == ["Task submitted", "Task completed"]
+    store.close()
