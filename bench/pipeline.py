@@ -160,15 +160,19 @@ def task_file(directory: Path, subtasks: int) -> Path:
     return path
 
 
-def run_task(settings: settings_module.Settings, env: dict[str, str], path: Path, timeout: float) -> tuple[float, dict]:
-    """Submit through the CLI; return the wall time from submit to the task's end, and the task."""
-    started = time.monotonic()
+def submit(env: dict[str, str], path: Path) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "nietest_daemon", "submit", str(path)], capture_output=True, text=True, env=env
     )
     if out.returncode != 0:
         raise SystemExit(f"nietest submit failed: {out.stderr.strip()}")
-    task_id = out.stdout.strip()
+    return out.stdout.strip()
+
+
+def run_task(settings: settings_module.Settings, env: dict[str, str], path: Path, timeout: float) -> tuple[float, dict]:
+    """Submit through the CLI; return the wall time from submit to the task's end, and the task."""
+    started = time.monotonic()
+    task_id = submit(env, path)
     store = open_store_for(settings)
     task = wait_for(
         lambda: (t := store.get_task(task_id)) and t["status"] in ("completed", "failed", "cancelled") and t,
@@ -234,12 +238,7 @@ def main() -> int:
         api.configure(generation_time=15.0)
         with daemon(**api.env(), NIETEST_MAX_JOBS="100000", IMAGE_POLLING_INTERVAL="0.5") as (settings, env):
             store_task = task_file(work, n)
-            subprocess.run(
-                [sys.executable, "-m", "nietest_daemon", "submit", str(store_task)],
-                check=True,
-                capture_output=True,
-                env=os.environ.copy(),
-            )
+            submit(env, store_task)
             wait_for(lambda: api.stats()["jobs"] >= n, 60, "all jobs in flight", 0.1)
             time.sleep(3)  # a few polling rounds with every job in flight
             pids = worker_pids(settings, "subtask")

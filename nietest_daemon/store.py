@@ -588,8 +588,12 @@ class SQLiteStore(Store):
             return True
 
     def is_cancel_requested(self, task_id: str) -> bool:
-        task = self.get_task(task_id)
-        return bool(task and task.get("cancel_requested"))
+        # Every subtask message asks this: read the one field in SQLite's C JSON parser rather than
+        # decoding the whole task (prompts and variables_map can be tens of KB) in Python.
+        row = self._conn().execute(
+            "SELECT json_extract(doc, '$.cancel_requested') FROM tasks WHERE id = ?", (task_id,)
+        ).fetchone()
+        return bool(row and row[0])
 
     def fail_task(self, task_id: str, error: str) -> bool:
         with self._tx() as conn:
