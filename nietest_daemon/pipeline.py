@@ -296,22 +296,30 @@ def process_task(task_id: str) -> None:
     log.info("task expanded", task_id=task_id, subtasks=task.total_subtasks, new=created, dispatched=len(pending))
 
 
-def run_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0) -> None:
-    """Create the subtask's image job (at most one per TIMEOUT budget), then hand over to polling."""
-    ctx = context()
+def _active_subtask(ctx: Context, subtask_id: str, *, cancelled: str) -> dict[str, Any] | None:
+    """The subtask if there is work to do on it; else None, after tidying up what its end left."""
     sub = ctx.store.get_subtask(subtask_id)
     if sub is None:
         log.error("no such subtask; message dropped", subtask_id=subtask_id)
-        return
-    is_lumina = bool(sub.get("is_lumina"))
+        return None
     if sub["status"] in TERMINAL:
         # It may still sit in the waiting list (cancelled while it waited) and this message may be
         # the wake-up of a freed slot: leave the list and hand the wake-up on, or it is lost.
-        release_slot(ctx, subtask_id, is_lumina)
-        return
+        release_slot(ctx, subtask_id, bool(sub.get("is_lumina")))
+        return None
     if ctx.store.is_cancel_requested(sub["task_id"]):
-        finish(ctx, sub, CANCELLED, error="task cancelled")
+        finish(ctx, sub, CANCELLED, error=cancelled)
+        return None
+    return sub
+
+
+def run_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0) -> None:
+    """Create the subtask's image job (at most one per TIMEOUT budget), then hand over to polling."""
+    ctx = context()
+    sub = _active_subtask(ctx, subtask_id, cancelled="task cancelled")
+    if sub is None:
         return
+    is_lumina = bool(sub.get("is_lumina"))
     if sub.get("job_uuid"):  # redelivered or resumed: poll the job we already paid for
         _, interval = ctx.polling(is_lumina)
         schedule_poll(ctx, sub, delay=interval, resubmits=resubmits)
@@ -402,17 +410,10 @@ def poll_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0, no_url: i
     ctx = context()
     if not _is_current_poll(ctx, subtask_id):
         return  # a newer poll message of this subtask exists
-    sub = ctx.store.get_subtask(subtask_id)
+    sub = _active_subtask(ctx, subtask_id, cancelled="task cancelled while its image job ran")
     if sub is None:
-        log.error("no such subtask; message dropped", subtask_id=subtask_id)
         return
     is_lumina = bool(sub.get("is_lumina"))
-    if sub["status"] in TERMINAL:
-        release_slot(ctx, subtask_id, is_lumina)
-        return
-    if ctx.store.is_cancel_requested(sub["task_id"]):
-        finish(ctx, sub, CANCELLED, error="task cancelled while its image job ran")
-        return
     if not sub.get("job_uuid"):
         send_run(ctx, subtask_id, is_lumina, resubmits=resubmits)
         return

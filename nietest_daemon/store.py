@@ -590,9 +590,11 @@ class SQLiteStore(Store):
     def is_cancel_requested(self, task_id: str) -> bool:
         # Every subtask message asks this: read the one field in SQLite's C JSON parser rather than
         # decoding the whole task (prompts and variables_map can be tens of KB) in Python.
-        row = self._conn().execute(
-            "SELECT json_extract(doc, '$.cancel_requested') FROM tasks WHERE id = ?", (task_id,)
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT json_extract(doc, '$.cancel_requested') FROM tasks WHERE id = ?", (task_id,))
+            .fetchone()
+        )
         return bool(row and row[0])
 
     def fail_task(self, task_id: str, error: str) -> bool:
