@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from uuid import uuid4
 
 import dramatiq
 import redis
@@ -34,6 +35,30 @@ class NietestRedisBroker(RedisBroker):
     On a quiet queue that can take many minutes. `maintain()` runs it deliberately, so a
     killed worker's messages come back within about one heartbeat timeout.
     """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._consuming: set[str] = set()
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000):
+        """Also called again by a consumer thread restarting after a connection error.
+
+        Such a restart drops the delayed messages the thread held in memory, but they stay in this
+        worker's ack set on the broker, and a live worker's messages are never handed back: they
+        would be stuck until the process exits. Taking a new broker id on a restart orphans the
+        old id instead; it stops heartbeating, and maintenance returns all its messages to their
+        queues after the heartbeat timeout (at least once: one still in hand may run twice).
+        """
+        if queue_name in self._consuming:
+            old, self.broker_id = self.broker_id, str(uuid4())
+            log.warning(
+                "consumer restarted after a broker error; unacked messages will be redelivered",
+                old_broker_id=old,
+                broker_id=self.broker_id,
+                queue=queue_name,
+            )
+        self._consuming.add(queue_name)
+        return super().consume(queue_name, prefetch, timeout)
 
     def maintain(self, queue_name: str) -> None:
         # "requeue" with no message ids changes nothing but the heartbeat; the 1 asks for maintenance.

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import dramatiq
+import redis
 import structlog
 from dramatiq.middleware import Middleware
 
@@ -79,6 +80,10 @@ class CatchExceptions(Middleware):
         if exception is None or not message.failed:
             return
         ids = _ids(message)
+        if isinstance(exception, redis.ConnectionError | redis.TimeoutError):
+            # The broker blinked: not the subtask's fault. It stays processing and the sweep resumes it.
+            log.warning("broker unreachable during the message; left for the sweep", error=str(exception), **ids)
+            return
         error = f"{type(exception).__name__}: {exception}"[:2000]
         try:
             from nietest_daemon import pipeline

@@ -661,3 +661,32 @@ def test_kill_9_of_every_subtask_worker_during_a_create_resumes_it(
     settle(daemon)
     assert [t.split("] ")[1] for t in notices(hook, task_id)] == ["Task submitted", "Task completed"]
     store.close()
+
+
+def test_kill_9_of_the_embedded_broker_mid_run_loses_nothing(
+    kill_daemon: tuple[Daemon, FakeFeishu], kill_api: FakeNieta
+) -> None:
+    """supervisord restarts the broker from its append-only file. The workers' consumers restart
+    too, dropping the delayed polls they held in memory; those come back to the queue after the
+    heartbeat timeout (the workers take new broker ids), so every subtask still completes, once."""
+    daemon, _ = kill_daemon
+    store = open_store_for(daemon.settings)
+    markers = [f"kb-{i:02d}" for i in range(8)]
+    task_id = submit(daemon, marker_task("kill -9 broker", markers))
+    wait_for(
+        lambda: len(subs := store.list_subtasks(task_id)) == 8 and all(s["job_uuid"] for s in subs),
+        20,
+        what="every subtask has a job",
+    )
+    stored = {s["id"]: s["job_uuid"] for s in store.list_subtasks(task_id)}
+    valkey_pid = int((daemon.settings.run_dir / "valkey.pid").read_text())
+    os.kill(valkey_pid, signal.SIGKILL)
+
+    task = wait_task(store, task_id, timeout=60)
+    assert task["status"] == "completed" and task["completed_images"] == 8
+    assert_counters_match(store, task_id)
+    assert kill_api.duplicates(r"kb-\d\d") == {}
+    assert {s["id"]: s["job_uuid"] for s in store.list_subtasks(task_id)} == stored
+    log = "".join(p.read_text() for p in daemon.log_files() if p.name.startswith("subtask_"))
+    assert "unacked messages will be redelivered" in log
+    store.close()
