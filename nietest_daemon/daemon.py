@@ -13,9 +13,9 @@ import os
 import shutil
 import sys
 import xmlrpc.client
-from datetime import UTC, datetime
 from pathlib import Path
 
+from nietest_daemon.logs import iso_timestamp
 from nietest_daemon.settings import Settings
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -68,10 +68,9 @@ def is_running(settings: Settings) -> bool:
 
 def _start_line(settings: Settings) -> str:
     """The daemon's start-up log line (JSON, to stdout: the journal under systemd)."""
-    now = datetime.now(UTC)
     return json.dumps(
         {
-            "timestamp": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
+            "timestamp": iso_timestamp(),
             "level": "info",
             "event": "daemon starting",
             "logger": "nietest.daemon",

@@ -62,9 +62,14 @@ class Redactor:
 REDACTOR = Redactor()
 
 
+def iso_timestamp(epoch: float | None = None) -> str:
+    """ISO-8601 UTC with milliseconds and `Z`: the `timestamp` of every nietest log line."""
+    now = datetime.now(UTC) if epoch is None else datetime.fromtimestamp(epoch, UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
 def _timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
-    now = datetime.now(UTC)
-    event["timestamp"] = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    event["timestamp"] = iso_timestamp()
     return event
 
 

@@ -112,10 +112,6 @@ def context(settings: Settings | None = None) -> Context:
 
 def build_context(settings: Settings) -> Context:
     client = redis_client(settings, socket_timeout=10)
-    longest_budget = max(
-        settings.image_max_polling_attempts * settings.image_polling_interval,
-        settings.lumina_max_polling_attempts * settings.lumina_polling_interval,
-    )
     lease = max(120.0, 10 * max(settings.image_polling_interval, settings.lumina_polling_interval))
     nieta = None
     if settings.nieta_xtoken:
@@ -126,7 +122,6 @@ def build_context(settings: Settings) -> Context:
         client,
         host=socket.gethostname(),
     )
-    log.debug("pipeline context ready", polling_budget_seconds=longest_budget)
     return Context(
         settings=settings,
         store=open_store_for(settings),

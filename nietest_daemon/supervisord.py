@@ -19,10 +19,11 @@ import json
 import os
 import signal
 import sys
-import time
 
 from supervisor import loggers, poller
 from supervisor.supervisord import main as supervisord_main
+
+from nietest_daemon.logs import iso_timestamp
 
 # The format supervisord gives its main log handlers (options.py); children's logs use '%(message)s'.
 _MAIN_FORMAT = "%(asctime)s %(levelname)s %(message)s\n"
@@ -42,10 +43,9 @@ def _json_emit(self: loggers.Handler, record: loggers.LogRecord) -> None:
     if self.fmt != _MAIN_FORMAT:
         return _emit(self, record)
     fields = record.asdict()
-    now = time.time()
     line = json.dumps(
         {
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
+            "timestamp": iso_timestamp(),
             "level": _LEVELS.get(fields["levelname"], "info"),
             "event": fields["message"].rstrip("\n"),
             "logger": "supervisord",
