@@ -9,7 +9,10 @@ bounded attempt: the notice is logged with its content and never fails a task.
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING, Any
+
+from dramatiq.middleware import CurrentMessage
 
 from nietest_daemon.logs import get_logger
 from nietest_daemon.store import CANCELLED, COMPLETED, FAILED, is_partial
@@ -20,6 +23,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 SEND_NOTICE = "send_notice"
+MARKER_TTL_SECONDS = 7 * 86400
 SEVERITY = {
     "submitted": "info",
     "completed": "success",
@@ -52,8 +56,28 @@ def task_submitted(ctx: Context, task: dict[str, Any]) -> None:
     _enqueue(ctx, task, "submitted")
 
 
+def _final_queued_key(task_id: str) -> str:
+    return f"nietest:notice:{task_id}:final-queued"
+
+
 def task_finished(ctx: Context, task: dict[str, Any]) -> None:
     _enqueue(ctx, task, final_event(task))
+    ctx.redis.set(_final_queued_key(task["id"]), "1", ex=MARKER_TTL_SECONDS)
+
+
+def ensure_final(ctx: Context, task_id: str) -> None:
+    """Enqueue the final notice of a terminal task if nobody did.
+
+    Called when a message finds its subtask already terminal: the process that finalised the task
+    may have died between the store update and the enqueue, and this redelivered message is the
+    only trace left of it. A notice enqueued twice still posts once (`deliver` checks its marker).
+    """
+    if ctx.redis.exists(_final_queued_key(task_id)):
+        return
+    task = ctx.store.get_task(task_id)
+    if task is not None and task.get("status") in (COMPLETED, FAILED, CANCELLED):
+        log.warning("final task notice was never enqueued; enqueuing it now", task_id=task_id)
+        task_finished(ctx, task)
 
 
 def link(ctx: Context, task_id: str) -> str | None:
@@ -81,16 +105,23 @@ def card_lines(ctx: Context, task: dict[str, Any], event: str) -> list[str]:
 
 def deliver(ctx: Context, task_id: str, event: str) -> None:
     """Post one task notice (the body of the `send_notice` actor); at most once per task and event."""
+    # The marker is claimed with this message's id before the post: a second message for the same
+    # notice (enqueued twice) skips it, while a redelivery of this very message (its process died
+    # mid-post) may post again.
     marker = f"nietest:notice:{task_id}:{event}"
-    if ctx.redis.exists(marker):
-        return
+    message = CurrentMessage.get_current_message()
+    claim = f"sending:{message.message_id if message is not None else uuid.uuid4().hex}"
+    if not ctx.redis.set(marker, claim, nx=True, ex=MARKER_TTL_SECONDS):
+        held = ctx.redis.get(marker)
+        if held is None or held.decode() != claim:
+            return
     task = ctx.store.get_task(task_id)
     if task is None:
         log.error("notice for an unknown task dropped", task_id=task_id, notice=event)
         return
     lines = card_lines(ctx, task, event)
     result = ctx.notifier.send_card(TITLES.get(event, event), lines, SEVERITY.get(event, "info"))
-    ctx.redis.set(marker, "1", ex=7 * 86400)
+    ctx.redis.set(marker, "sent", ex=MARKER_TTL_SECONDS)
     if result.delivered:
         log.info("task notice sent", task_id=task_id, notice=event)
     elif not result.skipped:

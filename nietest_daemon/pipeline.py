@@ -10,7 +10,8 @@ Message flow (every step idempotent; delivery is at least once):
                                           (a delayed message: no thread waits between polls)
 
 - A subtask with a stored job uuid never creates another job (a redelivered or swept
-  subtask polls it); only an API `TIMEOUT` earns a new job, `TIMEOUT_RESUBMITS` times.
+  subtask polls it); only an API `TIMEOUT` earns a new job, `TIMEOUT_RESUBMITS` times. A create
+  cut off by the death of its process fails the subtask rather than risk a second job.
 - A per-subtask "creating" lock keeps two deliveries from creating two jobs at once; a
   per-subtask chain token lets only the newest poll message of a subtask act, so a redelivered
   poll never doubles the polling.
@@ -70,6 +71,11 @@ CREATING_LOCK_SECONDS = 180  # longer than one create call with all the client's
 CREATING_RECHECK_SECONDS = 15.0  # a run that finds another message creating the job looks again this late
 CHAIN_TTL_SECONDS = 86400
 DISPATCH_BATCH = 1000
+CREATE_SENT_TTL_SECONDS = 7 * 86400
+CREATE_INTERRUPTED = (
+    "its worker died while creating the image job; not created again, as the API may already have made it "
+    "(an image is never paid for twice)"
+)
 MAX_ATTEMPTS = 8  # starts of one subtask (redeliveries, sweeps) before it is given up
 
 
@@ -188,6 +194,11 @@ return 0
 """
 
 
+def _create_sent_key(subtask_id: str) -> str:
+    """Set (to the resubmit round) just before a create request goes out; cleared when it fails."""
+    return f"nietest:create-sent:{subtask_id}"
+
+
 def _unlock(ctx: Context, key: str, owner: str) -> None:
     """Delete the lock only if `owner` still holds it (it may have expired and been taken since)."""
     ctx.redis.eval(_UNLOCK, 1, key, owner)
@@ -301,6 +312,9 @@ def _active_subtask(ctx: Context, subtask_id: str, *, cancelled: str) -> dict[st
         # It may still sit in the waiting list (cancelled while it waited) and this message may be
         # the wake-up of a freed slot: leave the list and hand the wake-up on, or it is lost.
         release_slot(ctx, subtask_id, bool(sub.get("is_lumina")))
+        # Or it is the redelivery of the message that finalised the task, from a process that died
+        # before it enqueued the task's notice.
+        notices.ensure_final(ctx, sub["task_id"])
         return None
     if ctx.store.is_cancel_requested(sub["task_id"]):
         finish(ctx, sub, CANCELLED, error=cancelled)
@@ -367,10 +381,19 @@ def _create_job(ctx: Context, subtask_id: str, is_lumina: bool, resubmits: int, 
     if ctx.nieta is None:
         finish(ctx, sub, FAILED, error="NIETA_XTOKEN is not set on the workers")
         return
+    # The API has no idempotency key: a create whose process died before its uuid was stored may
+    # have made a job nobody can find. Creating another would pay twice, so such a subtask fails.
+    sent_key = _create_sent_key(subtask_id)
+    sent = ctx.redis.get(sent_key)
+    if sent is not None and int(sent) >= resubmits:
+        finish(ctx, sub, FAILED, error=CREATE_INTERRUPTED)
+        return
+    ctx.redis.set(sent_key, resubmits, ex=CREATE_SENT_TTL_SECONDS)
     seed = sub.get("seed") or choose_seed(None)
     try:
         job_uuid = ctx.nieta.create_job({**sub, "seed": seed})
     except NietaError as exc:
+        ctx.redis.delete(sent_key)  # the API answered with an error (or never got the request): no job
         if exc.retryable and errors < CREATE_ERROR_RETRIES:
             delay = max(exc.retry_after or 0.0, 5.0 * 2**errors) * random.uniform(0.8, 1.2)
             log.warning(

@@ -82,6 +82,7 @@ class FakeFeishu:
         self.path = f"/open-apis/bot/v2/hook/{self.token}"
         self.max_body = max_body
         self._script: deque[Reply] = deque()
+        self._hang_until = 0.0
         self._received: list[Received] = []
         self._lock = threading.Condition()
         self._closing = threading.Event()
@@ -99,6 +100,12 @@ class FakeFeishu:
         """Queue answers for the next validly signed requests (an int is a body code on HTTP 200)."""
         with self._lock:
             self._script.extend(Reply(code=r) if isinstance(r, int) else r for r in replies)
+        return self
+
+    def hang_for(self, seconds: float) -> FakeFeishu:
+        """From now on, for `seconds`: accept every request, answer nothing, drop it when the time is up."""
+        with self._lock:
+            self._hang_until = time.monotonic() + seconds
         return self
 
     @property
@@ -179,6 +186,8 @@ class FakeFeishu:
                 sign_ok = self._sign_ok(body)
             if sign_ok is False:
                 reply = Reply(code=19021)
+            elif arrived < self._hang_until:
+                reply = Hang(self._hang_until - arrived)
             else:
                 with self._lock:
                     reply = self._script.popleft() if self._script else Reply()

@@ -16,7 +16,7 @@ or import the `fake_nieta` fixture (`from fake_nieta import fake_nieta`). The st
 `api.url`, the Lumina host `api.ops_url` (the same server under `/ops`; jobs belong to the host
 that created them). As a separate process, for benchmarks::
 
-    python tests/fake_nieta.py --port 8089 --latency 0.05 --generation-time 2.0 \
+    python tests/fake_nieta.py --port 8089 --latency 0.05 --latency-jitter 0.2 --generation-time 2.0 \
         --rule '{"action": "failure", "marker": "x"}'
 
 prints one JSON line `{"url": ..., "ops_url": ..., "token": ..., "pid": ...}` when it is ready,
@@ -29,7 +29,8 @@ Rules (`Rule`, first matching one wins, separately for "response" and "outcome" 
 
 - selection: `endpoint` ("create", "poll", "any"), `nth` (1-based index of the request on that
   endpoint, counting every authenticated request), `marker` (substring of the job's prompts),
-  `lumina` (True: ops host only, False: standard only), `times` (how often it applies; None = always).
+  `lumina` (True: ops host only, False: standard only), `times` (how often it applies; None = always),
+  `probability` (applies to that share of the requests it selects, drawn at random).
 - outcomes of a created job (create rules): `failure` (`error`, put in `error_field`),
   `illegal_image`, `timeout`, `no_url` (SUCCESS without an artifact url), `status` (any
   `task_status`), `never` (stays PENDING), `slow` (success after `generation_time`); any
@@ -50,6 +51,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -123,6 +125,7 @@ class Rule:
     generation_time: float | None = None
     shape: str = "string"
     size: int = 4 * 1024 * 1024
+    probability: float | None = None
     used: int = 0
 
     def __post_init__(self) -> None:
@@ -134,6 +137,8 @@ class Rule:
             raise ValueError(f"outcome action {self.action!r} applies to create rules only")
         if self.action == "shape" and self.shape not in SHAPES:
             raise ValueError(f"unknown uuid shape {self.shape!r}")
+        if self.probability is not None and not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"probability must be within [0, 1], got {self.probability!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Rule:
@@ -157,7 +162,9 @@ class Rule:
             return False
         if self.lumina is not None and self.lumina != ops:
             return False
-        return self.marker is None or self.marker in text
+        if self.marker is not None and self.marker not in text:
+            return False
+        return self.probability is None or random.random() < self.probability
 
 
 @dataclass
@@ -269,6 +276,7 @@ class FakeNieta:
         port: int = 0,
         generation_time: float = 0.0,
         latency: float = 0.0,
+        latency_jitter: float = 0.0,
         rules: list[Rule | dict[str, Any]] | None = None,
         create_shape: str = "string",
         strict_hosts: bool = True,
@@ -284,6 +292,7 @@ class FakeNieta:
         self.port = port
         self.generation_time = generation_time
         self.latency = latency
+        self.latency_jitter = latency_jitter
         self.create_shape = create_shape
         self.strict_hosts = strict_hosts
         self.record = record
@@ -510,8 +519,8 @@ class FakeNieta:
 
     def _answer(self, handler: _Handler, record: Recorded, api_path: str) -> int | None:
         """Serve one API request; return the HTTP status sent (None: the connection was dropped)."""
-        if self.latency > 0:
-            time.sleep(self.latency)
+        if self.latency > 0 or self.latency_jitter > 0:
+            time.sleep(self.latency + random.uniform(0.0, self.latency_jitter))
         if record.endpoint == "other":
             if record.method == "GET" and api_path.startswith("/_image/"):
                 handler.send(200, PNG_1X1, "image/png")
@@ -757,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="port (0: any free port; the ready line tells)")
     parser.add_argument("--token", default=DEFAULT_TOKEN, help="the X-Token the fake accepts")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds every API request waits before answering")
+    parser.add_argument("--latency-jitter", type=float, default=0.0, help="a random extra latency, up to N seconds")
     parser.add_argument("--generation-time", type=float, default=0.0, help="seconds until a job is SUCCESS")
     parser.add_argument("--rule", action="append", default=[], help="a rule as a JSON object (repeatable)")
     parser.add_argument("--rules-file", help="a JSON file holding a list of rules")
@@ -776,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         generation_time=args.generation_time,
         latency=args.latency,
+        latency_jitter=args.latency_jitter,
         rules=rules,
         create_shape=args.create_shape,
         record=not args.no_record,

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dramatiq
 import pytest
 from conftest import ROOT, Daemon, wait_for
 from fake_feishu import FakeFeishu
@@ -31,7 +32,7 @@ from fake_nieta import FakeNieta, Recorded
 from nietest_daemon.broker import queue_stats
 from nietest_daemon.jobslots import PREFIX as SLOTS_PREFIX
 from nietest_daemon.nieta import LUMINA_ELEMENT_UUID
-from nietest_daemon.pipeline import open_store_for
+from nietest_daemon.pipeline import CREATE_INTERRUPTED, open_store_for
 from nietest_daemon.store import Store
 
 pytestmark = pytest.mark.e2e
@@ -180,8 +181,12 @@ def notices(hook: FakeFeishu, task_id: str) -> list[str]:
     return [title(m) for m in hook.messages if isinstance(m, dict) and f"task id: {task_id}" in json.dumps(m)]
 
 
-def settle(daemon: Daemon, timeout: float = 20.0) -> None:
-    """Wait until the master queue (task notices) is drained: no notice is still on its way."""
+def settle(daemon: Daemon, hook: FakeFeishu, task_id: str, timeout: float = 20.0) -> None:
+    """Wait for the task's final notice, then until the master queue is drained (nothing else on its way).
+
+    The task turns terminal in the store an instant before its notice is enqueued, so an empty
+    master queue alone does not prove the notice has come and gone."""
+    wait_for(lambda: len(notices(hook, task_id)) >= 2, timeout, what="the final task notice")
     name = daemon.settings.queue("master").name
 
     def drained() -> bool:
@@ -315,7 +320,7 @@ def test_example_task_completes_with_one_job_per_subtask(
         assert polls and all(r.ops == request.ops and r.status == 200 for r in polls)
     assert len({s["seed"] for s in subs}) == 6  # no seed given: a random one per subtask
 
-    settle(daemon)
+    settle(daemon, hook, task_id)
     assert [t.split("] ")[1] for t in notices(hook, task_id)] == ["Task submitted", "Task completed"]
 
 
@@ -363,7 +368,7 @@ def test_failure_and_moderation_end_their_subtask_at_once(
         else:
             assert sub["status"] == "completed" and sub["result"] and sub["error"] is None
 
-    settle(daemon)
+    settle(daemon, hook, task_id)
     titles = notices(hook, task_id)
     assert len(titles) == 2 and titles[0].endswith("Task submitted"), titles
     assert titles[1].endswith("Task partially completed")
@@ -432,7 +437,7 @@ def test_timeout_and_transient_http_errors_are_retried_within_budget(
         ("rt-5p", "poll", 500): 2,
         ("rt-4p", "poll", 429): 3,
     }
-    settle(daemon)
+    settle(daemon, hook, task_id)
     assert [t.split("] ")[1] for t in notices(hook, task_id)] == ["Task submitted", "Task completed"]
 
 
@@ -460,7 +465,7 @@ def test_job_pending_past_the_budget_and_repeated_timeouts_fail(
     assert timed_out["status"] == "failed"
     assert timed_out["error"] == "the API timed the job out (TIMEOUT) 2 times: queue full"
     assert api.created_counts(r"nv-\w+") == {"nv-pending": 1, "nv-timeout": 2}
-    settle(daemon)
+    settle(daemon, hook, task_id)
     assert [t.split("] ")[1] for t in notices(hook, task_id)] == ["Task submitted", "Task failed"]
 
 
@@ -480,7 +485,7 @@ def test_cancel_during_a_run_stops_new_jobs(daemon: Daemon, store: Store, api: F
 
     task = wait_task(store, task_id, timeout=30)
     assert task["status"] == "cancelled"
-    settle(daemon)
+    settle(daemon, hook, task_id)
     creates = [r for r in api.requests_to("create") if re.search(r"cx-\d\d", json.dumps(r.body))]
     # A create that had passed its last cancel check before the cancel returned may still arrive
     # an instant later; none may come after that.
@@ -507,7 +512,7 @@ def test_cancel_during_a_run_stops_new_jobs(daemon: Daemon, store: Store, api: F
     assert [m for m in daemon.redis.zrange(waiting, 0, -1) if m.decode().startswith(task_id)] == []
     # Cancelling again is harmless and sends nothing more.
     daemon.run("cancel", task_id)
-    settle(daemon)
+    settle(daemon, hook, task_id)
     assert len(notices(hook, task_id)) == 2
 
 
@@ -615,16 +620,17 @@ def test_kill_9_of_a_worker_while_its_subtasks_poll_loses_nothing(
         assert sub["job_uuid"] == stored[sub["id"]]
         assert sub["result"].endswith(f"/_image/{sub['job_uuid']}.png")
     wait_replaced(daemon, before, "subtask:subtask_00")
-    settle(daemon)
+    settle(daemon, hook, task_id)
     assert [t.split("] ")[1] for t in notices(hook, task_id)] == ["Task submitted", "Task completed"]
     store.close()
 
 
-def test_kill_9_of_every_subtask_worker_during_a_create_resumes_it(
+def test_kill_9_of_every_subtask_worker_during_a_create_pays_no_second_job(
     kill_daemon: tuple[Daemon, FakeFeishu], kill_api: FakeNieta
 ) -> None:
-    """The message that was creating a job dies with its worker while holding the subtask's
-    "creating" lock; its redelivery must take the lock over (not wait for it, not drop the subtask)."""
+    """The message that was creating a job dies with its worker. The API may have made the job
+    (it has no idempotency key), so the redelivery must not create another: the subtask fails,
+    saying why, and the others are untouched."""
     daemon, hook = kill_daemon
     store = open_store_for(daemon.settings)
     kill_api.add_rule("delay", endpoint="create", marker="kc-slow", delay=4.0, times=1)
@@ -645,22 +651,42 @@ def test_kill_9_of_every_subtask_worker_during_a_create_resumes_it(
     before = kill_9(daemon, *names)
 
     task = wait_task(store, task_id, timeout=40)
-    assert task["status"] == "completed" and task["completed_images"] == 7
+    assert task["status"] == "completed" and task["completed_images"] == 6 and task["failed_images"] == 1
     assert_counters_match(store, task_id)
-    assert kill_api.duplicates(r"kc-\d\d") == {}
     for sub in store.list_subtasks(task_id):
-        assert sub["status"] == "completed" and sub["result"].endswith(f"/_image/{sub['job_uuid']}.png")
-        if sub["id"] != slow_id:
-            assert sub["job_uuid"] == stored[sub["id"]]
-    # The create cut off by the kill still made a job that nobody could know of (its uuid was
-    # never stored); the redelivered message made the one whose result counts.
-    wait_for(lambda: kill_api.created_count("kc-slow") == 2, 10, what="the orphaned create to finish")
-    slow_jobs = sorted((j for j in kill_api.jobs if "kc-slow" in j.text), key=lambda j: j.created)
-    assert store.get_subtask(slow_id)["job_uuid"] in {j.uuid for j in slow_jobs}
+        if sub["id"] == slow_id:
+            assert sub["status"] == "failed" and sub["error"] == CREATE_INTERRUPTED and sub["job_uuid"] is None
+        else:
+            assert sub["status"] == "completed" and sub["job_uuid"] == stored[sub["id"]]
+    # The create cut off by the kill still made its job at the API; no second one was made.
+    wait_for(lambda: kill_api.created_count("kc-slow") == 1, 10, what="the orphaned create to finish")
+    assert kill_api.duplicates(r"kc-\w+") == {}
     wait_replaced(daemon, before, *names)
-    settle(daemon)
-    assert [t.split("] ")[1] for t in notices(hook, task_id)] == ["Task submitted", "Task completed"]
+    settle(daemon, hook, task_id)
+    assert [t.split("] ")[1] for t in notices(hook, task_id)] == ["Task submitted", "Task partially completed"]
     store.close()
+
+
+def test_final_notice_never_enqueued_is_sent_by_a_redelivered_message(
+    daemon: Daemon, store: Store, api: FakeNieta, hook: FakeFeishu
+) -> None:
+    """The process that finalised a task died before it enqueued the notice: the redelivery of the
+    message that finished the last subtask (it finds its subtask terminal) must send it, once."""
+    task_id = submit(daemon, marker_task("lost notice", ["ln-0", "ln-1"]))
+    assert wait_task(store, task_id)["status"] == "completed"
+    settle(daemon, hook, task_id)
+    # Undo the enqueue's traces, as if it never happened.
+    daemon.redis.delete(f"nietest:notice:{task_id}:final-queued", f"nietest:notice:{task_id}:completed")
+    before = len(notices(hook, task_id))
+    sub = store.list_subtasks(task_id)[0]
+    queue = daemon.settings.queue("subtask").name
+    message = dramatiq.Message(queue_name=queue, actor_name="run_subtask", args=(sub["id"],), kwargs={}, options={})
+    for _ in range(2):  # redelivered twice: still one notice
+        daemon.broker.enqueue(message.copy(message_id=str(uuid.uuid4())))
+    wait_for(lambda: len(notices(hook, task_id)) == before + 1, 20, what="the lost final notice")
+    settle(daemon, hook, task_id)
+    assert [t.split("] ")[1] for t in notices(hook, task_id)][-1] == "Task completed"
+    assert len(notices(hook, task_id)) == before + 1
 
 
 def test_kill_9_of_the_embedded_broker_mid_run_loses_nothing(

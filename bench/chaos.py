@@ -1,0 +1,560 @@
+"""Fault injection: one big task through a real daemon while workers, the broker and the APIs misbehave.
+
+    .venv/bin/python bench/chaos.py [--subtasks 300] [--kill-every 3] [--min-kills 10] [--seed 7]
+
+Two runs of the same task (standard and Lumina subtasks mixed) on a real `nietest daemon`
+(embedded valkey broker, SQLite store), against tests/fake_nieta.py and two
+tests/fake_feishu.py webhooks, all on 127.0.0.1:
+
+1. **baseline**: no faults;
+2. **chaos**: the fake API answers with random latency and a fault mix (5% HTTP 500, 2% 429,
+   1% dropped connections, 2% FAILURE, 1% ILLEGAL_IMAGE, 1% TIMEOUT, per request or job); a
+   random worker is killed with SIGKILL every few seconds until the task ends (at least
+   `--min-kills`); the embedded broker's valkey-server is killed with SIGKILL once; both
+   webhooks hang (accept, never answer) for a while.
+
+After each run it checks, and prints: every subtask reached exactly one terminal state; the
+task's counters equal a recount and its final state follows from them; no subtask created more
+image jobs than 1 + the TIMEOUT resubmits it was owed; the queues are empty; exactly one final
+task notice was sent; the kills were alerted (coalesced); every log line of every process is
+JSON; no log holds the token, a webhook URL, the webhook secret or a password. Exit status 1 if
+any check failed. tests/test_chaos.py runs a smaller version of the same (`run_chaos`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+for _path in (ROOT, ROOT / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from fake_feishu import FakeFeishu  # noqa: E402
+from fake_nieta import FakeNieta  # noqa: E402
+
+from nietest_daemon import settings as settings_module  # noqa: E402
+from nietest_daemon.broker import queue_stats  # noqa: E402
+from nietest_daemon.daemon import control_proxy  # noqa: E402
+from nietest_daemon.pipeline import TIMEOUT_RESUBMITS, open_store_for  # noqa: E402
+from nietest_daemon.store import TERMINAL, final_task_status  # noqa: E402
+
+WORKER_GROUPS = ("master", "master_ops", "subtask", "subtask_ops")
+FINAL_TITLES = ("Task completed", "Task partially completed", "Task failed", "Task cancelled")
+MONGO_PASSWORD = "chaos-Mongo-pw-5b1e"  # given to the daemon (unused by the SQLite store) to prove it is never logged
+WEBHOOK_SECRET = "chaos-hook-secret-91ad"
+
+
+def fault_rules(scale: float = 1.0) -> list[dict[str, Any]]:
+    """The issue's fault mix; `scale` multiplies every rate (the short test run uses more faults)."""
+
+    def p(rate: float) -> float:
+        return min(1.0, rate * scale)
+
+    return [
+        {"action": "http_500", "endpoint": "any", "probability": p(0.05)},
+        {"action": "http_429", "endpoint": "any", "probability": p(0.02), "retry_after": 1},
+        {"action": "drop", "endpoint": "any", "probability": p(0.01)},
+        {"action": "failure", "probability": p(0.02), "error": "chaos: generation failed"},
+        {"action": "illegal_image", "probability": p(0.01)},
+        {"action": "timeout", "probability": p(0.01), "error": "chaos: queue full"},
+    ]
+
+
+@dataclass
+class ChaosConfig:
+    subtasks: int = 300  # half standard, half Lumina
+    faults: bool = True
+    fault_scale: float = 1.0
+    kill_every: float = 3.0  # seconds between worker kills (jittered)
+    min_kills: int = 10  # the task is made to last long enough for this many
+    kill_broker: bool = True
+    hang_seconds: float = 10.0  # both webhooks hang this long, from `hang_at` into the run
+    hang_at: float = 8.0
+    generation_time: float = 2.0
+    latency: float = 0.01
+    latency_jitter: float = 0.15
+    polling_interval: float = 0.5
+    max_jobs: int = 10
+    max_lumina_jobs: int = 8
+    timeout: float = 900.0
+    seed: int = 7
+    extra_rules: list[dict[str, Any]] = field(default_factory=list)  # taken before the random mix
+
+
+@dataclass
+class ChaosReport:
+    label: str
+    wall_seconds: float = 0.0
+    subtasks: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    task_status: str = ""
+    kills: list[str] = field(default_factory=list)
+    broker_killed: bool = False
+    lost: int = 0  # subtasks not in exactly one terminal state
+    jobs_created: int = 0
+    duplicate_jobs: int = 0  # jobs beyond 1 + the TIMEOUT resubmits owed
+    faults_seen: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    final_notices: int = 0
+    alerts: list[str] = field(default_factory=list)
+    kills_alerted: int = 0
+    log_lines: int = 0
+    non_json_lines: int = 0
+    leaked_secrets: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def check(self, ok: bool, problem: str) -> None:
+        if not ok:
+            self.problems.append(problem)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            value = predicate()
+            if value:
+                return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def task_document(subtasks: int) -> dict[str, Any]:
+    """One variable prompt (a marker per value) times is_lumina [false, true]."""
+    markers = [{"type": "freetext", "value": f"look cz-{i:04d}", "weight": 1.0} for i in range(subtasks // 2)]
+
+    def fixed(name: str, value: Any, fmt: str) -> dict[str, Any]:
+        return {"type": name, "value": value, "is_variable": False, "format": fmt}
+
+    return {
+        "name": f"chaos {subtasks}",
+        "priority": 1,
+        "prompts": [
+            {"type": "freetext", "value": "1girl, portrait", "weight": 1.0, "is_variable": False},
+            {
+                "type": "freetext",
+                "value": "",
+                "weight": 1.0,
+                "is_variable": True,
+                "variable_id": "marker",
+                "variable_name": "marker",
+                "variable_values": markers,
+            },
+        ],
+        "ratio": fixed("ratio", "1:1", "string"),
+        "seed": fixed("seed", None, "int"),
+        "use_polish": fixed("use_polish", False, "bool"),
+        "is_lumina": {
+            "type": "is_lumina",
+            "is_variable": True,
+            "variable_id": "lumina",
+            "variable_name": "Lumina",
+            "variable_values": [False, True],
+            "format": "bool",
+        },
+        "lumina_model_name": fixed("lumina_model_name", "lumina_2", "string"),
+        "lumina_cfg": fixed("lumina_cfg", 5.5, "float"),
+        "lumina_step": fixed("lumina_step", 30, "int"),
+    }
+
+
+class DaemonProcess:
+    """A `nietest daemon` in its own session, with its settings and a supervisor proxy."""
+
+    def __init__(self, home: Path, env: dict[str, str]) -> None:
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("NIETEST_")}
+        self.env.update(NIETEST_HOME=str(home), PYTHONPATH=str(ROOT), **env)
+        self.settings = settings_module.load(self.env)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nietest_daemon", "daemon"],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for(self.settings.control_socket.exists, 30, "the control socket")
+        wait_for(lambda: all(p["statename"] == "RUNNING" for p in self.processes()), 60, "every process RUNNING")
+
+    def processes(self) -> list[dict[str, Any]]:
+        return control_proxy(self.settings).supervisor.getAllProcessInfo()
+
+    def workers(self, *, running_for: float = 0.0) -> list[dict[str, Any]]:
+        now = time.time()
+        return [
+            p
+            for p in self.processes()
+            if p["group"] in WORKER_GROUPS and p["statename"] == "RUNNING" and now - p["start"] >= running_for
+        ]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "nietest_daemon", *args], env=self.env, capture_output=True, text=True, timeout=60
+        )
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(10)
+
+    def log_files(self) -> list[Path]:
+        return sorted(p for p in self.settings.log_dir.rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def environment(cfg: ChaosConfig, *, faults: bool) -> Iterator[tuple[DaemonProcess, FakeNieta, FakeFeishu, FakeFeishu]]:
+    home = Path(tempfile.mkdtemp(prefix="ntc-", dir="/tmp"))  # short: unix socket paths
+    rules = [*cfg.extra_rules, *fault_rules(cfg.fault_scale)] if faults else []
+    api = FakeNieta(
+        generation_time=cfg.generation_time,
+        latency=cfg.latency,
+        latency_jitter=cfg.latency_jitter if faults else 0.0,
+        rules=rules,
+        marker_regex=r"cz-\d{4}",
+    )
+    task_hook, alert_hook = FakeFeishu(WEBHOOK_SECRET), FakeFeishu(WEBHOOK_SECRET)
+    daemon: DaemonProcess | None = None
+    with api, task_hook, alert_hook:
+        try:
+            max_polls = max(60, int(6 * cfg.generation_time / cfg.polling_interval))
+            env = {
+                **api.env(),
+                "FEISHU_TASK_WEBHOOK_URL": task_hook.url,
+                "FEISHU_ALERT_WEBHOOK_URL": alert_hook.url,
+                "FEISHU_WEBHOOK_SECRET": WEBHOOK_SECRET,
+                "MONGO_PASSWORD": MONGO_PASSWORD,
+                "NIETEST_MASTER_PROCESSES": "1",
+                "NIETEST_MASTER_THREADS": "2",
+                "NIETEST_MASTER_OPS_PROCESSES": "1",
+                "NIETEST_SUBTASK_PROCESSES": "2",
+                "NIETEST_SUBTASK_THREADS": "4",
+                "NIETEST_SUBTASK_OPS_PROCESSES": "1",
+                "NIETEST_SUBTASK_OPS_THREADS": "4",
+                "NIETEST_DRAIN_SECONDS": "5",
+                "NIETEST_BROKER_HEARTBEAT_TIMEOUT": "5",
+                "NIETEST_MAX_JOBS": str(cfg.max_jobs),
+                "NIETEST_MAX_LUMINA_JOBS": str(cfg.max_lumina_jobs),
+                "IMAGE_POLLING_INTERVAL": str(cfg.polling_interval),
+                "LUMINA_POLLING_INTERVAL": str(cfg.polling_interval),
+                "IMAGE_MAX_POLLING_ATTEMPTS": str(max_polls),
+                "LUMINA_MAX_POLLING_ATTEMPTS": str(max_polls),
+            }
+            daemon = DaemonProcess(home, env)
+            daemon.start()
+            yield daemon, api, task_hook, alert_hook
+        finally:
+            if daemon is not None:
+                daemon.stop()
+                # nothing of this home may outlive the daemon
+                for line in subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True).stdout.split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(line), signal.SIGKILL)
+            shutil.rmtree(home, ignore_errors=True)
+
+
+class Chaos(threading.Thread):
+    """Kills a random worker every `kill_every` s (at least `min_kills`), the broker once, hangs the webhooks."""
+
+    def __init__(self, cfg: ChaosConfig, daemon: DaemonProcess, hooks: list[FakeFeishu], rng: random.Random) -> None:
+        super().__init__(name="chaos", daemon=True)
+        self.cfg, self.daemon, self.hooks, self.rng = cfg, daemon, hooks, rng
+        self.stop = threading.Event()
+        self.kills: list[str] = []
+        self.broker_killed = False
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        started = time.monotonic()
+        hung = False
+        broker_at = self.cfg.kill_every * (self.cfg.min_kills // 2 + 0.5)  # mid-way through the kills
+        while not self.stop.wait(self.cfg.kill_every * self.rng.uniform(0.7, 1.3)):
+            elapsed = time.monotonic() - started
+            try:
+                if not hung and elapsed >= self.cfg.hang_at and self.cfg.hang_seconds > 0:
+                    for hook in self.hooks:
+                        hook.hang_for(self.cfg.hang_seconds)
+                    hung = True
+                if self.cfg.kill_broker and not self.broker_killed and elapsed >= broker_at:
+                    os.kill(int((self.daemon.settings.run_dir / "valkey.pid").read_text()), signal.SIGKILL)
+                    self.broker_killed = True
+                    continue
+                # A process restarted a moment ago is left alone: supervisord counts a death within
+                # `startsecs` as a failed start, and ten of those in a row would make it FATAL.
+                victims = self.daemon.workers(running_for=2.0)
+                if victims:
+                    victim = self.rng.choice(victims)
+                    os.kill(victim["pid"], signal.SIGKILL)
+                    self.kills.append(f"{victim['group']}:{victim['name']}")
+            except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+
+
+def card_text(message: Any) -> tuple[str, str]:
+    card = message.get("card", {}) if isinstance(message, dict) else {}
+    title = card.get("header", {}).get("title", {}).get("content", "")
+    return title, json.dumps(card, ensure_ascii=False)
+
+
+def run_chaos(cfg: ChaosConfig, *, faults: bool, label: str, say: Callable[[str], None] = print) -> ChaosReport:
+    report = ChaosReport(label)
+    rng = random.Random(cfg.seed)
+    random.seed(cfg.seed)  # the fake's fault draws (approximately repeatable: threads interleave)
+    with environment(cfg, faults=faults) as (daemon, api, task_hook, alert_hook):
+        task_path = daemon.settings.home / "chaos-task.json"
+        task_path.write_text(json.dumps(task_document(cfg.subtasks)))
+        chaos = Chaos(cfg, daemon, [task_hook, alert_hook], rng) if faults else None
+        started = time.monotonic()
+        submitted = daemon.cli("submit", str(task_path))
+        if submitted.returncode != 0:
+            raise RuntimeError(f"nietest submit failed: {submitted.stderr.strip()}")
+        task_id = submitted.stdout.strip()
+        say(f"[{label}] task {task_id}: {cfg.subtasks} subtasks submitted")
+        if chaos is not None:
+            chaos.start()
+        store = open_store_for(daemon.settings)
+        try:
+            task = wait_for(
+                lambda: (t := store.get_task(task_id)) and t["status"] in TERMINAL and t,
+                cfg.timeout,
+                "the task to end",
+                interval=0.2,
+            )
+            report.wall_seconds = time.monotonic() - started
+            if chaos is not None:
+                # The kill schedule must have run its course even if the task was quick.
+                wait_for(lambda: len(chaos.kills) >= cfg.min_kills, cfg.kill_every * (cfg.min_kills + 5), "kills")
+                chaos.stop.set()
+                chaos.join(30)
+                report.kills, report.broker_killed = chaos.kills, chaos.broker_killed
+                report.check(not chaos.errors, f"chaos thread errors: {chaos.errors[:3]}")
+            say(f"[{label}] task {task['status']} after {report.wall_seconds:.1f} s; settling")
+            settle(daemon, task_hook, task_id, report)
+            task = store.get_task(task_id) or task
+            subtasks = store.list_subtasks(task_id)
+        finally:
+            store.close()
+        check_subtasks(report, task, subtasks)
+        check_jobs(report, api, subtasks)
+        check_notices(report, task_hook, task_id, task)
+        if faults:
+            check_alerts(report, alert_hook, daemon.settings.alert_coalesce_seconds)
+        check_logs(report, daemon, api, task_hook, alert_hook)
+    return report
+
+
+def settle(daemon: DaemonProcess, task_hook: FakeFeishu, task_id: str, report: ChaosReport) -> None:
+    """Wait for the final notice and for every queue to be empty (nothing more on its way)."""
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: final_notices(task_hook, task_id), 60, "the final task notice")
+    import redis
+
+    client = redis.Redis.from_url(daemon.settings.broker_url)
+
+    def drained() -> bool:
+        # Delayed messages are left out: what is still delayed once the task has ended are slot
+        # re-checks of subtasks that waited (they find their subtask ended and do nothing).
+        for key in WORKER_GROUPS:
+            stats = queue_stats(client, daemon.settings.queue(key).name)
+            if stats["ready"] or stats["in_progress"]:
+                return False
+        return True
+
+    try:
+        wait_for(drained, 90, "every queue to drain", interval=0.5)
+    except TimeoutError:
+        stats = {key: queue_stats(client, daemon.settings.queue(key).name) for key in WORKER_GROUPS}
+        report.problems.append(f"the queues did not drain within 90 s of the task's end: {stats}")
+    dead = {key: queue_stats(client, daemon.settings.queue(key).name)["dead"] for key in WORKER_GROUPS}
+    report.check(not any(dead.values()), f"dead-lettered messages: {dead}")
+    client.close()
+
+
+def final_notices(hook: FakeFeishu, task_id: str) -> list[str]:
+    titles = [card_text(m)[0] for m in hook.messages if f"task id: {task_id}" in json.dumps(m, ensure_ascii=False)]
+    return [t for t in titles if t.split("] ")[-1] in FINAL_TITLES]
+
+
+def check_subtasks(report: ChaosReport, task: dict[str, Any], subtasks: list[dict[str, Any]]) -> None:
+    report.subtasks = len(subtasks)
+    statuses = Counter(s["status"] for s in subtasks)
+    report.statuses = dict(statuses)
+    report.task_status = task["status"] + (
+        " (partially)" if task.get("error", "") and "partial" in task["error"] else ""
+    )
+    ids = [s["id"] for s in subtasks]
+    report.lost = sum(1 for s in subtasks if s["status"] not in TERMINAL) + (int(task["total_images"]) - len(set(ids)))
+    report.check(
+        len(ids) == len(set(ids)) == int(task["total_images"]),
+        f"{len(ids)} subtasks stored for a task of {task['total_images']}",
+    )
+    report.check(report.lost == 0, f"{report.lost} subtasks lost (not terminal: {dict(statuses)})")
+    recount = {f"{k}_images": statuses.get(k, 0) for k in ("completed", "failed", "cancelled")}
+    stored = {k: int(task.get(k) or 0) for k in recount}
+    report.check(stored == recount, f"task counters {stored} != recount {recount}")
+    expected, _ = final_task_status({**task, **recount})
+    report.check(task["status"] == expected, f"task status {task['status']!r}, its subtasks say {expected!r}")
+    errors: Counter[str] = Counter()
+    for s in subtasks:
+        if s["status"] == "failed":
+            errors[(s.get("error") or "").split(":")[0][:70]] += 1
+    report.errors = dict(errors.most_common())
+
+
+def check_jobs(report: ChaosReport, api: FakeNieta, subtasks: list[dict[str, Any]]) -> None:
+    """At most 1 + the TIMEOUT resubmits owed per subtask; every stored job uuid is a real job."""
+    import re
+
+    by_subtask: dict[tuple[str, bool], list[Any]] = {}
+    for job in api.jobs:
+        found = re.findall(r"cz-\d{4}", job.text)
+        if found:
+            by_subtask.setdefault((found[0], job.ops), []).append(job)
+    report.jobs_created = sum(len(jobs) for jobs in by_subtask.values())
+    extra = 0
+    for jobs in by_subtask.values():
+        timeouts = sum(1 for j in jobs if j.outcome is not None and j.outcome.action == "timeout")
+        extra += max(0, len(jobs) - (1 + min(TIMEOUT_RESUBMITS, timeouts)))
+    report.duplicate_jobs = extra
+    report.check(extra == 0, f"{extra} image jobs beyond what their subtasks were owed")
+    known = {j.uuid for jobs in by_subtask.values() for j in jobs}
+    unknown = [s["id"] for s in subtasks if s.get("job_uuid") and s["job_uuid"] not in known]
+    report.check(not unknown, f"subtasks with a job uuid the API never made: {unknown[:3]}")
+    statuses = Counter(r.status for r in api.requests if r.endpoint in ("create", "poll"))
+    outcomes = Counter(j.outcome.action for j in api.jobs if j.outcome is not None)
+    report.faults_seen = {
+        "http_500": statuses.get(500, 0),
+        "http_429": statuses.get(429, 0),
+        "dropped": statuses.get(None, 0),
+        **{k: outcomes.get(k, 0) for k in ("failure", "illegal_image", "timeout")},
+    }
+
+
+def check_notices(report: ChaosReport, hook: FakeFeishu, task_id: str, task: dict[str, Any]) -> None:
+    finals = final_notices(hook, task_id)
+    report.final_notices = len(finals)
+    report.check(len(finals) == 1, f"{len(finals)} final task notices: {finals}")
+
+
+def alerts_about_kills(hook: FakeFeishu) -> list[tuple[str, str]]:
+    cards = [card_text(m) for m in hook.messages]
+    return [(t, text) for t, text in cards if "restart" in t.lower() or "crash loop" in t.lower()]
+
+
+def unalerted(kills: list[str], hook: FakeFeishu) -> set[str]:
+    about_kills = alerts_about_kills(hook)
+    return {kill for kill in kills if not any(kill.split(":")[1] in text for _, text in about_kills)}
+
+
+def check_alerts(report: ChaosReport, hook: FakeFeishu, coalesce_seconds: float) -> None:
+    """Every killed process is named in a restart (or crash-loop) alert; fewer messages than kills."""
+    # The last kills' alerts may still wait in their coalescing window (or behind the hang's retries).
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: not unalerted(report.kills, hook), coalesce_seconds + 30, "alerts naming every kill")
+    report.alerts = [card_text(m)[0] for m in hook.messages]
+    about_kills = alerts_about_kills(hook)
+    named = set(report.kills) - unalerted(report.kills, hook)
+    report.kills_alerted = sum(1 for kill in report.kills if kill in named)
+    report.check(bool(about_kills), "no restart alert arrived")
+    missing = sorted({k for k in report.kills if k not in named})
+    report.check(not missing, f"killed but never named in an alert: {missing}")
+    report.check(len(about_kills) < max(2, len(report.kills)), "restart alerts were not coalesced")
+
+
+def check_logs(report: ChaosReport, daemon: DaemonProcess, api: FakeNieta, *hooks: FakeFeishu) -> None:
+    secrets = {"the Nieta token": api.token, "the webhook secret": WEBHOOK_SECRET, "the Mongo password": MONGO_PASSWORD}
+    for n, hook in enumerate(hooks):
+        secrets[f"webhook URL {n}"] = hook.url
+        secrets[f"webhook token {n}"] = hook.token
+    lines = bad = 0
+    leaked: set[str] = set()
+    for path in daemon.log_files():
+        data = path.read_bytes()
+        for name, value in secrets.items():
+            if value.encode() in data:
+                leaked.add(f"{name} in {path.name}")
+        for line in data.splitlines():
+            if not line.strip():
+                continue
+            lines += 1
+            try:
+                if not isinstance(json.loads(line), dict):
+                    bad += 1
+            except ValueError:
+                bad += 1
+    report.log_lines, report.non_json_lines, report.leaked_secrets = lines, bad, sorted(leaked)
+    report.check(lines > 0, "no log lines at all")
+    report.check(bad == 0, f"{bad} log lines are not JSON objects")
+    report.check(not leaked, f"secrets in the logs: {sorted(leaked)}")
+
+
+def describe(report: ChaosReport) -> list[str]:
+    lines = [
+        f"[{report.label}] wall time {report.wall_seconds:.1f} s; task {report.task_status}; "
+        f"subtasks {report.statuses}",
+        f"[{report.label}] kills survived: {len(report.kills)} workers (SIGKILL) + broker: {report.broker_killed}; "
+        f"subtasks lost: {report.lost}; image jobs: {report.jobs_created}, beyond those owed: {report.duplicate_jobs}",
+        f"[{report.label}] faults answered: {report.faults_seen}",
+        f"[{report.label}] failure reasons: {report.errors}",
+        f"[{report.label}] final task notices: {report.final_notices}; alerts: {len(report.alerts)} messages "
+        f"naming {report.kills_alerted} of {len(report.kills)} kills",
+        f"[{report.label}] log lines: {report.log_lines}, not JSON: {report.non_json_lines}, "
+        f"secrets found: {report.leaked_secrets or 'none'}",
+    ]
+    if report.alerts:
+        lines.append(f"[{report.label}] alert titles: {Counter(t.split('] ')[-1] for t in report.alerts)}")
+    lines.append(f"[{report.label}] " + ("PASS" if not report.problems else "FAIL: " + "; ".join(report.problems)))
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subtasks", type=int, default=300, help="subtasks of the task, half of them Lumina")
+    parser.add_argument("--kill-every", type=float, default=3.0, help="seconds between worker kills")
+    parser.add_argument("--min-kills", type=int, default=10, help="at least this many worker kills")
+    parser.add_argument("--seed", type=int, default=7, help="seed of the kill schedule and the fault draws")
+    parser.add_argument("--skip-baseline", action="store_true", help="only the chaos run")
+    args = parser.parse_args()
+    cfg = ChaosConfig(subtasks=args.subtasks, kill_every=args.kill_every, min_kills=args.min_kills, seed=args.seed)
+    print(f"python {platform.python_version()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
+    reports = []
+    if not args.skip_baseline:
+        reports.append(run_chaos(cfg, faults=False, label="baseline"))
+        print("\n".join(describe(reports[-1])), flush=True)
+    reports.append(run_chaos(cfg, faults=True, label="chaos"))
+    print("\n".join(describe(reports[-1])), flush=True)
+    if len(reports) == 2:
+        base, chaos = reports
+        print(
+            f"wall time: chaos {chaos.wall_seconds:.1f} s vs baseline {base.wall_seconds:.1f} s "
+            f"({chaos.wall_seconds / base.wall_seconds:.2f}x)"
+        )
+    return 1 if any(r.problems for r in reports) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

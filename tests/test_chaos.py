@@ -1,0 +1,46 @@
+"""The fault-injection run of bench/chaos.py, shortened: 60 subtasks, a worker killed every ~2 s,
+the broker killed once, both webhooks hanging for 6 s, three times the issue's fault rates.
+
+The benchmark itself (300 subtasks, the issue's rates, a fault-free baseline beside it) is
+`.venv/bin/python bench/chaos.py`; its figures are in the README.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import chaos  # noqa: E402
+
+
+def test_chaos_run_loses_nothing_pays_nothing_twice_and_leaks_nothing() -> None:
+    cfg = chaos.ChaosConfig(
+        subtasks=60,
+        fault_scale=3.0,
+        kill_every=2.0,
+        min_kills=5,
+        hang_at=4.0,
+        hang_seconds=6.0,
+        generation_time=1.0,
+        polling_interval=0.3,
+        max_jobs=4,
+        max_lumina_jobs=3,
+        timeout=240.0,
+        # one of each job outcome for sure (the random mix may miss one in so few jobs)
+        extra_rules=[
+            {"action": "timeout", "marker": "cz-0001", "times": 1, "error": "chaos: queue full"},
+            {"action": "failure", "marker": "cz-0002", "times": 1, "error": "chaos: generation failed"},
+            {"action": "illegal_image", "marker": "cz-0003", "times": 1},
+        ],
+    )
+    report = chaos.run_chaos(cfg, faults=True, label="test")
+    print("\n".join(chaos.describe(report)))
+    assert report.problems == []
+    assert len(report.kills) >= cfg.min_kills and report.broker_killed
+    assert report.subtasks == 60 and report.lost == 0 and report.duplicate_jobs == 0
+    assert all(report.faults_seen[kind] > 0 for kind in ("http_500", "dropped", "timeout", "failure")), report
+    assert report.final_notices == 1 and report.kills_alerted == len(report.kills)
+    assert report.log_lines > 100 and report.non_json_lines == 0 and report.leaked_secrets == []
