@@ -53,6 +53,8 @@ _BARE_UUID = re.compile(r"[0-9a-fA-F]{8}(-?[0-9a-fA-F]{4}){3}-?[0-9a-fA-F]{12}")
 _TOKEN_OK = re.compile(r"[!-~]+")  # printable ASCII, no whitespace: anything else cannot be a header value
 _TAG = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.IGNORECASE | re.DOTALL)
 _SPACE = re.compile(r"\s+")
+#: A JSON answer may hold "\\ud800" escapes: lone surrogates, which no store or log can encode.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class NietaError(Exception):
@@ -230,8 +232,13 @@ def build_make_image_body(subtask: Mapping[str, Any]) -> dict[str, Any]:
 # --- response parsing ------------------------------------------------------------------------------
 
 
+def _valid_text(text: str) -> str:
+    """The text with any lone surrogate replaced by U+FFFD: API text must stay storable (UTF-8)."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def _excerpt(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    text = _SPACE.sub(" ", text).strip()
+    text = _SPACE.sub(" ", _valid_text(text)).strip()
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -268,7 +275,8 @@ def _api_text(content: bytes, content_type: str) -> str:
 def _id_value(value: Any) -> str | None:
     if isinstance(value, str):
         value = value.strip()
-        return value if value and len(value) <= 128 and not _SPACE.search(value) else None
+        # printable ASCII: a job id goes into a URL path and the store (no surrogates, no controls)
+        return value if len(value) <= 128 and _TOKEN_OK.fullmatch(value) else None
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return None
@@ -298,9 +306,9 @@ def _text_of(value: Any) -> str | None:
     if value is None or value == "" or value == [] or value == {}:
         return None
     if isinstance(value, str):
-        return value if value.strip() else None
+        return _valid_text(value) if value.strip() else None
     try:
-        return json.dumps(value, ensure_ascii=False)
+        return _valid_text(json.dumps(value, ensure_ascii=False))
     except (TypeError, ValueError):
         return repr(value)
 
@@ -335,14 +343,14 @@ def _first_url(data: Mapping[str, Any]) -> str | None:
         if isinstance(artifact, Mapping):
             url = artifact.get("url")
             if isinstance(url, str) and url.strip():
-                return url.strip()
+                return _valid_text(url.strip())
     return None
 
 
 def parse_job_status(data: Mapping[str, Any]) -> JobStatus:
     """Map an artifact/task answer onto a JobStatus (NIETA_API.md "Poll a job")."""
     raw = data.get("task_status")
-    raw_status = raw if isinstance(raw, str) else (None if raw is None else _excerpt(str(raw), 100))
+    raw_status = _valid_text(raw) if isinstance(raw, str) else (None if raw is None else _excerpt(str(raw), 100))
     status = (raw_status or "").strip().upper()
     error = _job_error(data)
     if status in PENDING_STATUSES:
@@ -496,7 +504,7 @@ class NietaClient:
 
     def poll_job(self, job_uuid: str, is_lumina: bool) -> JobStatus:
         """GET the job's artifact/task state and map it (see JobStatus)."""
-        if not isinstance(job_uuid, str) or not job_uuid.strip():
+        if not isinstance(job_uuid, str) or _id_value(job_uuid) is None:  # quote() raises on a lone surrogate
             raise NietaError(f"invalid job uuid {_excerpt(repr(job_uuid), 80)}", retryable=False)
         url = f"{self.base_url(is_lumina)}/v1/artifact/task/{quote(job_uuid.strip(), safe='')}"
         answer = self._request("GET", url, "artifact/task", None)

@@ -82,20 +82,25 @@ def _size(raw: str) -> int:
     return value
 
 
-def _url(*schemes: str) -> Callable[[str], str]:
+def _url(*schemes: str, secret: bool = False) -> Callable[[str], str]:
+    """A URL with one of `schemes`. A `secret` URL (a Feishu webhook: whoever has it can post) is
+    never echoed beyond its scheme and host; any other one only with its password redacted."""
+
     def parse(raw: str) -> str:
         value = raw.strip()
         try:
             parts = urlsplit(value)
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as exc:
-            raise ValueError(f"is not a valid URL ({exc})") from None
+            detail = "" if secret else f" ({exc})"
+            raise ValueError(f"is not a valid URL{detail}") from None
+        shown = f"{parts.scheme}://{parts.hostname or ''}/..." if secret else redact_url(value)
         if parts.scheme not in schemes:
-            raise ValueError(f"must be a URL with scheme {' or '.join(schemes)}, got {redact_url(value)!r}")
+            raise ValueError(f"must be a URL with scheme {' or '.join(schemes)}, got {shown!r}")
         if parts.scheme != "unix" and not parts.hostname:
-            raise ValueError(f"has no host: {redact_url(value)!r}")
+            raise ValueError(f"has no host: {shown!r}")
         if parts.scheme == "unix" and not parts.path:
-            raise ValueError(f"has no socket path: {redact_url(value)!r}")
+            raise ValueError(f"has no socket path: {shown!r}")
         return value
 
     return parse
@@ -105,10 +110,21 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _token(raw: str) -> str:
+    """NIETA_XTOKEN goes into the X-Token header: printable ASCII without spaces. Never echoed."""
+    value = raw.strip()
+    if not re.fullmatch(r"[!-~]+", value):
+        raise ValueError("contains spaces, control or non-ASCII characters, which an HTTP header cannot carry")
+    return value
+
+
 def _host(raw: str) -> str:
     value = raw.strip()
     if not value or re.search(r"[\s/@]", value):
-        raise ValueError(f"must be a host name or address, got {value!r}")
+        shown = value.rsplit("@", 1)[-1]  # never echo what may be credentials (user:password@host)
+        raise ValueError(
+            f"must be a host name or address, got {shown!r}" + (" (with user info)" if "@" in value else "")
+        )
     return value
 
 
@@ -138,7 +154,17 @@ def _path(raw: str) -> Path:
     value = raw.strip()
     if not value:
         raise ValueError("must be a directory path, got an empty value")
-    return Path(value).expanduser().absolute()
+    try:
+        path = Path(value).expanduser().absolute()
+    except RuntimeError as exc:  # "~nosuchuser/x"
+        raise ValueError(f"must be a directory path, got {value!r} ({exc})") from None
+    # The daemon creates it: a file in the way would stop it with a traceback after some dirs exist.
+    for existing in (path, *path.parents):
+        if os.path.lexists(existing):
+            if not existing.is_dir():
+                raise ValueError(f"must be a directory path, but {str(existing)!r} exists and is not a directory")
+            break
+    return path
 
 
 # --- the settings ------------------------------------------------------------------------------
@@ -288,11 +314,19 @@ _QUEUE_COUNT = re.compile(r"^NIETEST_(.+)_(PROCESSES|THREADS)$")
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every setting; raise SettingsError naming the first bad variable."""
-    env = dict(os.environ if environ is None else environ)
-    seen: set[str] = set()
+    return _load(dict(os.environ if environ is None else environ), {})
 
+
+def variable_names() -> tuple[str, ...]:
+    """Every variable `load()` reads, in the order it reads them (the tests give each one a bad value)."""
+    seen: dict[str, None] = {}
+    _load({}, seen)
+    return tuple(seen)
+
+
+def _load(env: dict[str, str], seen: dict[str, None]) -> Settings:
     def get(name: str, parse: Callable[[str], Any], default: Any = None) -> Any:
-        seen.add(name)
+        seen[name] = None
         raw = env.get(name)
         if raw is None or raw.strip() == "":
             return default
@@ -307,7 +341,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     run_dir = get("NIETEST_RUN_DIR", _path, home / "run")
     # unix sockets live in the run dir: their path must fit in sockaddr_un (108 bytes).
     if len(str(run_dir / "supervisor.sock")) > 100:
-        raise SettingsError("NIETEST_RUN_DIR", f"path is too long for a unix socket ({len(str(run_dir))} chars)")
+        # NIETEST_HOME when the run dir is derived from it: name what the operator set.
+        variable = "NIETEST_RUN_DIR" if env.get("NIETEST_RUN_DIR", "").strip() else "NIETEST_HOME"
+        raise SettingsError(variable, f"run dir path is too long for a unix socket ({len(str(run_dir))} chars)")
 
     queues: dict[str, QueueSettings] = {}
     for key, (name_var, default_name) in QUEUE_NAME_VARS.items():
@@ -332,7 +368,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         broker_url = f"redis://{redis_host}:{redis_port}/{redis_db}"
 
     mongo_uri = get("MONGO_URI", _url("mongodb", "mongodb+srv"))
-    feishu = get("FEISHU_WEBHOOK_URL", _url("http", "https"))
+    feishu = get("FEISHU_WEBHOOK_URL", _url("http", "https", secret=True))
 
     settings = Settings(
         home=home,
@@ -342,7 +378,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         queues=queues,
         external_broker_url=broker_url,
         max_retries=get("MAX_RETRIES", _int(0, 100), 0),
-        nieta_xtoken=get("NIETA_XTOKEN", _text),
+        nieta_xtoken=get("NIETA_XTOKEN", _token),
         nieta_api_base_url=get("NIETA_API_BASE_URL", _url("http", "https"), "https://api.talesofai.cn"),
         nieta_ops_api_base_url=get("NIETA_OPS_API_BASE_URL", _url("http", "https"), "https://ops.api.talesofai.cn"),
         image_max_polling_attempts=get("IMAGE_MAX_POLLING_ATTEMPTS", _int(1, 100_000), 30),
@@ -358,8 +394,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         task_collection=get("TASK_COLLECTION", _queue_name, "tasks"),
         subtask_collection=get("SUBTASK_COLLECTION", _queue_name, "subtasks"),
         feishu_webhook_url=feishu,
-        feishu_task_webhook_url=get("FEISHU_TASK_WEBHOOK_URL", _url("http", "https"), feishu),
-        feishu_alert_webhook_url=get("FEISHU_ALERT_WEBHOOK_URL", _url("http", "https"), feishu),
+        feishu_task_webhook_url=get("FEISHU_TASK_WEBHOOK_URL", _url("http", "https", secret=True), feishu),
+        feishu_alert_webhook_url=get("FEISHU_ALERT_WEBHOOK_URL", _url("http", "https", secret=True), feishu),
         feishu_webhook_secret=get("FEISHU_WEBHOOK_SECRET", _text),
         frontend_base_url=get("FRONTEND_BASE_URL", _url("http", "https")),
         log_max_bytes=get("NIETEST_LOG_MAX_BYTES", _size, 50 * 1024**2),

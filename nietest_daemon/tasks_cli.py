@@ -31,12 +31,16 @@ def _broker(settings: Settings) -> Any:
 def submit(settings: Settings, path: str, *, wait: bool) -> int:
     """Validate, store (pending), enqueue the master message, print the task id."""
     file = Path(path)
+    too_large = f"{path}: invalid task: task: larger than {MAX_TASK_FILE_BYTES // 1024 // 1024} MB"
     try:
         if file.stat().st_size > MAX_TASK_FILE_BYTES:
-            return _error(f"{path}: larger than {MAX_TASK_FILE_BYTES // 1024 // 1024} MB")
-        text = file.read_bytes()
+            return _error(too_large)
+        with file.open("rb") as fh:  # bounded: a device or pipe reports no size (/dev/zero)
+            text = fh.read(MAX_TASK_FILE_BYTES + 1)
     except OSError as exc:
         return _error(f"{path}: {exc.strerror or exc}")
+    if len(text) > MAX_TASK_FILE_BYTES:
+        return _error(too_large)
     try:
         task = taskspec.parse_task(text)
     except taskspec.TaskValidationError as exc:

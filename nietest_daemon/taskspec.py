@@ -78,6 +78,11 @@ _RATIO_STRICT = re.compile(r"[1-9][0-9]{0,2}:[1-9][0-9]{0,2}")
 _RATIO_LOOSE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*:\s*([0-9]+(?:\.[0-9]+)?)\s*")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _MISSING: Any = object()
+#: Never in any string: lone surrogates, C0 controls but tab/LF/CR, DEL and the C1 controls.
+_NOT_TEXT = re.compile("[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+#: Not in one-line fields either: tab, line breaks and the bidirectional formatting characters.
+_LINE_BREAKS = frozenset("\t\n\r\u2028\u2029")
+_NOT_LINE = re.compile("[\t\n\r\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 class TaskValidationError(ValueError):
@@ -284,14 +289,40 @@ def _show(value: Any) -> str:
     return _kind(value)
 
 
-def _string(value: Any, path: str, *, max_chars: int, required: bool = False) -> str:
+def _string(value: Any, path: str, *, max_chars: int, required: bool = False, multiline: bool = False) -> str:
+    """A string field. Only free text (`multiline`) may hold tabs, line breaks and direction marks."""
     if not isinstance(value, str):
         raise TaskValidationError(path, f"must be a string, got {_kind(value)}")
     if len(value) > max_chars:
         raise TaskValidationError(path, f"is {len(value)} characters long, at most {max_chars} allowed")
+    _text_characters(value, path, multiline=multiline)
     if required and not value.strip():
         raise TaskValidationError(path, "must not be empty")
     return value
+
+
+def _text_characters(value: str, path: str, *, multiline: bool) -> None:
+    """Refuse characters no field may hold (lone surrogates, control characters) and, outside free
+    text, line breaks and bidirectional formatting characters.
+
+    A lone surrogate (`"\\ud800"` in the JSON) is not Unicode text: it cannot be encoded as UTF-8, so
+    the task could be neither stored nor sent. Control characters (NUL, ESC, ...) have no place in a
+    prompt or a label and would reach terminals, logs and the Feishu cards as they are. Names, ids,
+    uuids, urls and tags are one-line labels shown in notices and `nietest status`, where invisible
+    direction overrides (U+202E ...) or marks would make one name look like another; free-text
+    prompts may need them (right-to-left text), and may span lines.
+    """
+    bad = _NOT_TEXT.search(value) or (None if multiline else _NOT_LINE.search(value))
+    if bad is None:
+        return
+    char, where = bad.group(), f"U+{ord(bad.group()):04X} at position {bad.start() + 1}"
+    if "\ud800" <= char <= "\udfff":
+        raise TaskValidationError(path, f"must be valid Unicode text, found a lone surrogate {where}")
+    if char in _LINE_BREAKS:
+        raise TaskValidationError(path, f"must be a single line, found a tab or line break {where}")
+    if _NOT_TEXT.match(char):
+        raise TaskValidationError(path, f"must not contain control characters, found {where}")
+    raise TaskValidationError(path, f"must not contain bidirectional formatting characters, found {where}")
 
 
 def _integer(value: Any, path: str, lo: int, hi: int) -> int:
@@ -459,7 +490,7 @@ def _fixed_prompt(raw: Mapping[str, Any], path: str, kind: str) -> dict[str, Any
     value = raw["value"]
     value = "" if value is None else value
     if kind == "freetext":
-        value = _string(value, f"{path}.value", max_chars=MAX_TEXT_CHARS)
+        value = _string(value, f"{path}.value", max_chars=MAX_TEXT_CHARS, multiline=True)
         return {"type": kind, "value": value, "weight": weight}
     value = _string(value, f"{path}.value", max_chars=MAX_NAME_CHARS)
     uuid = raw.get("uuid")
@@ -595,7 +626,16 @@ def parse_task(text: str | bytes, *, max_subtasks: int = DEFAULT_MAX_SUBTASKS) -
     """Parse task JSON and validate it; every failure is a TaskValidationError.
 
     NaN/Infinity literals parse to floats and are then refused by the field that holds them.
+    Bytes must be UTF-8 (RFC 8259; a leading BOM is allowed): `json.loads` alone would also take
+    UTF-16/32 and let UTF-8-encoded surrogates through.
     """
+    if isinstance(text, bytes | bytearray):
+        try:
+            text = bytes(text).decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise TaskValidationError(
+                "task", f"is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {exc.start} ({exc.reason})"
+            ) from None
     try:
         doc = json.loads(text)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -72,6 +73,29 @@ def test_control_socket_is_private(daemon: Daemon) -> None:
     assert sock.exists()
     assert (sock.stat().st_mode & 0o777) == 0o700
     assert (daemon.settings.run_dir.stat().st_mode & 0o077) == 0
+    for path in (daemon.settings.run_dir / "broker.sock", daemon.settings.run_dir):
+        assert path.exists() and (path.stat().st_mode & 0o077) == 0, path
+    # Another user really cannot talk to supervisord (or the embedded broker) through them.
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root to act as another user")
+    probe = (
+        "import socket, sys\n"
+        "for path in sys.argv[1:]:\n"
+        "    s = socket.socket(socket.AF_UNIX)\n"
+        "    try:\n"
+        "        s.connect(path)\n"
+        "    except PermissionError:\n"
+        "        print('denied', path)\n"
+        "    else:\n"
+        "        print('CONNECTED', path)\n"
+    )
+    other = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", os.sys.executable, "-c", probe]
+    result = subprocess.run(
+        [*other, str(sock), str(daemon.settings.run_dir / "broker.sock")], capture_output=True, text=True, timeout=30
+    )
+    assert result.stdout.split() == ["denied", str(sock), "denied", str(daemon.settings.run_dir / "broker.sock")], (
+        result.stdout + result.stderr
+    )
 
 
 def test_kill_9_replaces_only_that_worker(daemon: Daemon) -> None:
@@ -325,3 +349,21 @@ def test_systemd_unit_verifies(short_tmp: Path) -> None:
     result = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=60)
     problems = [line for line in (result.stdout + result.stderr).splitlines() if "nietest.service" in line]
     assert result.returncode == 0 and not problems, result.stdout + result.stderr
+
+
+def test_systemd_unit_exposure_is_at_most_4(short_tmp: Path) -> None:
+    """`systemd-analyze security --offline` on the shipped unit; README.md quotes the score."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed")
+    result = subprocess.run(
+        [analyze, "security", "--offline=true", "--no-pager", str(ROOT / "systemd" / "nietest.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    found = re.search(r"Overall exposure level for nietest\.service: ([0-9.]+)", result.stdout)
+    assert found, result.stdout + result.stderr
+    score = float(found.group(1))
+    assert score <= 4.0, result.stdout
+    assert f"**{score} " in (ROOT / "README.md").read_text(), f"README.md does not quote the score {score}"

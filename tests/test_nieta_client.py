@@ -398,6 +398,36 @@ def test_poll_of_an_unknown_job_is_final(api: FakeNieta, client: NietaClient) ->
         client.poll_job("", False)
 
 
+@pytest.mark.parametrize("body", ['"\\ud800-job"', '{"uuid": "job\\u0000x"}', '{"data": {"id": "j\\u00f6b"}}'])
+def test_create_refuses_a_job_uuid_that_is_not_printable_ascii(api: FakeNieta, client: NietaClient, body: str) -> None:
+    """A lone surrogate in the uuid used to be stored (UnicodeEncodeError) and then polled (quote() raised)."""
+    api.add_rule("raw", body=body, content_type="application/json")
+    with pytest.raises(NietaError, match="without a job uuid") as info:
+        client.create_job(subtask())
+    assert info.value.retryable is False
+    for bad in ("\ud800", "a b", "j\x00b", 5):
+        with pytest.raises(NietaError, match="invalid job uuid"):
+            client.poll_job(bad, False)  # type: ignore[arg-type]
+
+
+def test_lone_surrogates_in_api_text_become_replacement_characters(api: FakeNieta, client: NietaClient) -> None:
+    """JSON escapes can carry lone surrogates; no text the client returns may hold one (stores cannot encode it)."""
+    job_uuid = client.create_job(subtask())
+    body = '{"task_status": "FAIL\\udfffURE", "err_msg": "GPU \\ud800 melted", "artifacts": [{"error": "\\udc80"}]}'
+    api.add_rule("raw", endpoint="poll", body=body, times=1)
+    status = client.poll_job(job_uuid, False)
+    assert status.state == "failure" and status.raw_status == "FAIL\ufffdURE"
+    assert status.error == "unknown task_status 'FAIL\ufffdURE': GPU \ufffd melted; \ufffd"
+    api.add_rule("http", endpoint="poll", status=400, body='{"message": "bad \\ud800 request"}', times=1)
+    with pytest.raises(NietaError) as info:
+        client.poll_job(job_uuid, False)
+    assert str(info.value) == "artifact/task: HTTP 400: bad \ufffd request"
+    api.add_rule(
+        "raw", endpoint="poll", body='{"task_status": "SUCCESS", "artifacts": [{"url": "https://x/\\ud800.png"}]}'
+    )
+    assert client.poll_job(job_uuid, False).url == "https://x/\ufffd.png"
+
+
 # --- retries -----------------------------------------------------------------------------------
 
 
