@@ -237,7 +237,8 @@ def configure(
         logging.getLogger("nietest").critical(
             "unhandled exception in thread",
             exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
-            extra={"thread": getattr(args.thread, "name", None)},
+            # Not `thread`: a LogRecord attribute; the clash made this hook raise and lose the exception.
+            extra={"thread_name": getattr(args.thread, "name", None)},
         )
 
     sys.excepthook = excepthook
