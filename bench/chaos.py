@@ -390,7 +390,19 @@ def settle(daemon: DaemonProcess, task_hook: FakeFeishu, task_id: str, report: C
         stats = {key: queue_stats(client, daemon.settings.queue(key).name) for key in WORKER_GROUPS}
         report.problems.append(f"the queues did not drain within 90 s of the task's end: {stats}")
     dead = {key: queue_stats(client, daemon.settings.queue(key).name)["dead"] for key in WORKER_GROUPS}
-    report.check(not any(dead.values()), f"dead-lettered messages: {dead}")
+    if any(dead.values()):
+        bodies = [
+            body.decode(errors="replace")[:400]
+            for key in WORKER_GROUPS
+            for body in client.hvals(f"dramatiq:{daemon.settings.queue(key).name}.XQ.msgs")
+        ]
+        why = [
+            line[:600]
+            for path in daemon.log_files()
+            for line in path.read_text(errors="replace").splitlines()
+            if "dead-letter" in line or "Retries exceeded" in line or "unhandled exception" in line
+        ]
+        report.problems.append(f"dead-lettered messages: {dead}: {bodies[:3]}; log: {why[:5]}")
     client.close()
 
 

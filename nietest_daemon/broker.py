@@ -22,7 +22,6 @@ from dramatiq.middleware import (
     Callbacks,
     CurrentMessage,
     Pipelines,
-    Retries,
     ShutdownNotifications,
     TimeLimit,
 )
@@ -68,7 +67,17 @@ _FIELDS: dict[str, tuple[type, ...]] = {
 }
 _OPTIONAL_FIELDS = {"message_id", "message_timestamp"}
 #: Options that Dramatiq's middleware computes with: a number (or absent; `eta` may be null).
-_NUMERIC_OPTIONS = ("eta", "retries", "max_retries", "min_backoff", "max_backoff", "time_limit", "max_age", "due_ms")
+_NUMERIC_OPTIONS = (
+    "eta",
+    "retries",
+    "max_retries",
+    "min_backoff",
+    "max_backoff",
+    "time_limit",
+    "max_age",
+    "due_ms",
+    "broker_error_retries",
+)
 #: Options that only a Python caller can set (an exception class): never valid in a JSON body.
 _CODE_OPTIONS = ("throws",)
 #: Argument annotations that are checked against the decoded JSON value; any other is not checked.
@@ -360,7 +369,7 @@ def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
 
 def build_broker(settings: Settings) -> NietestRedisBroker:
     """The broker of every nietest process; also made the Dramatiq global broker."""
-    from nietest_daemon.middleware import CatchExceptions, TaskTracker
+    from nietest_daemon.middleware import BrokerAwareRetries, CatchExceptions, TaskTracker
 
     # after_* hooks run in reverse order: Retries decides, CatchExceptions marks, TaskTracker logs.
     middleware = [
@@ -371,7 +380,7 @@ def build_broker(settings: Settings) -> NietestRedisBroker:
         Pipelines(),
         TaskTracker(),
         CatchExceptions(),
-        Retries(max_retries=settings.max_retries),
+        BrokerAwareRetries(max_retries=settings.max_retries),
         CurrentMessage(),
     ]
     broker = NietestRedisBroker(

@@ -3,6 +3,9 @@
 - `TaskTracker`: binds `queue`, `actor`, `message_id` and the task / subtask id to every log line
   an actor writes, and logs one JSON line per message with its queue latency, duration and
   outcome.
+- `BrokerAwareRetries`: Dramatiq's Retries, except that an actor which failed only because the
+  broker was unreachable is retried (with a short backoff) whatever MAX_RETRIES says: the
+  failure is not the message's, and a dead letter would leave its subtask to the sweep.
 - `CatchExceptions`: when an actor fails for good (after Dramatiq's own retries, MAX_RETRIES),
   the subtask or task it worked on is marked failed with the error text, so nothing stays
   `processing`; the traceback is logged as a structured field by the worker thread, and the
@@ -22,7 +25,7 @@ from typing import Any
 import dramatiq
 import redis
 import structlog
-from dramatiq.middleware import Middleware
+from dramatiq.middleware import Middleware, Retries
 
 from nietest_daemon.logs import get_logger
 
@@ -73,6 +76,30 @@ class TaskTracker(Middleware):
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         log.info("message skipped")
         structlog.contextvars.unbind_contextvars("actor", "message_id", "task_id", "subtask_id")
+
+
+#: Retries of a message whose actor failed on a broker connection error (about 17 minutes in all).
+BROKER_ERROR_RETRIES = 20
+BROKER_ERROR_MAX_BACKOFF_MS = 60_000
+
+
+class BrokerAwareRetries(Retries):
+    def after_process_message(self, broker: dramatiq.Broker, message: Any, *, result=None, exception=None) -> None:
+        attempts = message.options.get("broker_error_retries", 0)
+        if not isinstance(exception, redis.ConnectionError | redis.TimeoutError) or attempts >= BROKER_ERROR_RETRIES:
+            super().after_process_message(broker, message, result=result, exception=exception)
+            return
+        message.options["broker_error_retries"] = attempts + 1
+        delay = min(BROKER_ERROR_MAX_BACKOFF_MS, 500 * 2**attempts)
+        log.warning(
+            "broker unreachable during the message; retrying it",
+            error=str(exception),
+            retry_in_ms=delay,
+            **_ids(message),
+        )
+        # If the broker is still down, this raises: the message is then neither acked nor
+        # dead-lettered, and comes back from this worker's ack set after the heartbeat timeout.
+        broker.enqueue(message, delay=delay)
 
 
 class CatchExceptions(Middleware):

@@ -48,6 +48,17 @@ def _make(key: str, queue_name: str) -> None:
         raise RuntimeError(f"failed with token {token} at {url}")
 
 
+    @dramatiq.actor(actor_name=f"blink_{key}", queue_name=queue_name, max_retries=0)
+    def blink(token: str, failures: int) -> None:
+        """Fail with a broker connection error on the first `failures` runs, then mark `token` done."""
+        client = _client()
+        if client.incr(f"test:blink:{token}") <= failures:
+            import redis
+
+            raise redis.ConnectionError("Connection refused (the broker blinked)")
+        client.rpush("test:done", f"{token}:{os.getpid()}")
+
+
 for _key, (_var, _default) in QUEUE_NAME_VARS.items():
     _make(_key, os.environ.get(_var) or _default)
 
