@@ -248,9 +248,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:  # noqa: N802
         self.server.fake._handle(self)
 
+    record: Recorded | None = None  # the API request being answered, if any
+
     def send(
         self, status: int, body: bytes, content_type: str = "application/json", headers: dict[str, str] | None = None
     ) -> None:
+        if self.record is not None:
+            self.record.status = status  # before the client can see the answer (tests read it at once)
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
@@ -455,6 +459,7 @@ class FakeNieta:
     # --- request handling ------------------------------------------------------------------------
 
     def _handle(self, handler: _Handler) -> None:
+        handler.record = None  # a kept-alive connection's handler served other requests before
         arrived = time.time()
         started = time.monotonic()
         parts = urlsplit(handler.path)
@@ -495,6 +500,7 @@ class FakeNieta:
             raw_body=raw,
             time=arrived,
         )
+        handler.record = record
         with self._lock:
             if self.record:
                 self._requests.append(record)
@@ -548,9 +554,10 @@ class FakeNieta:
             self._authorized[record.endpoint] += 1
             nth = self._authorized[record.endpoint]
             response_rule = self._take(record.endpoint, nth, text, record.ops, outcome=False)
-            outcome_rule = (
-                self._take("create", nth, text, record.ops, outcome=True) if record.endpoint == "create" else None
-            )
+            answered = response_rule is not None and response_rule.action not in ("delay", "shape")
+            # An outcome rule is used up only by a create that really makes a job.
+            creates = record.endpoint == "create" and not answered
+            outcome_rule = self._take("create", nth, text, record.ops, outcome=True) if creates else None
 
         if response_rule is not None and response_rule.delay > 0:
             time.sleep(response_rule.delay)
