@@ -81,6 +81,7 @@ class TaskTracker(Middleware):
 #: Retries of a message whose actor failed on a broker connection error (about 17 minutes in all).
 BROKER_ERROR_RETRIES = 20
 BROKER_ERROR_MAX_BACKOFF_MS = 60_000
+BROKER_ENQUEUE_PATIENCE_SECONDS = 600.0
 
 
 class BrokerAwareRetries(Retries):
@@ -97,9 +98,22 @@ class BrokerAwareRetries(Retries):
             retry_in_ms=delay,
             **_ids(message),
         )
-        # If the broker is still down, this raises: the message is then neither acked nor
-        # dead-lettered, and comes back from this worker's ack set after the heartbeat timeout.
-        broker.enqueue(message, delay=delay)
+        # The broker may still be down. The retry copy must exist before the original is acked
+        # (Dramatiq acks it after this hook, and will keep trying until the broker is back), so
+        # keep trying too; past the patience the original is failed: dead-lettered, not lost.
+        deadline = time.monotonic() + BROKER_ENQUEUE_PATIENCE_SECONDS
+        pause = 0.5
+        while True:
+            try:
+                broker.enqueue(message, delay=delay)
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    log.error("broker unreachable; message dead-lettered", error=str(exc), **_ids(message))
+                    message.fail()
+                    return
+                time.sleep(pause)
+                pause = min(5.0, pause * 2)
 
 
 class CatchExceptions(Middleware):

@@ -195,8 +195,23 @@ return 0
 
 
 def _create_sent_key(subtask_id: str) -> str:
-    """Set (to the resubmit round) just before a create request goes out; cleared when it fails."""
+    """Claimed just before a create request goes out; deleted once its uuid is stored or the API refused."""
     return f"nietest:create-sent:{subtask_id}"
+
+
+def _count_timeout(ctx: Context, subtask_id: str, job_uuid: str) -> int:
+    """Record that this job ended TIMEOUT; return how many of the subtask's jobs did."""
+    key = f"nietest:timeouts:{subtask_id}"
+    with ctx.redis.pipeline() as pipe:
+        pipe.sadd(key, job_uuid)
+        pipe.expire(key, CREATE_SENT_TTL_SECONDS)
+        pipe.scard(key)
+        return int(pipe.execute()[2])
+
+
+def owner_of_current_message() -> str:
+    message = CurrentMessage.get_current_message()
+    return message.message_id if message is not None else f"local-{random.getrandbits(64):x}"
 
 
 def _unlock(ctx: Context, key: str, owner: str) -> None:
@@ -345,8 +360,7 @@ def run_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0) -> None:
         send_run(ctx, subtask_id, is_lumina, delay=delay, resubmits=resubmits, errors=errors)
         return
     lock = _creating_key(subtask_id)
-    message = CurrentMessage.get_current_message()
-    owner = message.message_id if message is not None else f"local-{random.getrandbits(64):x}"
+    owner = owner_of_current_message()
     if not ctx.redis.set(lock, owner, nx=True, ex=CREATING_LOCK_SECONDS):
         holder = ctx.redis.get(lock)
         if holder is None or holder.decode() != owner:
@@ -383,12 +397,12 @@ def _create_job(ctx: Context, subtask_id: str, is_lumina: bool, resubmits: int, 
         return
     # The API has no idempotency key: a create whose process died before its uuid was stored may
     # have made a job nobody can find. Creating another would pay twice, so such a subtask fails.
+    # The marker is claimed atomically: it exists from just before the request until the uuid is
+    # stored (or the API refused), so finding it here means a create whose outcome nobody knows.
     sent_key = _create_sent_key(subtask_id)
-    sent = ctx.redis.get(sent_key)
-    if sent is not None and int(sent) >= resubmits:
+    if not ctx.redis.set(sent_key, owner_of_current_message(), nx=True, ex=CREATE_SENT_TTL_SECONDS):
         finish(ctx, sub, FAILED, error=CREATE_INTERRUPTED)
         return
-    ctx.redis.set(sent_key, resubmits, ex=CREATE_SENT_TTL_SECONDS)
     seed = sub.get("seed") or choose_seed(None)
     try:
         job_uuid = ctx.nieta.create_job({**sub, "seed": seed})
@@ -407,7 +421,9 @@ def _create_job(ctx: Context, subtask_id: str, is_lumina: bool, resubmits: int, 
             return
         finish(ctx, sub, FAILED, error=f"could not create the image job: {exc}")
         return
-    if not ctx.store.record_job(subtask_id, job_uuid, seed):
+    recorded = ctx.store.record_job(subtask_id, job_uuid, seed)
+    ctx.redis.delete(sent_key)
+    if not recorded:
         log.error("a job uuid was already stored; this job is a duplicate", subtask_id=subtask_id, job_uuid=job_uuid)
         sub = ctx.store.get_subtask(subtask_id) or sub
     else:
@@ -472,22 +488,23 @@ def poll_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0, no_url: i
             schedule_poll(ctx, sub, delay=interval, resubmits=resubmits, no_url=1)
     elif status.state == "moderated":
         finish(ctx, sub, FAILED, error=f"refused by moderation (ILLEGAL_IMAGE): {status.error or ''}".rstrip(": "))
-    elif status.state == "timeout" and resubmits < TIMEOUT_RESUBMITS:
+    elif status.state == "timeout":
+        # Counted in the broker per job uuid (a redelivered poll of the same job counts it once), not
+        # in the message: a swept or redelivered subtask must not earn a fresh budget.
+        timed_out = _count_timeout(ctx, subtask_id, sub["job_uuid"])
+        if timed_out > TIMEOUT_RESUBMITS:
+            error = f"the API timed the job out (TIMEOUT) {timed_out} times: {status.error or ''}".rstrip(": ")
+            finish(ctx, sub, FAILED, error=error)
+            return
         log.warning(
             "the API timed the job out; creating a new one",
             subtask_id=subtask_id,
             job_uuid=sub["job_uuid"],
-            resubmit=resubmits + 1,
+            resubmit=timed_out,
         )
         if ctx.store.clear_job(subtask_id, sub["job_uuid"]):
-            send_run(ctx, subtask_id, is_lumina, resubmits=resubmits + 1)
-    elif status.state == "timeout":
-        finish(
-            ctx,
-            sub,
-            FAILED,
-            error=f"the API timed the job out (TIMEOUT) {resubmits + 1} times: {status.error or ''}".rstrip(": "),
-        )
+            ctx.redis.delete(_create_sent_key(subtask_id))  # left over if its creator died after storing the uuid
+            send_run(ctx, subtask_id, is_lumina, resubmits=timed_out)
     else:
         finish(ctx, sub, FAILED, error=status.error or f"image job failed ({status.raw_status})")
 
@@ -533,6 +550,13 @@ def sweep(ctx: Context, *, older_than_seconds: float | None = None) -> dict[str,
         if ctx.store.finalise_task(task["id"]):
             finalised += 1
             notices.task_finished(ctx, ctx.store.get_task(task["id"]) or task)
+    # A finaliser that died between the store update and the enqueue of the notice (a sweep, or
+    # `nietest cancel`) leaves no message to redeliver: look at the tasks that ended lately.
+    now = utcnow()
+    for task in ctx.store.list_tasks(limit=100, status=TERMINAL):
+        ended = task.get("completed_at")
+        if ended is not None and timedelta(seconds=60) < now - ended < timedelta(hours=1):
+            notices.ensure_final(ctx, task["id"])
     if resumed or failed or finalised:
         log.warning("sweep acted", resumed=resumed, failed=failed, finalised_tasks=finalised)
     return {"resumed": resumed, "failed": failed, "finalised": finalised}

@@ -82,25 +82,33 @@ def _size(raw: str) -> int:
     return value
 
 
+_ESCAPE_HINT = "percent-encode special characters of the user name and password (%2F for /, %23 for #, %40 for @)"
+
+
 def _url(*schemes: str, secret: bool = False) -> Callable[[str], str]:
     """A URL with one of `schemes`. A `secret` URL (a Feishu webhook: whoever has it can post) is
     never echoed beyond its scheme and host; any other one only with its password redacted."""
 
     def parse(raw: str) -> str:
         value = raw.strip()
+        # With user info, a password holding "/", "#" or "?" is split at the wrong place and would
+        # leak through the parser's message or a redaction: show no more than scheme and host.
+        hidden = secret or "@" in value
         try:
             parts = urlsplit(value)
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as exc:
-            detail = "" if secret else f" ({exc})"
-            raise ValueError(f"is not a valid URL{detail}") from None
-        shown = f"{parts.scheme}://{parts.hostname or ''}/..." if secret else redact_url(value)
+            detail = _ESCAPE_HINT if "@" in value else "" if secret else str(exc)
+            raise ValueError("is not a valid URL" + (f" ({detail})" if detail else "")) from None
+        shown = f"{parts.scheme}://{parts.hostname or ''}/..." if hidden else redact_url(value)
         if parts.scheme not in schemes:
             raise ValueError(f"must be a URL with scheme {' or '.join(schemes)}, got {shown!r}")
         if parts.scheme != "unix" and not parts.hostname:
             raise ValueError(f"has no host: {shown!r}")
         if parts.scheme == "unix" and not parts.path:
             raise ValueError(f"has no socket path: {shown!r}")
+        if "@" in f"{parts.path}?{parts.query}#{parts.fragment}":
+            raise ValueError(f"has an '@' after its host ({shown!r}): {_ESCAPE_HINT}")
         return value
 
     return parse

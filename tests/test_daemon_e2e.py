@@ -380,4 +380,4 @@ def test_broker_error_in_an_actor_is_retried_not_dead_lettered(daemon: Daemon) -
     event = "broker unreachable during the message; retrying it"
     lines = [json.loads(line) for p in daemon.log_files() for line in p.read_text().splitlines() if event in line]
     retried = [r for r in lines if r.get("actor") == "blink_subtask"]
-    assert [r["retry_in_ms"] for r in retried] == [500, 1000]
+    assert sorted(r["retry_in_ms"] for r in retried) == [500, 1000]  # the two retries may run in either process

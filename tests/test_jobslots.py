@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -354,6 +355,29 @@ def test_the_sweep_finalises_a_task_whose_finaliser_died(pipe: Pipeline) -> None
     notices = [json.loads(m) for m in pipe.ctx.redis.hvals(f"dramatiq:{master}.msgs")]
     assert [(m["actor_name"], m["args"]) for m in notices] == [("send_notice", ["t", "completed"])]
     assert pipeline.sweep(pipe.ctx)["finalised"] == 0  # once
+
+
+def test_the_sweep_enqueues_a_final_notice_its_finaliser_never_sent(pipe: Pipeline) -> None:
+    """A finaliser that died between the store update and the enqueue (a sweep, or `nietest cancel`)
+    leaves no message to redeliver: the sweep sends the notice of a task that ended 1-60 minutes ago."""
+    (a,) = pipe.add_task("t", 1)
+    store = pipe.ctx.store
+    assert store.finish_subtask(a, COMPLETED, result="http://x/a.png").finalised  # no notice enqueued
+    master = pipe.ctx.settings.queue("master").name
+
+    def notices() -> list[tuple[str, list[str]]]:
+        return [(m["actor_name"], m["args"]) for m in map(json.loads, pipe.ctx.redis.hvals(f"dramatiq:{master}.msgs"))]
+
+    pipeline.sweep(pipe.ctx)
+    assert notices() == []  # it ended less than a minute ago: its finaliser may still be at it
+    with store._tx() as conn:
+        task = store._read(conn, "tasks", "t")
+        task.update(completed_at=task["completed_at"] - timedelta(minutes=5))
+        store._write_task(conn, task)
+    pipeline.sweep(pipe.ctx)
+    assert notices() == [("send_notice", ["t", "completed"])]
+    pipeline.sweep(pipe.ctx)
+    assert len(notices()) == 1  # once
 
 
 # --- failure streaks ---------------------------------------------------------------------------------

@@ -684,6 +684,12 @@ def test_final_notice_never_enqueued_is_sent_by_a_redelivered_message(
     for _ in range(2):  # redelivered twice: still one notice
         daemon.broker.enqueue(message.copy(message_id=str(uuid.uuid4())))
     wait_for(lambda: len(notices(hook, task_id)) == before + 1, 20, what="the lost final notice")
+
+    def both_ran() -> bool:
+        stats = queue_stats(daemon.redis, queue)
+        return stats["ready"] == 0 and stats["in_progress"] == 0
+
+    wait_for(both_ran, 20, what="both copies ran")
     settle(daemon, hook, task_id)
     assert [t.split("] ")[1] for t in notices(hook, task_id)][-1] == "Task completed"
     assert len(notices(hook, task_id)) == before + 1

@@ -114,10 +114,21 @@ def test_bad_values_name_the_variable(variable: str, value: str, words: str) -> 
     assert message.startswith(f"{variable}: ") and words in message and "\n" not in message
 
 
-def test_errors_never_echo_a_password() -> None:
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("BROKER_REDIS_URL", "http://user:hunter2@host/0"),
+        ("BROKER_REDIS_URL", "redis://:hun/ter2@redis:6379/0"),  # "hun" would be read as the port
+        ("MONGO_URI", "mongodb://user:hun#ter2@host/db"),
+        ("MONGO_URI", "mongodb://user:12/hunter2@host/db"),  # parses, with the password in the path
+        ("NIETA_API_BASE_URL", "https://u:hunter2@api.example:99999/"),
+    ],
+)
+def test_errors_never_echo_a_password(variable: str, value: str) -> None:
     with pytest.raises(SettingsError) as caught:
-        load({"BROKER_REDIS_URL": "http://user:hunter2@host/0"})
-    assert "hunter2" not in str(caught.value)
+        load({variable: value})
+    assert caught.value.variable == variable
+    assert "hun" not in str(caught.value) and "ter2" not in str(caught.value)
 
 
 def test_redact_url() -> None:
