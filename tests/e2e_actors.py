@@ -47,7 +47,6 @@ def _make(key: str, queue_name: str) -> None:
         _client().rpush("test:done", f"leak:{os.getpid()}")
         raise RuntimeError(f"failed with token {token} at {url}")
 
-
     @dramatiq.actor(actor_name=f"blink_{key}", queue_name=queue_name, max_retries=0)
     def blink(token: str, failures: int) -> None:
         """Fail with a broker connection error on the first `failures` runs, then mark `token` done."""
