@@ -315,13 +315,21 @@ def test_program_failing_at_once_ends_fatal_with_one_alert(make_daemon, short_tm
             40,
             what="subtask_00 FATAL",
         )
-        [card] = wait_cards(hook, 0, lambda c: True, timeout=10)
+        [card] = wait_cards(hook, 0, lambda c: "FATAL" in c.title, timeout=10)
         assert "FATAL" in card.title and "subtask:subtask_00" in card.title and card.template == "red"
         assert "RuntimeError: actor module refuses to load with ***" in card.text
         assert card.text.count("(while starting)") == 3  # startretries=2: three failed starts
         assert token not in json.dumps(card.request.body)
         settle(3)  # more than the window (2 s): nothing else was waiting in one
-        assert len(hook.received) == 1  # no restart or crash-loop alert besides the FATAL one
+        # The FATAL alert replaces a restart or crash-loop alert still in its window. On a loaded
+        # machine the import may outlast `startsecs` (supervisord then counts a run, not a failed
+        # start) and the exits spread over more than the 2 s window: such alerts go out first.
+        others = [c for c in cards(hook) if c.title != card.title]
+        assert [c for c in cards(hook) if "FATAL" in c.title] == [card]
+        assert all(
+            ("Crash loop" in c.title or "restarted" in c.title) and "subtask:subtask_00" in c.title for c in others
+        ), others
+        assert len(others) <= 2
         daemon.stop()
 
 
