@@ -24,10 +24,12 @@ Message flow (every step idempotent; delivery is at least once):
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -207,6 +209,26 @@ def _count_timeout(ctx: Context, subtask_id: str, job_uuid: str) -> int:
         pipe.expire(key, CREATE_SENT_TTL_SECONDS)
         pipe.scard(key)
         return int(pipe.execute()[2])
+
+
+_process_token: tuple[int, str] | None = None
+
+
+def process_token() -> str:
+    """This process, unique across hosts and restarts (pid reuse included)."""
+    global _process_token
+    if _process_token is None or _process_token[0] != os.getpid():
+        _process_token = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+    return _process_token[1]
+
+
+def _alive_key(token: str) -> str:
+    return f"nietest:alive:{token}"
+
+
+def mark_alive(client: redis.Redis, ttl_seconds: float) -> None:
+    """Called by a worker's housekeeping thread on a timer: this process is alive for `ttl_seconds`."""
+    client.set(_alive_key(process_token()), "1", ex=max(1, int(ttl_seconds)))
 
 
 def owner_of_current_message() -> str:
@@ -398,9 +420,15 @@ def _create_job(ctx: Context, subtask_id: str, is_lumina: bool, resubmits: int, 
     # The API has no idempotency key: a create whose process died before its uuid was stored may
     # have made a job nobody can find. Creating another would pay twice, so such a subtask fails.
     # The marker is claimed atomically: it exists from just before the request until the uuid is
-    # stored (or the API refused), so finding it here means a create whose outcome nobody knows.
+    # stored (or the API refused), so finding it here means a create whose outcome nobody knows yet.
+    # Its value is the creating process: while that process lives, its create may still finish
+    # (this message can be a copy redelivered after a broker blip), so look again later.
     sent_key = _create_sent_key(subtask_id)
-    if not ctx.redis.set(sent_key, owner_of_current_message(), nx=True, ex=CREATE_SENT_TTL_SECONDS):
+    if not ctx.redis.set(sent_key, process_token(), nx=True, ex=CREATE_SENT_TTL_SECONDS):
+        holder = ctx.redis.get(sent_key)
+        if holder is not None and ctx.redis.exists(_alive_key(holder.decode())):
+            send_run(ctx, subtask_id, is_lumina, delay=CREATING_RECHECK_SECONDS, resubmits=resubmits, errors=errors)
+            return
         finish(ctx, sub, FAILED, error=CREATE_INTERRUPTED)
         return
     seed = sub.get("seed") or choose_seed(None)

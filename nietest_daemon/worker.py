@@ -77,13 +77,19 @@ def import_actors(settings: Settings) -> list[str]:
 
 
 def _housekeeping(broker: NietestRedisBroker, queue_name: str, interval: float, stop: threading.Event) -> None:
-    """Heartbeat and queue maintenance on a timer (see NietestRedisBroker.maintain)."""
-    while not stop.wait(interval):
+    """Heartbeat, queue maintenance (see NietestRedisBroker.maintain) and the pipeline's "this
+    process is alive" mark, on a timer."""
+    from nietest_daemon import pipeline
+
+    while True:
         try:
+            pipeline.mark_alive(broker.client, 3 * interval)
             broker.maintain(queue_name)
             broker.maintain(dq_name(queue_name))
         except (redis.RedisError, OSError) as exc:
             log.warning("queue maintenance failed", error=str(exc))
+        if stop.wait(interval):
+            return
 
 
 def run(settings: Settings, queue_key: str) -> int:

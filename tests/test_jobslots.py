@@ -380,6 +380,32 @@ def test_the_sweep_enqueues_a_final_notice_its_finaliser_never_sent(pipe: Pipeli
     assert len(notices()) == 1  # once
 
 
+def test_a_create_of_a_live_process_is_waited_for_and_a_dead_ones_is_never_repeated(pipe: Pipeline) -> None:
+    """The create marker names the process that sent the request. A second delivery (a copy
+    redelivered after a broker blip) waits while that process lives; once it is gone, the
+    subtask fails rather than pay for a second image."""
+    (a,) = pipe.add_task("t", 1)
+    client = pipe.ctx.redis
+    client.set(f"nietest:create-sent:{a}", "otherhost:42:cafe0123")
+    client.set("nietest:alive:otherhost:42:cafe0123", "1", ex=60)
+    pipeline.run_subtask(a)
+    assert pipe.messages(delayed=True) == [("run_subtask", a)]  # looks again later
+    assert pipe.ctx.store.get_subtask(a)["status"] == PROCESSING and pipe.api.jobs == []
+
+    client.delete("nietest:alive:otherhost:42:cafe0123")  # that process died
+    pipeline.run_subtask(a)
+    sub = pipe.ctx.store.get_subtask(a)
+    assert sub["status"] == "failed" and sub["error"] == pipeline.CREATE_INTERRUPTED
+    assert pipe.api.jobs == []  # no second create
+
+
+def test_the_create_marker_is_cleared_once_the_job_is_stored(pipe: Pipeline) -> None:
+    (a,) = pipe.add_task("t", 1)
+    pipeline.run_subtask(a)
+    assert pipe.ctx.store.get_subtask(a)["job_uuid"] and len(pipe.api.jobs) == 1
+    assert not pipe.ctx.redis.exists(f"nietest:create-sent:{a}")
+
+
 # --- failure streaks ---------------------------------------------------------------------------------
 
 
