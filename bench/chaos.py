@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -41,6 +42,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 for _path in (ROOT, ROOT / "tests"):
@@ -378,8 +381,6 @@ def settle(daemon: DaemonProcess, task_hook: FakeFeishu, task_id: str, report: C
     """Wait for the final notice and for every queue to be empty (nothing more on its way)."""
     with contextlib.suppress(TimeoutError):
         wait_for(lambda: final_notices(task_hook, task_id), 60, "the final task notice")
-    import redis
-
     client = redis.Redis.from_url(daemon.settings.broker_url)
 
     def drained() -> bool:
@@ -446,8 +447,6 @@ def check_subtasks(report: ChaosReport, task: dict[str, Any], subtasks: list[dic
 
 def check_jobs(report: ChaosReport, api: FakeNieta, subtasks: list[dict[str, Any]]) -> None:
     """At most 1 + the TIMEOUT resubmits owed per subtask; every stored job uuid is a real job."""
-    import re
-
     by_subtask: dict[tuple[str, bool], list[Any]] = {}
     for job in api.jobs:
         found = re.findall(r"cz-\d{4}", job.text)

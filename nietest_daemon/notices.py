@@ -9,10 +9,7 @@ bounded attempt: the notice is logged with its content and never fails a task.
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING, Any
-
-from dramatiq.middleware import CurrentMessage
 
 from nietest_daemon.logs import get_logger
 from nietest_daemon.store import CANCELLED, COMPLETED, FAILED, is_partial
@@ -109,8 +106,9 @@ def deliver(ctx: Context, task_id: str, event: str) -> None:
     # notice (enqueued twice) skips it, while a redelivery of this very message (its process died
     # mid-post) may post again.
     marker = f"nietest:notice:{task_id}:{event}"
-    message = CurrentMessage.get_current_message()
-    claim = f"sending:{message.message_id if message is not None else uuid.uuid4().hex}"
+    from nietest_daemon.pipeline import owner_of_current_message
+
+    claim = f"sending:{owner_of_current_message()}"
     if not ctx.redis.set(marker, claim, nx=True, ex=MARKER_TTL_SECONDS):
         held = ctx.redis.get(marker)
         if held is None or held.decode() != claim:

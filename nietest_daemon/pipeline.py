@@ -359,7 +359,7 @@ def _active_subtask(ctx: Context, subtask_id: str, *, cancelled: str) -> dict[st
     return sub
 
 
-def run_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0) -> None:
+def run_subtask(subtask_id: str, errors: int = 0) -> None:
     """Create the subtask's image job (at most one per TIMEOUT budget), then hand over to polling."""
     ctx = context()
     sub = _active_subtask(ctx, subtask_id, cancelled="task cancelled")
@@ -368,7 +368,7 @@ def run_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0) -> None:
     is_lumina = bool(sub.get("is_lumina"))
     if sub.get("job_uuid"):  # redelivered or resumed: poll the job we already paid for
         _, interval = ctx.polling(is_lumina)
-        schedule_poll(ctx, sub, delay=interval, resubmits=resubmits)
+        schedule_poll(ctx, sub, delay=interval)
         return
     if sub.get("attempts", 0) >= MAX_ATTEMPTS:
         finish(ctx, sub, FAILED, error=f"given up after {sub['attempts']} attempts to start the image job")
@@ -379,7 +379,7 @@ def run_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0) -> None:
         # it backs off with the length of the queue (50 000 waiters must not spin every 30 s).
         backlog = 1 + slots.waiting_count() / max(1, slots.cap)
         delay = min(WAIT_RECHECK_MAX_SECONDS, WAIT_RECHECK_SECONDS * backlog) * random.uniform(0.8, 1.2)
-        send_run(ctx, subtask_id, is_lumina, delay=delay, resubmits=resubmits, errors=errors)
+        send_run(ctx, subtask_id, is_lumina, delay=delay, errors=errors)
         return
     lock = _creating_key(subtask_id)
     owner = owner_of_current_message()
@@ -388,25 +388,25 @@ def run_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0) -> None:
         if holder is None or holder.decode() != owner:
             # Another message is creating this job right now (it schedules the polls), or its
             # process died mid-create (the lock then expires): look again later, never drop it.
-            send_run(ctx, subtask_id, is_lumina, delay=CREATING_RECHECK_SECONDS, resubmits=resubmits, errors=errors)
+            send_run(ctx, subtask_id, is_lumina, delay=CREATING_RECHECK_SECONDS, errors=errors)
             return
         # The lock is this very message's: it was redelivered because the process that held it
         # died. Nobody else is creating; take the lock over.
         ctx.redis.set(lock, owner, ex=CREATING_LOCK_SECONDS)
     try:
-        _create_job(ctx, subtask_id, is_lumina, resubmits, errors)
+        _create_job(ctx, subtask_id, is_lumina, errors)
     finally:
         _unlock(ctx, lock, owner)
 
 
-def _create_job(ctx: Context, subtask_id: str, is_lumina: bool, resubmits: int, errors: int) -> None:
+def _create_job(ctx: Context, subtask_id: str, is_lumina: bool, errors: int) -> None:
     sub = ctx.store.start_subtask(subtask_id)
     if sub is None:  # became terminal meanwhile
         release_slot(ctx, subtask_id, is_lumina)
         return
     max_polls, interval = ctx.polling(is_lumina)
     if sub.get("job_uuid"):
-        schedule_poll(ctx, sub, delay=interval, resubmits=resubmits)
+        schedule_poll(ctx, sub, delay=interval)
         return
     # cancel_task cancels pending subtasks only: one that a cancel found processing (start_subtask
     # above ran first) is left to us, so look again now that it is processing: a cancelled task
@@ -427,7 +427,7 @@ def _create_job(ctx: Context, subtask_id: str, is_lumina: bool, resubmits: int, 
     if not ctx.redis.set(sent_key, process_token(), nx=True, ex=CREATE_SENT_TTL_SECONDS):
         holder = ctx.redis.get(sent_key)
         if holder is not None and ctx.redis.exists(_alive_key(holder.decode())):
-            send_run(ctx, subtask_id, is_lumina, delay=CREATING_RECHECK_SECONDS, resubmits=resubmits, errors=errors)
+            send_run(ctx, subtask_id, is_lumina, delay=CREATING_RECHECK_SECONDS, errors=errors)
             return
         finish(ctx, sub, FAILED, error=CREATE_INTERRUPTED)
         return
@@ -445,7 +445,7 @@ def _create_job(ctx: Context, subtask_id: str, is_lumina: bool, resubmits: int, 
                 retry_in_seconds=round(delay, 1),
             )
             release_slot(ctx, subtask_id, is_lumina)
-            send_run(ctx, subtask_id, is_lumina, delay=delay, resubmits=resubmits, errors=errors + 1)
+            send_run(ctx, subtask_id, is_lumina, delay=delay, errors=errors + 1)
             return
         finish(ctx, sub, FAILED, error=f"could not create the image job: {exc}")
         return
@@ -464,10 +464,10 @@ def _create_job(ctx: Context, subtask_id: str, is_lumina: bool, resubmits: int, 
         seed=seed,
         max_polls=max_polls,
     )
-    schedule_poll(ctx, sub, delay=interval, resubmits=resubmits)
+    schedule_poll(ctx, sub, delay=interval)
 
 
-def poll_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0, no_url: int = 0) -> None:
+def poll_subtask(subtask_id: str, errors: int = 0, no_url: int = 0) -> None:
     """Poll the subtask's job once; end the subtask on a terminal state, else schedule the next poll."""
     ctx = context()
     if not _is_current_poll(ctx, subtask_id):
@@ -477,7 +477,7 @@ def poll_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0, no_url: i
         return
     is_lumina = bool(sub.get("is_lumina"))
     if not sub.get("job_uuid"):
-        send_run(ctx, subtask_id, is_lumina, resubmits=resubmits)
+        send_run(ctx, subtask_id, is_lumina)
         return
     if ctx.nieta is None:
         finish(ctx, sub, FAILED, error="NIETA_XTOKEN is not set on the workers")
@@ -489,7 +489,7 @@ def poll_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0, no_url: i
         if exc.retryable and errors < POLL_ERROR_RETRIES:
             delay = max(exc.retry_after or 0.0, min(60.0, interval * 2**errors))
             ctx.slots[is_lumina].renew(subtask_id)
-            schedule_poll(ctx, sub, delay=delay, resubmits=resubmits, errors=errors + 1, no_url=no_url)
+            schedule_poll(ctx, sub, delay=delay, errors=errors + 1, no_url=no_url)
             return
         finish(ctx, sub, FAILED, error=f"could not poll image job {sub['job_uuid']}: {exc}")
         return
@@ -506,14 +506,14 @@ def poll_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0, no_url: i
             )
             return
         ctx.slots[is_lumina].renew(subtask_id)
-        schedule_poll(ctx, sub, delay=interval, resubmits=resubmits)
+        schedule_poll(ctx, sub, delay=interval)
     elif status.state == "success" and status.url:
         finish(ctx, sub, COMPLETED, result=status.url)
     elif status.state == "success":
         if no_url:
             finish(ctx, sub, FAILED, error=f"image job {sub['job_uuid']} succeeded without an image url")
         else:
-            schedule_poll(ctx, sub, delay=interval, resubmits=resubmits, no_url=1)
+            schedule_poll(ctx, sub, delay=interval, no_url=1)
     elif status.state == "moderated":
         finish(ctx, sub, FAILED, error=f"refused by moderation (ILLEGAL_IMAGE): {status.error or ''}".rstrip(": "))
     elif status.state == "timeout":
@@ -532,7 +532,7 @@ def poll_subtask(subtask_id: str, resubmits: int = 0, errors: int = 0, no_url: i
         )
         if ctx.store.clear_job(subtask_id, sub["job_uuid"]):
             ctx.redis.delete(_create_sent_key(subtask_id))  # left over if its creator died after storing the uuid
-            send_run(ctx, subtask_id, is_lumina, resubmits=timed_out)
+            send_run(ctx, subtask_id, is_lumina)
     else:
         finish(ctx, sub, FAILED, error=status.error or f"image job failed ({status.raw_status})")
 
