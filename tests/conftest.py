@@ -129,7 +129,11 @@ class Daemon:
                 return running
             return None
 
-        return wait_for(all_running, timeout, what=f"processes RUNNING: {expected}")
+        running = wait_for(all_running, timeout, what=f"processes RUNNING: {expected}")
+        if self.settings.external_broker_url is None:
+            # supervisord calls the broker RUNNING a moment before valkey has made its socket.
+            wait_for(lambda: self.redis.ping(), timeout, what="the embedded broker answers")
+        return running
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM the daemon (supervisord: it exec'd) and wait for it and its whole tree to exit."""
