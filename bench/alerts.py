@@ -33,12 +33,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from fake_feishu import FakeFeishu  # noqa: E402
-
-from nietest_daemon import settings as settings_module  # noqa: E402
-from nietest_daemon.daemon import control_proxy  # noqa: E402
+from nietest_daemon.core import settings as settings_module  # noqa: E402
+from nietest_daemon.programs.daemon import control_proxy  # noqa: E402
+from nietest_daemon.testing.fake_feishu import FakeFeishu  # noqa: E402
 
 SECRET = "bench-secret-7c1f"
 SCRUB = {"BROKER_REDIS_URL", "REDIS_HOST", "MONGO_URI", "MONGO_HOST", "FEISHU_WEBHOOK_URL", "FEISHU_TASK_WEBHOOK_URL"}

@@ -11,7 +11,7 @@ import time
 import dramatiq
 import httpx
 
-from nietest_daemon.settings import QUEUE_NAME_VARS
+from nietest_daemon.core.settings import QUEUE_NAME_VARS
 
 _var, _default = QUEUE_NAME_VARS["subtask"]
 _QUEUE = os.environ.get(_var) or _default

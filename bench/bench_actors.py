@@ -5,7 +5,7 @@ import time
 
 import dramatiq
 
-from nietest_daemon.settings import QUEUE_NAME_VARS
+from nietest_daemon.core.settings import QUEUE_NAME_VARS
 
 _var, _default = QUEUE_NAME_VARS["subtask"]
 

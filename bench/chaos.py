@@ -46,18 +46,16 @@ from typing import Any
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
-for _path in (ROOT, ROOT / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
-from fake_feishu import FakeFeishu  # noqa: E402
-from fake_nieta import FakeNieta  # noqa: E402
-
-from nietest_daemon import settings as settings_module  # noqa: E402
-from nietest_daemon.broker import queue_stats  # noqa: E402
-from nietest_daemon.daemon import control_proxy  # noqa: E402
-from nietest_daemon.pipeline import TIMEOUT_RESUBMITS, open_store_for  # noqa: E402
-from nietest_daemon.store import TERMINAL, final_task_status  # noqa: E402
+from nietest_daemon.coordination.connection import redis_client  # noqa: E402
+from nietest_daemon.core import settings as settings_module  # noqa: E402
+from nietest_daemon.domain.status import TERMINAL, final_task_status  # noqa: E402
+from nietest_daemon.internals.dramatiq_redis import queue_stats  # noqa: E402
+from nietest_daemon.pipeline.context import open_store_for  # noqa: E402
+from nietest_daemon.pipeline.subtasks import TIMEOUT_RESUBMITS  # noqa: E402
+from nietest_daemon.programs.daemon import control_proxy  # noqa: E402
+from nietest_daemon.testing.fake_feishu import FakeFeishu  # noqa: E402
+from nietest_daemon.testing.fake_nieta import FakeNieta  # noqa: E402
 
 WORKER_GROUPS = ("master", "master_ops", "subtask", "subtask_ops")
 FINAL_TITLES = ("Task completed", "Task partially completed", "Task failed", "Task cancelled")
@@ -199,6 +197,12 @@ class DaemonProcess:
         )
         wait_for(self.settings.control_socket.exists, 30, "the control socket")
         wait_for(lambda: all(p["statename"] == "RUNNING" for p in self.processes()), 60, "every process RUNNING")
+        # supervisord calls the embedded broker RUNNING a moment before valkey has made its socket.
+        client = redis_client(self.settings, socket_timeout=2)
+        try:
+            wait_for(client.ping, 30, "the broker answers")
+        finally:
+            client.close()
 
     def processes(self) -> list[dict[str, Any]]:
         return control_proxy(self.settings).supervisor.getAllProcessInfo()

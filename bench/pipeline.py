@@ -36,11 +36,10 @@ import httpx
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from nietest_daemon import settings as settings_module  # noqa: E402
-from nietest_daemon.daemon import control_proxy  # noqa: E402
-from nietest_daemon.pipeline import open_store_for  # noqa: E402
+from nietest_daemon.core import settings as settings_module  # noqa: E402
+from nietest_daemon.pipeline.context import open_store_for  # noqa: E402
+from nietest_daemon.programs.daemon import control_proxy  # noqa: E402
 
 TOKEN = "bench-token-0123456789"
 

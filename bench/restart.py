@@ -33,11 +33,10 @@ import dramatiq
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from nietest_daemon import daemon as daemon_module  # noqa: E402
-from nietest_daemon import settings as settings_module  # noqa: E402
-from nietest_daemon.daemon import control_proxy  # noqa: E402
+from nietest_daemon.core import settings as settings_module  # noqa: E402
+from nietest_daemon.programs import daemon as daemon_module  # noqa: E402
+from nietest_daemon.programs.daemon import control_proxy  # noqa: E402
 
 
 def spawn_times(log: Path, process: str) -> list[float]:

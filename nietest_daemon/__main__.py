@@ -8,17 +8,17 @@ def main(argv: list[str] | None = None) -> int:
     # Processes run under supervisord (worker, broker) log JSON from their first line, so that
     # even an import error below lands in their log file as JSON.
     if args[:1] in (["worker"], ["broker"]):
-        from nietest_daemon import logs
+        from nietest_daemon.core import logs
 
         name = args[0] if args[0] == "broker" else f"worker-{args[1] if len(args) > 1 else '?'}"
         logs.configure(name)
     elif args[:1] == ["alerts"] and not {"-h", "--help"} & set(args):
         # The alerts event listener: its stdout is supervisor's event protocol, so its JSON log
         # (and any stray print, through the captured sys.stdout) goes to stderr.
-        from nietest_daemon import logs
+        from nietest_daemon.core import logs
 
         logs.configure("alerts", stream=sys.__stderr__)
-    from nietest_daemon.cli import run
+    from nietest_daemon.programs.cli import run
 
     return run(args)
 

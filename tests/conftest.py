@@ -23,7 +23,7 @@ import dramatiq
 import pytest
 import redis
 
-from nietest_daemon import settings as settings_module
+from nietest_daemon.core import settings as settings_module
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"

@@ -13,7 +13,7 @@ import time
 
 import dramatiq
 
-from nietest_daemon.settings import QUEUE_NAME_VARS
+from nietest_daemon.core.settings import QUEUE_NAME_VARS
 
 log = logging.getLogger("e2e_actors")
 
@@ -69,7 +69,7 @@ _shared: dict[str, object] = {}
 
 
 def _settings():
-    from nietest_daemon import settings as settings_module
+    from nietest_daemon.core import settings as settings_module
 
     with _lock:
         if "settings" not in _shared:
@@ -79,7 +79,7 @@ def _settings():
 
 def _feishu():
     """One FeishuClient per worker process, on the task webhook, as task notices use it."""
-    from nietest_daemon.feishu import FeishuClient
+    from nietest_daemon.clients.feishu import FeishuClient
 
     settings = _settings()
     with _lock:
@@ -94,7 +94,7 @@ def _make_alert_actors(key: str, queue_name: str) -> None:
     @dramatiq.actor(actor_name=f"outcome_{key}", queue_name=queue_name, max_retries=0)
     def outcome(ok: bool, error: str | None = None) -> None:
         """One subtask outcome on this queue, recorded as the pipeline records it (failure streaks)."""
-        from nietest_daemon import streaks
+        from nietest_daemon.coordination import streaks
 
         streaks.record(_client(), queue_name, ok, error, threshold=_settings().alert_failure_streak)
         _client().rpush("test:done", f"outcome:{os.getpid()}")

@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 from conftest import clean_env, wait_for
 
-from nietest_daemon import alerts, logs
-from nietest_daemon.alerts import Alert, Engine, ExitLog, Marker, render_log_line
-from nietest_daemon.settings import load
+from nietest_daemon.core import logs
+from nietest_daemon.core.settings import load
+from nietest_daemon.programs import alerts
+from nietest_daemon.programs.alerts import Alert, Engine, ExitLog, Marker, render_log_line
 
 HOME = "/tmp/nt-unit-alerts"
 
@@ -432,9 +433,9 @@ def test_alerts_command_is_documented() -> None:
 def test_closing_while_the_webhook_hangs_logs_the_alert_in_flight() -> None:
     """The listener exits right after close(): an alert still waiting for its answer must be logged."""
     import structlog
-    from fake_feishu import FakeFeishu, Hang
 
-    from nietest_daemon.feishu import FeishuClient
+    from nietest_daemon.clients.feishu import FeishuClient
+    from nietest_daemon.testing.fake_feishu import FakeFeishu, Hang
 
     with FakeFeishu(secret="s3cret-x") as hook, structlog.testing.capture_logs() as events:
         hook.script(Hang(30))

@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, Daemon, clean_env, wait_for
-from fake_feishu import FakeFeishu, Hang, Received
 
-from nietest_daemon import settings as settings_module
+from nietest_daemon.core import settings as settings_module
+from nietest_daemon.testing.fake_feishu import FakeFeishu, Hang, Received
 
 pytestmark = pytest.mark.e2e
 
@@ -475,7 +475,14 @@ def _run_burst(buffer_size: str | None) -> tuple[str, list[dict[str, Any]]]:
     settings = settings_module.load({"NIETEST_HOME": str(home)})
     env = clean_env(**{**settings.supervisor_env(), "NIETEST_PYTHON": sys.executable})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nietest_daemon.supervisord", "-n", "-c", str(_burst_config(home, buffer_size))],
+        [
+            sys.executable,
+            "-m",
+            "nietest_daemon.programs.supervisord",
+            "-n",
+            "-c",
+            str(_burst_config(home, buffer_size)),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

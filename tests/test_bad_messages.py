@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, Daemon, wait_for
 
-from nietest_daemon.broker import NAMESPACE
+from nietest_daemon.internals.dramatiq_redis import NAMESPACE
 
 pytestmark = pytest.mark.e2e
 
@@ -293,7 +293,7 @@ def test_a_worker_thread_that_dies_is_logged_with_its_exception() -> None:
     """Before, a foreign queue_name killed a worker thread and the log hook itself failed on it."""
     script = """
 import io, json, threading
-from nietest_daemon import logs
+from nietest_daemon.core import logs
 out = io.StringIO()
 logs.configure("probe", stream=out, capture_std=False)
 thread = threading.Thread(target=lambda: {}["nietest_elsewhere"], name="worker-thread-3")

@@ -31,11 +31,8 @@ from conftest import NIETEST, PrivateValkey, clean_env
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from nietest_daemon import settings as settings_module
-from nietest_daemon import tasks_cli
-from nietest_daemon.broker import queue_stats
-from nietest_daemon.pipeline import open_store_for
-from nietest_daemon.taskspec import (
+from nietest_daemon.core import settings as settings_module
+from nietest_daemon.domain.taskspec import (
     DEFAULT_MAX_SUBTASKS,
     MAX_NAME_CHARS,
     MAX_PROMPTS,
@@ -45,6 +42,9 @@ from nietest_daemon.taskspec import (
     PROMPT_TYPES,
     parse_task,
 )
+from nietest_daemon.internals.dramatiq_redis import queue_stats
+from nietest_daemon.pipeline.context import open_store_for
+from nietest_daemon.programs import tasks_cli
 
 TOKEN = "tok-bad-tasks-0123456789"
 CHARACTER = "5f3c1e2a-8b7d-4c6e-9a1f-2d3b4c5e6f70"

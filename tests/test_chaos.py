@@ -7,13 +7,11 @@ The benchmark itself (300 subtasks, the issue's rates, a fault-free baseline bes
 
 from __future__ import annotations
 
-import sys
+import pytest
 
-from conftest import ROOT
+from bench import chaos
 
-sys.path.insert(0, str(ROOT / "bench"))
-
-import chaos  # noqa: E402
+pytestmark = pytest.mark.e2e
 
 
 def test_chaos_run_loses_nothing_pays_nothing_twice_and_leaks_nothing() -> None:

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import redis
 import structlog
-from fake_feishu import FakeFeishu, Hang, Reply
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from nietest_daemon.feishu import MAX_BODY_BYTES, FeishuClient, RateLimiter, build_card, fit_card, sign
+from nietest_daemon.clients.feishu import MAX_BODY_BYTES, FeishuClient, RateLimiter, build_card, fit_card, sign
+from nietest_daemon.testing.fake_feishu import FakeFeishu, Hang, Reply
 
 SECRET = "test-secret-Zq8vX2"
 HOST = "unit-host"
@@ -319,9 +319,9 @@ def test_json_log_lines_of_a_real_process_hold_neither_url_nor_secret(hook: Fake
     script = textwrap.dedent(
         """
         import logging, os
-        from nietest_daemon import logs
+        from nietest_daemon.core import logs
         logs.configure("unit", level="DEBUG")
-        from nietest_daemon.feishu import FeishuClient
+        from nietest_daemon.clients.feishu import FeishuClient
         c = FeishuClient(os.environ["HOOK"], os.environ["SECRET"], None, backoff=0.01, trust_env=False)
         c.send_card("one", "first")
         c.send_card("two", "second")

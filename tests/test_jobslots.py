@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -19,15 +18,22 @@ import dramatiq
 import dramatiq.broker
 import pytest
 import redis
-from conftest import PrivateValkey, wait_for
-from fake_nieta import FakeNieta
+from conftest import PrivateValkey
 
-from nietest_daemon import pipeline, streaks
-from nietest_daemon import settings as settings_module
-from nietest_daemon.broker import build_broker
-from nietest_daemon.jobslots import JobSlots
-from nietest_daemon.nieta import NietaClient
-from nietest_daemon.store import CANCELLED, COMPLETED, PROCESSING
+from nietest_daemon.clients.nieta import NietaClient
+from nietest_daemon.coordination import keys, streaks
+from nietest_daemon.coordination.jobslots import JobSlots
+from nietest_daemon.core import settings as settings_module
+from nietest_daemon.domain.status import CANCELLED, COMPLETED, PROCESSING
+from nietest_daemon.domain.subtask import Lane, Subtask
+from nietest_daemon.internals.dramatiq_redis import bodies_key, delay_queue_name, queue_key
+from nietest_daemon.pipeline import context as context_module
+from nietest_daemon.pipeline.broker import build_broker
+from nietest_daemon.pipeline.context import Context, build_context
+from nietest_daemon.pipeline.subtasks import CREATE_INTERRUPTED, MAX_ATTEMPTS, finish, poll_subtask, run_subtask
+from nietest_daemon.pipeline.sweep import sweep
+from nietest_daemon.pipeline.tasks import cancel_task
+from nietest_daemon.testing.fake_nieta import FakeNieta
 
 # --- JobSlots ---------------------------------------------------------------------------------------
 
@@ -77,24 +83,36 @@ def test_a_woken_waiter_keeps_its_place_and_can_hand_the_slot_on(client: redis.R
     assert (slots.in_flight(), slots.waiting_count()) == (1, 0)
 
 
+class Clock:
+    """A wall clock the test moves by hand: lease expiry without sleeping, and without racing."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_a_crashed_holders_slot_comes_back_when_its_lease_runs_out(client: redis.Redis) -> None:
-    slots = JobSlots(client, "standard", cap=1, lease_seconds=0.5)
+    clock = Clock()
+    slots = JobSlots(client, "standard", cap=1, lease_seconds=30, clock=clock)
     assert slots.acquire("crashed")
-    assert not slots.acquire("next")
-    started = time.monotonic()
-    wait_for(lambda: slots.acquire("next"), 5, interval=0.05, what="the expired lease's slot")
-    assert time.monotonic() - started >= 0.3
+    clock.now += 29.9
+    assert not slots.acquire("next")  # the lease still runs
+    clock.now += 0.2
+    assert slots.in_flight() == 0  # the crashed holder's lease has run out
+    assert slots.acquire("next")
     assert slots.in_flight() == 1 and slots.waiting_count() == 0
 
 
 def test_renewing_keeps_the_slot_and_never_resurrects_a_released_one(client: redis.Redis) -> None:
-    slots = JobSlots(client, "standard", cap=1, lease_seconds=0.4)
+    clock = Clock()
+    slots = JobSlots(client, "standard", cap=1, lease_seconds=30, clock=clock)
     assert slots.acquire("a")
-    deadline = time.monotonic() + 1.2  # three leases long
-    while time.monotonic() < deadline:
+    for _ in range(3):  # three leases long, renewed every 20 s
+        clock.now += 20
         slots.renew("a")
         assert not slots.acquire("b")
-        time.sleep(0.05)
     assert slots.release("a") == "b"  # b asked while a held it: the slot is b's now
     slots.renew("a")  # a late renewal of a finished subtask
     assert client.zscore(slots.holders, "a") is None
@@ -153,7 +171,7 @@ def test_forget_waiting_takes_one_tasks_subtasks_off_the_list(client: redis.Redi
 class Pipeline:
     """The pipeline's Context in this process: a private broker, a SQLite store, the fake API."""
 
-    def __init__(self, ctx: pipeline.Context, broker: dramatiq.Broker, api: FakeNieta) -> None:
+    def __init__(self, ctx: Context, broker: dramatiq.Broker, api: FakeNieta) -> None:
         self.ctx = ctx
         self.broker = broker
         self.api = api
@@ -172,10 +190,10 @@ class Pipeline:
 
     def messages(self, *, delayed: bool = False) -> list[tuple[str, str]]:
         """(actor, subtask id) of the messages waiting on the subtask queue (or its delay queue)."""
-        name = f"dramatiq:{self.queue}{'.DQ' if delayed else ''}"
+        name = delay_queue_name(self.queue) if delayed else self.queue
         client = self.ctx.redis
         found = []
-        for raw in client.hvals(f"{name}.msgs"):
+        for raw in client.hvals(bodies_key(name)):
             message = json.loads(raw)
             found.append((message["actor_name"], message["args"][0]))
         return sorted(found)
@@ -184,12 +202,18 @@ class Pipeline:
         return [sid for actor, sid in self.messages() if actor == "run_subtask"]
 
     def clear(self) -> None:
-        for name in (self.queue, f"{self.queue}.DQ"):
-            self.ctx.redis.delete(f"dramatiq:{name}", f"dramatiq:{name}.msgs")
+        for name in (self.queue, delay_queue_name(self.queue)):
+            self.ctx.redis.delete(queue_key(name), bodies_key(name))
 
 
-def holders(pipe: Pipeline, lumina: bool = False) -> list[str]:
-    return sorted(m.decode() for m in pipe.ctx.redis.zrange(pipe.ctx.slots[lumina].holders, 0, -1))
+def holders(pipe: Pipeline, lane: Lane = Lane.STANDARD) -> list[str]:
+    return sorted(m.decode() for m in pipe.ctx.redis.zrange(pipe.ctx.slots[lane].holders, 0, -1))
+
+
+def subtask(pipe: Pipeline, subtask_id: str) -> Subtask:
+    doc = pipe.ctx.store.get_subtask(subtask_id)
+    assert doc is not None
+    return Subtask.from_doc(doc)
 
 
 @pytest.fixture
@@ -207,10 +231,10 @@ def pipe(
         settings = settings_module.load(env)
         monkeypatch.setattr(dramatiq.broker, "global_broker", dramatiq.broker.global_broker)
         broker = build_broker(settings)
-        ctx = pipeline.build_context(settings)
+        ctx = build_context(settings)
         # No client retries: a transient error surfaces at once as a retryable NietaError.
         ctx.nieta = NietaClient(api.token, api.url, api.ops_url, max_retries=0)
-        monkeypatch.setattr(pipeline, "_context", ctx)
+        monkeypatch.setattr(context_module, "_context", ctx)
         yield Pipeline(ctx, broker, api)
         ctx.nieta.close()
         ctx.store.close()
@@ -219,30 +243,30 @@ def pipe(
 
 def test_a_finished_holder_wakes_the_longest_waiter(pipe: Pipeline) -> None:
     a, b, c = pipe.add_task("t", 3)
-    pipeline.run_subtask(a)  # takes the only slot, creates the job, schedules its first poll
-    pipeline.run_subtask(b)
-    pipeline.run_subtask(c)
-    assert pipe.ctx.slots[False].waiting_count() == 2
+    run_subtask(a)  # takes the only slot, creates the job, schedules its first poll
+    run_subtask(b)
+    run_subtask(c)
+    assert pipe.ctx.slots[Lane.STANDARD].waiting_count() == 2
     assert pipe.messages(delayed=True) == [("poll_subtask", a), ("run_subtask", b), ("run_subtask", c)]
     assert pipe.messages() == []  # waiting holds no thread and sends nothing but the late re-checks
     assert len(pipe.api.requests_to("create")) == 1
 
-    pipeline.finish(pipe.ctx, pipe.ctx.store.get_subtask(a), COMPLETED, result="http://x/a.png")
+    finish(pipe.ctx, subtask(pipe, a), COMPLETED, result="http://x/a.png")
     assert pipe.woken() == [b]
     assert holders(pipe) == [b]  # handed over before the wake-up runs
 
 
 def test_a_cancelled_waiter_hands_its_wake_up_on(pipe: Pipeline) -> None:
     a, b, c = pipe.add_task("t", 3)
-    pipeline.run_subtask(a)
-    pipeline.run_subtask(b)
-    pipeline.run_subtask(c)
+    run_subtask(a)
+    run_subtask(b)
+    run_subtask(c)
     # b is cancelled while it waits (store only: its place in the waiting list stays).
     assert pipe.ctx.store.finish_subtask(b, CANCELLED).changed
-    pipeline.finish(pipe.ctx, pipe.ctx.store.get_subtask(a), COMPLETED, result="http://x/a.png")
+    finish(pipe.ctx, subtask(pipe, a), COMPLETED, result="http://x/a.png")
     assert pipe.woken() == [b]
     pipe.clear()
-    pipeline.run_subtask(b)  # the wake-up reaches a cancelled subtask ...
+    run_subtask(b)  # the wake-up reaches a cancelled subtask ...
     assert pipe.woken() == [c]  # ... which passes it to the next waiter instead of losing it
     assert holders(pipe) == [c]
     assert len(pipe.api.requests_to("create")) == 1
@@ -253,22 +277,22 @@ def test_cancel_takes_the_tasks_waiters_off_the_list(pipe: Pipeline) -> None:
     waiting = pipe.add_task("cx", 3)
     (other,) = pipe.add_task("other", 1)
     for sid in [a, *waiting, other]:
-        pipeline.run_subtask(sid)
-    assert pipe.ctx.slots[False].waiting_count() == 4
-    outcome = pipeline.cancel_task(pipe.ctx, "cx")
+        run_subtask(sid)
+    assert pipe.ctx.slots[Lane.STANDARD].waiting_count() == 4
+    outcome = cancel_task(pipe.ctx, "cx")
     assert outcome.cancelled == 3 and outcome.finalised
-    assert [m.decode() for m in pipe.ctx.redis.zrange(pipe.ctx.slots[False].waiting, 0, -1)] == [other]
-    pipeline.finish(pipe.ctx, pipe.ctx.store.get_subtask(a), COMPLETED, result="http://x/a.png")
+    assert [m.decode() for m in pipe.ctx.redis.zrange(pipe.ctx.slots[Lane.STANDARD].waiting, 0, -1)] == [other]
+    finish(pipe.ctx, subtask(pipe, a), COMPLETED, result="http://x/a.png")
     assert pipe.woken() == [other]
 
 
 def test_a_create_that_fails_for_now_frees_its_slot_for_a_waiter(pipe: Pipeline) -> None:
     a, b = pipe.add_task("t", 2)
     pipe.api.add_rule("http_500", marker=a, times=1)
-    assert pipe.ctx.slots[False].acquire(a)  # a holds the slot (its run is about to create the job)
-    pipeline.run_subtask(b)  # b waits for it
+    assert pipe.ctx.slots[Lane.STANDARD].acquire(a)  # a holds the slot (its run is about to create the job)
+    run_subtask(b)  # b waits for it
     pipe.clear()
-    pipeline.run_subtask(a)  # the create answers 500: retryable, so a tries again later
+    run_subtask(a)  # the create answers 500: retryable, so a tries again later
     assert [r.status for r in pipe.api.requests_to("create")] == [500]
     assert pipe.woken() == [b]  # a gave its slot back and woke b
     assert pipe.messages(delayed=True) == [("run_subtask", a)]
@@ -278,28 +302,28 @@ def test_a_create_that_fails_for_now_frees_its_slot_for_a_waiter(pipe: Pipeline)
 
 def test_a_poll_of_a_finished_subtask_frees_its_slot_for_a_waiter(pipe: Pipeline) -> None:
     a, b = pipe.add_task("t", 2)
-    pipeline.run_subtask(a)
-    pipeline.run_subtask(b)
+    run_subtask(a)
+    run_subtask(b)
     # a ends by another path (a cancel seen by the store) while it still holds the slot.
     assert pipe.ctx.store.finish_subtask(a, CANCELLED).changed
     pipe.clear()
-    pipeline.poll_subtask(a)
+    poll_subtask(a)
     assert pipe.woken() == [b]
     assert holders(pipe) == [b]
 
 
 def test_a_run_that_finds_another_creating_comes_back_later(pipe: Pipeline) -> None:
     (a,) = pipe.add_task("t", 1)
-    pipe.ctx.redis.set(f"nietest:creating:{a}", "another-message", ex=60)
-    pipeline.run_subtask(a)
+    pipe.ctx.redis.set(keys.creating(a), "another-message", ex=60)
+    run_subtask(a)
     assert pipe.api.requests_to("create") == []
     assert pipe.messages(delayed=True) == [("run_subtask", a)]  # not dropped
-    assert pipe.ctx.redis.get(f"nietest:creating:{a}") == b"another-message"  # not stolen
-    pipe.ctx.redis.delete(f"nietest:creating:{a}")
-    pipeline.run_subtask(a)
+    assert pipe.ctx.redis.get(keys.creating(a)) == b"another-message"  # not stolen
+    pipe.ctx.redis.delete(keys.creating(a))
+    run_subtask(a)
     sub = pipe.ctx.store.get_subtask(a)
     assert sub["status"] == PROCESSING and sub["job_uuid"] and sub["seed"]
-    assert pipe.ctx.redis.get(f"nietest:creating:{a}") is None
+    assert pipe.ctx.redis.get(keys.creating(a)) is None
 
 
 def test_no_job_is_created_for_a_task_cancelled_before_the_create(pipe: Pipeline) -> None:
@@ -312,11 +336,11 @@ def test_no_job_is_created_for_a_task_cancelled_before_the_create(pipe: Pipeline
         return sub
 
     pipe.ctx.store.start_subtask = start_then_cancel  # type: ignore[method-assign]
-    pipeline.run_subtask(a)
+    run_subtask(a)
     assert pipe.api.requests_to("create") == []
     assert pipe.ctx.store.get_subtask(a)["status"] == CANCELLED
     assert pipe.ctx.store.get_task("t")["status"] == "cancelled"
-    assert pipe.ctx.slots[False].in_flight() == 0
+    assert pipe.ctx.slots[Lane.STANDARD].in_flight() == 0
 
 
 def test_the_sweep_resumes_or_fails_subtasks_stuck_in_processing(pipe: Pipeline) -> None:
@@ -325,13 +349,13 @@ def test_the_sweep_resumes_or_fails_subtasks_stuck_in_processing(pipe: Pipeline)
     store.start_subtask(polled)
     store.record_job(polled, "job-1", 7)  # its poll messages were lost
     store.start_subtask(unstarted)  # its process died before the create
-    for _ in range(pipeline.MAX_ATTEMPTS):
+    for _ in range(MAX_ATTEMPTS):
         store.start_subtask(exhausted)
     store.start_subtask(fresh)
-    assert pipeline.sweep(pipe.ctx, older_than_seconds=3600) == {"resumed": 0, "failed": 0, "finalised": 0}
+    assert sweep(pipe.ctx, older_than_seconds=3600) == {"resumed": 0, "failed": 0, "finalised": 0}
 
     # a cutoff a second ahead: every processing subtask counts as stuck
-    assert pipeline.sweep(pipe.ctx, older_than_seconds=-1) == {"resumed": 3, "failed": 1, "finalised": 0}
+    assert sweep(pipe.ctx, older_than_seconds=-1) == {"resumed": 3, "failed": 1, "finalised": 0}
     assert pipe.messages() == sorted([("poll_subtask", polled), ("run_subtask", unstarted), ("run_subtask", fresh)])
     assert store.get_subtask(exhausted)["status"] == "failed"
     assert "given up by the sweep" in store.get_subtask(exhausted)["error"]
@@ -349,12 +373,12 @@ def test_the_sweep_finalises_a_task_whose_finaliser_died(pipe: Pipeline) -> None
         task.update(status=PROCESSING, completed_at=None)
         store._write_task(conn, task)
     master = pipe.ctx.settings.queue("master").name
-    pipe.ctx.redis.delete(f"dramatiq:{master}", f"dramatiq:{master}.msgs")
-    assert pipeline.sweep(pipe.ctx)["finalised"] == 1
+    pipe.ctx.redis.delete(queue_key(master), bodies_key(master))
+    assert sweep(pipe.ctx)["finalised"] == 1
     assert store.get_task("t")["status"] == "completed"
-    notices = [json.loads(m) for m in pipe.ctx.redis.hvals(f"dramatiq:{master}.msgs")]
+    notices = [json.loads(m) for m in pipe.ctx.redis.hvals(bodies_key(master))]
     assert [(m["actor_name"], m["args"]) for m in notices] == [("send_notice", ["t", "completed"])]
-    assert pipeline.sweep(pipe.ctx)["finalised"] == 0  # once
+    assert sweep(pipe.ctx)["finalised"] == 0  # once
 
 
 def test_the_sweep_enqueues_a_final_notice_its_finaliser_never_sent(pipe: Pipeline) -> None:
@@ -366,17 +390,17 @@ def test_the_sweep_enqueues_a_final_notice_its_finaliser_never_sent(pipe: Pipeli
     master = pipe.ctx.settings.queue("master").name
 
     def notices() -> list[tuple[str, list[str]]]:
-        return [(m["actor_name"], m["args"]) for m in map(json.loads, pipe.ctx.redis.hvals(f"dramatiq:{master}.msgs"))]
+        return [(m["actor_name"], m["args"]) for m in map(json.loads, pipe.ctx.redis.hvals(bodies_key(master)))]
 
-    pipeline.sweep(pipe.ctx)
+    sweep(pipe.ctx)
     assert notices() == []  # it ended less than a minute ago: its finaliser may still be at it
     with store._tx() as conn:
         task = store._read(conn, "tasks", "t")
         task.update(completed_at=task["completed_at"] - timedelta(minutes=5))
         store._write_task(conn, task)
-    pipeline.sweep(pipe.ctx)
+    sweep(pipe.ctx)
     assert notices() == [("send_notice", ["t", "completed"])]
-    pipeline.sweep(pipe.ctx)
+    sweep(pipe.ctx)
     assert len(notices()) == 1  # once
 
 
@@ -386,24 +410,24 @@ def test_a_create_of_a_live_process_is_waited_for_and_a_dead_ones_is_never_repea
     subtask fails rather than pay for a second image."""
     (a,) = pipe.add_task("t", 1)
     client = pipe.ctx.redis
-    client.set(f"nietest:create-sent:{a}", "otherhost:42:cafe0123")
-    client.set("nietest:alive:otherhost:42:cafe0123", "1", ex=60)
-    pipeline.run_subtask(a)
+    client.set(keys.create_sent(a), "otherhost:42:cafe0123")
+    client.set(keys.alive("otherhost:42:cafe0123"), "1", ex=60)
+    run_subtask(a)
     assert pipe.messages(delayed=True) == [("run_subtask", a)]  # looks again later
     assert pipe.ctx.store.get_subtask(a)["status"] == PROCESSING and pipe.api.jobs == []
 
-    client.delete("nietest:alive:otherhost:42:cafe0123")  # that process died
-    pipeline.run_subtask(a)
+    client.delete(keys.alive("otherhost:42:cafe0123"))  # that process died
+    run_subtask(a)
     sub = pipe.ctx.store.get_subtask(a)
-    assert sub["status"] == "failed" and sub["error"] == pipeline.CREATE_INTERRUPTED
+    assert sub["status"] == "failed" and sub["error"] == CREATE_INTERRUPTED
     assert pipe.api.jobs == []  # no second create
 
 
 def test_the_create_marker_is_cleared_once_the_job_is_stored(pipe: Pipeline) -> None:
     (a,) = pipe.add_task("t", 1)
-    pipeline.run_subtask(a)
+    run_subtask(a)
     assert pipe.ctx.store.get_subtask(a)["job_uuid"] and len(pipe.api.jobs) == 1
-    assert not pipe.ctx.redis.exists(f"nietest:create-sent:{a}")
+    assert not pipe.ctx.redis.exists(keys.create_sent(a))
 
 
 # --- failure streaks ---------------------------------------------------------------------------------

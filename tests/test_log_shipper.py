@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, Daemon, wait_for
 
-from nietest_daemon.logs import MAX_LINE_BYTES
+from nietest_daemon.core.logs import MAX_LINE_BYTES
 
 pytestmark = pytest.mark.e2e
 

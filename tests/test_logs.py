@@ -7,12 +7,12 @@ import subprocess
 import sys
 import textwrap
 
-from nietest_daemon.logs import MAX_LINE_BYTES, Redactor, render_line
+from nietest_daemon.core.logs import MAX_LINE_BYTES, Redactor, render_line
 
 SCRIPT = textwrap.dedent(
     """
     import logging, sys, warnings
-    from nietest_daemon import logs
+    from nietest_daemon.core import logs
     logs.configure("unit")
     logs.set_secrets(["tok-SECRET-1", 'quo"te-secret'])
     log = logs.get_logger("unit.test")

@@ -11,26 +11,24 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
-from fake_nieta import DEFAULT_TOKEN, FakeNieta, Rule
 
-from nietest_daemon import nieta
-from nietest_daemon.nieta import (
+from nietest_daemon.clients import nieta
+from nietest_daemon.clients.nieta import (
     LUMINA_ELEMENT_UUID,
     JobStatus,
     NietaClient,
     NietaError,
     build_make_image_body,
-    choose_seed,
-    dimensions_from_ratio,
     parse_job_status,
-    random_seed,
 )
+from nietest_daemon.domain.images import SeedError, choose_seed, random_seed
+from nietest_daemon.domain.images import ratio_to_size as dimensions_from_ratio
+from nietest_daemon.testing.fake_nieta import DEFAULT_TOKEN, FakeNieta, Rule
 
 TOKEN = DEFAULT_TOKEN
 CHAR_UUID = "0f6b7a3e-8d1c-4c1e-9e55-3f0c2b1a9d77"
@@ -226,8 +224,10 @@ def test_seeds() -> None:
     for empty in (None, 0):
         assert 1 <= choose_seed(empty) <= 2147483647
     assert 1 <= build_make_image_body(subtask(seed=None))["seed"] <= 2147483647
-    with pytest.raises(NietaError):
+    with pytest.raises(SeedError):
         choose_seed("abc")
+    with pytest.raises(NietaError, match="seed must be an integer"):
+        build_make_image_body(subtask(seed="abc"))
 
 
 @pytest.mark.parametrize(
@@ -700,9 +700,18 @@ def test_fake_scripting_by_nth_and_marker() -> None:
 
 
 def test_fake_runs_standalone() -> None:
-    script = Path(__file__).with_name("fake_nieta.py")
     proc = subprocess.Popen(
-        [sys.executable, str(script), "--port", "0", "--latency", "0.01", "--marker-regex", r"st-\d+"],
+        [
+            sys.executable,
+            "-m",
+            "nietest_daemon.testing.fake_nieta",
+            "--port",
+            "0",
+            "--latency",
+            "0.01",
+            "--marker-regex",
+            r"st-\d+",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

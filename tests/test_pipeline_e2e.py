@@ -26,14 +26,15 @@ from typing import Any
 import dramatiq
 import pytest
 from conftest import ROOT, Daemon, wait_for
-from fake_feishu import FakeFeishu
-from fake_nieta import FakeNieta, Recorded
 
-from nietest_daemon.broker import queue_stats
-from nietest_daemon.jobslots import PREFIX as SLOTS_PREFIX
-from nietest_daemon.nieta import LUMINA_ELEMENT_UUID
-from nietest_daemon.pipeline import CREATE_INTERRUPTED, open_store_for
+from nietest_daemon.clients.nieta import LUMINA_ELEMENT_UUID
+from nietest_daemon.coordination.keys import SLOTS_PREFIX
+from nietest_daemon.internals.dramatiq_redis import queue_stats
+from nietest_daemon.pipeline.context import open_store_for
+from nietest_daemon.pipeline.subtasks import CREATE_INTERRUPTED
 from nietest_daemon.store import Store
+from nietest_daemon.testing.fake_feishu import FakeFeishu
+from nietest_daemon.testing.fake_nieta import FakeNieta, Recorded
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nietest_daemon.settings import SettingsError, load, redact_url
+from nietest_daemon.core.redaction import redact_url
+from nietest_daemon.core.settings import SettingsError, load
 
 
 def test_defaults_follow_the_design() -> None:

@@ -30,24 +30,28 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nietest_daemon import store as store_module
-from nietest_daemon.store import (
+from nietest_daemon.domain.status import (
     CANCELLED,
     COMPLETED,
     FAILED,
     PENDING,
     PROCESSING,
     STATUSES,
+    TERMINAL,
+    final_task_status,
+    is_partial,
+)
+from nietest_daemon.store import (
     DuplicateTaskError,
     FinishOutcome,
     MongoStore,
     SQLiteStore,
     Store,
     UnknownSubtaskError,
-    final_task_status,
     open_store,
     utcnow,
 )
+from nietest_daemon.store import base as store_base
 
 COUNTER_FIELDS = ("processed_images", "completed_images", "failed_images", "cancelled_images")
 
@@ -180,7 +184,7 @@ def test_create_and_get_task(store: Store) -> None:
     assert_aware_utc(task["created_at"])
     assert task["updated_at"] == task["created_at"]
     assert task["started_at"] is None and task["completed_at"] is None
-    assert set(store_module.TASK_FIELDS) <= set(task)
+    assert set(store_base.TASK_FIELDS) <= set(task)
     assert store.get_task("nope") is None
 
 
@@ -231,7 +235,7 @@ def test_insert_subtasks_is_idempotent(store: Store) -> None:
     assert sub["job_uuid"] is None and sub["poll_count"] == 0 and sub["attempts"] == 0
     assert sub["result"] is None and sub["error"] is None and sub["width"] == 1024
     assert_aware_utc(sub["created_at"])
-    assert set(store_module.SUBTASK_FIELDS) <= set(sub)
+    assert set(store_base.SUBTASK_FIELDS) <= set(sub)
     assert store.get_subtask("missing") is None
 
 
@@ -388,7 +392,7 @@ def test_finish_sequences_property(make_store: StoreFactory, ops: list[tuple[int
     assert counters(task) == {k: recount[k] for k in counters(task)}  # type: ignore[arg-type]
     all_done = len({i for i, _ in ops}) == 6
     assert len(finalisers) == (1 if all_done else 0)
-    assert (task["status"] in store_module.TERMINAL) == all_done  # type: ignore[index]
+    assert (task["status"] in TERMINAL) == all_done  # type: ignore[index]
 
 
 def race_finish(make_store: StoreFactory, task_id: str, ids: list[str], workers: int) -> list[FinishOutcome]:
@@ -536,7 +540,7 @@ def test_task_status_rules(store: Store, statuses: list[str], expected: str, par
     assert_aware_utc(task["completed_at"])
     if partial:
         assert task["error"] == "partially completed: 1 of 3 images failed"
-        assert store_module.is_partial(task)
+        assert is_partial(task)
     elif expected == COMPLETED:
         assert task["error"] is None
     assert store.finalise_task("t") is None  # already final: never twice
@@ -709,7 +713,7 @@ def test_sqlite_is_wal_and_survives_reopen(tmp_path: Path) -> None:
     make_task(s, "t", 2)
     assert s._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     s.close()
-    with pytest.raises(store_module.StoreError):
+    with pytest.raises(store_base.StoreError):
         s.get_task("t")
     with SQLiteStore(tmp_path) as again:
         assert again.count_subtasks("t")[PENDING] == 2

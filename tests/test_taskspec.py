@@ -1,4 +1,4 @@
-"""Task format validation and expansion (DESIGN.md §6): nietest_daemon.taskspec."""
+"""Task format validation and expansion (DESIGN.md §6): nietest_daemon.domain.taskspec."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from nietest_daemon.taskspec import (
+from nietest_daemon.domain.images import ratio_to_size
+from nietest_daemon.domain.taskspec import (
     PARAMETERS,
     SubtaskSpec,
     Task,
     TaskValidationError,
     expand,
     parse_task,
-    ratio_to_size,
     subtask_at,
     subtask_id,
     validate_task,

@@ -1,0 +1,84 @@
+"""Every Redis key nietest itself writes, in one place (Dramatiq's own keys: internals/dramatiq_redis.py).
+
+All live under the `nietest:` prefix on the broker's Redis, beside Dramatiq's `dramatiq:` keys.
+Per-subtask and per-task markers carry a TTL; the others are small and bounded.
+"""
+
+from __future__ import annotations
+
+PREFIX = "nietest"
+
+# --- job slots (coordination/jobslots.py) --------------------------------------------------------
+SLOTS_PREFIX = f"{PREFIX}:slots"
+
+
+def slot_holders(api: str) -> str:
+    """Sorted set: the subtasks holding a job slot of `api`, scored by their lease expiry."""
+    return f"{SLOTS_PREFIX}:{api}:holders"
+
+
+def slot_waiting(api: str) -> str:
+    """Sorted set: the subtasks waiting for a job slot of `api`, scored by arrival (FIFO)."""
+    return f"{SLOTS_PREFIX}:{api}:waiting"
+
+
+# --- failure streaks (coordination/streaks.py) ---------------------------------------------------
+STREAK_PREFIX = f"{PREFIX}:streak"
+STREAK_EVENTS = f"{STREAK_PREFIX}:events"
+
+
+def streak(queue: str) -> str:
+    """Hash: failures, last_failure_at, last_success_at of one queue."""
+    return f"{STREAK_PREFIX}:{queue}"
+
+
+def streak_errors(queue: str) -> str:
+    """List: the latest error texts of the queue's current run of failures."""
+    return f"{STREAK_PREFIX}:{queue}:errors"
+
+
+# --- per-subtask markers (coordination/markers.py) -----------------------------------------------
+
+
+def poll_chain(subtask_id: str) -> str:
+    """The message id of the subtask's one current poll message."""
+    return f"{PREFIX}:chain:{subtask_id}"
+
+
+def creating(subtask_id: str) -> str:
+    """Lock: a message is creating the subtask's image job right now."""
+    return f"{PREFIX}:creating:{subtask_id}"
+
+
+def create_sent(subtask_id: str) -> str:
+    """A create request may be out: claimed just before it is sent, deleted once its uuid is stored."""
+    return f"{PREFIX}:create-sent:{subtask_id}"
+
+
+def timeouts(subtask_id: str) -> str:
+    """Set: the subtask's job uuids that the API answered TIMEOUT."""
+    return f"{PREFIX}:timeouts:{subtask_id}"
+
+
+def alive(process_token: str) -> str:
+    """A worker process is alive (renewed by its housekeeping thread; expires when it dies)."""
+    return f"{PREFIX}:alive:{process_token}"
+
+
+# --- tasks and periodic work --------------------------------------------------------------------
+
+
+def notice(task_id: str, event: str) -> str:
+    """The task notice `event` of the task was claimed ("sending:<message id>") or "sent"."""
+    return f"{PREFIX}:notice:{task_id}:{event}"
+
+
+def notice_final_queued(task_id: str) -> str:
+    """The task's final notice was enqueued."""
+    return f"{PREFIX}:notice:{task_id}:final-queued"
+
+
+SWEEP_LOCK = f"{PREFIX}:sweep"  # one sweep per round across every master process
+
+# --- Feishu rate limits (clients/feishu.py) ------------------------------------------------------
+FEISHU_RATE_LIMIT_PREFIX = f"{PREFIX}:feishu:ratelimit"

@@ -1,0 +1,81 @@
+"""Per-queue runs of failed subtasks, kept in Redis for the alerts listener.
+
+Every subtask outcome calls `record()` (from any worker process). One Lua script keeps, per
+queue, the current count of consecutive failures and the latest error texts, and appends an
+event to one list exactly when a run starts (the count reaches the threshold) and when it
+ends (the first success after such a run). The `alerts` listener drains those events, so no
+run is missed between two of its ticks and none is reported twice.
+
+Keys (namespace `nietest:streak`):
+  nietest:streak:<queue>          hash: failures, last_failure_at, last_success_at
+  nietest:streak:<queue>:errors   list: latest error texts of the current run (newest first, 100 max)
+  nietest:streak:events           list: JSON events {kind: "failure_run"|"recovered", queue, failures, errors, at}
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from nietest_daemon.coordination import keys
+
+EVENTS_KEY = keys.STREAK_EVENTS
+MAX_EVENTS = 1000
+MAX_ERROR_CHARS = 300
+
+_RECORD = """
+local key, errs, events = KEYS[1], KEYS[2], KEYS[3]
+local ok, err, threshold, now, queue, max_events = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
+if ok == "1" then
+  local n = tonumber(redis.call("hget", key, "failures") or "0")
+  redis.call("hset", key, "failures", 0, "last_success_at", now)
+  if n >= threshold then
+    redis.call("rpush", events, cjson.encode({kind="recovered", queue=queue, failures=n, at=tonumber(now)}))
+    redis.call("ltrim", events, -tonumber(max_events), -1)
+  end
+  redis.call("del", errs)
+  return 0
+end
+local n = redis.call("hincrby", key, "failures", 1)
+redis.call("hset", key, "last_failure_at", now)
+redis.call("lpush", errs, err)
+redis.call("ltrim", errs, 0, 99)
+if n == threshold then
+  local errors = redis.call("lrange", errs, 0, 99)
+  redis.call("rpush", events, cjson.encode({kind="failure_run", queue=queue, failures=n, errors=errors,
+                                             at=tonumber(now)}))
+  redis.call("ltrim", events, -tonumber(max_events), -1)
+end
+return n
+"""
+
+
+def _keys(queue: str) -> list[str]:
+    return [keys.streak(queue), keys.streak_errors(queue), EVENTS_KEY]
+
+
+def record(client: redis.Redis, queue: str, ok: bool, error: str | None = None, *, threshold: int) -> int:
+    """Record one subtask outcome on `queue`; returns the current run of consecutive failures."""
+    text = (error or "unknown error")[:MAX_ERROR_CHARS]
+    args = ["1" if ok else "0", text, threshold, f"{time.time():.3f}", queue, MAX_EVENTS]
+    return int(client.register_script(_RECORD)(keys=_keys(queue), args=args))
+
+
+def current(client: redis.Redis, queue: str) -> dict[str, Any]:
+    """The queue's current run: failures (int) and its latest error texts."""
+    key, errs, _ = _keys(queue)
+    failures = client.hget(key, "failures")
+    errors = [e.decode() if isinstance(e, bytes) else e for e in client.lrange(errs, 0, 99)]
+    return {"queue": queue, "failures": int(failures or 0), "errors": errors}
+
+
+def drain_events(client: redis.Redis, limit: int = MAX_EVENTS) -> list[dict[str, Any]]:
+    """Take (and remove) the pending run events, oldest first."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.lrange(EVENTS_KEY, 0, limit - 1)
+        pipe.ltrim(EVENTS_KEY, limit, -1)
+        raw, _ = pipe.execute()
+    return [json.loads(item) for item in raw]

@@ -1,0 +1,54 @@
+"""The actors of the four queues, registered on the broker when a worker imports this module.
+
+master:      process_task (expand + dispatch), send_notice (task notices)
+subtask:     run_subtask, poll_subtask                 (the standard lane)
+subtask_ops: run_lumina_subtask, poll_lumina_subtask   (the Lumina lane)
+master_ops:  reserved; no actor. A message for an unknown actor is dead-lettered with a log line.
+
+The bodies live in pipeline/tasks.py, pipeline/subtasks.py and pipeline/notices.py;
+NIETEST_ACTOR_MODULES adds more actor modules.
+"""
+
+from __future__ import annotations
+
+import dramatiq
+
+from nietest_daemon.core import settings as settings_module
+from nietest_daemon.domain.subtask import Lane
+from nietest_daemon.pipeline import notices, subtasks, tasks
+from nietest_daemon.pipeline.context import context
+from nietest_daemon.pipeline.messages import POLL_SUBTASK, PROCESS_TASK, RUN_SUBTASK, SEND_NOTICE
+
+_settings = settings_module.load()
+_MINUTE = 60_000
+
+
+def send_notice(task_id: str, event: str) -> None:
+    notices.deliver(context(), task_id, event)
+
+
+_master = _settings.queue("master").name
+dramatiq.actor(
+    tasks.process_task,
+    actor_name=PROCESS_TASK,
+    queue_name=_master,
+    max_retries=_settings.max_retries,
+    time_limit=30 * _MINUTE,
+)
+dramatiq.actor(send_notice, actor_name=SEND_NOTICE, queue_name=_master, max_retries=0, time_limit=2 * _MINUTE)
+for _lane in Lane:
+    _queue = _settings.queue(_lane.queue_key).name
+    dramatiq.actor(
+        subtasks.run_subtask,
+        actor_name=RUN_SUBTASK[_lane],
+        queue_name=_queue,
+        max_retries=_settings.max_retries,
+        time_limit=5 * _MINUTE,
+    )
+    dramatiq.actor(
+        subtasks.poll_subtask,
+        actor_name=POLL_SUBTASK[_lane],
+        queue_name=_queue,
+        max_retries=_settings.max_retries,
+        time_limit=5 * _MINUTE,
+    )

@@ -1,0 +1,91 @@
+"""What the pipeline needs in one process (settings, store, broker client, API clients, job
+slots), built once per process on first use."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import dataclass
+
+import redis
+
+from nietest_daemon.clients.feishu import FeishuClient
+from nietest_daemon.clients.nieta import NietaClient
+from nietest_daemon.coordination.connection import redis_client
+from nietest_daemon.coordination.jobslots import JobSlots
+from nietest_daemon.core import settings as settings_module
+from nietest_daemon.core.settings import Settings
+from nietest_daemon.domain.subtask import Lane
+from nietest_daemon.store import Store, open_store
+
+
+@dataclass
+class Context:
+    settings: Settings
+    store: Store
+    redis: redis.Redis
+    nieta: NietaClient | None
+    notifier: FeishuClient
+    slots: dict[Lane, JobSlots]
+
+    def queue_of(self, lane: Lane) -> str:
+        return self.settings.queue(lane.queue_key).name
+
+    def polling(self, lane: Lane) -> tuple[int, float]:
+        """The lane's polling budget: (attempts, interval in seconds)."""
+        s = self.settings
+        if lane is Lane.LUMINA:
+            return s.lumina_max_polling_attempts, s.lumina_polling_interval
+        return s.image_max_polling_attempts, s.image_polling_interval
+
+
+_context: Context | None = None
+_context_lock = threading.Lock()
+
+
+def context(settings: Settings | None = None) -> Context:
+    """The process's context, built on the first call (from `settings`, else the environment)."""
+    global _context
+    with _context_lock:
+        if _context is None:
+            _context = build_context(settings or settings_module.load())
+        return _context
+
+
+def build_context(settings: Settings) -> Context:
+    client = redis_client(settings, socket_timeout=10)
+    lease = max(120.0, 10 * max(settings.image_polling_interval, settings.lumina_polling_interval))
+    nieta = None
+    if settings.nieta_xtoken:
+        nieta = NietaClient(settings.nieta_xtoken, settings.nieta_api_base_url, settings.nieta_ops_api_base_url)
+    notifier = FeishuClient(
+        settings.feishu_task_webhook_url,
+        settings.feishu_webhook_secret,
+        client,
+        host=socket.gethostname(),
+    )
+    return Context(
+        settings=settings,
+        store=open_store_for(settings),
+        redis=client,
+        nieta=nieta,
+        notifier=notifier,
+        slots={
+            Lane.STANDARD: JobSlots(client, Lane.STANDARD, settings.max_jobs, lease),
+            Lane.LUMINA: JobSlots(client, Lane.LUMINA, settings.max_lumina_jobs, lease),
+        },
+    )
+
+
+def open_store_for(settings: Settings) -> Store:
+    return open_store(
+        data_dir=settings.data_dir,
+        mongo_uri=settings.mongo_uri,
+        mongo_host=settings.mongo_host,
+        mongo_port=settings.mongo_port,
+        mongo_user=settings.mongo_user,
+        mongo_password=settings.mongo_password,
+        mongo_db=settings.mongo_db,
+        task_collection=settings.task_collection,
+        subtask_collection=settings.subtask_collection,
+    )

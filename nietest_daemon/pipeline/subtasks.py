@@ -1,0 +1,285 @@
+"""The subtask state machine: take a job slot, create ONE image job, poll it to its end.
+
+    run_subtask(subtask_id)      SUBTASK_QUEUE (run_lumina_subtask on SUBTASK_OPS_QUEUE)
+        take a job slot (or wait for one without holding a thread), create one image job,
+        store its uuid and seed, then schedule the first poll
+    poll_subtask(subtask_id)     poll once; still running -> schedule the next poll
+                                 (a delayed message: no thread waits between polls)
+
+- A subtask with a stored job uuid never creates another job (a redelivered or swept subtask
+  polls it); only an API `TIMEOUT` earns a new job, `TIMEOUT_RESUBMITS` times. A create cut off by
+  the death of its process fails the subtask rather than risk a second job (coordination/markers.py).
+- The creating lock keeps two deliveries from creating two jobs at once; the poll chain lets only
+  the newest poll message of a subtask act, so a redelivered poll never doubles the polling.
+- The end of a subtask goes through `finish`, i.e. `Store.finish_subtask`, the one conditional
+  update from a non-terminal state: it alone counts the subtask and finalises the task (once), and
+  only the call that finalised sends the task's notice.
+"""
+
+from __future__ import annotations
+
+import random
+
+import redis
+
+from nietest_daemon.clients.nieta import NietaError
+from nietest_daemon.coordination import markers, streaks
+from nietest_daemon.core.backoff import SPREAD, backoff
+from nietest_daemon.core.logs import get_logger
+from nietest_daemon.domain.images import choose_seed
+from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED, TERMINAL
+from nietest_daemon.domain.subtask import Lane, Subtask
+from nietest_daemon.pipeline import notices
+from nietest_daemon.pipeline.context import Context, context
+from nietest_daemon.pipeline.messages import current_message_id, owner_of_current_message, schedule_poll, send_run
+from nietest_daemon.store import utcnow
+
+log = get_logger(__name__)
+
+TIMEOUT_RESUBMITS = 1  # new jobs a subtask may create after the API answered TIMEOUT
+CREATE_ERROR_RETRIES = 3  # actor-level retries of a transient create failure (each after the client's own)
+POLL_ERROR_RETRIES = 5  # consecutive transient poll failures tolerated
+WAIT_RECHECK_SECONDS = 30.0  # a waiting subtask re-checks for a slot this often, in case a wake-up was lost
+WAIT_RECHECK_MAX_SECONDS = 600.0  # ... times (1 + waiters / cap), at most this
+CREATING_RECHECK_SECONDS = 15.0  # a run that finds another message creating the job looks again this late
+CREATE_INTERRUPTED = (
+    "its worker died while creating the image job; not created again, as the API may already have made it "
+    "(an image is never paid for twice)"
+)
+MAX_ATTEMPTS = 8  # starts of one subtask (redeliveries, sweeps) before it is given up
+
+
+# --- ending a subtask -----------------------------------------------------------------------------
+
+
+def release_slot(ctx: Context, subtask_id: str, lane: Lane) -> None:
+    """Give the subtask's slot back (or its place in the waiting list) and wake the waiter it went to.
+
+    `JobSlots.release` hands a free slot to the longest waiter: that waiter is woken by this call
+    or by nobody (the slot then idles until the waiter's delayed re-check), so every release must
+    go through here, also for a subtask that finds itself terminal: it may hold a handed-on slot.
+    """
+    woken = ctx.slots[lane].release(subtask_id)
+    if woken:
+        send_run(ctx, woken, lane)
+
+
+def finish(ctx: Context, sub: Subtask, status: str, *, result: str | None = None, error: str | None = None) -> None:
+    """Move a subtask to a terminal state (once), free its slot, update streaks, notify on finalisation."""
+    outcome = ctx.store.finish_subtask(sub.id, status, result=result, error=error)
+    release_slot(ctx, sub.id, sub.lane)
+    if outcome is None or not outcome.changed:
+        return
+    log.info("subtask finished", subtask_id=sub.id, task_id=sub.task_id, status=status, error=error, result=result)
+    if status in (COMPLETED, FAILED):
+        try:
+            streaks.record(
+                ctx.redis,
+                ctx.queue_of(sub.lane),
+                status == COMPLETED,
+                error,
+                threshold=ctx.settings.alert_failure_streak,
+            )
+        except redis.RedisError as exc:
+            log.warning("could not record the failure streak", error=str(exc))
+    if outcome.finalised and outcome.task is not None:
+        notices.task_finished(ctx, outcome.task)
+
+
+# --- the actors' bodies ---------------------------------------------------------------------------
+
+
+def _active_subtask(ctx: Context, subtask_id: str, *, cancelled: str) -> Subtask | None:
+    """The subtask if there is work to do on it; else None, after tidying up what its end left."""
+    doc = ctx.store.get_subtask(subtask_id)
+    if doc is None:
+        log.error("no such subtask; message dropped", subtask_id=subtask_id)
+        return None
+    sub = Subtask.from_doc(doc)
+    if sub.status in TERMINAL:
+        # It may still sit in the waiting list (cancelled while it waited) and this message may be
+        # the wake-up of a freed slot: leave the list and hand the wake-up on, or it is lost.
+        release_slot(ctx, subtask_id, sub.lane)
+        # Or it is the redelivery of the message that finalised the task, from a process that died
+        # before it enqueued the task's notice.
+        notices.ensure_final(ctx, sub.task_id)
+        return None
+    if ctx.store.is_cancel_requested(sub.task_id):
+        finish(ctx, sub, CANCELLED, error=cancelled)
+        return None
+    return sub
+
+
+def run_subtask(subtask_id: str, errors: int = 0) -> None:
+    """Create the subtask's image job (at most one per TIMEOUT budget), then hand over to polling."""
+    ctx = context()
+    sub = _active_subtask(ctx, subtask_id, cancelled="task cancelled")
+    if sub is None:
+        return
+    lane = sub.lane
+    if sub.job_uuid:  # redelivered or resumed: poll the job we already paid for
+        _, interval = ctx.polling(lane)
+        schedule_poll(ctx, sub.id, lane, delay=interval)
+        return
+    if sub.attempts >= MAX_ATTEMPTS:
+        finish(ctx, sub, FAILED, error=f"given up after {sub.attempts} attempts to start the image job")
+        return
+    slots = ctx.slots[lane]
+    if not slots.acquire(subtask_id):
+        # Waiting: a released slot wakes us; the delayed re-check only covers a lost wake-up, so
+        # it backs off with the length of the queue (50 000 waiters must not spin every 30 s).
+        backlog = 1 + slots.waiting_count() / max(1, slots.cap)
+        delay = min(WAIT_RECHECK_MAX_SECONDS, WAIT_RECHECK_SECONDS * backlog) * random.uniform(*SPREAD)
+        send_run(ctx, subtask_id, lane, delay=delay, errors=errors)
+        return
+    owner = owner_of_current_message()
+    if not markers.take_creating_lock(ctx.redis, subtask_id, owner):
+        # Another message is creating this job right now (it schedules the polls), or its process
+        # died mid-create (the lock then expires): look again later, never drop it.
+        send_run(ctx, subtask_id, lane, delay=CREATING_RECHECK_SECONDS, errors=errors)
+        return
+    try:
+        _create_job(ctx, subtask_id, lane, errors)
+    finally:
+        markers.release_creating_lock(ctx.redis, subtask_id, owner)
+
+
+def _create_job(ctx: Context, subtask_id: str, lane: Lane, errors: int) -> None:
+    doc = ctx.store.start_subtask(subtask_id)
+    if doc is None:  # became terminal meanwhile
+        release_slot(ctx, subtask_id, lane)
+        return
+    sub = Subtask.from_doc(doc)
+    max_polls, interval = ctx.polling(lane)
+    if sub.job_uuid:
+        schedule_poll(ctx, sub.id, lane, delay=interval)
+        return
+    # cancel_task cancels pending subtasks only: one that a cancel found processing (start_subtask
+    # above ran first) is left to us, so look again now that it is processing: a cancelled task
+    # pays for no new job.
+    if ctx.store.is_cancel_requested(sub.task_id):
+        finish(ctx, sub, CANCELLED, error="task cancelled")
+        return
+    if ctx.nieta is None:
+        finish(ctx, sub, FAILED, error="NIETA_XTOKEN is not set on the workers")
+        return
+    # The API has no idempotency key: a create whose process died before its uuid was stored may
+    # have made a job nobody can find. Creating another would pay twice, so such a subtask fails
+    # (see coordination/markers.py) -- unless the creating process still lives: this message can
+    # be a copy redelivered after a broker blip, so look again later.
+    if not markers.claim_create_sent(ctx.redis, subtask_id):
+        if markers.create_sender_alive(ctx.redis, subtask_id):
+            send_run(ctx, subtask_id, lane, delay=CREATING_RECHECK_SECONDS, errors=errors)
+            return
+        finish(ctx, sub, FAILED, error=CREATE_INTERRUPTED)
+        return
+    seed = sub.seed or choose_seed(None)
+    try:
+        job_uuid = ctx.nieta.create_job({**sub.doc, "seed": seed})
+    except NietaError as exc:
+        markers.clear_create_sent(ctx.redis, subtask_id)  # the API answered with an error (or never got it)
+        if exc.retryable and errors < CREATE_ERROR_RETRIES:
+            delay = max(exc.retry_after or 0.0, backoff(errors, base=5.0, jitter=SPREAD))
+            log.warning(
+                "image job not created; retrying later",
+                subtask_id=subtask_id,
+                error=str(exc),
+                retry_in_seconds=round(delay, 1),
+            )
+            release_slot(ctx, subtask_id, lane)
+            send_run(ctx, subtask_id, lane, delay=delay, errors=errors + 1)
+            return
+        finish(ctx, sub, FAILED, error=f"could not create the image job: {exc}")
+        return
+    recorded = ctx.store.record_job(subtask_id, job_uuid, seed)
+    markers.clear_create_sent(ctx.redis, subtask_id)
+    if not recorded:
+        log.error("a job uuid was already stored; this job is a duplicate", subtask_id=subtask_id, job_uuid=job_uuid)
+        stored = ctx.store.get_subtask(subtask_id)
+        job_uuid = (stored or {}).get("job_uuid") or job_uuid
+    log.info(
+        "image job created",
+        subtask_id=subtask_id,
+        task_id=sub.task_id,
+        job_uuid=job_uuid,
+        seed=seed,
+        max_polls=max_polls,
+    )
+    schedule_poll(ctx, subtask_id, lane, delay=interval)
+
+
+def poll_subtask(subtask_id: str, errors: int = 0, no_url: int = 0) -> None:
+    """Poll the subtask's job once; end the subtask on a terminal state, else schedule the next poll."""
+    ctx = context()
+    if not markers.is_current_poll(ctx.redis, subtask_id, current_message_id()):
+        return  # a newer poll message of this subtask exists
+    sub = _active_subtask(ctx, subtask_id, cancelled="task cancelled while its image job ran")
+    if sub is None:
+        return
+    lane = sub.lane
+    if not sub.job_uuid:
+        send_run(ctx, subtask_id, lane)
+        return
+    if ctx.nieta is None:
+        finish(ctx, sub, FAILED, error="NIETA_XTOKEN is not set on the workers")
+        return
+    max_polls, interval = ctx.polling(lane)
+    try:
+        status = ctx.nieta.poll_job(sub.job_uuid, lane.is_lumina)
+    except NietaError as exc:
+        if exc.retryable and errors < POLL_ERROR_RETRIES:
+            delay = max(exc.retry_after or 0.0, backoff(errors, base=interval, cap=60.0))
+            ctx.slots[lane].renew(subtask_id)
+            schedule_poll(ctx, subtask_id, lane, delay=delay, errors=errors + 1, no_url=no_url)
+            return
+        finish(ctx, sub, FAILED, error=f"could not poll image job {sub.job_uuid}: {exc}")
+        return
+
+    if status.state == "pending":
+        polls = ctx.store.record_poll(subtask_id)
+        if polls >= max_polls:
+            finish(
+                ctx,
+                sub,
+                FAILED,
+                error=f"image job {sub.job_uuid} still {status.raw_status or 'pending'} after {polls} polls "
+                f"over {_waited(sub, polls * interval):.1f} s (polling budget {max_polls} x {interval:g} s)",
+            )
+            return
+        ctx.slots[lane].renew(subtask_id)
+        schedule_poll(ctx, subtask_id, lane, delay=interval)
+    elif status.state == "success" and status.url:
+        finish(ctx, sub, COMPLETED, result=status.url)
+    elif status.state == "success":
+        if no_url:
+            finish(ctx, sub, FAILED, error=f"image job {sub.job_uuid} succeeded without an image url")
+        else:
+            schedule_poll(ctx, subtask_id, lane, delay=interval, no_url=1)
+    elif status.state == "moderated":
+        finish(ctx, sub, FAILED, error=f"refused by moderation (ILLEGAL_IMAGE): {status.error or ''}".rstrip(": "))
+    elif status.state == "timeout":
+        # Counted in the broker per job uuid (a redelivered poll of the same job counts it once), not
+        # in the message: a swept or redelivered subtask must not earn a fresh budget.
+        timed_out = markers.count_timeout(ctx.redis, subtask_id, sub.job_uuid)
+        if timed_out > TIMEOUT_RESUBMITS:
+            error = f"the API timed the job out (TIMEOUT) {timed_out} times: {status.error or ''}".rstrip(": ")
+            finish(ctx, sub, FAILED, error=error)
+            return
+        log.warning(
+            "the API timed the job out; creating a new one",
+            subtask_id=subtask_id,
+            job_uuid=sub.job_uuid,
+            resubmit=timed_out,
+        )
+        if ctx.store.clear_job(subtask_id, sub.job_uuid):
+            markers.clear_create_sent(ctx.redis, subtask_id)  # left over if its creator died after storing the uuid
+            send_run(ctx, subtask_id, lane)
+    else:
+        finish(ctx, sub, FAILED, error=status.error or f"image job failed ({status.raw_status})")
+
+
+def _waited(sub: Subtask, nominal: float) -> float:
+    """Seconds since the subtask started (its first job, before any TIMEOUT resubmit), at least `nominal`."""
+    if sub.started_at is None:
+        return nominal
+    return max(nominal, (utcnow() - sub.started_at).total_seconds())

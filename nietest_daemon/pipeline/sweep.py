@@ -1,0 +1,77 @@
+"""The periodic sweep: nothing stays `processing` forever, and no finished task misses its notice.
+
+Run by the master workers on a timer; a Redis lock lets one process sweep per round, across
+every daemon on the broker.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from datetime import timedelta
+
+from nietest_daemon.coordination import keys
+from nietest_daemon.core.logs import get_logger
+from nietest_daemon.core.settings import Settings
+from nietest_daemon.domain.status import FAILED, TERMINAL
+from nietest_daemon.domain.subtask import Subtask
+from nietest_daemon.pipeline import notices
+from nietest_daemon.pipeline.context import Context, context
+from nietest_daemon.pipeline.messages import schedule_poll, send_run
+from nietest_daemon.pipeline.subtasks import MAX_ATTEMPTS, finish
+from nietest_daemon.store import utcnow
+
+log = get_logger(__name__)
+
+
+def stale_after(settings: Settings) -> float:
+    """How long a processing subtask may go without progress before the sweep acts on it."""
+    budget = max(
+        settings.image_max_polling_attempts * settings.image_polling_interval,
+        settings.lumina_max_polling_attempts * settings.lumina_polling_interval,
+    )
+    return max(300.0, 2 * budget)
+
+
+def sweep(ctx: Context, *, older_than_seconds: float | None = None) -> dict[str, int]:
+    """Resume (or fail) subtasks stuck in processing; finalise tasks whose finaliser died."""
+    age = stale_after(ctx.settings) if older_than_seconds is None else older_than_seconds  # 0 means "all"
+    cutoff = utcnow() - timedelta(seconds=age)
+    resumed = failed = finalised = 0
+    for doc in ctx.store.find_stale_subtasks(cutoff, limit=1000):
+        sub = Subtask.from_doc(doc)
+        if sub.attempts >= MAX_ATTEMPTS:
+            finish(ctx, sub, FAILED, error=f"no progress after {sub.attempts} attempts; given up by the sweep")
+            failed += 1
+        elif sub.job_uuid:
+            schedule_poll(ctx, sub.id, sub.lane, delay=0)
+            resumed += 1
+        else:
+            ctx.store.start_subtask(sub.id)  # counts the attempt and refreshes updated_at
+            send_run(ctx, sub.id, sub.lane)
+            resumed += 1
+    for task in ctx.store.list_tasks(limit=100, status="processing"):
+        if ctx.store.finalise_task(task["id"]):
+            finalised += 1
+            notices.task_finished(ctx, ctx.store.get_task(task["id"]) or task)
+    # A finaliser that died between the store update and the enqueue of the notice (a sweep, or
+    # `nietest cancel`) leaves no message to redeliver: look at the tasks that ended lately.
+    now = utcnow()
+    for task in ctx.store.list_tasks(limit=100, status=TERMINAL):
+        ended = task.get("completed_at")
+        if ended is not None and timedelta(seconds=60) < now - ended < timedelta(hours=1):
+            notices.ensure_final(ctx, task["id"])
+    if resumed or failed or finalised:
+        log.warning("sweep acted", resumed=resumed, failed=failed, finalised_tasks=finalised)
+    return {"resumed": resumed, "failed": failed, "finalised": finalised}
+
+
+def run_sweeper(stop: threading.Event, interval: float = 60.0) -> None:
+    """In a master worker: sweep every `interval` s; a Redis lock lets one process do it per round."""
+    while not stop.wait(interval * random.uniform(0.9, 1.1)):
+        try:
+            ctx = context()
+            if ctx.redis.set(keys.SWEEP_LOCK, "1", nx=True, ex=max(1, int(interval * 0.8))):
+                sweep(ctx)
+        except Exception:
+            log.exception("sweep failed")

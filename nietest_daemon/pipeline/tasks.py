@@ -1,0 +1,70 @@
+"""The task-level steps: the master's expansion and dispatch, and cancelling a task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from nietest_daemon.core.logs import get_logger
+from nietest_daemon.domain import taskspec
+from nietest_daemon.domain.status import PENDING, TERMINAL
+from nietest_daemon.domain.subtask import Lane
+from nietest_daemon.pipeline import notices
+from nietest_daemon.pipeline.context import Context, context
+from nietest_daemon.pipeline.messages import send_run
+from nietest_daemon.store import CancelOutcome
+
+log = get_logger(__name__)
+
+DISPATCH_BATCH = 1000
+
+
+def process_task(task_id: str) -> None:
+    """Expand a task into its subtasks (idempotently: ids derive from the task and the combination)
+    and dispatch the pending ones."""
+    ctx = context()
+    doc = ctx.store.get_task(task_id)
+    if doc is None:
+        log.error("no such task; message dropped", task_id=task_id)
+        return
+    if doc["status"] in TERMINAL:
+        return
+    task = taskspec.validate_task(doc)
+    first_run = ctx.store.mark_task_running(task_id)
+    batch: list[dict[str, Any]] = []
+    created = 0
+    for spec in taskspec.expand(task):
+        batch.append({"id": spec.subtask_id(task_id), **spec.as_dict()})
+        if len(batch) >= DISPATCH_BATCH:
+            created += ctx.store.insert_subtasks(task_id, batch)
+            batch = []
+    if batch:
+        created += ctx.store.insert_subtasks(task_id, batch)
+    # After the insert (see store/base.py): whichever order this and a cancel race in, no pending
+    # subtask survives the cancel.
+    if ctx.store.is_cancel_requested(task_id):
+        cancel_task(ctx, task_id)
+        return
+    if first_run:
+        notices.task_submitted(ctx, ctx.store.get_task(task_id) or doc)
+    pending = ctx.store.list_subtasks(task_id, status=PENDING)
+    for sub in pending:
+        send_run(ctx, sub["id"], Lane.of(sub))
+    log.info("task expanded", task_id=task_id, subtasks=task.total_subtasks, new=created, dispatched=len(pending))
+
+
+def cancel_task(ctx: Context, task_id: str) -> CancelOutcome:
+    """Cancel a task: its pending subtasks end `cancelled` (running jobs end at their next poll),
+    they leave the slot waiting lists, and the call that finalised the task sends its notice."""
+    outcome = ctx.store.cancel_task(task_id)
+    if not outcome.found:
+        return outcome
+    for slots in ctx.slots.values():
+        try:
+            slots.forget_waiting(f"{task_id}:")
+        except redis.RedisError as exc:  # they leave the list when their wake-up comes instead
+            log.warning("could not clear the slot waiting list", task_id=task_id, error=str(exc))
+    if outcome.finalised and outcome.task is not None:
+        notices.task_finished(ctx, outcome.task)
+    return outcome

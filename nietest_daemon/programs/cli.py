@@ -1,0 +1,140 @@
+"""The `nietest` command line (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nietest_daemon.core import settings as settings_module
+from nietest_daemon.core.settings import QUEUE_KEYS, SettingsError
+
+DESCRIPTION = """\
+nietest runs Nieta image-generation test campaigns on Dramatiq workers kept alive by supervisord.
+All configuration comes from environment variables (see README.md, "Configuration");
+a bad value stops any command with one line naming the variable."""
+
+EPILOG = """\
+examples:
+  nietest daemon                     run supervisord and every worker in the foreground
+  nietest status                     processes, queue depths, broker and store in use
+  nietest ctl stop subtask:*         stop one queue's workers (any supervisorctl command)
+  nietest submit examples/task.json --wait   submit a task and follow its progress
+  nietest status TASK_ID             one task's progress and errors
+  nietest worker subtask             one worker process (what supervisord runs)"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nietest", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser(
+        "daemon",
+        help="run the supervisor daemon in the foreground (what systemd runs)",
+        description="Validate settings, create the data/log/run dirs and exec `supervisord -n` on "
+        "etc/supervisord.conf. SIGTERM stops every worker gracefully.",
+    )
+    worker = sub.add_parser(
+        "worker",
+        help="run one Dramatiq worker process on one queue (what supervisord runs)",
+        description="Consume one queue with NIETEST_<Q>_THREADS threads. SIGTERM: stop fetching, finish "
+        "messages in hand within NIETEST_DRAIN_SECONDS, return the rest to the broker, exit 0.",
+    )
+    worker.add_argument("queue", choices=QUEUE_KEYS, metavar="QUEUE", help="one of: " + ", ".join(QUEUE_KEYS))
+    sub.add_parser(
+        "broker",
+        help="run the embedded valkey-server (what supervisord runs when no Redis is configured)",
+    )
+    sub.add_parser(
+        "alerts",
+        help="run the operations-alerts event listener (what supervisord runs)",
+        description="A supervisor event listener: speaks the listener protocol on stdin/stdout (nothing else "
+        "goes to stdout; its JSON log goes to stderr) and sends Feishu alerts to FEISHU_ALERT_WEBHOOK_URL "
+        "(else FEISHU_WEBHOOK_URL; with neither, alerts are only logged): restarts, crash loops, FATAL "
+        "processes, runs of failed subtasks, an unreachable broker, and the recoveries.",
+    )
+    ctl = sub.add_parser(
+        "ctl",
+        help="supervisorctl against the running daemon, e.g. `nietest ctl status`",
+        description="Run supervisorctl on etc/supervisord.conf with the daemon's environment.",
+    )
+    ctl.add_argument("args", nargs=argparse.REMAINDER, help="supervisorctl arguments")
+    status = sub.add_parser(
+        "status",
+        help="the daemon (processes, queues, broker, store), or one task's progress",
+        description="Without TASK_ID: each supervised process (state, pid, uptime), each queue's ready, "
+        "in-progress, delayed and dead-letter counts, and the broker and store in use. With TASK_ID: that "
+        "task's status, counters, progress and its errors grouped by text.",
+    )
+    status.add_argument("task_id", nargs="?", metavar="TASK_ID", help="a task id printed by `nietest submit`")
+    status.add_argument("--json", action="store_true", help="print one JSON document")
+    submit = sub.add_parser(
+        "submit",
+        help="validate a task file, store it and enqueue it; prints the task id",
+        description="Validate TASK.json (the front end's task format; see examples/task.json), store the "
+        "task as pending and enqueue it. A malformed task is refused with the offending field named, and "
+        "nothing is stored. Needs NIETA_XTOKEN.",
+    )
+    submit.add_argument("task_file", metavar="TASK.json")
+    submit.add_argument(
+        "--wait",
+        action="store_true",
+        help="show a progress bar until the task ends; exit 0 only if every image completed",
+    )
+    cancel = sub.add_parser(
+        "cancel",
+        help="cancel a pending or running task: no new image jobs start",
+        description="Pending subtasks become cancelled; running jobs are not polled further.",
+    )
+    cancel.add_argument("task_id", metavar="TASK_ID")
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_module.load()
+        if args.command == "worker":
+            settings.queue(args.queue)
+    except SettingsError as exc:
+        print(f"nietest: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+    if args.command == "daemon":
+        from nietest_daemon.programs import daemon
+
+        return daemon.run(settings)
+    if args.command == "ctl":
+        from nietest_daemon.programs import daemon
+
+        return daemon.ctl(settings, args.args)
+    if args.command == "worker":
+        from nietest_daemon.programs import worker
+
+        return worker.run(settings, args.queue)
+    if args.command == "alerts":
+        from nietest_daemon.programs import alerts
+
+        return alerts.run(settings)
+    if args.command == "broker":
+        from nietest_daemon.programs import embedded_broker
+
+        return embedded_broker.run(settings)
+    if args.command == "status" and args.task_id:
+        from nietest_daemon.programs import tasks_cli
+
+        return tasks_cli.status(settings, args.task_id, as_json=args.json)
+    if args.command == "status":
+        from nietest_daemon.programs import status
+
+        return status.run(settings, as_json=args.json)
+    if args.command == "submit":
+        from nietest_daemon.programs import tasks_cli
+
+        return tasks_cli.submit(settings, args.task_file, wait=args.wait)
+    if args.command == "cancel":
+        from nietest_daemon.programs import tasks_cli
+
+        return tasks_cli.cancel(settings, args.task_id)
+    raise AssertionError(args.command)

@@ -1,0 +1,96 @@
+"""`nietest status`: supervised processes, queue statistics, broker and store in use."""
+
+from __future__ import annotations
+
+import json
+import time
+import xmlrpc.client
+from typing import Any
+
+import redis
+
+from nietest_daemon.coordination.connection import redis_client
+from nietest_daemon.core.settings import Settings
+from nietest_daemon.internals.dramatiq_redis import queue_stats
+from nietest_daemon.programs.daemon import control_proxy
+
+
+def collect(settings: Settings) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "broker": settings.broker_description,
+        "store": settings.store_description,
+        "daemon": {"running": False},
+        "processes": [],
+        "queues": {},
+    }
+    try:
+        proxy = control_proxy(settings)
+        report["daemon"] = {"running": True, "pid": proxy.supervisor.getPID()}
+        now = time.time()
+        for info in proxy.supervisor.getAllProcessInfo():
+            running = info["statename"] == "RUNNING"
+            report["processes"].append(
+                {
+                    "name": f"{info['group']}:{info['name']}",
+                    "group": info["group"],
+                    "state": info["statename"],
+                    "pid": info["pid"] or None,
+                    "uptime_seconds": int(now - info["start"]) if running else None,
+                    "exit_status": info["exitstatus"],
+                    "description": info["description"],
+                }
+            )
+    except (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError) as exc:
+        report["daemon"]["error"] = f"control socket {settings.control_socket}: {exc}"
+
+    client = redis_client(settings, socket_timeout=5)
+    try:
+        for q in settings.queues.values():
+            report["queues"][q.key] = {
+                "name": q.name,
+                "processes": q.processes,
+                "threads": q.threads,
+                **queue_stats(client, q.name),
+            }
+    except (redis.RedisError, OSError) as exc:
+        report["broker_error"] = str(exc)
+        for q in settings.queues.values():
+            report["queues"].setdefault(q.key, {"name": q.name, "processes": q.processes, "threads": q.threads})
+    finally:
+        client.close()
+    return report
+
+
+def _uptime(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [f"broker  {report['broker']}", f"store   {report['store']}"]
+    daemon = report["daemon"]
+    lines.append(
+        f"daemon  {'running, pid ' + str(daemon['pid']) if daemon['running'] else 'not running'}"
+        + (f" ({daemon['error']})" if daemon.get("error") else "")
+    )
+    if report["processes"]:
+        lines += ["", f"{'PROCESS':<28} {'STATE':<10} {'PID':>8} {'UPTIME':>10}"]
+        for p in report["processes"]:
+            lines.append(f"{p['name']:<28} {p['state']:<10} {p['pid'] or '-':>8} {_uptime(p['uptime_seconds']):>10}")
+    lines += ["", f"{'QUEUE':<24} {'PROCS':>5} {'THREADS':>7} {'READY':>7} {'RUNNING':>7} {'DELAYED':>7} {'DEAD':>6}"]
+    for q in report["queues"].values():
+        lines.append(
+            f"{q['name']:<24} {q['processes']:>5} {q['threads']:>7} {q.get('ready', '?'):>7} "
+            f"{q.get('in_progress', '?'):>7} {q.get('delayed', '?'):>7} {q.get('dead', '?'):>6}"
+        )
+    if report.get("broker_error"):
+        lines.append(f"broker unreachable: {report['broker_error']}")
+    return "\n".join(lines)
+
+
+def run(settings: Settings, *, as_json: bool) -> int:
+    report = collect(settings)
+    print(json.dumps(report, indent=2) if as_json else render(report))
+    return 0 if report["daemon"]["running"] and "broker_error" not in report else 1

@@ -1,0 +1,163 @@
+"""`nietest submit`, `nietest status TASK_ID` and `nietest cancel`: tasks from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from nietest_daemon.core.settings import Settings
+from nietest_daemon.domain import taskspec
+from nietest_daemon.domain.status import COMPLETED, TERMINAL, is_partial
+
+MAX_TASK_FILE_BYTES = 20 * 1024 * 1024
+
+
+def _error(message: str) -> int:
+    print(f"nietest: {message}", file=sys.stderr)
+    return 2
+
+
+def _broker(settings: Settings) -> Any:
+    # Imported here: Dramatiq and the pipeline are only needed by the commands that talk to the broker.
+    from nietest_daemon.pipeline.broker import build_broker
+
+    return build_broker(settings)
+
+
+def submit(settings: Settings, path: str, *, wait: bool) -> int:
+    """Validate, store (pending), enqueue the master message, print the task id."""
+    file = Path(path)
+    too_large = f"{path}: invalid task: task: larger than {MAX_TASK_FILE_BYTES // 1024 // 1024} MB"
+    try:
+        if file.stat().st_size > MAX_TASK_FILE_BYTES:
+            return _error(too_large)
+        with file.open("rb") as fh:  # bounded: a device or pipe reports no size (/dev/zero)
+            text = fh.read(MAX_TASK_FILE_BYTES + 1)
+    except OSError as exc:
+        return _error(f"{path}: {exc.strerror or exc}")
+    if len(text) > MAX_TASK_FILE_BYTES:
+        return _error(too_large)
+    try:
+        task = taskspec.parse_task(text)
+    except taskspec.TaskValidationError as exc:
+        return _error(f"{path}: invalid task: {exc}")
+    if not settings.nieta_xtoken:
+        return _error("NIETA_XTOKEN: required to submit a task (the workers need it to call the Nieta API)")
+
+    from nietest_daemon.pipeline.context import open_store_for
+    from nietest_daemon.pipeline.messages import PROCESS_TASK, enqueue
+
+    task_id = uuid.uuid4().hex
+    store = open_store_for(settings)
+    broker = _broker(settings)
+    try:
+        broker.client.ping()
+    except Exception as exc:
+        return _error(f"broker {settings.broker_description} unreachable: {exc}")
+    store.create_task({"id": task_id, **task.to_document()})
+    try:
+        enqueue(PROCESS_TASK, settings.queue("master").name, task_id)
+    except Exception as exc:
+        store.fail_task(task_id, f"could not enqueue the task: {exc}")
+        return _error(f"could not enqueue task {task_id}: {exc}")
+    print(task_id, flush=True)
+    if not wait:
+        return 0
+    return _wait(store, task_id)
+
+
+def _bar(task: dict[str, Any], width: int = 30) -> str:
+    total = int(task.get("total_images") or 0)
+    done = int(task.get("processed_images") or 0)
+    filled = int(width * done / total) if total else 0
+    return (
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+        f"completed {task.get('completed_images', 0)} failed {task.get('failed_images', 0)} "
+        f"cancelled {task.get('cancelled_images', 0)}  {task.get('status')}   "
+    )
+
+
+def _wait(store: Any, task_id: str) -> int:
+    """Show a progress bar (stderr) until the task ends; exit 0 only if every image completed."""
+    while True:
+        task = store.get_task(task_id)
+        if task is None:
+            return _error(f"task {task_id} vanished from the store")
+        print(_bar(task), end="", file=sys.stderr, flush=True)
+        if task["status"] in TERMINAL:
+            print(file=sys.stderr)
+            return 0 if task["status"] == COMPLETED and not is_partial(task) else 1
+        time.sleep(0.5)
+
+
+def task_report(settings: Settings, task_id: str) -> dict[str, Any] | None:
+    from nietest_daemon.pipeline.context import open_store_for
+
+    store = open_store_for(settings)
+    task = store.get_task(task_id)
+    if task is None:
+        return None
+    failed = store.list_subtasks(task_id, status="failed")
+    errors = Counter((sub.get("error") or "unknown error")[:200] for sub in failed)
+    return {
+        "id": task_id,
+        "name": task.get("name"),
+        "status": task.get("status"),
+        "partially_completed": is_partial(task),
+        "total_images": task.get("total_images"),
+        "processed_images": task.get("processed_images"),
+        "completed_images": task.get("completed_images"),
+        "failed_images": task.get("failed_images"),
+        "cancelled_images": task.get("cancelled_images"),
+        "progress": task.get("progress"),
+        "cancel_requested": bool(task.get("cancel_requested")),
+        "by_status": store.count_subtasks(task_id),
+        "errors": [{"error": text, "count": n} for text, n in errors.most_common(10)],
+        "created_at": task.get("created_at"),
+        "started_at": task.get("started_at"),
+        "completed_at": task.get("completed_at"),
+        "error": task.get("error"),
+    }
+
+
+def status(settings: Settings, task_id: str, *, as_json: bool) -> int:
+    report = task_report(settings, task_id)
+    if report is None:
+        return _error(f"no task {task_id}")
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"task     {report['id']}  {report['name']}")
+    print(f"status   {report['status']}" + ("  (partially completed)" if report["partially_completed"] else ""))
+    print(
+        f"progress {report['progress']}%  {report['processed_images']}/{report['total_images']}  "
+        f"completed {report['completed_images']}  failed {report['failed_images']}  "
+        f"cancelled {report['cancelled_images']}"
+    )
+    print("subtasks " + "  ".join(f"{k} {v}" for k, v in report["by_status"].items()))
+    if report["error"]:
+        print(f"note     {report['error']}")
+    for item in report["errors"]:
+        print(f"  {item['count']:>5} x {item['error']}")
+    return 0
+
+
+def cancel(settings: Settings, task_id: str) -> int:
+    from nietest_daemon.pipeline.context import context
+    from nietest_daemon.pipeline.tasks import cancel_task
+
+    _broker(settings)
+    ctx = context(settings)
+    outcome = cancel_task(ctx, task_id)
+    if not outcome.found:
+        return _error(f"no task {task_id}")
+    print(
+        f"task {task_id}: cancel requested; {outcome.cancelled} pending subtasks cancelled; "
+        f"running jobs are not polled further"
+    )
+    return 0

@@ -1,0 +1,130 @@
+"""`nietest worker QUEUE`: one Dramatiq Worker consuming one queue, in this process.
+
+supervisord runs one of these per configured process. On SIGTERM the worker stops fetching,
+finishes the messages in hand within NIETEST_DRAIN_SECONDS, returns every other message it
+holds (prefetched, delayed, and any still running past the budget) to the broker, and exits 0.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import dramatiq
+import redis
+import structlog
+
+from nietest_daemon.coordination import markers
+from nietest_daemon.coordination.connection import wait_for_broker
+from nietest_daemon.core import logs
+from nietest_daemon.core.settings import Settings
+from nietest_daemon.internals.dramatiq_redis import NietestRedisBroker, delay_queue_name, requeue
+from nietest_daemon.pipeline.broker import build_broker
+from nietest_daemon.pipeline.context import context
+from nietest_daemon.pipeline.middleware.in_hand import InHand
+from nietest_daemon.pipeline.sweep import run_sweeper
+
+log = logs.get_logger(__name__)
+
+#: How long an idle consumer waits between fetches (Dramatiq's default is 1000 ms). It also bounds
+#: how late a delayed message (the next poll of a subtask) starts after it is due.
+WORKER_TIMEOUT_MS = 100
+
+#: Actor modules always loaded; NIETEST_ACTOR_MODULES adds more (tests use it for test actors).
+BUILTIN_ACTOR_MODULES = ("nietest_daemon.pipeline.actors",)
+
+
+def import_actors(settings: Settings) -> list[str]:
+    modules = [*BUILTIN_ACTOR_MODULES, *settings.actor_modules]
+    for name in modules:
+        importlib.import_module(name)
+    return modules
+
+
+def _housekeeping(broker: NietestRedisBroker, queue_name: str, interval: float, stop: threading.Event) -> None:
+    """Heartbeat, queue maintenance (see NietestRedisBroker.maintain) and the pipeline's "this
+    process is alive" mark, on a timer."""
+    while True:
+        try:
+            markers.mark_alive(broker.client, 3 * interval)
+            broker.maintain(queue_name)
+            broker.maintain(delay_queue_name(queue_name))
+        except (redis.RedisError, OSError) as exc:
+            log.warning("queue maintenance failed", error=str(exc))
+        if stop.wait(interval):
+            return
+
+
+def run(settings: Settings, queue_key: str) -> int:
+    queue = settings.queue(queue_key)
+    logs.set_secrets(settings.secrets())
+    logging.getLogger().setLevel(settings.log_level)
+    structlog.contextvars.bind_contextvars(queue=queue.name)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("stop requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    broker = build_broker(settings)
+    log.info(
+        "worker starting",
+        threads=queue.threads,
+        broker=settings.broker_description,
+        store=settings.store_description,
+        drain_seconds=settings.drain_seconds,
+    )
+    if not wait_for_broker(broker.client, settings.broker_url, stop):
+        log.info("worker stopped before the broker was reachable")
+        return 0
+
+    context(settings)
+    modules = import_actors(settings)
+    broker.declare_queue(queue.name)
+    in_hand = InHand()
+    broker.add_middleware(in_hand)
+    worker = dramatiq.Worker(
+        broker, queues={queue.name}, worker_threads=queue.threads, worker_timeout=WORKER_TIMEOUT_MS
+    )
+    worker.start()
+    interval = max(0.5, min(settings.broker_heartbeat_timeout / 4, 15.0))
+    threading.Thread(
+        target=_housekeeping, args=(broker, queue.name, interval, stop), name="housekeeping", daemon=True
+    ).start()
+    if queue_key == "master":
+        threading.Thread(target=run_sweeper, args=(stop,), name="sweeper", daemon=True).start()
+    actors = sorted(a for a in broker.get_declared_actors() if broker.get_actor(a).queue_name == queue.name)
+    log.info("worker started", actors=actors, actor_modules=modules)
+
+    stop.wait()
+    started = time.monotonic()
+    log.info("draining", budget_seconds=settings.drain_seconds)
+    worker.stop(timeout=int(settings.drain_seconds * 1000))
+    abandoned = in_hand.abandon()
+    if abandoned:
+        ids = [m.options["redis_message_id"] for m in abandoned if "redis_message_id" in m.options]
+        try:
+            requeue(broker, queue.name, ids)
+        except redis.RedisError as exc:
+            log.error(
+                "could not return unfinished messages; they come back after the heartbeat timeout",
+                error=str(exc),
+                message_ids=ids,
+            )
+    log.info(
+        "worker stopped",
+        seconds=round(time.monotonic() - started, 3),
+        returned_unfinished=len(abandoned),
+    )
+    logging.shutdown()
+    # Threads still stuck in an abandoned message must not keep the process alive.
+    os._exit(0)

@@ -1,0 +1,65 @@
+"""The task store: one interface (`Store`), two implementations, one contract.
+
+`open_store` picks MongoDB when a URI or host is configured, else the embedded SQLite file.
+"""
+
+from __future__ import annotations
+
+import os
+
+from nietest_daemon.store.base import (
+    CancelOutcome,
+    Doc,
+    DuplicateTaskError,
+    FinishOutcome,
+    Store,
+    StoreError,
+    UnknownSubtaskError,
+    as_utc,
+    utcnow,
+)
+from nietest_daemon.store.mongo import MongoStore
+from nietest_daemon.store.sqlite import SQLITE_FILENAME, SQLiteStore
+
+__all__ = [
+    "SQLITE_FILENAME",
+    "CancelOutcome",
+    "Doc",
+    "DuplicateTaskError",
+    "FinishOutcome",
+    "MongoStore",
+    "SQLiteStore",
+    "Store",
+    "StoreError",
+    "UnknownSubtaskError",
+    "as_utc",
+    "open_store",
+    "utcnow",
+]
+
+
+def open_store(
+    *,
+    data_dir: str | os.PathLike[str],
+    mongo_uri: str | None = None,
+    mongo_host: str | None = None,
+    mongo_port: int = 27017,
+    mongo_user: str | None = None,
+    mongo_password: str | None = None,
+    mongo_db: str = "task_db",
+    task_collection: str = "tasks",
+    subtask_collection: str = "subtasks",
+) -> Store:
+    """MongoDB when a URI or host is given, else the embedded SQLite file in `data_dir`."""
+    if mongo_uri or mongo_host:
+        return MongoStore.from_settings(
+            uri=mongo_uri,
+            host=mongo_host,
+            port=mongo_port,
+            user=mongo_user,
+            password=mongo_password,
+            db=mongo_db,
+            task_collection=task_collection,
+            subtask_collection=subtask_collection,
+        )
+    return SQLiteStore(data_dir)

@@ -1,0 +1,472 @@
+"""`SQLiteStore`: the embedded default, a WAL-mode SQLite file in the data dir.
+
+Safe for many worker processes and threads at once: one connection per thread, `BEGIN IMMEDIATE`
+around every read-modify-write, a busy timeout instead of failing on a held lock. Moving a subtask
+and counting it on its task happen in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    pass
+
+from nietest_daemon.domain.status import (
+    CANCELLED,
+    COUNTER_OF,
+    FAILED,
+    PENDING,
+    PROCESSING,
+    STATUSES,
+    TERMINAL,
+    final_task_status,
+    is_done,
+    progress_of,
+)
+from nietest_daemon.store.base import (
+    TIME_FIELDS,
+    CancelOutcome,
+    Doc,
+    DuplicateTaskError,
+    FinishOutcome,
+    Store,
+    StoreError,
+    UnknownSubtaskError,
+    _check_terminal,
+    _statuses,
+    as_utc,
+    new_subtask_doc,
+    new_task_doc,
+    utcnow,
+)
+
+SQLITE_FILENAME = "nietest.sqlite3"
+
+_SQLITE_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, status TEXT NOT NULL, created_at TEXT NOT NULL,"
+    " doc TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS tasks_status_created ON tasks (status, created_at)",
+    "CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at)",
+    "CREATE TABLE IF NOT EXISTS subtasks (id TEXT PRIMARY KEY, task_id TEXT NOT NULL, status TEXT NOT NULL,"
+    " updated_at TEXT NOT NULL, doc TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS subtasks_task_status ON subtasks (task_id, status)",
+    "CREATE INDEX IF NOT EXISTS subtasks_status_updated ON subtasks (status, updated_at)",
+)
+
+
+def _iso(value: datetime) -> str:
+    """Fixed-width ISO-8601 UTC text: sorts like the time it names."""
+    return as_utc(value).isoformat(timespec="milliseconds")
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return _iso(value)
+    raise TypeError(f"cannot store a {type(value).__name__} in the task store")
+
+
+def _dumps(doc: Mapping[str, Any]) -> str:
+    return json.dumps(doc, default=_json_default, ensure_ascii=False, separators=(",", ":"))
+
+
+def _loads(text: str) -> Doc:
+    doc: Doc = json.loads(text)
+    for name in TIME_FIELDS:
+        value = doc.get(name)
+        if isinstance(value, str):
+            doc[name] = as_utc(datetime.fromisoformat(value))
+    return doc
+
+
+class SQLiteStore(Store):
+    """The embedded store: one WAL-mode SQLite file, documents as JSON plus indexed columns."""
+
+    def __init__(
+        self, data_dir: str | os.PathLike[str], *, filename: str = SQLITE_FILENAME, busy_timeout: float = 60.0
+    ) -> None:
+        self.path = Path(data_dir) / filename
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[sqlite3.Connection] = []
+        self._pid = os.getpid()
+        self._closed = False
+        self._init_schema()
+
+    # --- connections and transactions --------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection (a new one after a fork: a connection never crosses processes)."""
+        if self._closed:
+            raise StoreError("the store is closed")
+        pid = os.getpid()
+        if pid != self._pid:  # forked: abandon (never close) the parent's connections
+            with self._lock:
+                if pid != self._pid:
+                    self._pid, self._conns, self._local = pid, [], threading.local()
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: `BEGIN IMMEDIATE` takes the write lock before anything is read."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _init_schema(self) -> None:
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                conn = self._conn()
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode = WAL")
+                with self._tx() as conn:
+                    for statement in _SQLITE_SCHEMA:
+                        conn.execute(statement)
+                return
+            except sqlite3.OperationalError as exc:  # another process switching the journal mode
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    # --- row helpers -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _read(conn: sqlite3.Connection, table: str, key: str) -> Doc | None:
+        row = conn.execute(f"SELECT doc FROM {table} WHERE id = ?", (key,)).fetchone()
+        return _loads(row[0]) if row else None
+
+    @staticmethod
+    def _write_task(conn: sqlite3.Connection, task: Doc) -> None:
+        conn.execute("UPDATE tasks SET status = ?, doc = ? WHERE id = ?", (task["status"], _dumps(task), task["id"]))
+
+    @classmethod
+    def _write_tasks(cls, conn: sqlite3.Connection, tasks: Mapping[str, Doc]) -> None:
+        for task in tasks.values():
+            cls._write_task(conn, task)
+
+    @staticmethod
+    def _write_subtask(conn: sqlite3.Connection, sub: Doc) -> None:
+        conn.execute(
+            "UPDATE subtasks SET status = ?, updated_at = ?, doc = ? WHERE id = ?",
+            (sub["status"], _iso(sub["updated_at"]), _dumps(sub), sub["id"]),
+        )
+
+    def _modify_subtask(self, subtask_id: str, change: Callable[[Doc], bool]) -> tuple[Doc | None, bool]:
+        """Read-modify-write one subtask in a write transaction; `change` edits it and says whether to save."""
+        with self._tx() as conn:
+            sub = self._read(conn, "subtasks", subtask_id)
+            if sub is None:
+                return None, False
+            changed = change(sub)
+            if changed:
+                self._write_subtask(conn, sub)
+            return sub, changed
+
+    # --- tasks ---------------------------------------------------------------------------------------
+
+    def create_task(self, doc: Mapping[str, Any]) -> None:
+        task = new_task_doc(doc, utcnow())
+        try:
+            with self._tx() as conn:
+                conn.execute(
+                    "INSERT INTO tasks (id, status, created_at, doc) VALUES (?, ?, ?, ?)",
+                    (task["id"], task["status"], _iso(task["created_at"]), _dumps(task)),
+                )
+        except sqlite3.IntegrityError:
+            raise DuplicateTaskError(task["id"]) from None
+
+    def get_task(self, task_id: str) -> Doc | None:
+        return self._read(self._conn(), "tasks", task_id)
+
+    def list_tasks(self, limit: int = 20, status: str | Iterable[str] | None = None) -> list[Doc]:
+        wanted = _statuses(status)
+        sql, args = "SELECT doc FROM tasks", []
+        if wanted is not None:
+            sql += f" WHERE status IN ({','.join('?' * len(wanted))})"
+            args += wanted
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        rows = self._conn().execute(sql, (*args, int(limit))).fetchall()
+        return [_loads(r[0]) for r in rows]
+
+    def mark_task_running(self, task_id: str) -> bool:
+        with self._tx() as conn:
+            task = self._read(conn, "tasks", task_id)
+            if task is None or task["status"] != PENDING:
+                return False
+            now = utcnow()
+            task.update(status=PROCESSING, updated_at=now)
+            if task.get("started_at") is None:
+                task["started_at"] = now
+            self._write_task(conn, task)
+            return True
+
+    def is_cancel_requested(self, task_id: str) -> bool:
+        # Every subtask message asks this: read the one field in SQLite's C JSON parser rather than
+        # decoding the whole task (prompts and variables_map can be tens of KB) in Python.
+        row = (
+            self._conn()
+            .execute("SELECT json_extract(doc, '$.cancel_requested') FROM tasks WHERE id = ?", (task_id,))
+            .fetchone()
+        )
+        return bool(row and row[0])
+
+    def fail_task(self, task_id: str, error: str) -> bool:
+        with self._tx() as conn:
+            task = self._read(conn, "tasks", task_id)
+            if task is None or task["status"] in TERMINAL:
+                return False
+            now = utcnow()
+            task.update(status=FAILED, error=error, updated_at=now, completed_at=now)
+            self._write_task(conn, task)
+            return True
+
+    # --- subtasks ------------------------------------------------------------------------------------
+
+    def insert_subtasks(self, task_id: str, docs: Iterable[Mapping[str, Any]], *, chunk: int = 2000) -> int:
+        now = utcnow()
+        rows: list[tuple[str, str, str, str, str]] = []
+        inserted = 0
+
+        def flush() -> int:
+            with self._tx() as conn:
+                before = conn.total_changes
+                conn.executemany(
+                    "INSERT OR IGNORE INTO subtasks (id, task_id, status, updated_at, doc) VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+                return conn.total_changes - before
+
+        for doc in docs:
+            sub = new_subtask_doc(task_id, doc, now)
+            rows.append((sub["id"], task_id, sub["status"], _iso(now), _dumps(sub)))
+            if len(rows) >= chunk:
+                inserted += flush()
+                rows = []
+        if rows:
+            inserted += flush()
+        return inserted
+
+    def get_subtask(self, subtask_id: str) -> Doc | None:
+        return self._read(self._conn(), "subtasks", subtask_id)
+
+    def list_subtasks(
+        self, task_id: str, status: str | Iterable[str] | None = None, limit: int | None = None
+    ) -> list[Doc]:
+        wanted = _statuses(status)
+        sql, args = "SELECT doc FROM subtasks WHERE task_id = ?", [task_id]
+        if wanted is not None:
+            sql += f" AND status IN ({','.join('?' * len(wanted))})"
+            args += wanted
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        return [_loads(r[0]) for r in self._conn().execute(sql, args).fetchall()]
+
+    def count_subtasks(self, task_id: str) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        rows = self._conn().execute(
+            "SELECT status, COUNT(*) FROM subtasks WHERE task_id = ? GROUP BY status", (task_id,)
+        )
+        for status, n in rows:
+            counts[status] = n
+        return counts
+
+    def start_subtask(self, subtask_id: str) -> Doc | None:
+        def change(sub: Doc) -> bool:
+            if sub["status"] in TERMINAL:
+                return False
+            now = utcnow()
+            sub.update(status=PROCESSING, attempts=int(sub.get("attempts") or 0) + 1, updated_at=now)
+            if sub.get("started_at") is None:
+                sub["started_at"] = now
+            return True
+
+        sub, changed = self._modify_subtask(subtask_id, change)
+        return sub if changed else None
+
+    def record_job(self, subtask_id: str, job_uuid: str, seed: int | None) -> bool:
+        def change(sub: Doc) -> bool:
+            if sub.get("job_uuid") is not None:
+                return False
+            sub.update(job_uuid=job_uuid, seed=seed, updated_at=utcnow())
+            return True
+
+        return self._modify_subtask(subtask_id, change)[1]
+
+    def clear_job(self, subtask_id: str, job_uuid: str | None = None) -> bool:
+        def change(sub: Doc) -> bool:
+            if sub["status"] in TERMINAL or sub.get("job_uuid") is None:
+                return False
+            if job_uuid is not None and sub["job_uuid"] != job_uuid:
+                return False
+            sub.update(job_uuid=None, poll_count=0, updated_at=utcnow())
+            return True
+
+        return self._modify_subtask(subtask_id, change)[1]
+
+    def record_poll(self, subtask_id: str) -> int:
+        def change(sub: Doc) -> bool:
+            sub.update(poll_count=int(sub.get("poll_count") or 0) + 1, updated_at=utcnow())
+            return True
+
+        sub, _ = self._modify_subtask(subtask_id, change)
+        if sub is None:
+            raise UnknownSubtaskError(subtask_id)
+        return int(sub["poll_count"])
+
+    # --- the finish path -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _finalise_in_tx(task: Doc, now: datetime) -> str | None:
+        """Finalise `task` (already read in this transaction) if it is complete and not terminal yet."""
+        if task["status"] in TERMINAL or not is_done(task):
+            return None
+        status, error = final_task_status(task)
+        task.update(status=status, error=error, completed_at=now, updated_at=now)
+        task["progress"] = max(
+            float(task.get("progress") or 0.0), progress_of(task["processed_images"], task["total_images"])
+        )
+        return status
+
+    def _finish_in_tx(
+        self,
+        conn: sqlite3.Connection,
+        subtask_id: str,
+        status: str,
+        result: str | None,
+        error: str | None,
+        tasks: dict[str, Doc],
+    ) -> FinishOutcome | None:
+        """The finish path inside a write transaction. Task documents are read once into `tasks` and
+        updated there; the caller writes them back (`_write_tasks`) before it commits."""
+        sub = self._read(conn, "subtasks", subtask_id)
+        if sub is None:
+            return None
+        if sub["status"] in TERMINAL:
+            return FinishOutcome(subtask_id, sub["task_id"], sub["status"], changed=False)
+        now = utcnow()
+        sub.update(status=status, updated_at=now, completed_at=now)
+        if result is not None:
+            sub["result"] = result
+        if error is not None:
+            sub["error"] = error
+        self._write_subtask(conn, sub)
+        task = tasks.get(sub["task_id"]) or self._read(conn, "tasks", sub["task_id"])
+        if task is None:
+            return FinishOutcome(subtask_id, sub["task_id"], status, changed=True)
+        for counter in ("processed_images", COUNTER_OF[status]):
+            task[counter] = int(task.get(counter) or 0) + 1
+        task["progress"] = max(
+            float(task.get("progress") or 0.0), progress_of(task["processed_images"], task["total_images"])
+        )
+        task["updated_at"] = now
+        final = self._finalise_in_tx(task, now)
+        tasks[task["id"]] = task
+        return FinishOutcome(
+            subtask_id, sub["task_id"], status, changed=True, finalised=final is not None, task_status=final, task=task
+        )
+
+    def finish_subtask(
+        self, subtask_id: str, status: str, *, result: str | None = None, error: str | None = None
+    ) -> FinishOutcome | None:
+        _check_terminal(status)
+        tasks: dict[str, Doc] = {}
+        with self._tx() as conn:
+            outcome = self._finish_in_tx(conn, subtask_id, status, result, error, tasks)
+            self._write_tasks(conn, tasks)
+        return outcome
+
+    def finalise_task(self, task_id: str) -> str | None:
+        with self._tx() as conn:
+            task = self._read(conn, "tasks", task_id)
+            if task is None:
+                return None
+            final = self._finalise_in_tx(task, utcnow())
+            if final is not None:
+                self._write_task(conn, task)
+            return final
+
+    def cancel_task(self, task_id: str, *, chunk: int = 500) -> CancelOutcome:
+        with self._tx() as conn:
+            task = self._read(conn, "tasks", task_id)
+            if task is None:
+                return CancelOutcome(task_id, found=False)
+            if not task.get("cancel_requested"):
+                now = utcnow()
+                task.update(cancel_requested=True, cancel_requested_at=now, updated_at=now)
+                self._write_task(conn, task)
+        cancelled, finalised, final_status, final_task = 0, False, None, None
+        while True:
+            tasks: dict[str, Doc] = {}
+            with self._tx() as conn:
+                ids = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT id FROM subtasks WHERE task_id = ? AND status = ? ORDER BY id LIMIT ?",
+                        (task_id, PENDING, chunk),
+                    )
+                ]
+                for subtask_id in ids:
+                    outcome = self._finish_in_tx(conn, subtask_id, CANCELLED, None, None, tasks)
+                    if outcome and outcome.changed:
+                        cancelled += 1
+                    if outcome and outcome.finalised:
+                        finalised, final_status, final_task = True, outcome.task_status, outcome.task
+                self._write_tasks(conn, tasks)
+                if not ids:
+                    # Nothing expanded yet: the task has no subtask, so cancelling it ends it now.
+                    has_any = conn.execute("SELECT 1 FROM subtasks WHERE task_id = ? LIMIT 1", (task_id,)).fetchone()
+                    task = self._read(conn, "tasks", task_id)
+                    if not has_any and task is not None and task["status"] not in TERMINAL:
+                        now = utcnow()
+                        task.update(status=CANCELLED, completed_at=now, updated_at=now)
+                        self._write_task(conn, task)
+                        finalised, final_status, final_task = True, CANCELLED, task
+                    break
+        return CancelOutcome(task_id, True, cancelled, finalised, final_status, final_task)
+
+    def find_stale_subtasks(self, older_than: datetime, limit: int = 100) -> list[Doc]:
+        rows = self._conn().execute(
+            "SELECT doc FROM subtasks WHERE status = ? AND updated_at < ? ORDER BY updated_at, id LIMIT ?",
+            (PROCESSING, _iso(older_than), int(limit)),
+        )
+        return [_loads(r[0]) for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._conns = (self._conns, []) if self._pid == os.getpid() else ([], [])
+            self._closed = True
+        for conn in conns:
+            with suppress(sqlite3.Error):
+                conn.close()

@@ -1,0 +1,817 @@
+r"""A fake Nieta image API: a real HTTP server on 127.0.0.1, for tests and benchmarks.
+
+In a test::
+
+    from nietest_daemon.testing.fake_nieta import FakeNieta, Rule
+
+    with FakeNieta(generation_time=0.2) as api:
+        api.add_rule("failure", marker="st-7", error="GPU on fire")   # jobs whose prompts contain st-7 fail
+        api.add_rule("http_500", endpoint="create", times=2)          # the next two creates answer 500
+        client = NietaClient(api.token, api.url, api.ops_url)
+        ...
+        assert api.created_count("st-7") == 1
+        print(api.stats())
+
+or import the `fake_nieta` fixture (`from fake_nieta import fake_nieta`). The standard host is
+`api.url`, the Lumina host `api.ops_url` (the same server under `/ops`; jobs belong to the host
+that created them). As a separate process, for benchmarks::
+
+    python tests/fake_nieta.py --port 8089 --latency 0.05 --latency-jitter 0.2 --generation-time 2.0 \
+        --rule '{"action": "failure", "marker": "x"}'
+
+prints one JSON line `{"url": ..., "ops_url": ..., "token": ..., "pid": ...}` when it is ready,
+serves until SIGTERM / SIGINT, then prints its stats as one JSON line. Control endpoints (not
+authenticated, not counted): `GET /_fake/stats`, `GET /_fake/created_counts?pattern=REGEX`,
+`POST /_fake/rules` (a rule object or a list), `POST /_fake/reset`, `POST /_fake/config`
+(`{"latency": s, "generation_time": s}`).
+
+Rules (`Rule`, first matching one wins, separately for "response" and "outcome" actions):
+
+- selection: `endpoint` ("create", "poll", "any"), `nth` (1-based index of the request on that
+  endpoint, counting every authenticated request), `marker` (substring of the job's prompts),
+  `lumina` (True: ops host only, False: standard only), `times` (how often it applies; None = always),
+  `probability` (applies to that share of the requests it selects, drawn at random).
+- outcomes of a created job (create rules): `failure` (`error`, put in `error_field`),
+  `illegal_image`, `timeout`, `no_url` (SUCCESS without an artifact url), `status` (any
+  `task_status`), `never` (stays PENDING), `slow` (success after `generation_time`); any
+  outcome rule may set `generation_time`.
+- answers (any endpoint): `http_500` (or `status`), `http_429` (`retry_after`), `http` (`status`,
+  `body`), `drop` (close the connection without an answer), `html` (an HTML error page, 502),
+  `empty` (200, empty body), `huge` (200, `size` bytes), `wrong_type` (200, a JSON list or `body`),
+  `raw` (`status`, `body` sent as is, `content_type`), `unknown_job` (poll: 404 task not found),
+  `shape` (create: the uuid in another `shape`: string, bare, uuid, task_uuid, id, task_id,
+  data, data.uuid, data.task_uuid, data.id, data.task_id), `delay` (answer normally after `delay`).
+  Every rule may set `delay`: seconds to wait before its answer (a client read timeout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import json
+import os
+import random
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid as uuid_module
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+DEFAULT_TOKEN = "fake-nieta-token-0123456789"
+OPS_PREFIX = "/ops"
+CREATE_PATH = "/v3/make_image"
+POLL_PREFIX = "/v1/artifact/task/"
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
+OUTCOME_ACTIONS = frozenset({"failure", "illegal_image", "timeout", "no_url", "status", "never", "slow", "success"})
+RESPONSE_ACTIONS = frozenset(
+    {
+        "http_500",
+        "http_429",
+        "http",
+        "drop",
+        "html",
+        "empty",
+        "huge",
+        "wrong_type",
+        "raw",
+        "unknown_job",
+        "shape",
+        "delay",
+    }
+)
+SHAPES = frozenset(
+    {"string", "bare", "uuid", "task_uuid", "id", "task_id", "data", "data.uuid", "data.task_uuid", "data.id"}
+    | {"data.task_id"}
+)
+# A 1x1 transparent PNG: what the fake's artifact urls serve.
+PNG_1X1 = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360000002000001e221bc330000000049454e44ae426082"
+)
+HTML_ERROR_PAGE = (
+    "<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head>"
+    "<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
+)
+
+
+@dataclass
+class Rule:
+    """One scripted behaviour (see the module docstring)."""
+
+    action: str
+    endpoint: str = "create"
+    nth: int | None = None
+    marker: str | None = None
+    lumina: bool | None = None
+    times: int | None = None
+    error: str | None = None
+    error_field: str = "err_msg"
+    status: int | None = None
+    task_status: str | None = None
+    body: Any = None
+    content_type: str | None = None
+    retry_after: float | str | None = None
+    delay: float = 0.0
+    generation_time: float | None = None
+    shape: str = "string"
+    size: int = 4 * 1024 * 1024
+    probability: float | None = None
+    used: int = 0
+
+    def __post_init__(self) -> None:
+        if self.action not in OUTCOME_ACTIONS | RESPONSE_ACTIONS:
+            raise ValueError(f"unknown fake rule action {self.action!r}")
+        if self.endpoint not in ("create", "poll", "any"):
+            raise ValueError(f"unknown fake rule endpoint {self.endpoint!r}")
+        if self.action in OUTCOME_ACTIONS and self.endpoint != "create":
+            raise ValueError(f"outcome action {self.action!r} applies to create rules only")
+        if self.action == "shape" and self.shape not in SHAPES:
+            raise ValueError(f"unknown uuid shape {self.shape!r}")
+        if self.probability is not None and not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"probability must be within [0, 1], got {self.probability!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Rule:
+        known = {f.name for f in fields(cls)} - {"used"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown rule fields: {sorted(unknown)}")
+        return cls(**data)
+
+    @property
+    def is_outcome(self) -> bool:
+        return self.action in OUTCOME_ACTIONS
+
+    def active(self) -> bool:
+        return self.times is None or self.used < self.times
+
+    def matches(self, endpoint: str, nth: int, text: str, ops: bool) -> bool:
+        if self.endpoint not in ("any", endpoint) or not self.active():
+            return False
+        if self.nth is not None and self.nth != nth:
+            return False
+        if self.lumina is not None and self.lumina != ops:
+            return False
+        if self.marker is not None and self.marker not in text:
+            return False
+        return self.probability is None or random.random() < self.probability
+
+
+@dataclass
+class Recorded:
+    """One request the fake received."""
+
+    method: str
+    path: str
+    endpoint: str  # create | poll | other
+    ops: bool  # sent to the Lumina (ops) host
+    headers: dict[str, str]  # lower-cased names
+    body: Any  # the parsed JSON body (None when absent or not JSON)
+    raw_body: bytes
+    time: float  # time.time() at arrival
+    status: int | None = None  # the answer's HTTP status (None: no answer / still in flight)
+    job_uuid: str | None = None
+
+
+@dataclass
+class Job:
+    uuid: str
+    created: float  # monotonic
+    created_at: float  # wall clock
+    body: Any
+    text: str  # the prompts as JSON: what markers are matched against
+    ops: bool
+    generation_time: float
+    outcome: Rule | None = None
+    polls: int = 0
+
+
+def _dumps(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False).encode()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 1024
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], fake: FakeNieta) -> None:
+        self.fake = fake
+        self.open_sockets: set[socket.socket] = set()
+        self.sockets_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.sockets_lock:
+            self.open_sockets.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.sockets_lock:
+            self.open_sockets.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError | OSError):
+            return  # a client went away: normal for a fake that drops connections
+        super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.server.fake._handle(self)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.server.fake._handle(self)
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self.server.fake._handle(self)
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self.server.fake._handle(self)
+
+    record: Recorded | None = None  # the API request being answered, if any
+
+    def send(
+        self, status: int, body: bytes, content_type: str = "application/json", headers: dict[str, str] | None = None
+    ) -> None:
+        if self.record is not None:
+            self.record.status = status  # before the client can see the answer (tests read it at once)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            if body and self.command != "HEAD":
+                self.wfile.write(body)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, OSError):
+            self.close_connection = True
+
+
+class FakeNieta:
+    """The fake API server. Use as a context manager; thread-safe."""
+
+    def __init__(
+        self,
+        token: str = DEFAULT_TOKEN,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        generation_time: float = 0.0,
+        latency: float = 0.0,
+        latency_jitter: float = 0.0,
+        rules: list[Rule | dict[str, Any]] | None = None,
+        create_shape: str = "string",
+        strict_hosts: bool = True,
+        record: bool = True,
+        marker_regex: str | None = None,
+    ) -> None:
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(f"the fake Nieta API listens on loopback only, not {host}")
+        if create_shape not in SHAPES:
+            raise ValueError(f"unknown uuid shape {create_shape!r}")
+        self.token = token
+        self.host = host
+        self.port = port
+        self.generation_time = generation_time
+        self.latency = latency
+        self.latency_jitter = latency_jitter
+        self.create_shape = create_shape
+        self.strict_hosts = strict_hosts
+        self.record = record
+        self.marker_regex = re.compile(marker_regex) if marker_regex else None
+        self._lock = threading.Lock()
+        self._rules: list[Rule] = []
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._huge_cache: dict[int, bytes] = {}
+        self._reset_state()
+        for rule in rules or []:
+            self.add(rule)
+
+    def _reset_state(self) -> None:
+        self._requests: list[Recorded] = []
+        self._jobs: dict[str, Job] = {}
+        self._counts: Counter[str] = Counter()  # per endpoint
+        self._authorized: Counter[str] = Counter()  # per endpoint, what `nth` counts
+        self._statuses: Counter[int] = Counter()
+        self._marker_counts: Counter[str] = Counter()
+        self._per_second: Counter[int] = Counter()
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._first: float | None = None
+        self._last: float | None = None
+        self._busy_seconds = 0.0
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> FakeNieta:
+        self._server = _Server((self.host, self.port), self)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-nieta", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        with server.sockets_lock:
+            sockets = list(server.open_sockets)
+        for sock in sockets:  # unblock handler threads waiting on idle keep-alive connections
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self) -> FakeNieta:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """Base URL of the standard host."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ops_url(self) -> str:
+        """Base URL of the Lumina (ops) host."""
+        return f"{self.url}{OPS_PREFIX}"
+
+    def env(self) -> dict[str, str]:
+        """The settings variables that point nietest at this fake."""
+        return {"NIETA_XTOKEN": self.token, "NIETA_API_BASE_URL": self.url, "NIETA_OPS_API_BASE_URL": self.ops_url}
+
+    # --- scripting -------------------------------------------------------------------------------
+
+    def add(self, rule: Rule | dict[str, Any]) -> Rule:
+        """Append a rule (a Rule or its dict form)."""
+        if isinstance(rule, dict):
+            rule = Rule.from_dict(rule)
+        with self._lock:
+            self._rules.append(rule)
+        return rule
+
+    def add_rule(self, action: str, **options: Any) -> Rule:
+        """Append `Rule(action, **options)`."""
+        return self.add(Rule(action, **options))
+
+    def clear_rules(self) -> None:
+        with self._lock:
+            self._rules.clear()
+
+    def reset(self) -> None:
+        """Forget rules, jobs, recorded requests and stats."""
+        with self._lock:
+            self._rules.clear()
+            self._reset_state()
+
+    # --- inspection ------------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[Recorded]:
+        """Every API request received so far (a copy), in arrival order."""
+        with self._lock:
+            return list(self._requests)
+
+    def requests_to(self, endpoint: str) -> list[Recorded]:
+        """Recorded requests of one endpoint: create, poll or other."""
+        return [r for r in self.requests if r.endpoint == endpoint]
+
+    @property
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def job(self, job_uuid: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_uuid)
+
+    def created_count(self, marker: str) -> int:
+        """Jobs created whose prompts contain `marker`."""
+        with self._lock:
+            return sum(1 for job in self._jobs.values() if marker in job.text)
+
+    def created_counts(self, pattern: str | None = None) -> dict[str, int]:
+        """Jobs created per marker: the matches of `pattern` (a regex) in each job's prompts."""
+        if pattern is None:
+            with self._lock:
+                return dict(self._marker_counts)
+        regex = re.compile(pattern)
+        counts: Counter[str] = Counter()
+        for job in self.jobs:
+            for found in set(regex.findall(job.text)):
+                counts[found if isinstance(found, str) else found[0]] += 1
+        return dict(counts)
+
+    def duplicates(self, pattern: str) -> dict[str, int]:
+        """Markers with more than one job created (what an idempotent pipeline never does)."""
+        return {marker: n for marker, n in self.created_counts(pattern).items() if n > 1}
+
+    def stats(self) -> dict[str, Any]:
+        """Throughput and concurrency: show that the fake is not a benchmark's bottleneck."""
+        with self._lock:
+            total = sum(self._counts.values())
+            span = (self._last - self._first) if self._first is not None and self._last is not None else 0.0
+            return {
+                "requests": total,
+                "by_endpoint": dict(self._counts),
+                "by_status": {str(k): v for k, v in sorted(self._statuses.items())},
+                "jobs": len(self._jobs),
+                "in_flight": self._in_flight,
+                "max_in_flight": self._max_in_flight,
+                "span_seconds": round(span, 3),
+                "requests_per_second": round(total / span, 1) if span > 0 else float(total),
+                "peak_requests_per_second": max(self._per_second.values(), default=0),
+                "mean_service_ms": round(1000 * self._busy_seconds / total, 3) if total else 0.0,
+                "latency_seconds": self.latency,
+                "generation_time_seconds": self.generation_time,
+                "markers": len(self._marker_counts),
+            }
+
+    # --- request handling ------------------------------------------------------------------------
+
+    def _handle(self, handler: _Handler) -> None:
+        handler.record = None  # a kept-alive connection's handler served other requests before
+        arrived = time.time()
+        started = time.monotonic()
+        parts = urlsplit(handler.path)
+        path = parts.path
+        try:
+            length = int(handler.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0
+        if length > MAX_REQUEST_BYTES:
+            handler.close_connection = True
+            handler.send(413, _dumps({"message": "request too large"}))
+            return
+        raw = handler.rfile.read(length) if length > 0 else b""
+
+        if path.startswith("/_fake/"):
+            self._control(handler, path, parts.query, raw)
+            return
+
+        ops = path == OPS_PREFIX or path.startswith(OPS_PREFIX + "/")
+        api_path = path[len(OPS_PREFIX) :] if ops else path
+        if handler.command == "POST" and api_path == CREATE_PATH:
+            endpoint = "create"
+        elif handler.command == "GET" and api_path.startswith(POLL_PREFIX):
+            endpoint = "poll"
+        else:
+            endpoint = "other"
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        record = Recorded(
+            method=handler.command,
+            path=path,
+            endpoint=endpoint,
+            ops=ops,
+            headers={k.lower(): v for k, v in handler.headers.items()},
+            body=body,
+            raw_body=raw,
+            time=arrived,
+        )
+        handler.record = record
+        with self._lock:
+            if self.record:
+                self._requests.append(record)
+            self._counts[endpoint] += 1
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+            if self._first is None:
+                self._first = started
+            self._per_second[int(arrived)] += 1
+        status: int | None = None
+        try:
+            status = self._answer(handler, record, api_path)
+        finally:
+            finished = time.monotonic()
+            record.status = status
+            with self._lock:
+                self._in_flight -= 1
+                self._last = finished
+                self._busy_seconds += finished - started
+                if status is not None:
+                    self._statuses[status] += 1
+
+    def _answer(self, handler: _Handler, record: Recorded, api_path: str) -> int | None:
+        """Serve one API request; return the HTTP status sent (None: the connection was dropped)."""
+        if self.latency > 0 or self.latency_jitter > 0:
+            time.sleep(self.latency + random.uniform(0.0, self.latency_jitter))
+        if record.endpoint == "other":
+            if record.method == "GET" and api_path.startswith("/_image/"):
+                handler.send(200, PNG_1X1, "image/png")
+                return 200
+            handler.send(404, _dumps({"code": 404, "message": f"no route {record.method} {record.path}"}))
+            return 404
+        if handler.headers.get("X-Token") != self.token:
+            handler.send(401, _dumps({"code": 401, "message": "invalid or missing X-Token"}))
+            return 401
+
+        job: Job | None = None
+        if record.endpoint == "create":
+            prompts = record.body.get("rawPrompt") if isinstance(record.body, dict) else None
+            text = json.dumps(prompts, ensure_ascii=False)
+        else:
+            job_uuid = api_path[len(POLL_PREFIX) :]
+            record.job_uuid = job_uuid
+            with self._lock:
+                job = self._jobs.get(job_uuid)
+                if job is not None and self.strict_hosts and job.ops != record.ops:
+                    job = None
+            text = job.text if job is not None else ""
+
+        with self._lock:
+            self._authorized[record.endpoint] += 1
+            nth = self._authorized[record.endpoint]
+            response_rule = self._take(record.endpoint, nth, text, record.ops, outcome=False)
+            answered = response_rule is not None and response_rule.action not in ("delay", "shape")
+            # An outcome rule is used up only by a create that really makes a job.
+            creates = record.endpoint == "create" and not answered
+            outcome_rule = self._take("create", nth, text, record.ops, outcome=True) if creates else None
+
+        if response_rule is not None and response_rule.delay > 0:
+            time.sleep(response_rule.delay)
+        if response_rule is not None and response_rule.action not in ("delay", "shape"):
+            return self._scripted(handler, response_rule, record)
+
+        if record.endpoint == "create":
+            return self._create(handler, record, text, outcome_rule, response_rule)
+        return self._poll(handler, record, job)
+
+    def _take(self, endpoint: str, nth: int, text: str, ops: bool, *, outcome: bool) -> Rule | None:
+        for rule in self._rules:
+            if rule.is_outcome == outcome and rule.matches(endpoint, nth, text, ops):
+                rule.used += 1
+                return rule
+        return None
+
+    def _scripted(self, handler: _Handler, rule: Rule, record: Recorded) -> int | None:
+        action = rule.action
+        if action == "drop":
+            handler.close_connection = True
+            with contextlib.suppress(OSError):
+                handler.connection.shutdown(socket.SHUT_RDWR)
+            return None
+        if action == "http_500":
+            status = rule.status or 500
+            handler.send(status, _dumps({"code": status, "message": rule.error or "internal server error"}))
+            return status
+        if action == "http_429":
+            headers = {"Retry-After": str(rule.retry_after)} if rule.retry_after is not None else {}
+            handler.send(429, _dumps({"code": 429, "message": rule.error or "too many requests"}), headers=headers)
+            return 429
+        if action == "http":
+            status = rule.status or 400
+            body = rule.body if rule.body is not None else {"code": status, "message": rule.error or "bad request"}
+            content = body.encode() if isinstance(body, str) else body if isinstance(body, bytes) else _dumps(body)
+            headers = {"Retry-After": str(rule.retry_after)} if rule.retry_after is not None else {}
+            handler.send(status, content, rule.content_type or "application/json", headers)
+            return status
+        if action == "html":
+            status = rule.status or 502
+            handler.send(status, (rule.body or HTML_ERROR_PAGE).encode(), "text/html; charset=utf-8")
+            return status
+        if action == "empty":
+            status = rule.status or 200
+            handler.send(status, b"", rule.content_type or "application/json")
+            return status
+        if action == "huge":
+            status = rule.status or 200
+            with self._lock:
+                content = self._huge_cache.get(rule.size)
+                if content is None:
+                    content = self._huge_cache[rule.size] = b'{"uuid": "' + b"x" * rule.size + b'"}'
+            handler.send(status, content)
+            return status
+        if action == "wrong_type":
+            status = rule.status or 200
+            handler.send(status, _dumps(rule.body if rule.body is not None else [1, 2, 3]))
+            return status
+        if action == "raw":
+            status = rule.status or 200
+            body = rule.body if rule.body is not None else ""
+            handler.send(
+                status, body if isinstance(body, bytes) else str(body).encode(), rule.content_type or "text/plain"
+            )
+            return status
+        if action == "unknown_job":
+            handler.send(404, _dumps({"code": 404, "message": "task not found"}))
+            return 404
+        raise AssertionError(f"unhandled action {action}")  # pragma: no cover
+
+    def _create(
+        self, handler: _Handler, record: Recorded, text: str, outcome: Rule | None, modifier: Rule | None
+    ) -> int:
+        body = record.body
+        if not isinstance(body, dict) or not isinstance(body.get("rawPrompt"), list):
+            handler.send(400, _dumps({"code": 400, "message": "invalid body: rawPrompt is required"}))
+            return 400
+        generation_time = self.generation_time
+        if outcome is not None and outcome.generation_time is not None:
+            generation_time = outcome.generation_time
+        job = Job(
+            uuid=str(uuid_module.uuid4()),
+            created=time.monotonic(),
+            created_at=time.time(),
+            body=body,
+            text=text,
+            ops=record.ops,
+            generation_time=generation_time,
+            outcome=outcome,
+        )
+        record.job_uuid = job.uuid
+        with self._lock:
+            self._jobs[job.uuid] = job
+            if self.marker_regex is not None:
+                for found in set(self.marker_regex.findall(text)):
+                    self._marker_counts[found if isinstance(found, str) else found[0]] += 1
+        shape = modifier.shape if modifier is not None and modifier.action == "shape" else self.create_shape
+        content_type, content = self._uuid_in_shape(job.uuid, shape)
+        handler.send(200, content, content_type)
+        return 200
+
+    @staticmethod
+    def _uuid_in_shape(job_uuid: str, shape: str) -> tuple[str, bytes]:
+        if shape == "string":
+            return "application/json", _dumps(job_uuid)
+        if shape == "bare":
+            return "text/plain", job_uuid.encode()
+        if shape == "data":
+            return "application/json", _dumps({"code": 0, "data": job_uuid})
+        if shape.startswith("data."):
+            return "application/json", _dumps({"code": 0, "message": "ok", "data": {shape[5:]: job_uuid}})
+        return "application/json", _dumps({shape: job_uuid, "status": "PENDING"})
+
+    def _poll(self, handler: _Handler, record: Recorded, job: Job | None) -> int:
+        if job is None:
+            handler.send(404, _dumps({"code": 404, "message": "task not found"}))
+            return 404
+        with self._lock:
+            job.polls += 1
+        handler.send(200, _dumps(self._job_state(job)))
+        return 200
+
+    def _job_state(self, job: Job) -> dict[str, Any]:
+        elapsed = time.monotonic() - job.created
+        rule = job.outcome
+        action = rule.action if rule is not None else "success"
+        base: dict[str, Any] = {"uuid": job.uuid, "task_uuid": job.uuid}
+        if action == "never" or elapsed < job.generation_time:
+            status = "PENDING" if action == "never" or elapsed < job.generation_time / 2 else "RUNNING"
+            return {**base, "task_status": status, "artifacts": []}
+        image = {"uuid": str(uuid_module.uuid5(uuid_module.NAMESPACE_URL, job.uuid)), "status": "SUCCESS"}
+        host = f"{self.ops_url if job.ops else self.url}"
+        if action in ("success", "slow"):
+            return {**base, "task_status": "SUCCESS", "artifacts": [{**image, "url": f"{host}/_image/{job.uuid}.png"}]}
+        if action == "no_url":
+            return {**base, "task_status": "SUCCESS", "artifacts": [image]}
+        if action == "failure":
+            return {
+                **base,
+                "task_status": "FAILURE",
+                "artifacts": [],
+                rule.error_field: rule.error or "generation failed",
+            }
+        if action == "illegal_image":
+            state = {**base, "task_status": "ILLEGAL_IMAGE", "artifacts": [{**image, "status": "ILLEGAL_IMAGE"}]}
+            if rule.error:
+                state[rule.error_field] = rule.error
+            return state
+        if action == "timeout":
+            state = {**base, "task_status": "TIMEOUT", "artifacts": []}
+            if rule.error:
+                state[rule.error_field] = rule.error
+            return state
+        # "status": any task_status, artifacts from `body`
+        state = {**base, "task_status": rule.task_status, "artifacts": rule.body if rule.body is not None else []}
+        if rule.error:
+            state[rule.error_field] = rule.error
+        return state
+
+    # --- control endpoints (standalone use) -------------------------------------------------------
+
+    def _control(self, handler: _Handler, path: str, query: str, raw: bytes) -> None:
+        try:
+            if path == "/_fake/stats":
+                result: Any = self.stats()
+            elif path == "/_fake/created_counts":
+                pattern = parse_qs(query).get("pattern", [None])[0]
+                result = self.created_counts(pattern)
+            elif path == "/_fake/rules" and handler.command == "POST":
+                data = json.loads(raw or b"[]")
+                rules = [self.add(rule) for rule in (data if isinstance(data, list) else [data])]
+                result = {"added": len(rules)}
+            elif path == "/_fake/rules":
+                with self._lock:
+                    result = [asdict(rule) for rule in self._rules]
+            elif path == "/_fake/reset" and handler.command == "POST":
+                self.reset()
+                result = {"reset": True}
+            elif path == "/_fake/config" and handler.command == "POST":
+                data = json.loads(raw or b"{}")
+                self.latency = float(data.get("latency", self.latency))
+                self.generation_time = float(data.get("generation_time", self.generation_time))
+                result = {"latency": self.latency, "generation_time": self.generation_time}
+            else:
+                handler.send(404, _dumps({"message": f"no control endpoint {path}"}))
+                return
+        except (ValueError, TypeError) as exc:
+            handler.send(400, _dumps({"message": str(exc)}))
+            return
+        handler.send(200, _dumps(result))
+
+
+try:  # the fixture, for test modules: `from fake_nieta import fake_nieta`
+    import pytest
+except ImportError:  # pragma: no cover - standalone use without pytest
+    pytest = None  # type: ignore[assignment]
+else:
+
+    @pytest.fixture
+    def fake_nieta() -> Iterator[FakeNieta]:
+        """A running fake with default settings; stopped after the test."""
+        with FakeNieta() as api:
+            yield api
+
+
+# --- standalone ------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="A fake Nieta image API on 127.0.0.1 (tests and benchmarks).")
+    parser.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="port (0: any free port; the ready line tells)")
+    parser.add_argument("--token", default=DEFAULT_TOKEN, help="the X-Token the fake accepts")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds every API request waits before answering")
+    parser.add_argument("--latency-jitter", type=float, default=0.0, help="a random extra latency, up to N seconds")
+    parser.add_argument("--generation-time", type=float, default=0.0, help="seconds until a job is SUCCESS")
+    parser.add_argument("--rule", action="append", default=[], help="a rule as a JSON object (repeatable)")
+    parser.add_argument("--rules-file", help="a JSON file holding a list of rules")
+    parser.add_argument("--create-shape", default="string", choices=sorted(SHAPES), help="shape of the create answer")
+    parser.add_argument("--marker-regex", help="count created jobs per match of this regex (see /_fake/stats)")
+    parser.add_argument("--no-record", action="store_true", help="do not keep every request in memory")
+    parser.add_argument("--stats-interval", type=float, default=0.0, help="print stats to stderr every N seconds")
+    args = parser.parse_args(argv)
+
+    rules: list[Any] = [json.loads(text) for text in args.rule]
+    if args.rules_file:
+        with open(args.rules_file, encoding="utf-8") as fh:
+            rules += json.load(fh)
+    fake = FakeNieta(
+        args.token,
+        host=args.host,
+        port=args.port,
+        generation_time=args.generation_time,
+        latency=args.latency,
+        latency_jitter=args.latency_jitter,
+        rules=rules,
+        create_shape=args.create_shape,
+        record=not args.no_record,
+        marker_regex=args.marker_regex,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    fake.start()
+    ready = {"url": fake.url, "ops_url": fake.ops_url, "token": fake.token, "pid": os.getpid()}
+    print(json.dumps(ready), flush=True)
+    interval = args.stats_interval if args.stats_interval > 0 else None
+    while not stop.wait(interval):
+        print(json.dumps(fake.stats()), file=sys.stderr, flush=True)
+    fake.stop()
+    print(json.dumps(fake.stats()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
