@@ -4,7 +4,7 @@
 
 Runs the real `nietest daemon` (supervisord, the `alerts` listener, worker processes, the embedded
 valkey) in a temporary NIETEST_HOME, with a signed fake Feishu webhook on 127.0.0.1
-(tests/fake_feishu.py: a real HTTP server that checks every signature). Nothing leaves the host.
+(nietest_daemon/testing/fake_feishu.py: a real HTTP server that checks every signature). Nothing leaves the host.
 
 1. Latency: for each NIETEST_ALERT_COALESCE_SECONDS in --windows, a daemon with --kills subtask
    workers; each worker is killed with SIGKILL once, one after the other (so no crash loop forms,
@@ -28,31 +28,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import xmlrpc.client
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from nietest_daemon.core import settings as settings_module
+from nietest_daemon.programs.daemon import control_proxy
+from nietest_daemon.testing.fake_feishu import FakeFeishu
+from nietest_daemon.testing.waiting import wait_for
 
-from nietest_daemon.core import settings as settings_module  # noqa: E402
-from nietest_daemon.programs.daemon import control_proxy  # noqa: E402
-from nietest_daemon.testing.fake_feishu import FakeFeishu  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SECRET = "bench-secret-7c1f"
 SCRUB = {"BROKER_REDIS_URL", "REDIS_HOST", "MONGO_URI", "MONGO_HOST", "FEISHU_WEBHOOK_URL", "FEISHU_TASK_WEBHOOK_URL"}
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except (OSError, xmlrpc.client.Error, ConnectionError):
-            value = None
-        if value:
-            return value
-        time.sleep(interval)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 class Run:

@@ -3,8 +3,8 @@
     .venv/bin/python bench/chaos.py [--subtasks 300] [--kill-every 3] [--min-kills 10] [--seed 7]
 
 Two runs of the same task (standard and Lumina subtasks mixed) on a real `nietest daemon`
-(embedded valkey broker, SQLite store), against tests/fake_nieta.py and two
-tests/fake_feishu.py webhooks, all on 127.0.0.1:
+(embedded valkey broker, SQLite store), against nietest_daemon/testing/fake_nieta.py and two
+nietest_daemon/testing/fake_feishu.py webhooks, all on 127.0.0.1:
 
 1. **baseline**: no faults;
 2. **chaos**: the fake API answers with random latency and a fault mix (5% HTTP 500, 2% 429,
@@ -45,17 +45,18 @@ from typing import Any
 
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
+from nietest_daemon.coordination.connection import redis_client
+from nietest_daemon.core import settings as settings_module
+from nietest_daemon.domain.status import TERMINAL, final_task_status
+from nietest_daemon.internals.dramatiq_redis import bodies_key, dead_letter_name, queue_stats
+from nietest_daemon.pipeline.context import open_store_for
+from nietest_daemon.pipeline.subtasks import TIMEOUT_RESUBMITS
+from nietest_daemon.programs.daemon import control_proxy
+from nietest_daemon.testing.fake_feishu import FakeFeishu
+from nietest_daemon.testing.fake_nieta import FakeNieta
+from nietest_daemon.testing.waiting import wait_for
 
-from nietest_daemon.coordination.connection import redis_client  # noqa: E402
-from nietest_daemon.core import settings as settings_module  # noqa: E402
-from nietest_daemon.domain.status import TERMINAL, final_task_status  # noqa: E402
-from nietest_daemon.internals.dramatiq_redis import queue_stats  # noqa: E402
-from nietest_daemon.pipeline.context import open_store_for  # noqa: E402
-from nietest_daemon.pipeline.subtasks import TIMEOUT_RESUBMITS  # noqa: E402
-from nietest_daemon.programs.daemon import control_proxy  # noqa: E402
-from nietest_daemon.testing.fake_feishu import FakeFeishu  # noqa: E402
-from nietest_daemon.testing.fake_nieta import FakeNieta  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 WORKER_GROUPS = ("master", "master_ops", "subtask", "subtask_ops")
 FINAL_TITLES = ("Task completed", "Task partially completed", "Task failed", "Task cancelled")
@@ -126,17 +127,6 @@ class ChaosReport:
     def check(self, ok: bool, problem: str) -> None:
         if not ok:
             self.problems.append(problem)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            value = predicate()
-            if value:
-                return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def task_document(subtasks: int) -> dict[str, Any]:
@@ -406,7 +396,7 @@ def settle(daemon: DaemonProcess, task_hook: FakeFeishu, task_id: str, report: C
         bodies = [
             body.decode(errors="replace")[:400]
             for key in WORKER_GROUPS
-            for body in client.hvals(f"dramatiq:{daemon.settings.queue(key).name}.XQ.msgs")
+            for body in client.hvals(bodies_key(dead_letter_name(daemon.settings.queue(key).name)))
         ]
         why = [
             line[:600]

@@ -35,24 +35,14 @@ import dramatiq
 import httpx
 import redis
 
+from nietest_daemon.core import settings as settings_module
+from nietest_daemon.pipeline.context import open_store_for
+from nietest_daemon.programs.daemon import control_proxy
+from nietest_daemon.testing.waiting import wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 
-from nietest_daemon.core import settings as settings_module  # noqa: E402
-from nietest_daemon.pipeline.context import open_store_for  # noqa: E402
-from nietest_daemon.programs.daemon import control_proxy  # noqa: E402
-
 TOKEN = "bench-token-0123456789"
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            value = predicate()
-            if value:
-                return value
-        time.sleep(interval)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -68,11 +58,11 @@ def status_kib(pid: int, key: str) -> int:
 
 
 class FakeAPI:
-    """tests/fake_nieta.py in its own process (so its CPU use is measurable)."""
+    """nietest_daemon/testing/fake_nieta.py in its own process (so its CPU use is measurable)."""
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "fake_nieta.py"), "--token", TOKEN, "--no-record"],
+            [sys.executable, "-m", "nietest_daemon.testing.fake_nieta", "--token", TOKEN, "--no-record"],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

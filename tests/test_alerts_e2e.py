@@ -1,6 +1,6 @@
 """Operations alerts end to end: the real daemon (supervisord running the real `alerts` listener,
 real worker processes, the embedded valkey or a private one) and a real HTTP webhook on 127.0.0.1
-(tests/fake_feishu.py) that checks every request's signature and answers scripted codes.
+(nietest_daemon/testing/fake_feishu.py) that checks every request's signature and answers scripted codes.
 
 Everything polls with a deadline. Where a test asserts that something did *not* happen (no second
 alert), it waits a bounded settle time of a few coalescing windows.

@@ -25,7 +25,13 @@ from typing import Any
 import pytest
 from conftest import ROOT, Daemon, wait_for
 
-from nietest_daemon.internals.dramatiq_redis import NAMESPACE
+from nietest_daemon.internals.dramatiq_redis import (
+    ack_set_key,
+    bodies_key,
+    dead_letter_name,
+    delay_queue_name,
+    queue_key,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -213,14 +219,15 @@ def test_garbage_is_dead_lettered_or_failed_and_the_worker_goes_on(daemon: Daemo
     daemon.wait_running()
     r = daemon.redis
     queue = daemon.settings.queue(key).name
-    q = f"{NAMESPACE}:{queue}"
+    q = queue_key(queue)
+    dq = delay_queue_name(queue)
     pids = daemon.pids()
     cases = cases_for(key, queue)
 
     for case in cases:
         with r.pipeline(transaction=True) as pipe:
             if case.body is not None:
-                pipe.hset(f"{q}.msgs", case.redis_id, case.body)
+                pipe.hset(bodies_key(queue), case.redis_id, case.body)
             pipe.rpush(q, case.redis_id)
             pipe.execute()
     # After the garbage, in the same FIFO list: a valid message runs.
@@ -229,15 +236,13 @@ def test_garbage_is_dead_lettered_or_failed_and_the_worker_goes_on(daemon: Daemo
     wait_for(lambda: any(t.startswith(token) for t in daemon.done()), 20, what=f"a valid message on {queue}")
 
     def held() -> list[str]:
-        return [
-            k.decode() for k in r.keys(f"{NAMESPACE}:__acks__.*.{queue}") + r.keys(f"{NAMESPACE}:__acks__.*.{queue}.DQ")
-        ]
+        return [k.decode() for name in (queue, delay_queue_name(queue)) for k in r.keys(ack_set_key("*", name))]
 
     def unsettled() -> list[str]:
         """What is not dealt with yet: cases without their log line, and what the queue still has."""
         lines = worker_lines(daemon, key)
         left = [f"{c.name}: no log line" for c in cases if not log_line_for(c, lines)]
-        left += [f"{n} ready" for n in [r.llen(q)] if n] + [f"{n} bodies" for n in [r.hlen(f"{q}.msgs")] if n]
+        left += [f"{n} ready" for n in [r.llen(q)] if n] + [f"{n} bodies" for n in [r.hlen(bodies_key(queue))] if n]
         return left + [f"held in {k}" for k in held()]
 
     try:
@@ -245,7 +250,7 @@ def test_garbage_is_dead_lettered_or_failed_and_the_worker_goes_on(daemon: Daemo
     except AssertionError as exc:
         raise AssertionError(f"{exc}\nstill: {unsettled()}") from None
     lines = worker_lines(daemon, key)
-    dead = {m.decode() for m in r.zrange(f"{q}.XQ", 0, -1)}
+    dead = {m.decode() for m in r.zrange(queue_key(dead_letter_name(queue)), 0, -1)}
     problems = []
     for case in cases:
         line = log_line_for(case, lines)
@@ -253,7 +258,7 @@ def test_garbage_is_dead_lettered_or_failed_and_the_worker_goes_on(daemon: Daemo
         if case.expect == "dead":
             if case.redis_id not in dead:
                 problems.append(f"{case.name}: not dead-lettered")
-            elif r.hget(f"{q}.XQ.msgs", case.redis_id) != case.body:
+            elif r.hget(bodies_key(dead_letter_name(queue)), case.redis_id) != case.body:
                 problems.append(f"{case.name}: dead letter's body not kept as it was")
             if case.says not in line["reason"]:
                 problems.append(f"{case.name}: reason {line['reason']!r} does not say {case.says!r}")
@@ -264,8 +269,8 @@ def test_garbage_is_dead_lettered_or_failed_and_the_worker_goes_on(daemon: Daemo
     assert not problems, "\n".join(problems)
 
     # Nothing left: not ready, in flight, held by a worker, or scheduled for a retry.
-    assert r.llen(q) == 0 and r.hlen(f"{q}.msgs") == 0 and not held()
-    assert r.llen(f"{q}.DQ") == 0 and r.hlen(f"{q}.DQ.msgs") == 0
+    assert r.llen(q) == 0 and r.hlen(bodies_key(queue)) == 0 and not held()
+    assert r.llen(queue_key(dq)) == 0 and r.hlen(bodies_key(dq)) == 0
     # No consumer or worker thread broke, no process was restarted.
     broken = [f"{line['event'][:120]}" for line in lines if any(b in line["event"] for b in BROKEN)]
     assert not broken, broken

@@ -169,6 +169,7 @@ def _start_daemon(home: Path, env_extra: dict[str, str]) -> subprocess.Completed
     return subprocess.run([*NIETEST, "daemon"], env=env, capture_output=True, text=True, timeout=60, cwd=home.parent)
 
 
+@pytest.mark.e2e  # runs `nietest daemon` once per bad variable
 def test_the_daemon_refuses_to_start_with_any_wrong_variable(short_tmp: Path, a_file: Path) -> None:
     """The real `nietest daemon`, once per variable (its first wrong value) and per unknown NIETEST_* name."""
     cases = [(variable, resolve(values[0], a_file)) for variable, values in sorted(BAD.items())]

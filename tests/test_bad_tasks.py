@@ -54,8 +54,8 @@ SUPPRESS = [
     HealthCheck.data_too_large,
     HealthCheck.large_base_example,
 ]
-IN_PROCESS = settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=SUPPRESS)
-VIA_CLI = settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=SUPPRESS)
+IN_PROCESS = settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=SUPPRESS)
+VIA_CLI = settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=SUPPRESS)
 
 
 # --- the base task and its fields -------------------------------------------------------------------
@@ -624,8 +624,8 @@ class Harness:
 
 
 @pytest.fixture
-def harness(short_tmp: Path, private_valkey: Callable[..., PrivateValkey]) -> Iterator[Harness]:
-    h = Harness(short_tmp, private_valkey())
+def harness(short_tmp: Path, valkey: PrivateValkey) -> Iterator[Harness]:
+    h = Harness(short_tmp, valkey)
     yield h
     h.redis.close()
 

@@ -2,7 +2,7 @@
 the broker killed once, both webhooks hanging for 6 s, three times the issue's fault rates.
 
 The benchmark itself (300 subtasks, the issue's rates, a fault-free baseline beside it) is
-`.venv/bin/python bench/chaos.py`; its figures are in the README.
+`.venv/bin/python bench/chaos.py`; its figures are in docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Feishu webhook client against a real HTTP fake on 127.0.0.1 (tests/fake_feishu.py)."""
+"""The Feishu webhook client against a real HTTP fake on 127.0.0.1 (nietest_daemon/testing/fake_feishu.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import pytest
 import redis
 import structlog
@@ -243,10 +244,8 @@ def max_in_window(times: list[float], window: float) -> int:
     return max(sum(1 for u in times[i:] if u < t + window) for i, t in enumerate(times))
 
 
-def test_two_clients_sharing_redis_stay_under_5_per_second(
-    hook: FakeFeishu, logged: Captured, private_valkey: Callable[..., Any]
-) -> None:
-    server = private_valkey()
+def test_two_clients_sharing_redis_stay_under_5_per_second(hook: FakeFeishu, logged: Captured, valkey: Any) -> None:
+    server = valkey
     clients = [
         FeishuClient(hook.url, SECRET, redis.Redis.from_url(server.url), host=HOST, deadline=20, trust_env=False)
         for _ in range(2)
@@ -256,14 +255,14 @@ def test_two_clients_sharing_redis_stay_under_5_per_second(
     def send(client: FeishuClient, n: int) -> None:
         results.extend(client.send_card(f"alert {i}", "c") for i in range(n))
 
-    threads = [threading.Thread(target=send, args=(c, 15)) for c in clients]
+    threads = [threading.Thread(target=send, args=(c, 5)) for c in clients]  # 10 cards: at least 1 s
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert len(results) == 30 and all(r.delivered and r.attempts == 1 for r in results)
+    assert len(results) == 10 and all(r.delivered and r.attempts == 1 for r in results)
     times = [r.time for r in hook.received]
-    assert len(times) == 30
+    assert len(times) == 10 and max(times) - min(times) >= 0.9  # 10 cards at 5/s: the second five waited
     assert max_in_window(times, 1.0) <= 5
     # The count lives in Redis, under a hash of the URL.
     keys = [k.decode() for k in redis.Redis.from_url(server.url).keys("*")]
@@ -340,3 +339,32 @@ def test_json_log_lines_of_a_real_process_hold_neither_url_nor_secret(hook: Fake
     assert any(r["logger"] == "httpx" for r in records)
     output = result.stdout + result.stderr
     assert hook.token not in output and SECRET not in output
+
+
+# --- the transport seam: no sockets ----------------------------------------------------------------
+
+
+def test_client_runs_on_a_mock_transport_and_turns_transport_errors_into_outcomes() -> None:
+    hook = "https://open.feishu.cn/open-apis/bot/v2/hook/mock-token-0042"
+    answers = iter(
+        [
+            httpx.ConnectError("refused"),
+            httpx.Response(200, json={"code": 0, "msg": "success"}),
+        ]
+    )
+    bodies: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    client = FeishuClient(hook, "s3cret-mock", host="h", transport=httpx.MockTransport(handler), sleep=lambda _: None)
+    try:
+        result = client.send_card("title", "text")
+    finally:
+        client.close()
+    assert result.delivered and result.attempts == 2
+    assert len(bodies) == 2 and bodies[0]["msg_type"] == "interactive" and "sign" in bodies[0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,9 +39,8 @@ from nietest_daemon.testing.fake_nieta import FakeNieta
 
 
 @pytest.fixture
-def client(private_valkey: Callable[..., PrivateValkey]) -> Iterator[redis.Redis]:
-    server = private_valkey()
-    c = redis.Redis.from_url(server.url)
+def client(valkey: PrivateValkey) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(valkey.url)
     yield c
     c.close()
 
@@ -217,10 +216,8 @@ def subtask(pipe: Pipeline, subtask_id: str) -> Subtask:
 
 
 @pytest.fixture
-def pipe(
-    private_valkey: Callable[..., PrivateValkey], short_tmp: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Pipeline]:
-    server = private_valkey()
+def pipe(valkey: PrivateValkey, short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pipeline]:
+    server = valkey
     with FakeNieta(generation_time=0.0) as api:
         env = {
             "NIETEST_HOME": str(short_tmp),

@@ -735,3 +735,30 @@ def test_fake_runs_standalone() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- the transport seam: no sockets ----------------------------------------------------------------
+
+
+def test_client_runs_on_a_mock_transport_and_maps_transport_errors() -> None:
+    job = "3f8e2a14-9b6d-4c1e-8f00-7a2b9c0d1e2f"
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path == "/v3/make_image":
+            return httpx.Response(200, json=job)
+        raise httpx.ConnectError("connection refused", request=request)
+
+    transport = httpx.MockTransport(handler)
+    sleeps: list[float] = []
+    with NietaClient(
+        TOKEN, "https://api.invalid", "https://ops.invalid", transport=transport, sleep=sleeps.append
+    ) as c:
+        assert c.create_job(subtask()) == job
+        with pytest.raises(NietaError) as caught:
+            c.poll_job(job, False)
+    assert seen[0].headers["x-token"] == TOKEN and seen[0].url.host == "api.invalid"
+    assert caught.value.retryable and "connect" in str(caught.value).lower()
+    assert TOKEN not in str(caught.value)
+    assert len(sleeps) == c.max_retries  # every retry waited, on the injected sleep

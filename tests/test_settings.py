@@ -1,4 +1,4 @@
-"""Settings: defaults of DESIGN.md §2 and one clear error per bad variable."""
+"""Settings: defaults and one clear error per bad variable."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Contract suite of the task store (DESIGN.md §5), run against both implementations.
+"""Contract suite of the task store, run against both implementations.
 
 `SQLiteStore` runs for real, on a file in tmp_path (threads and, separately, processes).
 
@@ -44,7 +44,6 @@ from nietest_daemon.domain.status import (
 from nietest_daemon.store import (
     DuplicateTaskError,
     FinishOutcome,
-    MongoStore,
     SQLiteStore,
     Store,
     UnknownSubtaskError,
@@ -52,6 +51,7 @@ from nietest_daemon.store import (
     utcnow,
 )
 from nietest_daemon.store import base as store_base
+from nietest_daemon.store.mongo import MongoStore
 
 COUNTER_FIELDS = ("processed_images", "completed_images", "failed_images", "cancelled_images")
 

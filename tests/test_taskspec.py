@@ -1,4 +1,4 @@
-"""Task format validation and expansion (DESIGN.md §6): nietest_daemon.domain.taskspec."""
+"""Task format validation and expansion : nietest_daemon.domain.taskspec."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from nietest_daemon.domain.taskspec import (
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "task.json"
 CHARACTER = "5f3c1e2a-8b7d-4c6e-9a1f-2d3b4c5e6f70"
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def example() -> dict[str, Any]:
@@ -601,7 +601,7 @@ def valid_tasks(draw: st.DrawFn, max_dimensions: int = 4, max_size: int = 3) -> 
 
 
 def _raw_dimensions(doc: dict[str, Any]) -> list[tuple[str, list[Any]]]:
-    """(where, raw values) of each variable, read straight from the document in DESIGN §6 order."""
+    """(where, raw values) of each variable, read straight from the document in the order of the task format."""
     dims = [(f"prompts[{i}]", p["variable_values"]) for i, p in enumerate(doc["prompts"]) if p.get("is_variable")]
     for name in PARAMETERS:
         param = doc.get(name)

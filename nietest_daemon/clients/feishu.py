@@ -1,4 +1,4 @@
-"""Feishu custom-bot webhook client (DESIGN.md §9).
+"""Feishu custom-bot webhook client.
 
 `FeishuClient.send_card` posts one interactive card and returns a `SendResult`; it never raises and
 never takes longer than `deadline` seconds (plus one HTTP phase timeout at worst).

@@ -1,4 +1,4 @@
-"""Client of the Nieta image API (NIETA_API.md): create an image job, poll it.
+"""Client of the Nieta image API: create an image job, poll it.
 
 One pooled `httpx.Client` per process and per (token, URLs), obtained through `get_client()`.
 Transient failures (connect errors, timeouts, dropped connections, 5xx, 429) are retried inside
@@ -162,7 +162,7 @@ def build_raw_prompt(prompts: Any, is_lumina: bool) -> list[dict[str, Any]]:
 
 
 def build_make_image_body(subtask: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON body of `POST /v3/make_image` for one subtask (NIETA_API.md "Create a job").
+    """The JSON body of `POST /v3/make_image` for one subtask.
 
     The caller should resolve the seed with `choose_seed()` and store it before calling this;
     a subtask still without a seed (None or 0) gets a random one here. A seed that is not an
@@ -318,7 +318,7 @@ def _first_url(data: Mapping[str, Any]) -> str | None:
 
 
 def parse_job_status(data: Mapping[str, Any]) -> JobStatus:
-    """Map an artifact/task answer onto a JobStatus (NIETA_API.md "Poll a job")."""
+    """Map an artifact/task answer onto a JobStatus."""
     raw = data.get("task_status")
     raw_status = _valid_text(raw) if isinstance(raw, str) else (None if raw is None else _excerpt(str(raw), 100))
     status = (raw_status or "").strip().upper()
@@ -418,7 +418,7 @@ class NietaClient:
 
     @property
     def headers(self) -> dict[str, str]:
-        """The headers of every request (the contract of NIETA_API.md)."""
+        """The headers of every request: the token, the platform, JSON."""
         return {"Content-Type": "application/json", "x-platform": "nieta-app/web", "X-Token": self._token}
 
     def __repr__(self) -> str:

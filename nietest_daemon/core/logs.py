@@ -1,4 +1,4 @@
-"""JSON logs for every nietest process (DESIGN.md §8).
+"""JSON logs for every nietest process.
 
 One stdlib handler renders everything -- structlog events, dramatiq / redis / httpx / pymongo
 records, stray writes to sys.stderr, uncaught exceptions -- as one JSON object per line:

@@ -1,6 +1,6 @@
 """Every setting of nietest, read from the environment and validated in one place.
 
-The variable names are the contract of DESIGN.md §2. `load()` either returns a complete,
+The variable names are a contract with operators (README.md, "Configuration"). `load()` either returns a complete,
 validated `Settings` or raises `SettingsError` naming the first bad variable, so that the
 daemon refuses to start before anything is spawned.
 """

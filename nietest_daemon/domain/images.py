@@ -25,7 +25,7 @@ __all__ = [
 #: The largest seed a task may give: the front end's Number.MAX_SAFE_INTEGER (a larger integer
 #: would not reach us exactly through JavaScript).
 MAX_TASK_SEED = 2**53 - 1
-#: Random seeds are drawn from 1..RANDOM_SEED_MAX, the range NIETA_API.md documents.
+#: Random seeds are drawn from 1..RANDOM_SEED_MAX, the seed range of the Nieta API (a signed 32-bit int).
 RANDOM_SEED_MAX = 2_147_483_647
 #: Width and height for a ratio that cannot be read.
 DEFAULT_SIZE = (1024, 1024)
@@ -42,7 +42,7 @@ class SeedError(ValueError):
 
 
 def ratio_to_size(ratio: Any) -> tuple[int, int]:
-    """Width and height for a ratio "a:b" (NIETA_API.md): about 1024x1024 pixels, multiples of 8.
+    """Width and height the Nieta API expects for a ratio "a:b": about 1024x1024 pixels, multiples of 8.
 
     `x = sqrt(1024^2 / (a*b))`, `width = round(a*x/8)*8`, `height = round(b*x/8)*8` (halves
     rounded up); anything else than a string of two decimal numbers ("16:9", "1.5:1"), or a

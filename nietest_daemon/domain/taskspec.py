@@ -1,4 +1,4 @@
-"""The task format of DESIGN.md §6: validation, normalisation and expansion into subtasks.
+"""The task format (README.md, "Tasks"): validation, normalisation and expansion into subtasks.
 
 Pure Python, no I/O. `validate_task()` turns the front end's task JSON into a `Task` or raises
 `TaskValidationError` naming the first offending field (`prompts[2].variable_values[0].value`).
@@ -190,7 +190,7 @@ class Task:
         }
 
     def to_document(self) -> dict[str, Any]:
-        """The task fields of DESIGN §5 that come from the input; JSON-ready, fresh copies.
+        """The stored task fields that come from the input; JSON-ready, fresh copies.
 
         The document is itself a valid task: `validate_task(task.to_document())` gives this task back.
         """
@@ -240,7 +240,7 @@ class SubtaskSpec:
         return subtask_id(task_id, self.variable_indices)
 
     def as_dict(self) -> dict[str, Any]:
-        """The subtask fields of DESIGN §5 this spec determines (fresh copies)."""
+        """The stored subtask fields this spec determines (fresh copies)."""
         return {
             "variable_indices": list(self.variable_indices),
             "prompts": [dict(p) for p in self.prompts],
@@ -578,7 +578,7 @@ def _prompts(doc: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
 
 
 def validate_task(doc: object, *, max_subtasks: int = DEFAULT_MAX_SUBTASKS) -> Task:
-    """Validate and normalise a task document (DESIGN §6); raise TaskValidationError naming the bad field."""
+    """Validate and normalise a task document; raise TaskValidationError naming the bad field."""
     if isinstance(max_subtasks, bool) or not isinstance(max_subtasks, int) or max_subtasks < 1:
         raise ValueError(f"max_subtasks must be a positive integer, got {max_subtasks!r}")
     if not isinstance(doc, Mapping):

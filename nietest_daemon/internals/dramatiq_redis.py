@@ -72,10 +72,13 @@ def dead_letter_name(queue_name: str) -> str:
     return xq_name(queue_name)
 
 
-def requeue(broker: RedisBroker, queue_name: str, redis_message_ids: list[str]) -> None:
-    """Hand messages this worker fetched back to their queue at once (its shutdown)."""
-    if redis_message_ids:
-        broker.do_requeue(queue_name, *redis_message_ids)
+def requeue(broker: RedisBroker, queue_name: str, messages: list[Any]) -> list[str]:
+    """Hand messages this worker fetched back to their queue at once (its shutdown); their
+    broker-side ids (`options["redis_message_id"]`, set by the Redis broker), which it returns."""
+    ids = [m.options["redis_message_id"] for m in messages if "redis_message_id" in m.options]
+    if ids:
+        broker.do_requeue(queue_name, *ids)
+    return ids
 
 
 #: Removes from an ack set (KEYS[1]) the ids with no body in the queue's hash (KEYS[2]); returns them.

@@ -1,4 +1,4 @@
-"""`nietest alerts`: the supervisor event listener that sends operations alerts to Feishu (DESIGN.md §9).
+"""`nietest alerts`: the supervisor event listener that sends operations alerts to Feishu.
 
 supervisord runs it as `[eventlistener:alerts]` (etc/supervisord.conf) and sends it every
 PROCESS_STATE event and a TICK_5. What it sends, to FEISHU_ALERT_WEBHOOK_URL (falling back to
@@ -16,7 +16,7 @@ FEISHU_WEBHOOK_URL; with neither, alerts are only logged):
   A FATAL alert replaces a crash-loop or restart alert of the same process still waiting in
   its window. A recovery notice follows if the process later runs steadily again.
 - **run of failures** (critical) / **queue recovered** (success): from the pipeline's streak
-  events (nietest_daemon/streaks.py), drained from the broker every second: the count and the
+  events (coordination/streaks.py), drained from the broker every second: the count and the
   most frequent error texts; then the first success after the run.
 - **broker unreachable** (critical) / **broker reachable again** (success): the broker did not
   answer a PING for BROKER_GRACE_SECONDS. Workers wait for it with backoff (RUNNING, not

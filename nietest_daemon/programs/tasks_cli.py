@@ -23,7 +23,8 @@ def _error(message: str) -> int:
 
 
 def _broker(settings: Settings) -> Any:
-    # Imported here: Dramatiq and the pipeline are only needed by the commands that talk to the broker.
+    # The pipeline (Dramatiq, the clients) is imported in the functions that use it: about 1 s of
+    # start-up that `nietest status TASK_ID` and a refused `nietest submit` do not pay.
     from nietest_daemon.pipeline.broker import build_broker
 
     return build_broker(settings)

@@ -83,12 +83,14 @@ def run(settings: Settings, queue_key: str) -> int:
         store=settings.store_description,
         drain_seconds=settings.drain_seconds,
     )
+    # Actor modules first: a module that cannot load fails the start at once (supervisord counts
+    # a failed start only within startsecs), not after the wait for the broker.
+    modules = import_actors(settings)
     if not wait_for_broker(broker.client, settings.broker_url, stop):
         log.info("worker stopped before the broker was reachable")
         return 0
 
     context(settings)
-    modules = import_actors(settings)
     broker.declare_queue(queue.name)
     in_hand = InHand()
     broker.add_middleware(in_hand)
@@ -111,14 +113,13 @@ def run(settings: Settings, queue_key: str) -> int:
     worker.stop(timeout=int(settings.drain_seconds * 1000))
     abandoned = in_hand.abandon()
     if abandoned:
-        ids = [m.options["redis_message_id"] for m in abandoned if "redis_message_id" in m.options]
         try:
-            requeue(broker, queue.name, ids)
+            requeue(broker, queue.name, abandoned)
         except redis.RedisError as exc:
             log.error(
                 "could not return unfinished messages; they come back after the heartbeat timeout",
                 error=str(exc),
-                message_ids=ids,
+                message_ids=[m.message_id for m in abandoned],
             )
     log.info(
         "worker stopped",

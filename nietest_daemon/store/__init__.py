@@ -18,7 +18,6 @@ from nietest_daemon.store.base import (
     as_utc,
     utcnow,
 )
-from nietest_daemon.store.mongo import MongoStore
 from nietest_daemon.store.sqlite import SQLITE_FILENAME, SQLiteStore
 
 __all__ = [
@@ -27,7 +26,6 @@ __all__ = [
     "Doc",
     "DuplicateTaskError",
     "FinishOutcome",
-    "MongoStore",
     "SQLiteStore",
     "Store",
     "StoreError",
@@ -52,6 +50,10 @@ def open_store(
 ) -> Store:
     """MongoDB when a URI or host is given, else the embedded SQLite file in `data_dir`."""
     if mongo_uri or mongo_host:
+        # Imported here: pymongo costs about 0.2 s of every worker start, and the embedded
+        # SQLite deployment never needs it.
+        from nietest_daemon.store.mongo import MongoStore
+
         return MongoStore.from_settings(
             uri=mongo_uri,
             host=mongo_host,

@@ -119,7 +119,7 @@ def as_utc(value: datetime) -> datetime:
 
 
 def new_task_doc(doc: Mapping[str, Any], now: datetime) -> Doc:
-    """The stored form of a new task: the given fields, every §5 field present, state reset."""
+    """The stored form of a new task: the given fields, every stored field present, state reset."""
     if not doc.get("id"):
         raise ValueError("task document needs an 'id'")
     task: Doc = {name: None for name in TASK_FIELDS}
@@ -142,7 +142,7 @@ def new_task_doc(doc: Mapping[str, Any], now: datetime) -> Doc:
 
 
 def new_subtask_doc(task_id: str, doc: Mapping[str, Any], now: datetime) -> Doc:
-    """The stored form of a new subtask: the given fields, every §5 field present, state reset."""
+    """The stored form of a new subtask: the given fields, every stored field present, state reset."""
     if not doc.get("id"):
         raise ValueError("subtask document needs an 'id'")
     sub: Doc = {name: None for name in SUBTASK_FIELDS}

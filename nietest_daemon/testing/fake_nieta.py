@@ -12,11 +12,11 @@ In a test::
         assert api.created_count("st-7") == 1
         print(api.stats())
 
-or import the `fake_nieta` fixture (`from fake_nieta import fake_nieta`). The standard host is
+or import the `fake_nieta` fixture (`from nietest_daemon.testing.fake_nieta import fake_nieta`). The standard host is
 `api.url`, the Lumina host `api.ops_url` (the same server under `/ops`; jobs belong to the host
 that created them). As a separate process, for benchmarks::
 
-    python tests/fake_nieta.py --port 8089 --latency 0.05 --latency-jitter 0.2 --generation-time 2.0 \
+    python -m nietest_daemon.testing.fake_nieta --port 8089 --latency 0.05 --latency-jitter 0.2 --generation-time 2.0 \
         --rule '{"action": "failure", "marker": "x"}'
 
 prints one JSON line `{"url": ..., "ops_url": ..., "token": ..., "pid": ...}` when it is ready,
@@ -751,7 +751,7 @@ class FakeNieta:
         handler.send(200, _dumps(result))
 
 
-try:  # the fixture, for test modules: `from fake_nieta import fake_nieta`
+try:  # the fixture, for test modules: `from nietest_daemon.testing.fake_nieta import fake_nieta`
     import pytest
 except ImportError:  # pragma: no cover - standalone use without pytest
     pytest = None  # type: ignore[assignment]
