@@ -35,6 +35,7 @@ import dramatiq
 import httpx
 import redis
 
+from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.pipeline.context import open_store_for
 from nietest_daemon.programs.daemon import control_proxy
@@ -116,6 +117,12 @@ def daemon(**overrides: str) -> Iterator[tuple[settings_module.Settings, dict[st
             60,
             "processes RUNNING",
         )
+        # supervisord calls the embedded broker RUNNING a moment before valkey has made its socket.
+        client = redis_client(settings)
+        try:
+            wait_for(client.ping, 30, "the broker answers")
+        finally:
+            client.close()
         yield settings, env
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -207,7 +214,7 @@ def main() -> int:
                 api.configure(generation_time=2.0)
                 started = time.monotonic()
                 client = enqueue_many(settings, "baseline_subtask", [(i, 0.5) for i in range(n)])
-                wait_for(lambda: int(client.get("bench:baseline_done") or 0) >= n, 1200, "baseline done", 0.1)
+                wait_for(lambda: int(client.get("bench:baseline_done") or 0) >= n, 1200, "baseline done", interval=0.1)
                 results["b"] = time.monotonic() - started
         bound = math.ceil(n / 200) * (2.0 + 0.5)
 
@@ -219,7 +226,7 @@ def main() -> int:
             messages = n * 2 + 1  # run + one poll per subtask, plus the master
             started = time.monotonic()
             client = enqueue_many(settings, "bench_noop", [()] * (n * 4))
-            wait_for(lambda: int(client.get("bench:noop_done") or 0) >= n * 4, 300, "no-ops done", 0.01)
+            wait_for(lambda: int(client.get("bench:noop_done") or 0) >= n * 4, 300, "no-ops done", interval=0.01)
             noop_rate = n * 4 / (time.monotonic() - started)
             results["overhead"] = (pipeline_rate, noop_rate, messages / elapsed, task["completed_images"])
 
@@ -228,7 +235,7 @@ def main() -> int:
         with daemon(**api.env(), NIETEST_MAX_JOBS="100000", IMAGE_POLLING_INTERVAL="0.5") as (settings, env):
             store_task = task_file(work, n)
             submit(env, store_task)
-            wait_for(lambda: api.stats()["jobs"] >= n, 60, "all jobs in flight", 0.1)
+            wait_for(lambda: api.stats()["jobs"] >= n, 60, "all jobs in flight", interval=0.1)
             time.sleep(3)  # a few polling rounds with every job in flight
             pids = worker_pids(settings, "subtask")
             results["memory"] = [(status_kib(p, "VmHWM"), status_kib(p, "VmRSS")) for p in pids]

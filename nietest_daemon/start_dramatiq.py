@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[f"NIETEST_{upper}_PROCESSES"] = str(args.processes)
         if args.threads is not None:
             os.environ[f"NIETEST_{upper}_THREADS"] = str(args.threads)
+    # Imported after the environment is set: the CLI reads the settings from it.
     from nietest_daemon.programs.cli import run
 
     return run(["daemon"])

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from conftest import clean_env, wait_for
 
-from nietest_daemon.core import logs
+from nietest_daemon.core.redaction import set_secrets
 from nietest_daemon.core.settings import load
 from nietest_daemon.programs import alerts
 from nietest_daemon.programs.alerts import Alert, Engine, ExitLog, Marker, render_log_line
@@ -243,7 +243,7 @@ def test_snapshot_gives_the_run_time_of_processes_started_before_the_listener() 
 
 
 def test_secrets_in_streak_errors_are_redacted() -> None:
-    logs.set_secrets(["tok-Unit-SECRET-99"])
+    set_secrets(["tok-Unit-SECRET-99"])
     try:
         sent: list[Alert] = []
         engine, clock = make_engine(sent, NIETEST_ALERT_COALESCE_SECONDS="0"), Clock()
@@ -251,7 +251,7 @@ def test_secrets_in_streak_errors_are_redacted() -> None:
         engine.handle_streak({"kind": "failure_run", "queue": "q", "failures": 5, "errors": errors}, clock.mono)
         assert "tok-Unit-SECRET-99" not in sent[0].content and "hunter2" not in sent[0].content
     finally:
-        logs.set_secrets([])
+        set_secrets([])
 
 
 # --- supervisord's log, process logs, the marker -------------------------------------------------
@@ -285,7 +285,7 @@ def test_exit_log_pairs_events_with_exited_lines_across_rotation(tmp_path: Path)
 
 
 def test_log_lines_show_event_texts_and_never_secrets(tmp_path: Path) -> None:
-    logs.set_secrets(["tok-Log-SECRET-1234"])
+    set_secrets(["tok-Log-SECRET-1234"])
     try:
         record = {
             "timestamp": "2026-11-28T02:45:46.970Z",
@@ -304,7 +304,7 @@ def test_log_lines_show_event_texts_and_never_secrets(tmp_path: Path) -> None:
         tail = alerts.log_tail(path, lines=5)
         assert [line.split(" ")[3] for line in tail] == ["35", "36", "37", "38", "39"]
     finally:
-        logs.set_secrets([])
+        set_secrets([])
 
 
 def test_marker_tells_an_unclean_end_from_a_clean_stop(tmp_path: Path) -> None:
@@ -439,7 +439,9 @@ def test_closing_while_the_webhook_hangs_logs_the_alert_in_flight() -> None:
 
     with FakeFeishu(secret="s3cret-x") as hook, structlog.testing.capture_logs() as events:
         hook.script(Hang(30))
-        client = FeishuClient(hook.url, "s3cret-x", None, host="h", timeout=20, deadline=25, trust_env=False)
+        client = FeishuClient(
+            hook.url, "s3cret-x", None, host="h", timeout=20, deadline=25, max_attempts=1, trust_env=False
+        )
         assert client.submit_card("Crash loop: master:master_00", "the content that must not be lost", "critical")
         wait_for(lambda: hook.received, 5)
         started = time.monotonic()
@@ -447,3 +449,8 @@ def test_closing_while_the_webhook_hangs_logs_the_alert_in_flight() -> None:
         assert time.monotonic() - started < 3
     lost = [e for e in events if e["event"] == "feishu message not delivered"]
     assert [e["content"] for e in lost] == ["the content that must not be lost"]
+    # The hook is gone: the sender thread's one attempt fails now. Let it end here, not log into a later test.
+    sender = client._worker
+    assert sender is not None
+    sender.join(10)
+    assert not sender.is_alive()

@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 import uuid
-import xmlrpc.client
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import pytest
 from conftest import ROOT, Daemon, clean_env, wait_for
 
 from nietest_daemon.core import settings as settings_module
+from nietest_daemon.internals.supervisor import control_proxy
 from nietest_daemon.testing.fake_feishu import FakeFeishu, Hang, Received
 
 pytestmark = pytest.mark.e2e
@@ -489,11 +489,9 @@ def _run_burst(buffer_size: str | None) -> tuple[str, list[dict[str, Any]]]:
         start_new_session=True,
     )
     try:
-        from supervisor.xmlrpc import SupervisorTransport
 
         def rpc() -> Any:  # a fresh connection each time: a failed call leaves a transport unusable
-            transport = SupervisorTransport(None, None, f"unix://{home}/run/supervisor.sock")
-            return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
+            return control_proxy(f"unix://{home}/run/supervisor.sock").supervisor
 
         def states() -> dict[str, str]:
             return {p["name"]: p["statename"] for p in rpc().getAllProcessInfo()}

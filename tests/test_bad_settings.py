@@ -1,7 +1,7 @@
 """Every variable nietest reads, given a wrong value: `nietest daemon` refuses to start.
 
 The variables come from `settings.variable_names()` (what `settings.load()` reads), so a variable
-added to settings.py fails `test_every_variable_has_a_wrong_value` until it gets wrong values
+added to core/settings.py fails `test_every_variable_has_a_wrong_value` until it gets wrong values
 here, or is declared free text (a value nothing can call wrong) with the reason.
 
 Each refusal: exit status 2, one stderr line `nietest: configuration error: VARIABLE: problem`,

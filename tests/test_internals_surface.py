@@ -17,7 +17,7 @@ import dramatiq
 import pytest
 import supervisor
 from dramatiq.brokers import redis as dramatiq_redis
-from supervisor import loggers, options, poller, xmlrpc
+from supervisor import loggers, options, poller, process, xmlrpc
 
 from nietest_daemon.internals import dramatiq_redis as ours
 from nietest_daemon.internals import supervisor as ours_supervisor
@@ -127,6 +127,15 @@ def test_main_log_handler_is_what_install_json_log_replaces() -> None:
     emit = inspect.signature(loggers.Handler.emit)
     assert list(emit.parameters) == ["self", "record"]
     assert callable(loggers.is_text_stream) and hasattr(loggers.LogRecord, "asdict")
+
+
+def test_exit_lines_are_what_the_alerts_listener_reads() -> None:
+    source = inspect.getsource(process)
+    assert source.count('"exited: %s (%s)"') >= 2, "supervisord words its exit lines differently now"
+    assert "spawned: \\'%s\\' with pid %s" in source  # bench/restart.py times respawns by it
+    line = "exited: subtask_00 (terminated by SIGKILL; not expected)"
+    match = ours_supervisor.EXITED_LINE.search(line)
+    assert match and match["name"] == "subtask_00" and match["desc"].startswith("terminated by SIGKILL")
 
 
 def test_poller_is_what_install_prompt_respawn_wraps() -> None:

@@ -7,14 +7,16 @@ import subprocess
 import sys
 import textwrap
 
-from nietest_daemon.core.logs import MAX_LINE_BYTES, Redactor, render_line
+from nietest_daemon.core.logs import MAX_LINE_BYTES, render_line
+from nietest_daemon.core.redaction import Redactor
 
 SCRIPT = textwrap.dedent(
     """
     import logging, sys, warnings
     from nietest_daemon.core import logs
+    from nietest_daemon.core.redaction import set_secrets
     logs.configure("unit")
-    logs.set_secrets(["tok-SECRET-1", 'quo"te-secret'])
+    set_secrets(["tok-SECRET-1", 'quo"te-secret'])
     log = logs.get_logger("unit.test")
     log.info("hello", task_id="t1", count=3)
     logging.getLogger("dramatiq.worker").warning("library says %s", "hi")

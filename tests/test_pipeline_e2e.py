@@ -28,7 +28,9 @@ import pytest
 from conftest import ROOT, Daemon, wait_for
 
 from nietest_daemon.clients.nieta import LUMINA_ELEMENT_UUID
-from nietest_daemon.coordination.keys import SLOTS_PREFIX
+from nietest_daemon.coordination import keys
+from nietest_daemon.domain.images import RANDOM_SEED_MAX
+from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.internals.dramatiq_redis import queue_stats
 from nietest_daemon.pipeline.context import open_store_for
 from nietest_daemon.pipeline.subtasks import CREATE_INTERRUPTED
@@ -302,7 +304,7 @@ def test_example_task_completes_with_one_job_per_subtask(
         request = by_uuid[sub["job_uuid"]]
         body = request.body
         assert sub["result"] == f"{api.ops_url if sub['is_lumina'] else api.url}/_image/{sub['job_uuid']}.png"
-        assert isinstance(sub["seed"], int) and 1 <= sub["seed"] <= 2**31 - 1
+        assert isinstance(sub["seed"], int) and 1 <= sub["seed"] <= RANDOM_SEED_MAX
         assert body["seed"] == sub["seed"]  # the seed stored is the seed sent
         assert (body["width"], body["height"]) == (888, 1184)
         assert body["rawPrompt"][1]["value"] == styles[style_index]
@@ -508,7 +510,7 @@ def test_cancel_during_a_run_stops_new_jobs(daemon: Daemon, store: Store, api: F
     titles = [t.split("] ")[1] for t in notices(hook, task_id)]
     assert titles == ["Task submitted", "Task cancelled"]
     # Every slot came back, and no cancelled subtask is left waiting for one.
-    holders, waiting = f"{SLOTS_PREFIX}:standard:holders", f"{SLOTS_PREFIX}:standard:waiting"
+    holders, waiting = keys.slot_holders(Lane.STANDARD), keys.slot_waiting(Lane.STANDARD)
     wait_for(lambda: daemon.redis.zcard(holders) == 0, 10, what="slots of the cancelled task freed")
     assert [m for m in daemon.redis.zrange(waiting, 0, -1) if m.decode().startswith(task_id)] == []
     # Cancelling again is harmless and sends nothing more.
@@ -677,7 +679,7 @@ def test_final_notice_never_enqueued_is_sent_by_a_redelivered_message(
     assert wait_task(store, task_id)["status"] == "completed"
     settle(daemon, hook, task_id)
     # Undo the enqueue's traces, as if it never happened.
-    daemon.redis.delete(f"nietest:notice:{task_id}:final-queued", f"nietest:notice:{task_id}:completed")
+    daemon.redis.delete(keys.notice_final_queued(task_id), keys.notice(task_id, "completed"))
     before = len(notices(hook, task_id))
     sub = store.list_subtasks(task_id)[0]
     queue = daemon.settings.queue("subtask").name

@@ -25,7 +25,6 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 import socket
 import threading
 import time
@@ -39,8 +38,9 @@ from typing import Any, Literal
 import httpx
 import redis
 
+from nietest_daemon.coordination import keys
 from nietest_daemon.coordination.keys import FEISHU_RATE_LIMIT_PREFIX
-from nietest_daemon.core.backoff import SPREAD, parse_retry_after
+from nietest_daemon.core.backoff import SPREAD, jittered, parse_retry_after
 from nietest_daemon.core.backoff import backoff as backoff_delay
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.redaction import add_secrets, redact
@@ -280,7 +280,7 @@ class RateLimiter:
 
     def key_for(self, webhook_url: str) -> str:
         """The Redis key (and local key) of one webhook: a hash, never the URL."""
-        return f"{self.key_prefix}:{hashlib.sha256(webhook_url.encode()).hexdigest()[:24]}"
+        return keys.feishu_rate_limit(hashlib.sha256(webhook_url.encode()).hexdigest()[:24], self.key_prefix)
 
     def acquire(self, webhook_url: str, timeout: float) -> bool:
         """Take a slot for one request, waiting up to `timeout` seconds; False if none came in time."""
@@ -295,7 +295,7 @@ class RateLimiter:
             remaining = deadline - self.clock()
             if wait > remaining:
                 return False
-            self.sleep(wait + random.uniform(0.0, 0.02))
+            self.sleep(wait + jittered(0.02, (0.0, 1.0)))  # up to 20 ms more: waiters do not wake together
 
     def _try_redis(self, key: str) -> float | None:
         """0 if a slot was taken, else seconds to wait; None when Redis is absent or failing."""

@@ -1,6 +1,6 @@
 """Client of the Nieta image API: create an image job, poll it.
 
-One pooled `httpx.Client` per process and per (token, URLs), obtained through `get_client()`.
+One pooled `httpx.Client` per `NietaClient`; the pipeline builds one per process (pipeline/context.py).
 Transient failures (connect errors, timeouts, dropped connections, 5xx, 429) are retried inside
 the client with capped, jittered exponential backoff; what is left over surfaces as a
 `NietaError` whose `retryable` flag tells the caller whether trying again later can help.
@@ -13,9 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -588,40 +586,3 @@ def _transport_text(exc: httpx.TransportError) -> str:
     if isinstance(exc, httpx.RemoteProtocolError):
         return "connection dropped"
     return "network error"
-
-
-# --- one pooled client per process ---------------------------------------------------------------------
-
-_clients: dict[tuple[int, str, str, str], NietaClient] = {}
-_clients_lock = threading.Lock()
-
-
-def get_client(settings: Any, **options: Any) -> NietaClient:
-    """The process's shared client for `settings` (nieta_xtoken, nieta_api_base_url, nieta_ops_api_base_url).
-
-    Cached per (pid, token, URLs): a forked child builds its own pool. `options` (timeouts,
-    retry budget) apply only when the client is first built.
-    """
-    token = getattr(settings, "nieta_xtoken", None)
-    api = getattr(settings, "nieta_api_base_url", None) or "https://api.talesofai.cn"
-    ops = getattr(settings, "nieta_ops_api_base_url", None) or "https://ops.api.talesofai.cn"
-    if not token:
-        raise NietaError("NIETA_XTOKEN is not set", retryable=False)
-    key = (os.getpid(), token, api, ops)
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
-            client = _clients[key] = NietaClient(token, api, ops, **options)
-        return client
-
-
-def close() -> None:
-    """Close every client this process built (the worker's shutdown)."""
-    with _clients_lock:
-        clients = list(_clients.values())
-        _clients.clear()
-    for client in clients:
-        try:
-            client.close()
-        except Exception:  # shutting down: nothing to do about it
-            log.debug("closing a nieta client failed", exc_info=True)

@@ -82,3 +82,8 @@ SWEEP_LOCK = f"{PREFIX}:sweep"  # one sweep per round across every master proces
 
 # --- Feishu rate limits (clients/feishu.py) ------------------------------------------------------
 FEISHU_RATE_LIMIT_PREFIX = f"{PREFIX}:feishu:ratelimit"
+
+
+def feishu_rate_limit(webhook_digest: str, prefix: str = FEISHU_RATE_LIMIT_PREFIX) -> str:
+    """The request log of one webhook, named by a digest of its URL (never the URL: it is a secret)."""
+    return f"{prefix}:{webhook_digest}"

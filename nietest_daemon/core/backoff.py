@@ -17,14 +17,20 @@ from datetime import UTC, datetime
 NO_JITTER = (1.0, 1.0)
 EQUAL = (0.5, 1.0)
 SPREAD = (0.8, 1.2)
+#: ±10 %: timers of several processes (the sweepers) drift apart instead of firing together.
+DRIFT = (0.9, 1.1)
+
+
+def jittered(delay: float, jitter: tuple[float, float]) -> float:
+    """`delay` multiplied by a random factor drawn from `jitter` (a (low, high) range)."""
+    low, high = jitter
+    return delay if low == high == 1.0 else delay * random.uniform(low, high)
 
 
 def backoff(attempt: int, *, base: float, cap: float = math.inf, jitter: tuple[float, float] = NO_JITTER) -> float:
     """Seconds to wait before retry number `attempt` (0 for the first): `base * 2**attempt`, at most
     `cap`, then multiplied by a random factor drawn from `jitter`."""
-    delay = min(cap, base * 2 ** min(attempt, 64))
-    low, high = jitter
-    return delay if low == high == 1.0 else delay * random.uniform(low, high)
+    return jittered(min(cap, base * 2 ** min(attempt, 64)), jitter)
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:

@@ -24,11 +24,7 @@ from typing import Any, TextIO
 import structlog
 import structlog.tracebacks
 
-# Re-exported: the redactor used to live here, and `logs.set_secrets` is the worker's entry point
-# (it replaces the configured secrets; those the clients registered themselves stay masked).
-from nietest_daemon.core.redaction import REDACTOR as REDACTOR
-from nietest_daemon.core.redaction import Redactor as Redactor
-from nietest_daemon.core.redaction import set_secrets as set_secrets
+from nietest_daemon.core.redaction import redact
 
 MAX_LINE_BYTES = 16 * 1024
 _CORE_KEYS = ("timestamp", "level", "event", "logger", "pid", "process")
@@ -66,7 +62,7 @@ def render_line(event: dict[str, Any]) -> str:
     event.pop("exc_info", None)
     ordered = {k: event.pop(k) for k in _CORE_KEYS if k in event}
     ordered.update(event)
-    line = REDACTOR(json.dumps(ordered, default=str, ensure_ascii=False))
+    line = redact(json.dumps(ordered, default=str, ensure_ascii=False))
     if len(line.encode()) <= MAX_LINE_BYTES:
         return line
     # Too long: shorten every long value, then drop whatever is still too big.
@@ -80,12 +76,12 @@ def render_line(event: dict[str, Any]) -> str:
         else:
             shortened[key] = value
     shortened["truncated"] = True
-    line = REDACTOR(json.dumps(shortened, default=str, ensure_ascii=False))
+    line = redact(json.dumps(shortened, default=str, ensure_ascii=False))
     if len(line.encode()) <= MAX_LINE_BYTES:
         return line
     core = {k: shortened[k] for k in _CORE_KEYS if k in shortened}
     core["truncated"] = True
-    return REDACTOR(json.dumps(core, default=str, ensure_ascii=False))[:MAX_LINE_BYTES]
+    return redact(json.dumps(core, default=str, ensure_ascii=False))[:MAX_LINE_BYTES]
 
 
 def _render(_: Any, __: str, event: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from nietest_daemon.core.redaction import redact_url
+from nietest_daemon.core.redaction import MIN_SECRET_CHARS, redact, redact_url
 
 #: The four queues: command-line key -> (variable holding the queue name, its default).
 QUEUE_NAME_VARS: dict[str, tuple[str, str]] = {
@@ -35,7 +35,7 @@ class SettingsError(ValueError):
     """A variable has a value nietest cannot use; str() is the one-line operator message."""
 
     def __init__(self, variable: str, problem: str) -> None:
-        super().__init__(f"{variable}: {problem}")
+        super().__init__(redact(f"{variable}: {problem}"))  # a URL password or hook token pasted in the wrong variable
         self.variable = variable
 
 
@@ -283,7 +283,7 @@ class Settings:
         for url in (self.external_broker_url, self.mongo_uri):
             if url:
                 values.append(urlsplit(url).password)
-        return [v for v in values if v and len(v) >= 4]
+        return [v for v in values if v and len(v) >= MIN_SECRET_CHARS]
 
     def supervisor_env(self) -> dict[str, str]:
         """The variables etc/supervisord.conf expands, all validated and absolute."""

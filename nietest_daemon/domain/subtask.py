@@ -1,8 +1,9 @@
 """The subtask as the pipeline sees it: a typed view of the stored document, and its lane.
 
 A subtask runs on one of two lanes, each with its own image API host, job-slot cap, polling
-budget, queue and actors: the standard lane and the Lumina lane. (The queue names keep the
-seed's "ops" for Lumina: `SUBTASK_OPS_QUEUE`; nowhere else does "ops" mean Lumina.)
+budget, queue and actors: the standard lane and the Lumina lane. "ops" in a name means the Lumina
+lane's own resources as the seed named them: the `SUBTASK_OPS_QUEUE` queue and the Nieta "ops" API
+host (`NIETA_OPS_API_BASE_URL`).
 """
 
 from __future__ import annotations

@@ -38,7 +38,9 @@ __all__ = [
     "NietestRedisConsumer",
     "ack_set_key",
     "bodies_key",
+    "dead_letter_name",
     "delay_queue_name",
+    "queue_key",
     "queue_stats",
     "requeue",
 ]

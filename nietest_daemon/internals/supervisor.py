@@ -7,6 +7,8 @@
   that. A wakeup pipe (signal.set_wakeup_fd) registered with its poller (`poller.Poller.poll`
   wrapped) ends the poll as soon as a signal arrives, and the pass after it does not wait.
 - `control_proxy`: the XML-RPC client of supervisord's unix control socket (`supervisor.xmlrpc`).
+- `EXITED_LINE`: supervisord's log line for a process exit, the only place its exit status is
+  written (the PROCESS_STATE event carries none); the alerts listener reads it.
 
 tests/test_internals_surface.py pins what these rely on.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import xmlrpc.client
 
@@ -22,6 +25,10 @@ from supervisor import loggers, poller
 from supervisor.xmlrpc import SupervisorTransport
 
 from nietest_daemon.core.logs import iso_timestamp
+
+#: supervisord's log line for an exit (supervisor/process.py: "exited: %s (%s)"), e.g.
+#: "exited: subtask_00 (terminated by SIGKILL; not expected)".
+EXITED_LINE = re.compile(r"exited: (?P<name>\S+) \((?P<desc>.*)\)\s*$")
 
 # The format supervisord gives its main log handlers (options.py); children's logs use '%(message)s'.
 _MAIN_FORMAT = "%(asctime)s %(levelname)s %(message)s\n"

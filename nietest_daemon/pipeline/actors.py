@@ -1,4 +1,4 @@
-"""The actors of the four queues, registered on the broker when a worker imports this module.
+"""The actors (on three of the four queues), registered on the broker when a worker imports this module.
 
 master:      process_task (expand + dispatch), send_notice (task notices)
 subtask:     run_subtask, poll_subtask                 (the standard lane)

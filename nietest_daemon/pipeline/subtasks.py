@@ -18,13 +18,11 @@
 
 from __future__ import annotations
 
-import random
-
 import redis
 
 from nietest_daemon.clients.nieta import NietaError
 from nietest_daemon.coordination import markers, streaks
-from nietest_daemon.core.backoff import SPREAD, backoff
+from nietest_daemon.core.backoff import SPREAD, backoff, jittered
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.domain.images import choose_seed
 from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED, TERMINAL
@@ -129,7 +127,7 @@ def run_subtask(subtask_id: str, errors: int = 0) -> None:
         # Waiting: a released slot wakes us; the delayed re-check only covers a lost wake-up, so
         # it backs off with the length of the queue (50 000 waiters must not spin every 30 s).
         backlog = 1 + slots.waiting_count() / max(1, slots.cap)
-        delay = min(WAIT_RECHECK_MAX_SECONDS, WAIT_RECHECK_SECONDS * backlog) * random.uniform(*SPREAD)
+        delay = jittered(min(WAIT_RECHECK_MAX_SECONDS, WAIT_RECHECK_SECONDS * backlog), SPREAD)
         send_run(ctx, subtask_id, lane, delay=delay, errors=errors)
         return
     owner = owner_of_current_message()

@@ -6,11 +6,11 @@ every daemon on the broker.
 
 from __future__ import annotations
 
-import random
 import threading
 from datetime import timedelta
 
 from nietest_daemon.coordination import keys
+from nietest_daemon.core.backoff import DRIFT, jittered
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.domain.status import FAILED, TERMINAL
@@ -68,7 +68,7 @@ def sweep(ctx: Context, *, older_than_seconds: float | None = None) -> dict[str,
 
 def run_sweeper(stop: threading.Event, interval: float = 60.0) -> None:
     """In a master worker: sweep every `interval` s; a Redis lock lets one process do it per round."""
-    while not stop.wait(interval * random.uniform(0.9, 1.1)):
+    while not stop.wait(jittered(interval, DRIFT)):
         try:
             ctx = context()
             if ctx.redis.set(keys.SWEEP_LOCK, "1", nx=True, ex=max(1, int(interval * 0.8))):

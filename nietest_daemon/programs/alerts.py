@@ -66,9 +66,9 @@ from nietest_daemon.clients.feishu import FeishuClient, Severity
 from nietest_daemon.coordination import streaks
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.core import logs
-from nietest_daemon.core.redaction import redact, redact_url
+from nietest_daemon.core.redaction import redact, set_secrets
 from nietest_daemon.core.settings import Settings
-from nietest_daemon.internals.supervisor import control_proxy
+from nietest_daemon.internals.supervisor import EXITED_LINE, control_proxy
 
 log = logs.get_logger("nietest.alerts")
 
@@ -148,13 +148,11 @@ def _parse_timestamp(value: str) -> float | None:
 
 def _clean(text: str, limit: int = 300) -> str:
     """Redacted (known secrets, URL passwords, webhook tokens), single line, at most `limit` chars."""
-    text = redact(logs.REDACTOR(" ".join(str(text).split())))
+    text = redact(" ".join(str(text).split()))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # --- what supervisord's log says about exits ---------------------------------------------------
-
-_EXITED = re.compile(r"exited: (?P<name>\S+) \((?P<desc>.*)\)\s*$")
 
 
 class ExitLog:
@@ -231,7 +229,7 @@ class ExitLog:
                 pass
         else:
             at = _parse_timestamp(line[:23])
-        match = _EXITED.search(text)
+        match = EXITED_LINE.search(text)
         if not match:
             return
         desc = re.sub(r";\s*(not )?expected$", "", match.group("desc")).strip()
@@ -578,7 +576,7 @@ class Engine:
         return Path(proc.logfile) if proc.logfile else self.settings.log_dir / f"{proc.name}.log"
 
     def _broker_name(self) -> str:
-        return redact_url(self.settings.broker_description)
+        return self.settings.broker_description  # already without its password
 
     def _unexpected_exit(self, proc: Proc, exit_: Exit) -> None:
         proc.exits.append(exit_)
@@ -1065,7 +1063,7 @@ class Listener:
 
 def run(settings: Settings) -> int:
     """`nietest alerts`: logs are already JSON on stderr (see __main__); fds 0/1 carry the protocol."""
-    logs.set_secrets(settings.secrets())
+    set_secrets(settings.secrets())
     # Keep the real stdout for the protocol alone; anything else writing to fd 1 goes to the log (stderr).
     out_fd = os.dup(1)
     os.dup2(2, 1)

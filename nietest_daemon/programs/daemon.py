@@ -1,7 +1,8 @@
 """`nietest daemon` and `nietest ctl`: supervisord and supervisorctl on etc/supervisord.conf.
 
 The daemon validates the settings, creates the directories, exports every value the
-configuration file expands, and execs `supervisord -n` -- so under systemd the main PID is
+configuration file expands, and execs supervisord (`python -m nietest_daemon.programs.supervisord
+-n`, supervisord with the patches of internals/supervisor.py) -- so under systemd the main PID is
 supervisord itself, and SIGTERM to it stops every worker gracefully (workers first, the
 embedded broker last, by priority).
 """
@@ -31,7 +32,7 @@ def config_path() -> Path:
 
 
 def _tool(name: str) -> str:
-    """A console script of the same environment as this interpreter (supervisord, supervisorctl)."""
+    """A console script of the same environment as this interpreter (supervisorctl)."""
     beside = Path(sys.executable).parent / name
     if beside.exists():
         return str(beside)

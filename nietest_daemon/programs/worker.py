@@ -22,6 +22,7 @@ import structlog
 from nietest_daemon.coordination import markers
 from nietest_daemon.coordination.connection import wait_for_broker
 from nietest_daemon.core import logs
+from nietest_daemon.core.redaction import set_secrets
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.internals.dramatiq_redis import NietestRedisBroker, delay_queue_name, requeue
 from nietest_daemon.pipeline.broker import build_broker
@@ -62,7 +63,7 @@ def _housekeeping(broker: NietestRedisBroker, queue_name: str, interval: float, 
 
 def run(settings: Settings, queue_key: str) -> int:
     queue = settings.queue(queue_key)
-    logs.set_secrets(settings.secrets())
+    set_secrets(settings.secrets())
     logging.getLogger().setLevel(settings.log_level)
     structlog.contextvars.bind_contextvars(queue=queue.name)
 

@@ -18,7 +18,7 @@ from nietest_daemon.pipeline.messages import ids_of
 
 log = get_logger("nietest_daemon.tracker")
 
-#: Retries of a message whose actor failed on a broker connection error (about 17 minutes in all).
+#: Retries of a message whose actor failed on a broker connection error (about 14 minutes in all).
 BROKER_ERROR_RETRIES = 20
 BROKER_ERROR_MAX_BACKOFF_MS = 60_000
 BROKER_ENQUEUE_PATIENCE_SECONDS = 600.0
