@@ -378,8 +378,8 @@ def settle(daemon: DaemonProcess, task_hook: FakeFeishu, task_id: str, report: C
     client = redis.Redis.from_url(daemon.settings.broker_url)
 
     def drained() -> bool:
-        # Delayed messages are left out: what is still delayed once the task has ended are slot
-        # re-checks of subtasks that waited (they find their subtask ended and do nothing).
+        # Delayed messages are left out: what is still delayed once the task has ended are polls and
+        # create retries of subtasks that ended meanwhile (they find their subtask ended and do nothing).
         for key in WORKER_GROUPS:
             stats = queue_stats(client, daemon.settings.queue(key).name)
             if stats["ready"] or stats["in_progress"]:

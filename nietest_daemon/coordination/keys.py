@@ -8,7 +8,7 @@ from __future__ import annotations
 
 PREFIX = "nietest"
 
-# --- job slots (coordination/jobslots.py) --------------------------------------------------------
+# --- job slots (coordination/scheduler.py) -------------------------------------------------------
 SLOTS_PREFIX = f"{PREFIX}:slots"
 
 
@@ -17,9 +17,33 @@ def slot_holders(api: str) -> str:
     return f"{SLOTS_PREFIX}:{api}:holders"
 
 
-def slot_waiting(api: str) -> str:
-    """Sorted set: the subtasks waiting for a job slot of `api`, scored by arrival (FIFO)."""
-    return f"{SLOTS_PREFIX}:{api}:waiting"
+# --- fair admission (coordination/scheduler.py) --------------------------------------------------
+SCHED_PREFIX = f"{PREFIX}:sched"
+
+
+def sched_tasks(api: str) -> str:
+    """Sorted set: the tasks with subtasks ready for a slot of `api`, scored by their pass (virtual time)."""
+    return f"{SCHED_PREFIX}:{api}:tasks"
+
+
+def sched_weights(api: str) -> str:
+    """Hash: task id -> weight (its priority) of the tasks in `sched_tasks`."""
+    return f"{SCHED_PREFIX}:{api}:weights"
+
+
+def sched_clock(api: str) -> str:
+    """The pass of the task admitted last: where a newly ready task starts."""
+    return f"{SCHED_PREFIX}:{api}:clock"
+
+
+def sched_ready_prefix(api: str) -> str:
+    """Prefix of the ready lists; the admission script appends the task id."""
+    return f"{SCHED_PREFIX}:{api}:ready:"
+
+
+def sched_ready(api: str, task_id: str) -> str:
+    """List: the subtask ids of one task waiting for a slot of `api`, in dispatch order."""
+    return f"{sched_ready_prefix(api)}{task_id}"
 
 
 # --- failure streaks (coordination/streaks.py) ---------------------------------------------------

@@ -12,7 +12,7 @@ import redis
 from nietest_daemon.clients.feishu import FeishuClient
 from nietest_daemon.clients.nieta import NietaClient
 from nietest_daemon.coordination.connection import redis_client
-from nietest_daemon.coordination.jobslots import JobSlots
+from nietest_daemon.coordination.scheduler import Scheduler
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.domain.subtask import Lane
@@ -26,7 +26,7 @@ class Context:
     redis: redis.Redis
     nieta: NietaClient | None
     notifier: FeishuClient
-    slots: dict[Lane, JobSlots]
+    slots: dict[Lane, Scheduler]
 
     def queue_of(self, lane: Lane) -> str:
         return self.settings.queue(lane.queue_key).name
@@ -71,8 +71,8 @@ def build_context(settings: Settings) -> Context:
         nieta=nieta,
         notifier=notifier,
         slots={
-            Lane.STANDARD: JobSlots(client, Lane.STANDARD, settings.max_jobs, lease),
-            Lane.LUMINA: JobSlots(client, Lane.LUMINA, settings.max_lumina_jobs, lease),
+            Lane.STANDARD: Scheduler(client, Lane.STANDARD, settings.max_jobs, lease),
+            Lane.LUMINA: Scheduler(client, Lane.LUMINA, settings.max_lumina_jobs, lease),
         },
     )
 

@@ -1,8 +1,8 @@
 """The subtask state machine: take a job slot, create ONE image job, poll it to its end.
 
     run_subtask(subtask_id)      SUBTASK_QUEUE (run_lumina_subtask on SUBTASK_OPS_QUEUE)
-        take a job slot (or wait for one without holding a thread), create one image job,
-        store its uuid and seed, then schedule the first poll
+        sent only for a subtask admitted to a job slot (pipeline/admission.py): create one image
+        job, store its uuid and seed, then schedule the first poll
     poll_subtask(subtask_id)     poll once; still running -> schedule the next poll
                                  (a delayed message: no thread waits between polls)
 
@@ -22,12 +22,13 @@ import redis
 
 from nietest_daemon.clients.nieta import NietaError
 from nietest_daemon.coordination import markers, streaks
-from nietest_daemon.core.backoff import SPREAD, backoff, jittered
+from nietest_daemon.core.backoff import SPREAD, backoff
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.domain.images import choose_seed
 from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED, TERMINAL
 from nietest_daemon.domain.subtask import Lane, Subtask
 from nietest_daemon.pipeline import notices
+from nietest_daemon.pipeline.admission import give_back, release_slot
 from nietest_daemon.pipeline.context import Context, context
 from nietest_daemon.pipeline.messages import current_message_id, owner_of_current_message, schedule_poll, send_run
 from nietest_daemon.store import utcnow
@@ -37,8 +38,6 @@ log = get_logger(__name__)
 TIMEOUT_RESUBMITS = 1  # new jobs a subtask may create after the API answered TIMEOUT
 CREATE_ERROR_RETRIES = 3  # actor-level retries of a transient create failure (each after the client's own)
 POLL_ERROR_RETRIES = 5  # consecutive transient poll failures tolerated
-WAIT_RECHECK_SECONDS = 30.0  # a waiting subtask re-checks for a slot this often, in case a wake-up was lost
-WAIT_RECHECK_MAX_SECONDS = 600.0  # ... times (1 + waiters / cap), at most this
 CREATING_RECHECK_SECONDS = 15.0  # a run that finds another message creating the job looks again this late
 CREATE_INTERRUPTED = (
     "its worker died while creating the image job; not created again, as the API may already have made it "
@@ -48,18 +47,6 @@ MAX_ATTEMPTS = 8  # starts of one subtask (redeliveries, sweeps) before it is gi
 
 
 # --- ending a subtask -----------------------------------------------------------------------------
-
-
-def release_slot(ctx: Context, subtask_id: str, lane: Lane) -> None:
-    """Give the subtask's slot back (or its place in the waiting list) and wake the waiter it went to.
-
-    `JobSlots.release` hands a free slot to the longest waiter: that waiter is woken by this call
-    or by nobody (the slot then idles until the waiter's delayed re-check), so every release must
-    go through here, also for a subtask that finds itself terminal: it may hold a handed-on slot.
-    """
-    woken = ctx.slots[lane].release(subtask_id)
-    if woken:
-        send_run(ctx, woken, lane)
 
 
 def finish(ctx: Context, sub: Subtask, status: str, *, result: str | None = None, error: str | None = None) -> None:
@@ -95,8 +82,7 @@ def _active_subtask(ctx: Context, subtask_id: str, *, cancelled: str) -> Subtask
         return None
     sub = Subtask.from_doc(doc)
     if sub.status in TERMINAL:
-        # It may still sit in the waiting list (cancelled while it waited) and this message may be
-        # the wake-up of a freed slot: leave the list and hand the wake-up on, or it is lost.
+        # It may have been admitted (a slot taken for it) after it ended: give the slot on.
         release_slot(ctx, subtask_id, sub.lane)
         # Or it is the redelivery of the message that finalised the task, from a process that died
         # before it enqueued the task's notice.
@@ -122,13 +108,10 @@ def run_subtask(subtask_id: str, errors: int = 0) -> None:
     if sub.attempts >= MAX_ATTEMPTS:
         finish(ctx, sub, FAILED, error=f"given up after {sub.attempts} attempts to start the image job")
         return
-    slots = ctx.slots[lane]
-    if not slots.acquire(subtask_id):
-        # Waiting: a released slot wakes us; the delayed re-check only covers a lost wake-up, so
-        # it backs off with the length of the queue (50 000 waiters must not spin every 30 s).
-        backlog = 1 + slots.waiting_count() / max(1, slots.cap)
-        delay = jittered(min(WAIT_RECHECK_MAX_SECONDS, WAIT_RECHECK_SECONDS * backlog), SPREAD)
-        send_run(ctx, subtask_id, lane, delay=delay, errors=errors)
+    if not ctx.slots[lane].hold(subtask_id):
+        # Admitted once, but its slot is gone (its lease ran out while the message waited, or this is
+        # a redelivered copy) and none is free: back to the front of its task's line; no message waits.
+        give_back(ctx, sub)
         return
     owner = owner_of_current_message()
     if not markers.take_creating_lock(ctx.redis, subtask_id, owner):

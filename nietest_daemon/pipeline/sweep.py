@@ -15,7 +15,7 @@ from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.domain.status import FAILED, TERMINAL
 from nietest_daemon.domain.subtask import Subtask
-from nietest_daemon.pipeline import notices
+from nietest_daemon.pipeline import admission, notices
 from nietest_daemon.pipeline.context import Context, context
 from nietest_daemon.pipeline.messages import schedule_poll, send_run
 from nietest_daemon.pipeline.subtasks import MAX_ATTEMPTS, finish
@@ -37,7 +37,7 @@ def sweep(ctx: Context, *, older_than_seconds: float | None = None) -> dict[str,
     """Resume (or fail) subtasks stuck in processing; finalise tasks whose finaliser died."""
     age = stale_after(ctx.settings) if older_than_seconds is None else older_than_seconds  # 0 means "all"
     cutoff = utcnow() - timedelta(seconds=age)
-    resumed = failed = finalised = 0
+    resumed = failed = finalised = requeued = 0
     for doc in ctx.store.find_stale_subtasks(cutoff, limit=1000):
         sub = Subtask.from_doc(doc)
         if sub.attempts >= MAX_ATTEMPTS:
@@ -54,6 +54,10 @@ def sweep(ctx: Context, *, older_than_seconds: float | None = None) -> dict[str,
         if ctx.store.finalise_task(task["id"]):
             finalised += 1
             notices.task_finished(ctx, ctx.store.get_task(task["id"]) or task)
+        elif admission.repair(ctx, task):
+            requeued += 1
+    for lane in ctx.slots:  # a slot freed by an expired lease, or by a release whose dispatch was lost
+        admission.dispatch(ctx, lane)
     # A finaliser that died between the store update and the enqueue of the notice (a sweep, or
     # `nietest cancel`) leaves no message to redeliver: look at the tasks that ended lately.
     now = utcnow()
@@ -61,9 +65,9 @@ def sweep(ctx: Context, *, older_than_seconds: float | None = None) -> dict[str,
         ended = task.get("completed_at")
         if ended is not None and timedelta(seconds=60) < now - ended < timedelta(hours=1):
             notices.ensure_final(ctx, task["id"])
-    if resumed or failed or finalised:
-        log.warning("sweep acted", resumed=resumed, failed=failed, finalised_tasks=finalised)
-    return {"resumed": resumed, "failed": failed, "finalised": finalised}
+    if resumed or failed or finalised or requeued:
+        log.warning("sweep acted", resumed=resumed, failed=failed, finalised_tasks=finalised, requeued_tasks=requeued)
+    return {"resumed": resumed, "failed": failed, "finalised": finalised, "requeued": requeued}
 
 
 def run_sweeper(stop: threading.Event, interval: float = 60.0) -> None:

@@ -9,10 +9,9 @@ import redis
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.domain import taskspec
 from nietest_daemon.domain.status import PENDING, TERMINAL
-from nietest_daemon.domain.subtask import Lane
-from nietest_daemon.pipeline import notices
+from nietest_daemon.pipeline import admission, notices
+from nietest_daemon.pipeline.admission import queue_task
 from nietest_daemon.pipeline.context import Context, context
-from nietest_daemon.pipeline.messages import send_run
 from nietest_daemon.store import CancelOutcome
 
 log = get_logger(__name__)
@@ -48,23 +47,30 @@ def process_task(task_id: str) -> None:
         return
     if first_run:
         notices.task_submitted(ctx, ctx.store.get_task(task_id) or doc)
-    pending = ctx.store.list_subtasks(task_id, status=PENDING)
-    for sub in pending:
-        send_run(ctx, sub["id"], Lane.of(sub))
-    log.info("task expanded", task_id=task_id, subtasks=task.total_subtasks, new=created, dispatched=len(pending))
+    # The pending subtasks wait in the broker for a slot, fairly shared with the other tasks; only
+    # admitted ones get a run message. Idempotent: a redelivered master rebuilds the same lines.
+    waiting = queue_task(ctx, ctx.store.get_task(task_id) or doc, ctx.store.list_subtasks(task_id, status=PENDING))
+    log.info(
+        "task expanded",
+        task_id=task_id,
+        subtasks=task.total_subtasks,
+        new=created,
+        waiting={lane.value: n for lane, n in waiting.items() if n},
+        priority=task.priority,
+    )
 
 
 def cancel_task(ctx: Context, task_id: str) -> CancelOutcome:
-    """Cancel a task: its pending subtasks end `cancelled` (running jobs end at their next poll),
-    they leave the slot waiting lists, and the call that finalised the task sends its notice."""
+    """Cancel a task: its pending subtasks end `cancelled` (running jobs end at their next poll);
+    its waiting line and its slots go at once, to the other tasks; the call that finalised the
+    task sends its notice. No message per subtask."""
     outcome = ctx.store.cancel_task(task_id)
     if not outcome.found:
         return outcome
-    for slots in ctx.slots.values():
-        try:
-            slots.forget_waiting(f"{task_id}:")
-        except redis.RedisError as exc:  # they leave the list when their wake-up comes instead
-            log.warning("could not clear the slot waiting list", task_id=task_id, error=str(exc))
+    try:
+        admission.cancel(ctx, task_id)
+    except redis.RedisError as exc:  # the entries are dropped when admitted (their subtask is cancelled)
+        log.warning("could not drop the task's waiting line", task_id=task_id, error=str(exc))
     if outcome.finalised and outcome.task is not None:
         notices.task_finished(ctx, outcome.task)
     return outcome

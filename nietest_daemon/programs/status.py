@@ -10,7 +10,9 @@ from typing import Any
 import redis
 
 from nietest_daemon.coordination.connection import redis_client
+from nietest_daemon.coordination.scheduler import Scheduler
 from nietest_daemon.core.settings import Settings
+from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.internals.dramatiq_redis import queue_stats
 from nietest_daemon.programs.daemon import control_proxy
 
@@ -22,6 +24,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         "daemon": {"running": False},
         "processes": [],
         "queues": {},
+        "slots": {},
     }
     try:
         proxy = control_proxy(settings)
@@ -52,6 +55,8 @@ def collect(settings: Settings) -> dict[str, Any]:
                 "threads": q.threads,
                 **queue_stats(client, q.name),
             }
+        for lane, cap in ((Lane.STANDARD, settings.max_jobs), (Lane.LUMINA, settings.max_lumina_jobs)):
+            report["slots"][lane.value] = slot_report(Scheduler(client, lane, cap, lease_seconds=0))
     except (redis.RedisError, OSError) as exc:
         report["broker_error"] = str(exc)
         for q in settings.queues.values():
@@ -59,6 +64,28 @@ def collect(settings: Settings) -> dict[str, Any]:
     finally:
         client.close()
     return report
+
+
+def slot_report(slots: Scheduler) -> dict[str, Any]:
+    """One lane's job slots: in use against the cap, subtasks waiting, and each active task's
+    priority (its weight) and current share of the slots in use."""
+    shares = slots.shares()
+    in_use = slots.in_flight()
+    return {
+        "in_use": in_use,
+        "cap": slots.cap,
+        "waiting": sum(s.ready for s in shares),
+        "tasks": [
+            {
+                "task_id": s.task_id,
+                "priority": s.weight,
+                "waiting": s.ready,
+                "holding": s.holding,
+                "share": round(s.holding / in_use, 3) if in_use else 0.0,
+            }
+            for s in sorted(shares, key=lambda s: (-s.holding, s.task_id))
+        ],
+    }
 
 
 def _uptime(seconds: int | None) -> str:
@@ -85,6 +112,15 @@ def render(report: dict[str, Any]) -> str:
             f"{q['name']:<24} {q['processes']:>5} {q['threads']:>7} {q.get('ready', '?'):>7} "
             f"{q.get('in_progress', '?'):>7} {q.get('delayed', '?'):>7} {q.get('dead', '?'):>6}"
         )
+    if report["slots"]:
+        lines += ["", f"{'JOB SLOTS':<24} {'IN USE':>7} {'CAP':>5} {'WAITING':>8}"]
+        for lane, s in report["slots"].items():
+            lines.append(f"{lane:<24} {s['in_use']:>7} {s['cap']:>5} {s['waiting']:>8}")
+            for t in s["tasks"]:
+                lines.append(
+                    f"  task {t['task_id']:<32} priority {t['priority']:>3}  holding {t['holding']:>4}"
+                    f"  waiting {t['waiting']:>6}  share {t['share']:.0%}"
+                )
     if report.get("broker_error"):
         lines.append(f"broker unreachable: {report['broker_error']}")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Job slots (the cap on image jobs in flight), their wake-ups in the pipeline, and failure streaks.
+"""The pipeline's steps in this process: admission to the job slots, creating, polling, cancelling,
+the sweep, and failure streaks.
 
 All against a private valkey-server (real Redis semantics, real Lua); the pipeline cases also use
 a real SQLite store in a temporary directory, the real Dramatiq Redis broker (messages are
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -18,16 +20,17 @@ import dramatiq
 import dramatiq.broker
 import pytest
 import redis
-from conftest import PrivateValkey
+from conftest import PrivateValkey, wait_for
 
 from nietest_daemon.clients.nieta import NietaClient
 from nietest_daemon.coordination import keys, streaks
-from nietest_daemon.coordination.jobslots import JobSlots
 from nietest_daemon.core import settings as settings_module
-from nietest_daemon.domain.status import CANCELLED, COMPLETED, PROCESSING
+from nietest_daemon.domain.status import CANCELLED, COMPLETED, PENDING, PROCESSING
 from nietest_daemon.domain.subtask import Lane, Subtask
 from nietest_daemon.internals.dramatiq_redis import bodies_key, delay_queue_name, queue_key
 from nietest_daemon.pipeline import context as context_module
+from nietest_daemon.pipeline import sweep as sweep_module
+from nietest_daemon.pipeline.admission import queue_task, release_slot
 from nietest_daemon.pipeline.broker import build_broker
 from nietest_daemon.pipeline.context import Context, build_context
 from nietest_daemon.pipeline.subtasks import CREATE_INTERRUPTED, MAX_ATTEMPTS, finish, poll_subtask, run_subtask
@@ -35,136 +38,7 @@ from nietest_daemon.pipeline.sweep import sweep
 from nietest_daemon.pipeline.tasks import cancel_task
 from nietest_daemon.testing.fake_nieta import FakeNieta
 
-# --- JobSlots ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def client(valkey: PrivateValkey) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(valkey.url)
-    yield c
-    c.close()
-
-
-def test_cap_is_enforced_and_waiters_are_woken_oldest_first(client: redis.Redis) -> None:
-    slots = JobSlots(client, "standard", cap=2, lease_seconds=60)
-    assert slots.acquire("a") and slots.acquire("b")
-    assert not slots.acquire("c")
-    assert not slots.acquire("d")
-    assert not slots.acquire("c")  # asking again keeps c's place in the line
-    assert (slots.in_flight(), slots.waiting_count()) == (2, 2)
-    assert slots.acquire("a")  # a holder asking again keeps its slot (a renewal)
-    assert slots.in_flight() == 2
-
-    assert slots.release("a") == "c"  # the slot goes to the longest waiter; the caller wakes it
-    assert (slots.in_flight(), slots.waiting_count()) == (2, 1)
-    assert slots.acquire("c")  # woken, c finds the slot its own
-    assert slots.release("b") == "d"
-    assert slots.acquire("d")
-    assert slots.release("c") is None  # nobody waits
-    assert slots.release("c") is None  # releasing twice is harmless
-    assert (slots.in_flight(), slots.waiting_count()) == (1, 0)
-
-
-def test_a_woken_waiter_keeps_its_place_and_can_hand_the_slot_on(client: redis.Redis) -> None:
-    slots = JobSlots(client, "standard", cap=1, lease_seconds=60)
-    assert slots.acquire("a")
-    assert not slots.acquire("b")
-    assert not slots.acquire("c")
-    assert slots.release("x") is None  # a non-holder frees nothing: everyone keeps waiting
-    assert slots.waiting_count() == 2
-    assert slots.release("a") == "b"
-    # A newcomer arriving before b's wake-up runs cannot take b's slot.
-    assert not slots.acquire("newcomer")
-    assert slots.acquire("b")
-    # b turns out not to need it (cancelled meanwhile): its release hands the slot on, in order.
-    assert slots.release("b") == "c"
-    assert slots.release("c") == "newcomer"
-    assert (slots.in_flight(), slots.waiting_count()) == (1, 0)
-
-
-class Clock:
-    """A wall clock the test moves by hand: lease expiry without sleeping, and without racing."""
-
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_a_crashed_holders_slot_comes_back_when_its_lease_runs_out(client: redis.Redis) -> None:
-    clock = Clock()
-    slots = JobSlots(client, "standard", cap=1, lease_seconds=30, clock=clock)
-    assert slots.acquire("crashed")
-    clock.now += 29.9
-    assert not slots.acquire("next")  # the lease still runs
-    clock.now += 0.2
-    assert slots.in_flight() == 0  # the crashed holder's lease has run out
-    assert slots.acquire("next")
-    assert slots.in_flight() == 1 and slots.waiting_count() == 0
-
-
-def test_renewing_keeps_the_slot_and_never_resurrects_a_released_one(client: redis.Redis) -> None:
-    clock = Clock()
-    slots = JobSlots(client, "standard", cap=1, lease_seconds=30, clock=clock)
-    assert slots.acquire("a")
-    for _ in range(3):  # three leases long, renewed every 20 s
-        clock.now += 20
-        slots.renew("a")
-        assert not slots.acquire("b")
-    assert slots.release("a") == "b"  # b asked while a held it: the slot is b's now
-    slots.renew("a")  # a late renewal of a finished subtask
-    assert client.zscore(slots.holders, "a") is None
-    assert slots.in_flight() == 1 and slots.acquire("b")
-
-
-def test_apis_have_separate_caps(client: redis.Redis) -> None:
-    standard = JobSlots(client, "standard", cap=1, lease_seconds=60)
-    lumina = JobSlots(client, "lumina", cap=1, lease_seconds=60)
-    assert standard.acquire("s1") and lumina.acquire("l1")
-    assert not standard.acquire("s2") and not lumina.acquire("l2")
-    assert standard.release("s1") == "s2"
-    assert lumina.waiting_count() == 1
-
-
-def test_concurrent_acquires_never_exceed_the_cap(client: redis.Redis) -> None:
-    cap = 7
-    granted: list[str] = []
-    lock = threading.Lock()
-
-    def contend(worker: int) -> None:
-        c = redis.Redis(connection_pool=client.connection_pool)
-        slots = JobSlots(c, "standard", cap=cap, lease_seconds=60)
-        for i in range(40):
-            member = f"w{worker}-{i}"
-            if slots.acquire(member):
-                with lock:
-                    granted.append(member)
-
-    threads = [threading.Thread(target=contend, args=(w,)) for w in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    slots = JobSlots(client, "standard", cap=cap, lease_seconds=60)
-    assert len(granted) == cap
-    assert slots.in_flight() == cap and slots.waiting_count() == 12 * 40 - cap
-
-
-def test_forget_waiting_takes_one_tasks_subtasks_off_the_list(client: redis.Redis) -> None:
-    slots = JobSlots(client, "standard", cap=1, lease_seconds=60)
-    assert slots.acquire("holder")
-    for member in ["t1:0", "t1:1", "t10:0", "t[1]:0", "t*:0", "t2:0"]:
-        assert not slots.acquire(member)
-    assert slots.forget_waiting("t1:") == 2  # not t10:0
-    assert slots.forget_waiting("t[1]:") == 1  # glob characters in the prefix are literal
-    assert slots.forget_waiting("t*:") == 1
-    assert slots.forget_waiting("nothing:") == 0
-    assert sorted(m.decode() for m in client.zrange(slots.waiting, 0, -1)) == ["t10:0", "t2:0"]
-    assert slots.release("holder") == "t10:0"
-
-
-# --- wake-ups in the pipeline -----------------------------------------------------------------------
+# --- the pipeline in this process ------------------------------------------------------------------
 
 
 class Pipeline:
@@ -176,8 +50,10 @@ class Pipeline:
         self.api = api
         self.queue = ctx.settings.queue("subtask").name
 
-    def add_task(self, task_id: str, n: int) -> list[str]:
-        self.ctx.store.create_task({"id": task_id, "name": task_id, "total_images": n})
+    def add_task(self, task_id: str, n: int, *, queue: bool = True, priority: int = 1) -> list[str]:
+        """A running task of `n` subtasks; `queue`: in line for the slots, as the master leaves it
+        (the admitted ones' run messages are on the queue)."""
+        self.ctx.store.create_task({"id": task_id, "name": task_id, "total_images": n, "priority": priority})
         ids = [f"{task_id}:{i}" for i in range(n)]
         docs = [
             {"id": sid, "variable_indices": [i], "prompts": [{"type": "freetext", "value": sid, "weight": 1.0}]}
@@ -185,6 +61,10 @@ class Pipeline:
         ]
         assert self.ctx.store.insert_subtasks(task_id, docs) == n
         self.ctx.store.mark_task_running(task_id)
+        if queue:
+            task = self.ctx.store.get_task(task_id)
+            assert task is not None
+            queue_task(self.ctx, task, self.ctx.store.list_subtasks(task_id, status=PENDING))
         return ids
 
     def messages(self, *, delayed: bool = False) -> list[tuple[str, str]]:
@@ -238,75 +118,131 @@ def pipe(valkey: PrivateValkey, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
         broker.close()
 
 
-def test_a_finished_holder_wakes_the_longest_waiter(pipe: Pipeline) -> None:
-    a, b, c = pipe.add_task("t", 3)
-    run_subtask(a)  # takes the only slot, creates the job, schedules its first poll
-    run_subtask(b)
-    run_subtask(c)
-    assert pipe.ctx.slots[Lane.STANDARD].waiting_count() == 2
-    assert pipe.messages(delayed=True) == [("poll_subtask", a), ("run_subtask", b), ("run_subtask", c)]
-    assert pipe.messages() == []  # waiting holds no thread and sends nothing but the late re-checks
+@pytest.fixture
+def client(valkey: PrivateValkey) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(valkey.url)
+    yield c
+    c.close()
+
+
+def waiting(pipe: Pipeline, lane: Lane = Lane.STANDARD) -> int:
+    return pipe.ctx.slots[lane].waiting()
+
+
+def test_only_admitted_subtasks_get_a_message_and_a_finished_one_admits_the_next(pipe: Pipeline) -> None:
+    a, b, c = pipe.add_task("t", 3)  # cap 1
+    assert pipe.woken() == [a] and holders(pipe) == [a]
+    assert waiting(pipe) == 2 and pipe.messages(delayed=True) == []  # waiting costs no message
+    pipe.clear()
+    run_subtask(a)  # creates the job, schedules its first poll
+    assert pipe.messages(delayed=True) == [("poll_subtask", a)]
     assert len(pipe.api.requests_to("create")) == 1
 
     finish(pipe.ctx, subtask(pipe, a), COMPLETED, result="http://x/a.png")
     assert pipe.woken() == [b]
-    assert holders(pipe) == [b]  # handed over before the wake-up runs
+    assert holders(pipe) == [b]  # admitted before its run starts
+    assert waiting(pipe) == 1
 
 
-def test_a_cancelled_waiter_hands_its_wake_up_on(pipe: Pipeline) -> None:
+def test_a_subtask_cancelled_while_it_waited_hands_its_admission_on(pipe: Pipeline) -> None:
     a, b, c = pipe.add_task("t", 3)
+    pipe.clear()
     run_subtask(a)
-    run_subtask(b)
-    run_subtask(c)
-    # b is cancelled while it waits (store only: its place in the waiting list stays).
+    # b is cancelled while it waits (store only: its place in the line stays).
     assert pipe.ctx.store.finish_subtask(b, CANCELLED).changed
     finish(pipe.ctx, subtask(pipe, a), COMPLETED, result="http://x/a.png")
     assert pipe.woken() == [b]
     pipe.clear()
-    run_subtask(b)  # the wake-up reaches a cancelled subtask ...
-    assert pipe.woken() == [c]  # ... which passes it to the next waiter instead of losing it
+    run_subtask(b)  # the admission reaches a cancelled subtask ...
+    assert pipe.woken() == [c]  # ... which passes the slot to the next instead of losing it
     assert holders(pipe) == [c]
     assert len(pipe.api.requests_to("create")) == 1
 
 
-def test_cancel_takes_the_tasks_waiters_off_the_list(pipe: Pipeline) -> None:
-    (a,) = pipe.add_task("run", 1)
-    waiting = pipe.add_task("cx", 3)
+def test_cancel_drops_the_tasks_line_and_slots_for_the_others(pipe: Pipeline) -> None:
+    (a,) = pipe.add_task("cx", 1)  # holds the only slot
+    pipe.add_task("cx2", 0, queue=False)
+    more = [f"cx:{i}" for i in range(1, 4)]
+    pipe.ctx.store.insert_subtasks(
+        "cx", [{"id": sid, "prompts": [{"type": "freetext", "value": sid, "weight": 1.0}]} for sid in more]
+    )
+    pipe.ctx.slots[Lane.STANDARD].add("cx", more)
     (other,) = pipe.add_task("other", 1)
-    for sid in [a, *waiting, other]:
-        run_subtask(sid)
-    assert pipe.ctx.slots[Lane.STANDARD].waiting_count() == 4
+    assert waiting(pipe) == 4 and holders(pipe) == [a]
+    pipe.clear()
     outcome = cancel_task(pipe.ctx, "cx")
-    assert outcome.cancelled == 3 and outcome.finalised
-    assert [m.decode() for m in pipe.ctx.redis.zrange(pipe.ctx.slots[Lane.STANDARD].waiting, 0, -1)] == [other]
-    finish(pipe.ctx, subtask(pipe, a), COMPLETED, result="http://x/a.png")
-    assert pipe.woken() == [other]
+    assert outcome.cancelled == 4
+    assert pipe.ctx.slots[Lane.STANDARD].active_tasks() == []
+    assert pipe.woken() == [other] and holders(pipe) == [other]  # its slot went to the other task at once
 
 
-def test_a_create_that_fails_for_now_frees_its_slot_for_a_waiter(pipe: Pipeline) -> None:
+def test_a_run_whose_slot_is_gone_goes_back_to_the_front_of_its_line(pipe: Pipeline) -> None:
+    a, b, c = pipe.add_task("t", 3)
+    pipe.clear()
+    pipe.ctx.redis.zrem(pipe.ctx.slots[Lane.STANDARD].holders, a)  # its lease ran out ...
+    assert pipe.ctx.slots[Lane.STANDARD].hold("intruder:0")  # ... and the slot went elsewhere
+    run_subtask(a)
+    assert pipe.api.requests_to("create") == [] and pipe.messages() == [] and pipe.messages(delayed=True) == []
+    assert pipe.ctx.redis.lrange(keys.sched_ready(Lane.STANDARD, "t"), 0, -1) == [a.encode(), b.encode(), c.encode()]
+    release_slot(pipe.ctx, "intruder:0", Lane.STANDARD)
+    assert pipe.woken() == [a]
+
+
+def test_a_create_that_fails_for_now_frees_its_slot_for_the_next(pipe: Pipeline) -> None:
     a, b = pipe.add_task("t", 2)
     pipe.api.add_rule("http_500", marker=a, times=1)
-    assert pipe.ctx.slots[Lane.STANDARD].acquire(a)  # a holds the slot (its run is about to create the job)
-    run_subtask(b)  # b waits for it
     pipe.clear()
     run_subtask(a)  # the create answers 500: retryable, so a tries again later
     assert [r.status for r in pipe.api.requests_to("create")] == [500]
-    assert pipe.woken() == [b]  # a gave its slot back and woke b
+    assert pipe.woken() == [b]  # a gave its slot back and b was admitted
     assert pipe.messages(delayed=True) == [("run_subtask", a)]
     assert holders(pipe) == [b]
     assert pipe.ctx.store.get_subtask(a)["job_uuid"] is None
 
 
-def test_a_poll_of_a_finished_subtask_frees_its_slot_for_a_waiter(pipe: Pipeline) -> None:
+def test_a_poll_of_a_finished_subtask_frees_its_slot_for_the_next(pipe: Pipeline) -> None:
     a, b = pipe.add_task("t", 2)
+    pipe.clear()
     run_subtask(a)
-    run_subtask(b)
     # a ends by another path (a cancel seen by the store) while it still holds the slot.
     assert pipe.ctx.store.finish_subtask(a, CANCELLED).changed
     pipe.clear()
     poll_subtask(a)
     assert pipe.woken() == [b]
     assert holders(pipe) == [b]
+
+
+def test_a_redelivered_master_rebuilds_the_same_line(pipe: Pipeline) -> None:
+    a, b, c = pipe.add_task("t", 3)
+    task = pipe.ctx.store.get_task("t")
+    assert task is not None
+    queue_task(pipe.ctx, task, pipe.ctx.store.list_subtasks("t", status=PENDING))  # again
+    assert holders(pipe) == [a] and waiting(pipe) == 2  # a (admitted) is not queued twice
+
+
+def test_the_sweep_puts_lost_admissions_back_in_line(pipe: Pipeline) -> None:
+    a, b, c = pipe.add_task("t", 3)
+    pipe.ctx.redis.delete(keys.sched_ready(Lane.STANDARD, "t"))  # the line was lost (the broker died) ...
+    pipe.ctx.redis.zrem(pipe.ctx.slots[Lane.STANDARD].holders, a)  # ... and a's admission with its process
+    pipe.clear()
+    assert sweep(pipe.ctx)["requeued"] == 1
+    assert pipe.woken() == [a] and waiting(pipe) == 2
+    assert sweep(pipe.ctx)["requeued"] == 0  # once
+
+
+def test_priority_3_gets_three_times_the_slots_of_priority_1(pipe: Pipeline) -> None:
+    pipe.ctx.slots[Lane.STANDARD].cap = 4
+    pipe.add_task("low", 40, priority=1)  # alone at first: it takes every slot
+    holding = holders(pipe)
+    assert len(holding) == 4
+    pipe.add_task("high", 40, priority=3)
+    taken: list[str] = []
+    for _ in range(20):  # the oldest holder finishes; the scheduler picks who gets the slot
+        admitted = pipe.ctx.slots[Lane.STANDARD].release(holding.pop(0))
+        holding += admitted
+        taken += [sid.split(":")[0] for sid in admitted]
+    assert len(taken) == 20, (taken, holding)
+    assert (taken.count("high"), taken.count("low")) in {(15, 5), (16, 4)}, taken
 
 
 def test_a_run_that_finds_another_creating_comes_back_later(pipe: Pipeline) -> None:
@@ -341,7 +277,7 @@ def test_no_job_is_created_for_a_task_cancelled_before_the_create(pipe: Pipeline
 
 
 def test_the_sweep_resumes_or_fails_subtasks_stuck_in_processing(pipe: Pipeline) -> None:
-    polled, unstarted, exhausted, fresh = pipe.add_task("t", 4)
+    polled, unstarted, exhausted, fresh = pipe.add_task("t", 4, queue=False)
     store = pipe.ctx.store
     store.start_subtask(polled)
     store.record_job(polled, "job-1", 7)  # its poll messages were lost
@@ -349,10 +285,10 @@ def test_the_sweep_resumes_or_fails_subtasks_stuck_in_processing(pipe: Pipeline)
     for _ in range(MAX_ATTEMPTS):
         store.start_subtask(exhausted)
     store.start_subtask(fresh)
-    assert sweep(pipe.ctx, older_than_seconds=3600) == {"resumed": 0, "failed": 0, "finalised": 0}
+    assert sweep(pipe.ctx, older_than_seconds=3600) == {"resumed": 0, "failed": 0, "finalised": 0, "requeued": 0}
 
     # a cutoff a second ahead: every processing subtask counts as stuck
-    assert sweep(pipe.ctx, older_than_seconds=-1) == {"resumed": 3, "failed": 1, "finalised": 0}
+    assert sweep(pipe.ctx, older_than_seconds=-1) == {"resumed": 3, "failed": 1, "finalised": 0, "requeued": 0}
     assert pipe.messages() == sorted([("poll_subtask", polled), ("run_subtask", unstarted), ("run_subtask", fresh)])
     assert store.get_subtask(exhausted)["status"] == "failed"
     assert "given up by the sweep" in store.get_subtask(exhausted)["error"]
@@ -470,3 +406,20 @@ def test_streaks_are_per_queue_and_safe_from_many_threads(client: redis.Redis) -
     streaks.record(client, "a", True, threshold=100)
     assert streaks.current(client, "b")["failures"] == 100  # a's success does not end b's run
     assert [e["queue"] for e in streaks.drain_events(client)] == ["a"]
+
+
+def test_the_sweep_runs_once_per_round_however_many_sweepers(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every master process of every daemon runs a sweeper; the broker lock lets one sweep a round."""
+    rounds: list[float] = []
+    monkeypatch.setattr(sweep_module, "sweep", lambda ctx, **_: rounds.append(time.monotonic()) or {})
+    stop = threading.Event()
+    sweepers = [threading.Thread(target=sweep_module.run_sweeper, args=(stop, 0.1)) for _ in range(4)]
+    for t in sweepers:
+        t.start()
+    wait_for(lambda: len(rounds) >= 2, 10, what="two sweep rounds")
+    stop.set()
+    for t in sweepers:
+        t.join(5)
+    # 4 sweepers waking every ~0.1 s would sweep ~40 times a second; the lock (at least 1 s) allows one.
+    gaps = [b - a for a, b in zip(rounds, rounds[1:], strict=False)]
+    assert all(gap >= 0.9 for gap in gaps), gaps

@@ -1,0 +1,247 @@
+"""Fair admission of one lane's subtasks to its job slots, shared by every process on the broker.
+
+A subtask waiting for a slot costs one list entry (its id) in the broker, not a message:
+
+- `add(task, ids, weight)` appends a task's subtask ids to its ready list and makes the task
+  active (a member of the lane's task set, scored by its *pass*);
+- `admit()` is one atomic script: while a slot is free, it takes the active task with the
+  lowest pass, pops its next subtask, makes it a slot holder (with a lease) and advances the
+  task's pass by 1 / weight. It returns the admitted ids: the caller enqueues a run message for
+  each, and for nothing else.
+
+This is stride scheduling, a weighted round-robin: N active tasks of equal weight are admitted in
+turn whatever their sizes and arrival order; a task of weight 3 is admitted three times as often
+as one of weight 1. A task whose ready list runs dry leaves the set, so a task that cannot use its
+share leaves it to the others; a task that becomes ready starts at the pass of the last admission
+(`clock`), so it neither jumps ahead of the others nor waits behind credit they built up.
+
+Holders are scored by their lease expiry; every poll `renew`s it, so the slot of a holder whose
+process died comes back by itself. `cancel(task)`
+drops a task's ready list, its entry and its holders in one step, whatever its size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import redis
+
+from nietest_daemon.coordination import keys
+
+#: Ids pushed per command (a Lua `unpack` and one round trip stay small).
+PUSH_BATCH = 1000
+
+# KEYS: tasks, weights, clock, ready list. ARGV: task, weight, "front"|"back", ids...
+_ADD = """
+local ids = {}
+for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
+if #ids > 0 then
+  if ARGV[3] == "front" then
+    for i = #ids, 1, -1 do redis.call("lpush", KEYS[4], ids[i]) end
+  else
+    redis.call("rpush", KEYS[4], unpack(ids))
+  end
+end
+if redis.call("llen", KEYS[4]) > 0 then
+  if not redis.call("zscore", KEYS[1], ARGV[1]) then
+    redis.call("zadd", KEYS[1], tonumber(redis.call("get", KEYS[3]) or "0"), ARGV[1])
+  end
+  redis.call("hset", KEYS[2], ARGV[1], ARGV[2])
+end
+return redis.call("llen", KEYS[4])
+"""
+
+# KEYS: holders, tasks, weights, clock. ARGV: cap, now, lease expiry, ready prefix, limit (0: none).
+_ADMIT = """
+redis.call("zremrangebyscore", KEYS[1], "-inf", ARGV[2])
+local free = tonumber(ARGV[1]) - redis.call("zcard", KEYS[1])
+local limit = tonumber(ARGV[5])
+if limit > 0 and limit < free then free = limit end
+local admitted = {}
+while free > 0 do
+  local head = redis.call("zrange", KEYS[2], 0, 0, "WITHSCORES")
+  if #head == 0 then break end
+  local task, pass = head[1], tonumber(head[2])
+  local ready = ARGV[4] .. task
+  local id = redis.call("lpop", ready)
+  if id then
+    redis.call("zadd", KEYS[1], ARGV[3], id)
+    redis.call("set", KEYS[4], head[2])
+    admitted[#admitted + 1] = id
+    free = free - 1
+  end
+  if redis.call("llen", ready) == 0 then
+    redis.call("zrem", KEYS[2], task)
+    redis.call("hdel", KEYS[3], task)
+  elseif id then
+    local weight = tonumber(redis.call("hget", KEYS[3], task) or "1")
+    redis.call("zadd", KEYS[2], pass + 1 / weight, task)
+  end
+end
+return admitted
+"""
+
+# KEYS: holders. ARGV: member, cap, now, lease expiry. 1: it holds a slot (renewed or taken).
+_HOLD = """
+redis.call("zremrangebyscore", KEYS[1], "-inf", ARGV[3])
+if redis.call("zscore", KEYS[1], ARGV[1]) or redis.call("zcard", KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call("zadd", KEYS[1], ARGV[4], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS: holders, tasks, weights, ready list. ARGV: task, holder prefix ("<task>:").
+# Returns {ready entries dropped, holders dropped}.
+_CANCEL = """
+local dropped = redis.call("llen", KEYS[4])
+redis.call("del", KEYS[4])
+redis.call("zrem", KEYS[2], ARGV[1])
+redis.call("hdel", KEYS[3], ARGV[1])
+local released = 0
+local prefix = ARGV[2]
+for _, member in ipairs(redis.call("zrange", KEYS[1], 0, -1)) do
+  if string.sub(member, 1, #prefix) == prefix then
+    redis.call("zrem", KEYS[1], member)
+    released = released + 1
+  end
+end
+return {dropped, released}
+"""
+
+
+@dataclass(frozen=True)
+class TaskShare:
+    """One active task of a lane, as `nietest status` shows it."""
+
+    task_id: str
+    weight: int
+    ready: int  # subtasks waiting for a slot
+    holding: int  # slots its subtasks hold now
+
+
+class Scheduler:
+    """The job slots of one lane (`standard` or `lumina`) and the fair queue in front of them.
+
+    Subtask ids must be `<task id>:<suffix>` (domain/taskspec.py makes them so): `cancel` finds a
+    task's slot holders by that prefix.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        api: str,
+        cap: int,
+        lease_seconds: float,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.api = api
+        self.cap = cap
+        self.lease_seconds = lease_seconds
+        self.clock = clock
+        self.holders = keys.slot_holders(api)
+        self.tasks = keys.sched_tasks(api)
+        self.weights = keys.sched_weights(api)
+        self._add = client.register_script(_ADD)
+        self._admit = client.register_script(_ADMIT)
+        self._hold = client.register_script(_HOLD)
+        self._cancel = client.register_script(_CANCEL)
+
+    # --- waiting ---------------------------------------------------------------------------------
+
+    def add(self, task_id: str, subtask_ids: Iterable[str], weight: int = 1, *, front: bool = False) -> int:
+        """Queue subtasks of a task for a slot (at the back, or at the front to give a place back);
+        the task becomes active with `weight`. How many of its subtasks wait now."""
+        ready = keys.sched_ready(self.api, task_id)
+        key_list = [self.tasks, self.weights, keys.sched_clock(self.api), ready]
+        where = "front" if front else "back"
+        waiting = 0
+        batch: list[str] = []
+        for subtask_id in subtask_ids:
+            batch.append(subtask_id)
+            if len(batch) >= PUSH_BATCH:
+                waiting = int(self._add(keys=key_list, args=[task_id, weight, where, *batch]))
+                batch = []
+        if batch or not waiting:
+            waiting = int(self._add(keys=key_list, args=[task_id, weight, where, *batch]))
+        return waiting
+
+    def replace(self, task_id: str, subtask_ids: Iterable[str], weight: int = 1) -> int:
+        """Make `subtask_ids` the task's whole ready list (a re-expansion, a repair): idempotent,
+        unlike `add`. Subtasks that hold a slot now are left out. How many wait now."""
+        held = {h.decode() for h in self.client.zrange(self.holders, 0, -1)}
+        self.client.delete(keys.sched_ready(self.api, task_id))
+        return self.add(task_id, (i for i in subtask_ids if i not in held), weight)
+
+    def admit(self, limit: int = 0) -> list[str]:
+        """Fill the free slots fairly (at most `limit`, 0: all); the admitted subtask ids, in order."""
+        now = self.clock()
+        admitted = self._admit(
+            keys=[self.holders, self.tasks, self.weights, keys.sched_clock(self.api)],
+            args=[self.cap, now, now + self.lease_seconds, keys.sched_ready_prefix(self.api), limit],
+        )
+        return [m.decode() if isinstance(m, bytes) else m for m in admitted]
+
+    def cancel(self, task_id: str) -> tuple[int, int]:
+        """Drop a task's waiting subtasks and free its slots, in one step: (ready entries dropped,
+        slots freed). The caller then calls `admit` to hand the freed slots on."""
+        dropped, released = self._cancel(
+            keys=[self.holders, self.tasks, self.weights, keys.sched_ready(self.api, task_id)],
+            args=[task_id, f"{task_id}:"],
+        )
+        return int(dropped), int(released)
+
+    # --- holding -----------------------------------------------------------------------------------
+
+    def hold(self, subtask_id: str) -> bool:
+        """Called by a subtask's run: True when it holds a slot (its own, renewed, or a free one
+        taken, e.g. after its lease ran out); False when none is free (give its place back with
+        `add(..., front=True)`)."""
+        now = self.clock()
+        return bool(self._hold(keys=[self.holders], args=[subtask_id, self.cap, now, now + self.lease_seconds]))
+
+    def renew(self, subtask_id: str) -> None:
+        self.client.zadd(self.holders, {subtask_id: self.clock() + self.lease_seconds}, xx=True)
+
+    def release(self, subtask_id: str) -> list[str]:
+        """Give the slot back and admit whoever is next: the ids the caller must send run messages for."""
+        self.client.zrem(self.holders, subtask_id)
+        return self.admit()
+
+    # --- looking -----------------------------------------------------------------------------------
+
+    def in_flight(self) -> int:
+        return int(self.client.zcount(self.holders, self.clock(), "+inf"))
+
+    def active_tasks(self) -> list[str]:
+        return [t.decode() for t in self.client.zrange(self.tasks, 0, -1)]
+
+    def waiting(self) -> int:
+        """Subtasks waiting for a slot, over every active task (one LLEN per active task)."""
+        tasks = self.active_tasks()
+        if not tasks:
+            return 0
+        with self.client.pipeline(transaction=False) as pipe:
+            for task_id in tasks:
+                pipe.llen(keys.sched_ready(self.api, task_id))
+            return sum(int(n) for n in pipe.execute())
+
+    def shares(self, task_ids: Sequence[str] = ()) -> list[TaskShare]:
+        """Weight, waiting and holding counts of the active tasks (and of `task_ids`, active or not)."""
+        tasks = list(dict.fromkeys([*self.active_tasks(), *task_ids]))
+        holders = [h.decode() for h in self.client.zrangebyscore(self.holders, self.clock(), "+inf")]
+        with self.client.pipeline(transaction=False) as pipe:
+            for task_id in tasks:
+                pipe.llen(keys.sched_ready(self.api, task_id))
+                pipe.hget(self.weights, task_id)
+            answers = pipe.execute()
+        shares = []
+        for i, task_id in enumerate(tasks):
+            ready, weight = answers[2 * i], answers[2 * i + 1]
+            holding = sum(1 for h in holders if h.startswith(f"{task_id}:"))
+            shares.append(TaskShare(task_id, int(weight or 1), int(ready), holding))
+        return shares

@@ -1,0 +1,111 @@
+"""Two daemons on one broker and one store: how a deployment outgrows one machine.
+
+Each daemon has its own home (supervisord, sockets, logs); both use one private valkey-server as
+their broker and one SQLite file as their store. The job-slot cap is global, tasks submitted
+through either daemon progress, and the slots are shared between them fairly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon, PrivateValkey, wait_for
+
+from nietest_daemon.domain.status import TERMINAL
+from nietest_daemon.pipeline.context import open_store_for
+from nietest_daemon.testing.fake_nieta import FakeNieta
+
+pytestmark = pytest.mark.e2e
+
+CAP = 3
+
+
+def marker_task(name: str, markers: list[str]) -> dict[str, Any]:
+    values = [{"type": "freetext", "value": m, "weight": 1.0} for m in markers]
+    return {
+        "name": name,
+        "prompts": [
+            {
+                "type": "freetext",
+                "value": "",
+                "weight": 1.0,
+                "is_variable": True,
+                "variable_id": "marker",
+                "variable_name": "marker",
+                "variable_values": values,
+            }
+        ],
+    }
+
+
+def in_flight_peak(api: FakeNieta) -> int:
+    """Most jobs in flight at once, seen from the API: from the create until the first SUCCESS poll."""
+    events: list[tuple[float, int]] = []
+    for job in {r.job_uuid for r in api.requests_to("create") if r.job_uuid}:
+        create = min(r.time for r in api.requests_to("create") if r.job_uuid == job)
+        done = [r.time for r in api.requests_to("poll") if r.job_uuid == job and r.status == 200]
+        events += [(create, 1), (max(done), -1)]
+    peak = current = 0
+    for _, delta in sorted(events, key=lambda e: (e[0], -e[1])):
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+def test_two_daemons_share_one_cap_and_both_progress(
+    make_daemon: Callable[..., Daemon], private_valkey: Callable[..., PrivateValkey], short_tmp: Path
+) -> None:
+    broker = private_valkey()
+    shared_data = short_tmp / "shared-data"
+    with FakeNieta(generation_time=0.5) as api:
+        env = {
+            **api.env(),
+            "BROKER_REDIS_URL": broker.url,
+            "NIETEST_DATA_DIR": str(shared_data),
+            "NIETEST_MAX_JOBS": str(CAP),
+            "IMAGE_POLLING_INTERVAL": "0.1",
+            "NIETEST_SUBTASK_OPS_PROCESSES": "0",
+        }
+        one = make_daemon(**env).start()
+        two = make_daemon(**env).start()
+        assert one.settings.control_socket != two.settings.control_socket
+        tasks = {}
+        for daemon, name in ((one, "one"), (two, "two")):
+            path = daemon.home / f"{name}.json"
+            path.write_text(json.dumps(marker_task(name, [f"{name}-{i:02d}" for i in range(9)])))
+            tasks[name] = daemon.run("submit", str(path)).stdout.strip()
+        # `nietest status` on either daemon shows the shared slots and both tasks' shares.
+        slots = wait_for(
+            lambda: (s := two.status()["slots"]["standard"]) and len(s["tasks"]) == 2 and s,
+            30,
+            what="both tasks waiting for the shared slots",
+        )
+        assert slots["cap"] == CAP and slots["in_use"] <= CAP
+        assert {t["task_id"] for t in slots["tasks"]} == set(tasks.values())
+        assert all(t["priority"] == 1 and 0.0 <= t["share"] <= 1.0 for t in slots["tasks"])
+        store = open_store_for(one.settings)
+        try:
+            for task_id in tasks.values():
+                task = wait_for(
+                    lambda t=task_id: (doc := store.get_task(t)) and doc["status"] in TERMINAL and doc,
+                    90,
+                    what=f"task {task_id} to end",
+                )
+                assert task["status"] == "completed" and task["completed_images"] == 9, task
+        finally:
+            store.close()
+    # One cap for both daemons, and no image paid twice.
+    assert in_flight_peak(api) == CAP
+    assert api.created_counts(r"(?:one|two)-\d\d") == {f"{n}-{i:02d}": 1 for n in ("one", "two") for i in range(9)}
+    # Both daemons' workers did the work: each ran some of the creates (their logs say so).
+    for daemon in (one, two):
+        created = sum(
+            line.count('"image job created"')
+            for log in daemon.settings.log_dir.glob("subtask_*.log")
+            for line in log.read_text().splitlines()
+        )
+        assert created > 0, f"{daemon.home}: no create in its workers' logs"
