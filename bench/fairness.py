@@ -55,7 +55,7 @@ def main() -> int:
     api = FakeAPI()
     ok = True
     try:
-        with daemon(NIETEST_MAX_JOBS=str(CAP), IMAGE_POLLING_INTERVAL="0.25") as (settings, env):
+        with daemon(**api.env(), NIETEST_MAX_JOBS=str(CAP), IMAGE_POLLING_INTERVAL="0.25") as (settings, env):
             api.configure(1.0)
             client = redis_client(settings)
             slots = Scheduler(client, Lane.STANDARD, CAP, lease_seconds=0)

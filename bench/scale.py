@@ -76,10 +76,8 @@ def task_document(size: int) -> dict:
 
 
 def run_size(api: FakeAPI, size: int, max_jobs: int, timeout: float) -> Result:
-    with daemon(NIETEST_MAX_JOBS=str(max_jobs), IMAGE_POLLING_INTERVAL="0.05", NIETEST_SUBTASK_THREADS="5") as (
-        settings,
-        env,
-    ):
+    overrides = {"NIETEST_MAX_JOBS": str(max_jobs), "IMAGE_POLLING_INTERVAL": "0.05", **api.env()}
+    with daemon(**overrides) as (settings, env):
         api.configure(0.05)
         client = redis_client(settings)
         slots = Scheduler(client, Lane.STANDARD, max_jobs, lease_seconds=0)
