@@ -11,7 +11,8 @@ import pytest
 import redis
 from conftest import PrivateValkey
 
-from nietest_daemon.coordination import keys
+from nietest_daemon.coordination import keys, streaks
+from nietest_daemon.coordination.connection import run_scripts
 from nietest_daemon.coordination.scheduler import Scheduler
 
 
@@ -189,3 +190,19 @@ def test_shares_show_weight_waiting_and_holding(client: redis.Redis) -> None:
     assert by_task["a"].weight == 3 and by_task["b"].weight == 1
     assert by_task["a"].holding + by_task["b"].holding == 4
     assert by_task["a"].ready + by_task["a"].holding == 10
+
+
+def test_script_calls_in_one_round_trip_survive_a_script_flush(client: redis.Redis) -> None:
+    """run_scripts pipelines EVALSHA; after the server forgets its scripts (a broker restart), each
+    call the server answered NOSCRIPT runs again, once, and the others are not repeated."""
+    s = Scheduler(client, "standard", cap=2, lease_seconds=60, clock=Clock())
+    s.add("a", ids("a", 3))
+    assert s.admit() == ["a:0", "a:1"]
+    client.script_flush()
+    released, streak = run_scripts(client, s.release_call("a:0"), streaks.record_call("q", False, "boom", threshold=5))
+    assert s.admitted_ids(released) == ["a:2"]
+    assert streak == 1 and streaks.current(client, "q")["failures"] == 1  # recorded once
+    client.script_flush()
+    held, again = run_scripts(client, s.hold_call("a:1"), s.hold_call("b:9"))
+    assert held == 1 and again == 0  # a:1 holds its slot; the cap (a:1, a:2) leaves none for b:9
+    assert s.in_flight() == 2

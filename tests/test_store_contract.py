@@ -342,7 +342,7 @@ def test_finish_changes_counters_once(store: Store) -> None:
     first = store.finish_subtask(ids[0], COMPLETED, result="https://img/0.png")
     assert isinstance(first, FinishOutcome)
     assert first.changed and not first.finalised and first.status == COMPLETED and first.task_id == "t"
-    assert first.task is not None and first.task["completed_images"] == 1
+    assert first.task is None  # only the finish that finalises reads the whole task document
     again = store.finish_subtask(ids[0], FAILED, error="late duplicate")
     assert again is not None and not again.changed and not again.finalised and again.status == COMPLETED
     sub = store.get_subtask(ids[0])
@@ -736,3 +736,36 @@ def test_fail_task_is_conditional(store) -> None:
     assert store.fail_task("tf1", "again") is False
     assert store.get_task("tf1")["error"] == "master crashed: boom"
     assert store.fail_task("missing", "x") is False
+
+
+def test_sqlite_file_from_before_task_state(tmp_path: Path) -> None:
+    """A data file whose tasks keep their counters in the document only (written before the
+    `task_state` table existed) opens with those counters, and its tasks finish and finalise."""
+    s = SQLiteStore(tmp_path)
+    ids = make_task(s, "t", 3)
+    s._conn().execute("DROP TABLE task_state")  # the file as an earlier version left it
+    s._conn().execute(
+        "UPDATE tasks SET status = ?, doc = json_set(doc, '$.status', ?, '$.processed_images', 1,"
+        " '$.completed_images', 1, '$.progress', 33.33, '$.cancel_requested', json('false')) WHERE id = 't'",
+        (PROCESSING, PROCESSING),
+    )
+    s._conn().execute("UPDATE subtasks SET status = ? WHERE id = ?", (COMPLETED, ids[0]))
+    s.close()
+    with SQLiteStore(tmp_path) as again:
+        task = again.get_task("t")
+        assert task is not None and task["status"] == PROCESSING and task["progress"] == 33.33
+        assert counters(task) == {
+            "total_images": 3,
+            "processed_images": 1,
+            "completed_images": 1,
+            "failed_images": 0,
+            "cancelled_images": 0,
+        }
+        assert not again.is_cancel_requested("t")
+        assert again.finish_subtask(ids[1], COMPLETED, result="https://img/1.png").finalised is False  # type: ignore[union-attr]
+        last = again.finish_subtask(ids[2], FAILED, error="boom")
+        assert last is not None and last.finalised and last.task is not None
+        assert (
+            last.task["status"] == COMPLETED and last.task["completed_images"] == 2 and last.task["progress"] == 100.0
+        )
+        assert again.list_tasks()[0]["processed_images"] == 3

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from nietest_daemon.core.backoff import backoff
 from nietest_daemon.core.logs import get_logger
@@ -18,6 +21,43 @@ log = get_logger(__name__)
 
 def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
     return redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, health_check_interval=30, **kwargs)
+
+
+def lua_script(text: str) -> Script:
+    """A Lua script defined once at import, run with EVALSHA (loaded on first use) on the client
+    each call passes: `script(keys=..., args=..., client=client)`, or `ScriptCall(...).run(client)`."""
+    return Script(None, text.encode())  # type: ignore[arg-type]  # bytes: no client needed for its SHA
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    """One call of a Lua script, to run alone (`run`) or with others in one round trip (`run_scripts`)."""
+
+    script: Script
+    keys: Sequence[str]
+    args: Sequence[Any]
+
+    def run(self, client: redis.Redis) -> Any:
+        return self.script(keys=self.keys, args=self.args, client=client)
+
+
+def run_scripts(client: redis.Redis, *calls: ScriptCall) -> list[Any]:
+    """Run independent script calls in one round trip; their results, in order.
+
+    A plain pipeline of EVALSHA: redis-py's own script pipelines ask SCRIPT EXISTS first, a second
+    round trip. A call the server answers NOSCRIPT (it restarted since) did not run: it is loaded
+    and run again, alone; the calls must not depend on each other's order.
+    """
+    with client.pipeline(transaction=False) as pipe:
+        for call in calls:
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        results = pipe.execute(raise_on_error=False)
+    for i, (call, result) in enumerate(zip(calls, results, strict=True)):
+        if isinstance(result, redis.exceptions.NoScriptError):
+            results[i] = call.run(client)
+        elif isinstance(result, Exception):
+            raise result
+    return results
 
 
 def wait_for_broker(

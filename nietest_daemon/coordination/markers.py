@@ -3,10 +3,11 @@
 - Poll chain: the id of the subtask's one current poll message. A redelivered older poll sees
   that it is not current and does nothing, so polling never doubles.
 - Creating lock: one message at a time may create a subtask's image job.
-- Create-sent marker: claimed atomically just before a create request goes out, deleted once the
-  job uuid is stored (or the API refused). Finding it means a create whose outcome nobody knows:
-  the API has no idempotency key, so that subtask must never create again (never pay twice).
-  Its value is the creating process, so a copy of the message can wait while that process lives.
+- Create-sent marker: claimed atomically with the creating lock, deleted once the job uuid is
+  stored, the API refused, or the run ended without sending a create. Finding it means a create
+  whose outcome nobody knows: the API has no idempotency key, so that subtask must never create
+  again (never pay twice). Its value is the creating process, so a copy of the message can wait
+  while that process lives.
 - TIMEOUT count: per job uuid, so a redelivered poll of the same job counts it once.
 - Alive marks: each worker process renews one on a timer; it expires when the process dies.
 """
@@ -20,16 +21,11 @@ import uuid
 import redis
 
 from nietest_daemon.coordination import keys
+from nietest_daemon.coordination.connection import ScriptCall, lua_script
 
 CHAIN_TTL_SECONDS = 86400
 CREATING_LOCK_SECONDS = 180  # longer than one create call with all the client's retries
 CREATE_SENT_TTL_SECONDS = 7 * 86400
-
-_UNLOCK = """
-if redis.call("get", KEYS[1]) == ARGV[1] then return redis.call("del", KEYS[1]) end
-return 0
-"""
-
 
 # --- the poll chain -------------------------------------------------------------------------------
 
@@ -46,33 +42,63 @@ def is_current_poll(client: redis.Redis, subtask_id: str, message_id: str | None
     return current is None or current.decode() == message_id
 
 
-# --- the creating lock ----------------------------------------------------------------------------
+# --- the creating lock and the create-sent marker -------------------------------------------------
+
+#: What `begin_create_call` finds.
+LOCKED_AND_CLAIMED = 1  # this message may create the job
+LOCKED_IN_DOUBT = 2  # locked, but an earlier create's outcome is unknown (its marker is there)
+BUSY = 0  # another message holds the lock: it is creating the job now
+
+# KEYS: creating lock, create-sent marker. ARGV: owner, lock TTL, process token, marker TTL.
+_BEGIN_CREATE = lua_script(
+    """
+local holder = redis.call("get", KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call("set", KEYS[1], ARGV[1], "EX", ARGV[2])
+if redis.call("set", KEYS[2], ARGV[3], "NX", "EX", ARGV[4]) then return 1 end
+return 2
+"""
+)
 
 
-def take_creating_lock(client: redis.Redis, subtask_id: str, owner: str) -> bool:
-    """Take the lock for `owner`; True also when `owner` already held it (its message was redelivered
-    after its process died: nobody else is creating, so the lock is taken over)."""
-    key = keys.creating(subtask_id)
-    if client.set(key, owner, nx=True, ex=CREATING_LOCK_SECONDS):
-        return True
-    holder = client.get(key)
-    if holder is None or holder.decode() != owner:
-        return False
-    client.set(key, owner, ex=CREATING_LOCK_SECONDS)
-    return True
+# KEYS: creating lock, create-sent marker, poll chain. ARGV: owner, clear the marker (1/0),
+# poll message id ("": none), chain TTL.
+_END_CREATE = lua_script(
+    """
+if ARGV[2] == "1" then redis.call("del", KEYS[2]) end
+if ARGV[3] ~= "" then redis.call("set", KEYS[3], ARGV[3], "EX", ARGV[4]) end
+if redis.call("get", KEYS[1]) == ARGV[1] then return redis.call("del", KEYS[1]) end
+return 0
+""",
+)
 
 
-def release_creating_lock(client: redis.Redis, subtask_id: str, owner: str) -> None:
-    """Delete the lock only if `owner` still holds it (it may have expired and been taken since)."""
-    client.eval(_UNLOCK, 1, keys.creating(subtask_id), owner)
+def begin_create_call(subtask_id: str, owner: str) -> ScriptCall:
+    """Take the creating lock for `owner` and claim the create-sent marker for this process, in one
+    step; the result is `LOCKED_AND_CLAIMED`, `LOCKED_IN_DOUBT` or `BUSY`.
+
+    The lock is taken over when `owner` already held it (its message was redelivered after its
+    process died: nobody else is creating). Whoever took the lock ends with `end_create`.
+    """
+    return ScriptCall(
+        _BEGIN_CREATE,
+        [keys.creating(subtask_id), keys.create_sent(subtask_id)],
+        [owner, CREATING_LOCK_SECONDS, process_token(), CREATE_SENT_TTL_SECONDS],
+    )
 
 
-# --- the create-sent marker -----------------------------------------------------------------------
-
-
-def claim_create_sent(client: redis.Redis, subtask_id: str) -> bool:
-    """Claim the marker for this process just before a create request; False if it is already there."""
-    return bool(client.set(keys.create_sent(subtask_id), process_token(), nx=True, ex=CREATE_SENT_TTL_SECONDS))
+def end_create(
+    client: redis.Redis, subtask_id: str, owner: str, *, clear_create_sent: bool, poll: str | None = None
+) -> None:
+    """Delete the lock if `owner` still holds it (it may have expired and been taken since). In the
+    same round trip: `clear_create_sent` when this run claimed the marker and no create of its is
+    in doubt (the job uuid is stored, the API answered, or no request went out), and `poll`, the id
+    of the poll message just enqueued, made the subtask's current poll."""
+    _END_CREATE(
+        keys=[keys.creating(subtask_id), keys.create_sent(subtask_id), keys.poll_chain(subtask_id)],
+        args=[owner, int(clear_create_sent), poll or "", CHAIN_TTL_SECONDS],
+        client=client,
+    )
 
 
 def create_sender_alive(client: redis.Redis, subtask_id: str) -> bool:

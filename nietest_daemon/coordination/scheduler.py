@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import redis
 
 from nietest_daemon.coordination import keys
+from nietest_daemon.coordination.connection import ScriptCall, lua_script
 
 #: Ids pushed per command (a Lua `unpack` and one round trip stay small).
 PUSH_BATCH = 1000
@@ -53,8 +54,10 @@ end
 return redis.call("llen", KEYS[4])
 """
 
-# KEYS: holders, tasks, weights, clock. ARGV: cap, now, lease expiry, ready prefix, limit (0: none).
+# KEYS: holders, tasks, weights, clock. ARGV: cap, now, lease expiry, ready prefix, limit (0: none),
+# a holder to release first ("": none).
 _ADMIT = """
+if ARGV[6] ~= "" then redis.call("zrem", KEYS[1], ARGV[6]) end
 redis.call("zremrangebyscore", KEYS[1], "-inf", ARGV[2])
 local free = tonumber(ARGV[1]) - redis.call("zcard", KEYS[1])
 local limit = tonumber(ARGV[5])
@@ -112,6 +115,10 @@ return {dropped, released}
 """
 
 
+_ADMIT_SCRIPT = lua_script(_ADMIT)
+_HOLD_SCRIPT = lua_script(_HOLD)
+
+
 @dataclass(frozen=True)
 class TaskShare:
     """One active task of a lane, as `nietest status` shows it."""
@@ -147,8 +154,6 @@ class Scheduler:
         self.tasks = keys.sched_tasks(api)
         self.weights = keys.sched_weights(api)
         self._add = client.register_script(_ADD)
-        self._admit = client.register_script(_ADMIT)
-        self._hold = client.register_script(_HOLD)
         self._cancel = client.register_script(_CANCEL)
 
     # --- waiting ---------------------------------------------------------------------------------
@@ -177,14 +182,18 @@ class Scheduler:
         self.client.delete(keys.sched_ready(self.api, task_id))
         return self.add(task_id, (i for i in subtask_ids if i not in held), weight)
 
-    def admit(self, limit: int = 0) -> list[str]:
-        """Fill the free slots fairly (at most `limit`, 0: all); the admitted subtask ids, in order."""
+    def admit(self, limit: int = 0, *, releasing: str = "") -> list[str]:
+        """Fill the free slots fairly (at most `limit`, 0: all), after giving up the slot of
+        `releasing` if given; the admitted subtask ids, in order. One round trip."""
+        return self.admitted_ids(self._admit_call(limit, releasing).run(self.client))
+
+    def _admit_call(self, limit: int, releasing: str) -> ScriptCall:
         now = self.clock()
-        admitted = self._admit(
-            keys=[self.holders, self.tasks, self.weights, keys.sched_clock(self.api)],
-            args=[self.cap, now, now + self.lease_seconds, keys.sched_ready_prefix(self.api), limit],
+        return ScriptCall(
+            _ADMIT_SCRIPT,
+            [self.holders, self.tasks, self.weights, keys.sched_clock(self.api)],
+            [self.cap, now, now + self.lease_seconds, keys.sched_ready_prefix(self.api), limit, releasing],
         )
-        return [m.decode() if isinstance(m, bytes) else m for m in admitted]
 
     def cancel(self, task_id: str) -> tuple[int, int]:
         """Drop a task's waiting subtasks and free its slots, in one step: (ready entries dropped,
@@ -201,16 +210,27 @@ class Scheduler:
         """Called by a subtask's run: True when it holds a slot (its own, renewed, or a free one
         taken, e.g. after its lease ran out); False when none is free (give its place back with
         `add(..., front=True)`)."""
+        return bool(self.hold_call(subtask_id).run(self.client))
+
+    def hold_call(self, subtask_id: str) -> ScriptCall:
+        """`hold` as a call to run with others (`run_scripts`); its result is truthy when held."""
         now = self.clock()
-        return bool(self._hold(keys=[self.holders], args=[subtask_id, self.cap, now, now + self.lease_seconds]))
+        return ScriptCall(_HOLD_SCRIPT, [self.holders], [subtask_id, self.cap, now, now + self.lease_seconds])
 
     def renew(self, subtask_id: str) -> None:
         self.client.zadd(self.holders, {subtask_id: self.clock() + self.lease_seconds}, xx=True)
 
     def release(self, subtask_id: str) -> list[str]:
         """Give the slot back and admit whoever is next: the ids the caller must send run messages for."""
-        self.client.zrem(self.holders, subtask_id)
-        return self.admit()
+        return self.admit(releasing=subtask_id)
+
+    def release_call(self, subtask_id: str) -> ScriptCall:
+        """`release` as a call to run with others (`run_scripts`); `admitted_ids` reads its result."""
+        return self._admit_call(0, subtask_id)
+
+    @staticmethod
+    def admitted_ids(result: Sequence[bytes | str]) -> list[str]:
+        return [m.decode() if isinstance(m, bytes) else m for m in result]
 
     # --- looking -----------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 from nietest_daemon.coordination import keys
+from nietest_daemon.coordination.connection import ScriptCall, lua_script
 
 EVENTS_KEY = keys.STREAK_EVENTS
 MAX_EVENTS = 1000
@@ -53,15 +54,23 @@ return n
 """
 
 
+_RECORD_SCRIPT = lua_script(_RECORD)
+
+
 def _keys(queue: str) -> list[str]:
     return [keys.streak(queue), keys.streak_errors(queue), EVENTS_KEY]
 
 
 def record(client: redis.Redis, queue: str, ok: bool, error: str | None = None, *, threshold: int) -> int:
     """Record one subtask outcome on `queue`; returns the current run of consecutive failures."""
+    return int(record_call(queue, ok, error, threshold=threshold).run(client))
+
+
+def record_call(queue: str, ok: bool, error: str | None = None, *, threshold: int) -> ScriptCall:
+    """`record` as a call to run with others (`connection.run_scripts`)."""
     text = (error or "unknown error")[:MAX_ERROR_CHARS]
     args = ["1" if ok else "0", text, threshold, f"{time.time():.3f}", queue, MAX_EVENTS]
-    return int(client.register_script(_RECORD)(keys=_keys(queue), args=args))
+    return ScriptCall(_RECORD_SCRIPT, _keys(queue), args)
 
 
 def current(client: redis.Redis, queue: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from nietest_daemon.coordination.connection import ScriptCall, run_scripts
 from nietest_daemon.domain.status import PENDING
 from nietest_daemon.domain.subtask import Lane, Subtask
 from nietest_daemon.pipeline.context import Context
@@ -46,9 +47,12 @@ def queue_task(ctx: Context, task: Mapping[str, Any], pending: Iterable[Mapping[
     return waiting
 
 
-def release_slot(ctx: Context, subtask_id: str, lane: Lane) -> None:
-    """Give the subtask's slot back (harmless when it holds none) and start whoever is admitted next."""
-    dispatch(ctx, lane, ctx.slots[lane].release(subtask_id))
+def release_slot(ctx: Context, subtask_id: str, lane: Lane, *also: ScriptCall) -> None:
+    """Give the subtask's slot back (harmless when it holds none) and start whoever is admitted next;
+    `also`: other script calls to make in the same round trip."""
+    slots = ctx.slots[lane]
+    released, *_ = run_scripts(ctx.redis, slots.release_call(subtask_id), *also)
+    dispatch(ctx, lane, slots.admitted_ids(released))
 
 
 def give_back(ctx: Context, sub: Subtask) -> None:

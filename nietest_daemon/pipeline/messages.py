@@ -55,11 +55,17 @@ def send_run(ctx: Context, subtask_id: str, lane: Lane, *, delay: float = 0.0, *
     enqueue(RUN_SUBTASK[lane], ctx.queue_of(lane), subtask_id, delay=delay, **kwargs)
 
 
+def enqueue_poll(ctx: Context, subtask_id: str, lane: Lane, *, delay: float, **kwargs: Any) -> str:
+    """Enqueue a poll of the subtask; its message id, which the caller must make the current poll
+    (`markers.set_current_poll`, or `markers.release_creating_lock(poll=...)`) or it will not act."""
+    return enqueue(POLL_SUBTASK[lane], ctx.queue_of(lane), subtask_id, delay=delay, **kwargs).message_id
+
+
 def schedule_poll(ctx: Context, subtask_id: str, lane: Lane, *, delay: float, **kwargs: Any) -> None:
     """Enqueue the subtask's next poll and make it the only poll message that may act."""
-    message = enqueue(POLL_SUBTASK[lane], ctx.queue_of(lane), subtask_id, delay=delay, **kwargs)
+    message_id = enqueue_poll(ctx, subtask_id, lane, delay=delay, **kwargs)
     # Set after the enqueue: a crash in between leaves the older message current, never none.
-    markers.set_current_poll(ctx.redis, subtask_id, message.message_id)
+    markers.set_current_poll(ctx.redis, subtask_id, message_id)
 
 
 def current_message_id() -> str | None:

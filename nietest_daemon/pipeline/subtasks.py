@@ -18,10 +18,11 @@
 
 from __future__ import annotations
 
-import redis
+from dataclasses import dataclass
 
 from nietest_daemon.clients.nieta import NietaError
 from nietest_daemon.coordination import markers, streaks
+from nietest_daemon.coordination.connection import run_scripts
 from nietest_daemon.core.backoff import SPREAD, backoff
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.domain.images import choose_seed
@@ -30,7 +31,13 @@ from nietest_daemon.domain.subtask import Lane, Subtask
 from nietest_daemon.pipeline import notices
 from nietest_daemon.pipeline.admission import give_back, release_slot
 from nietest_daemon.pipeline.context import Context, context
-from nietest_daemon.pipeline.messages import current_message_id, owner_of_current_message, schedule_poll, send_run
+from nietest_daemon.pipeline.messages import (
+    current_message_id,
+    enqueue_poll,
+    owner_of_current_message,
+    schedule_poll,
+    send_run,
+)
 from nietest_daemon.store import utcnow
 
 log = get_logger(__name__)
@@ -52,21 +59,18 @@ MAX_ATTEMPTS = 8  # starts of one subtask (redeliveries, sweeps) before it is gi
 def finish(ctx: Context, sub: Subtask, status: str, *, result: str | None = None, error: str | None = None) -> None:
     """Move a subtask to a terminal state (once), free its slot, update streaks, notify on finalisation."""
     outcome = ctx.store.finish_subtask(sub.id, status, result=result, error=error)
-    release_slot(ctx, sub.id, sub.lane)
+    counted = outcome is not None and outcome.changed
+    if counted and status in (COMPLETED, FAILED):
+        # The queue's failure streak is recorded in the round trip that frees the slot.
+        streak = streaks.record_call(
+            ctx.queue_of(sub.lane), status == COMPLETED, error, threshold=ctx.settings.alert_failure_streak
+        )
+        release_slot(ctx, sub.id, sub.lane, streak)
+    else:
+        release_slot(ctx, sub.id, sub.lane)
     if outcome is None or not outcome.changed:
         return
     log.info("subtask finished", subtask_id=sub.id, task_id=sub.task_id, status=status, error=error, result=result)
-    if status in (COMPLETED, FAILED):
-        try:
-            streaks.record(
-                ctx.redis,
-                ctx.queue_of(sub.lane),
-                status == COMPLETED,
-                error,
-                threshold=ctx.settings.alert_failure_streak,
-            )
-        except redis.RedisError as exc:
-            log.warning("could not record the failure streak", error=str(exc))
     if outcome.finalised and outcome.task is not None:
         notices.task_finished(ctx, outcome.task)
 
@@ -108,24 +112,44 @@ def run_subtask(subtask_id: str, errors: int = 0) -> None:
     if sub.attempts >= MAX_ATTEMPTS:
         finish(ctx, sub, FAILED, error=f"given up after {sub.attempts} attempts to start the image job")
         return
-    if not ctx.slots[lane].hold(subtask_id):
+    owner = owner_of_current_message()
+    # One round trip: the job slot, the creating lock and the create-sent marker.
+    held, begun = run_scripts(
+        ctx.redis, ctx.slots[lane].hold_call(subtask_id), markers.begin_create_call(subtask_id, owner)
+    )
+    if not held:
         # Admitted once, but its slot is gone (its lease ran out while the message waited, or this is
         # a redelivered copy) and none is free: back to the front of its task's line; no message waits.
+        if begun != markers.BUSY:
+            markers.end_create(ctx.redis, subtask_id, owner, clear_create_sent=begun == markers.LOCKED_AND_CLAIMED)
         give_back(ctx, sub)
         return
-    owner = owner_of_current_message()
-    if not markers.take_creating_lock(ctx.redis, subtask_id, owner):
+    if begun == markers.BUSY:
         # Another message is creating this job right now (it schedules the polls), or its process
         # died mid-create (the lock then expires): look again later, never drop it.
         send_run(ctx, subtask_id, lane, delay=CREATING_RECHECK_SECONDS, errors=errors)
         return
+    run = CreateRun(claimed=begun == markers.LOCKED_AND_CLAIMED)
     try:
-        _create_job(ctx, subtask_id, lane, errors)
+        _create_job(ctx, subtask_id, lane, errors, run)
     finally:
-        markers.release_creating_lock(ctx.redis, subtask_id, owner)
+        # One round trip: the marker goes (unless a create is in doubt), the first poll becomes
+        # current, the lock goes.
+        markers.end_create(
+            ctx.redis, subtask_id, owner, clear_create_sent=run.claimed and not run.in_doubt, poll=run.poll
+        )
 
 
-def _create_job(ctx: Context, subtask_id: str, lane: Lane, errors: int) -> None:
+@dataclass
+class CreateRun:
+    """One run's hold on the create of a subtask's job, as `run_subtask` ends it."""
+
+    claimed: bool  # this run claimed the create-sent marker
+    in_doubt: bool = False  # a create request went out and its answer is not stored
+    poll: str | None = None  # the poll message enqueued, to make current
+
+
+def _create_job(ctx: Context, subtask_id: str, lane: Lane, errors: int, run: CreateRun) -> None:
     doc = ctx.store.start_subtask(subtask_id)
     if doc is None:  # became terminal meanwhile
         release_slot(ctx, subtask_id, lane)
@@ -133,7 +157,7 @@ def _create_job(ctx: Context, subtask_id: str, lane: Lane, errors: int) -> None:
     sub = Subtask.from_doc(doc)
     max_polls, interval = ctx.polling(lane)
     if sub.job_uuid:
-        schedule_poll(ctx, sub.id, lane, delay=interval)
+        run.poll = enqueue_poll(ctx, sub.id, lane, delay=interval)
         return
     # cancel_task cancels pending subtasks only: one that a cancel found processing (start_subtask
     # above ran first) is left to us, so look again now that it is processing: a cancelled task
@@ -148,17 +172,18 @@ def _create_job(ctx: Context, subtask_id: str, lane: Lane, errors: int) -> None:
     # have made a job nobody can find. Creating another would pay twice, so such a subtask fails
     # (see coordination/markers.py) -- unless the creating process still lives: this message can
     # be a copy redelivered after a broker blip, so look again later.
-    if not markers.claim_create_sent(ctx.redis, subtask_id):
+    if not run.claimed:
         if markers.create_sender_alive(ctx.redis, subtask_id):
             send_run(ctx, subtask_id, lane, delay=CREATING_RECHECK_SECONDS, errors=errors)
             return
         finish(ctx, sub, FAILED, error=CREATE_INTERRUPTED)
         return
     seed = sub.seed or choose_seed(None)
+    run.in_doubt = True  # from here until the API's answer is known or stored
     try:
         job_uuid = ctx.nieta.create_job({**sub.doc, "seed": seed})
     except NietaError as exc:
-        markers.clear_create_sent(ctx.redis, subtask_id)  # the API answered with an error (or never got it)
+        run.in_doubt = False  # the API answered with an error (or never got the request)
         if exc.retryable and errors < CREATE_ERROR_RETRIES:
             delay = max(exc.retry_after or 0.0, backoff(errors, base=5.0, jitter=SPREAD))
             log.warning(
@@ -173,7 +198,7 @@ def _create_job(ctx: Context, subtask_id: str, lane: Lane, errors: int) -> None:
         finish(ctx, sub, FAILED, error=f"could not create the image job: {exc}")
         return
     recorded = ctx.store.record_job(subtask_id, job_uuid, seed)
-    markers.clear_create_sent(ctx.redis, subtask_id)
+    run.in_doubt = False  # a death before the marker goes (with the lock) is as one before this line
     if not recorded:
         log.error("a job uuid was already stored; this job is a duplicate", subtask_id=subtask_id, job_uuid=job_uuid)
         stored = ctx.store.get_subtask(subtask_id)
@@ -186,20 +211,30 @@ def _create_job(ctx: Context, subtask_id: str, lane: Lane, errors: int) -> None:
         seed=seed,
         max_polls=max_polls,
     )
-    schedule_poll(ctx, subtask_id, lane, delay=interval)
+    run.poll = enqueue_poll(ctx, subtask_id, lane, delay=interval)
 
 
 def poll_subtask(subtask_id: str, errors: int = 0, no_url: int = 0) -> None:
-    """Poll the subtask's job once; end the subtask on a terminal state, else schedule the next poll."""
+    """Poll the subtask's job once; end the subtask on a terminal state, else schedule the next poll.
+
+    Only the current poll message of a subtask may go on polling it (the poll chain): a stale copy
+    (redelivered) stops before anything that continues the chain. It is asked only there, not on
+    every poll: an ending is safe from any copy (`finish` counts a subtask once, a TIMEOUT's job is
+    cleared once), and most polls of a short job end it.
+    """
     ctx = context()
-    if not markers.is_current_poll(ctx.redis, subtask_id, current_message_id()):
-        return  # a newer poll message of this subtask exists
+    message_id = current_message_id()
+
+    def superseded() -> bool:
+        return not markers.is_current_poll(ctx.redis, subtask_id, message_id)
+
     sub = _active_subtask(ctx, subtask_id, cancelled="task cancelled while its image job ran")
     if sub is None:
         return
     lane = sub.lane
     if not sub.job_uuid:
-        send_run(ctx, subtask_id, lane)
+        if not superseded():
+            send_run(ctx, subtask_id, lane)
         return
     if ctx.nieta is None:
         finish(ctx, sub, FAILED, error="NIETA_XTOKEN is not set on the workers")
@@ -209,6 +244,8 @@ def poll_subtask(subtask_id: str, errors: int = 0, no_url: int = 0) -> None:
         status = ctx.nieta.poll_job(sub.job_uuid, lane.is_lumina)
     except NietaError as exc:
         if exc.retryable and errors < POLL_ERROR_RETRIES:
+            if superseded():
+                return
             delay = max(exc.retry_after or 0.0, backoff(errors, base=interval, cap=60.0))
             ctx.slots[lane].renew(subtask_id)
             schedule_poll(ctx, subtask_id, lane, delay=delay, errors=errors + 1, no_url=no_url)
@@ -217,6 +254,8 @@ def poll_subtask(subtask_id: str, errors: int = 0, no_url: int = 0) -> None:
         return
 
     if status.state == "pending":
+        if superseded():
+            return
         polls = ctx.store.record_poll(subtask_id)
         if polls >= max_polls:
             finish(
@@ -234,7 +273,7 @@ def poll_subtask(subtask_id: str, errors: int = 0, no_url: int = 0) -> None:
     elif status.state == "success":
         if no_url:
             finish(ctx, sub, FAILED, error=f"image job {sub.job_uuid} succeeded without an image url")
-        else:
+        elif not superseded():
             schedule_poll(ctx, subtask_id, lane, delay=interval, no_url=1)
     elif status.state == "moderated":
         finish(ctx, sub, FAILED, error=f"refused by moderation (ILLEGAL_IMAGE): {status.error or ''}".rstrip(": "))

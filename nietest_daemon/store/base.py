@@ -48,6 +48,17 @@ SUBTASK_FIELDS: tuple[str, ...] = (
 TIME_FIELDS: tuple[str, ...] = ("created_at", "updated_at", "started_at", "completed_at", "cancel_requested_at")
 
 
+#: The task fields a finish reads and updates; the rest of the document is read only to finalise.
+TASK_COUNTER_FIELDS: tuple[str, ...] = (
+    "status",
+    "total_images",
+    *COUNTERS,
+    "progress",
+    "cancel_requested",
+    "error",
+)
+
+
 class StoreError(Exception):
     """Base class of the store's own errors."""
 
@@ -74,8 +85,10 @@ class FinishOutcome:
 
     `changed`: this call moved the subtask to a terminal state and counted it (at most one call
     per subtask). `finalised`: this call also finalised the task (at most one call per task);
-    that caller, and only it, sends the task notice. `task` is the task document after the
-    call's update (None when nothing changed or the task is missing).
+    that caller, and only it, sends the task notice. `task` is the finalised task document (None
+    unless `finalised`): a finish that does not end its task never reads the whole document,
+    whose prompts and variables can be tens of KB, so that the cost of a finish does not grow with
+    the size of its task.
     """
 
     subtask_id: str

@@ -39,6 +39,7 @@ from nietest_daemon.domain.status import (
     progress_of,
 )
 from nietest_daemon.store.base import (
+    TASK_COUNTER_FIELDS,
     TIME_FIELDS,
     CancelOutcome,
     Doc,
@@ -312,6 +313,7 @@ class MongoStore(Store):
         task = self.tasks.find_one_and_update(
             {"_id": task_id},
             {"$inc": {"processed_images": 1, COUNTER_OF[status]: 1}, "$set": {"updated_at": _to_bson(now)}},
+            projection=dict.fromkeys(TASK_COUNTER_FIELDS, 1),
             return_document=ReturnDocument.AFTER,
         )
         if task is None:
@@ -329,7 +331,7 @@ class MongoStore(Store):
             changed=True,
             finalised=final is not None,
             task_status=final,
-            task=final_doc if final_doc is not None else _from_mongo(task),
+            task=final_doc,
         )
 
     def finalise_task(self, task_id: str) -> str | None:

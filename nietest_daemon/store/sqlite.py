@@ -3,6 +3,14 @@
 Safe for many worker processes and threads at once: one connection per thread, `BEGIN IMMEDIATE`
 around every read-modify-write, a busy timeout instead of failing on a held lock. Moving a subtask
 and counting it on its task happen in one transaction.
+
+Two things keep the write lock short, so that ten threads finishing subtasks do not queue on it:
+- the threads of one process take turns on a mutex before `BEGIN IMMEDIATE`, and only one of them
+  at a time waits in SQLite's busy handler (which sleeps up to 100 ms between tries);
+- a task's changing state (counters, progress, cancel flag, updated_at) lives in a small row of
+  `task_state`, beside the document (its prompts and variables can be tens of KB): a finish reads
+  and rewrites that row only, and the document only when it finalises the task. Reads merge the
+  two; every write of a whole task writes both.
 """
 
 from __future__ import annotations
@@ -16,14 +24,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
+from typing import Any
 
 from nietest_daemon.domain.status import (
     CANCELLED,
     COUNTER_OF,
+    COUNTERS,
     FAILED,
     PENDING,
     PROCESSING,
@@ -52,6 +58,11 @@ from nietest_daemon.store.base import (
 
 SQLITE_FILENAME = "nietest.sqlite3"
 
+#: A task's changing fields, kept in `task_state` (the values there win over the document's).
+_STATE_FIELDS = ("total_images", *COUNTERS, "progress", "cancel_requested", "updated_at")
+_STATE_COLUMNS = ", ".join(_STATE_FIELDS)
+_TERMINAL_SQL = ", ".join(f"'{status}'" for status in sorted(TERMINAL))
+
 _SQLITE_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, status TEXT NOT NULL, created_at TEXT NOT NULL,"
     " doc TEXT NOT NULL)",
@@ -61,6 +72,17 @@ _SQLITE_SCHEMA = (
     " updated_at TEXT NOT NULL, doc TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS subtasks_task_status ON subtasks (task_id, status)",
     "CREATE INDEX IF NOT EXISTS subtasks_status_updated ON subtasks (status, updated_at)",
+    "CREATE TABLE IF NOT EXISTS task_state (task_id TEXT PRIMARY KEY, total_images INTEGER NOT NULL,"
+    " processed_images INTEGER NOT NULL, completed_images INTEGER NOT NULL, failed_images INTEGER NOT NULL,"
+    " cancelled_images INTEGER NOT NULL, progress REAL NOT NULL, cancel_requested INTEGER NOT NULL,"
+    " updated_at TEXT NOT NULL)",
+    # A data file written before task_state existed: its tasks' state comes out of their documents.
+    f"INSERT OR IGNORE INTO task_state ({_STATE_COLUMNS}, task_id) SELECT"
+    " coalesce(json_extract(doc, '$.total_images'), 0), coalesce(json_extract(doc, '$.processed_images'), 0),"
+    " coalesce(json_extract(doc, '$.completed_images'), 0), coalesce(json_extract(doc, '$.failed_images'), 0),"
+    " coalesce(json_extract(doc, '$.cancelled_images'), 0), coalesce(json_extract(doc, '$.progress'), 0.0),"
+    " coalesce(json_extract(doc, '$.cancel_requested'), 0), coalesce(json_extract(doc, '$.updated_at'), created_at),"
+    " id FROM tasks WHERE id NOT IN (SELECT task_id FROM task_state)",
 )
 
 
@@ -99,6 +121,7 @@ class SQLiteStore(Store):
         self.busy_timeout = busy_timeout
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._write_mutex = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
         self._pid = os.getpid()
         self._closed = False
@@ -117,10 +140,11 @@ class SQLiteStore(Store):
         if self._closed:
             raise StoreError("the store is closed")
         pid = os.getpid()
-        if pid != self._pid:  # forked: abandon (never close) the parent's connections
+        if pid != self._pid:  # forked: abandon (never close) the parent's connections and mutex
             with self._lock:
                 if pid != self._pid:
                     self._pid, self._conns, self._local = pid, [], threading.local()
+                    self._write_mutex = threading.Lock()
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._connect()
@@ -130,17 +154,31 @@ class SQLiteStore(Store):
         return conn
 
     @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """Held around every write; yields this thread's connection. The threads of a process take
+        turns on a mutex before SQLite's lock, rather than meet in SQLite's busy handler, which
+        sleeps up to 100 ms between tries while the lock is held for well under one."""
+        conn = self._conn()
+        with self._write_mutex:
+            yield conn
+
+    @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """A write transaction: `BEGIN IMMEDIATE` takes the write lock before anything is read."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        with self._writing() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _write(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """One statement as its own transaction (autocommit); the rows it returns (`RETURNING`)."""
+        with self._writing() as conn:
+            return conn.execute(sql, params).fetchall()
 
     def _init_schema(self) -> None:
         deadline = time.monotonic() + self.busy_timeout
@@ -166,13 +204,67 @@ class SQLiteStore(Store):
         return _loads(row[0]) if row else None
 
     @staticmethod
-    def _write_task(conn: sqlite3.Connection, task: Doc) -> None:
-        conn.execute("UPDATE tasks SET status = ?, doc = ? WHERE id = ?", (task["status"], _dumps(task), task["id"]))
+    def _state_row(task: Mapping[str, Any]) -> tuple[Any, ...]:
+        return (
+            int(task.get("total_images") or 0),
+            *(int(task.get(name) or 0) for name in COUNTERS),
+            float(task.get("progress") or 0.0),
+            int(bool(task.get("cancel_requested"))),
+            _iso(task["updated_at"]),
+            task["id"],
+        )
+
+    @staticmethod
+    def _with_state(doc_text: str, state: tuple[Any, ...]) -> Doc:
+        """A task document, its `task_state` row laid over it."""
+        task = _loads(doc_text)
+        if state[0] is not None:  # a LEFT JOIN found the row
+            task.update(zip(_STATE_FIELDS, state, strict=True))
+            task["cancel_requested"] = bool(task["cancel_requested"])
+            task["updated_at"] = as_utc(datetime.fromisoformat(task["updated_at"]))
+        return task
+
+    def _read_task(self, conn: sqlite3.Connection, task_id: str) -> Doc | None:
+        row = conn.execute(
+            f"SELECT t.doc, {', '.join('s.' + f for f in _STATE_FIELDS)} FROM tasks t"
+            " LEFT JOIN task_state s ON s.task_id = t.id WHERE t.id = ?",
+            (task_id,),
+        ).fetchone()
+        return self._with_state(row[0], row[1:]) if row else None
 
     @classmethod
-    def _write_tasks(cls, conn: sqlite3.Connection, tasks: Mapping[str, Doc]) -> None:
-        for task in tasks.values():
-            cls._write_task(conn, task)
+    def _write_task(cls, conn: sqlite3.Connection, task: Doc) -> None:
+        """Write a whole task: its document, and its state row."""
+        conn.execute("UPDATE tasks SET status = ?, doc = ? WHERE id = ?", (task["status"], _dumps(task), task["id"]))
+        cls._write_state(conn, task)
+
+    @classmethod
+    def _write_state(cls, conn: sqlite3.Connection, task: Doc) -> None:
+        conn.execute(
+            f"INSERT OR REPLACE INTO task_state ({_STATE_COLUMNS}, task_id) VALUES ({', '.join('?' * 9)})",
+            cls._state_row(task),
+        )
+
+    @staticmethod
+    def _read_counters(conn: sqlite3.Connection, task_id: str) -> Doc | None:
+        """The task's status and `task_state` row (a small read: the document stays on disk)."""
+        found = conn.execute(
+            f"SELECT t.status, {', '.join('s.' + f for f in _STATE_FIELDS)} FROM tasks t"
+            " JOIN task_state s ON s.task_id = t.id WHERE t.id = ?",
+            (task_id,),
+        ).fetchone()
+        if found is None:
+            return None
+        view = dict(zip(_STATE_FIELDS, found[1:], strict=True))
+        return {**view, "id": task_id, "status": found[0], "updated_at": datetime.fromisoformat(view["updated_at"])}
+
+    @classmethod
+    def _write_counters(cls, conn: sqlite3.Connection, view: Doc) -> None:
+        """Write a counter view back into its task's state row."""
+        conn.execute(
+            f"UPDATE task_state SET ({_STATE_COLUMNS}) = ({', '.join('?' * 8)}) WHERE task_id = ?",
+            cls._state_row(view),
+        )
 
     @staticmethod
     def _write_subtask(conn: sqlite3.Connection, sub: Doc) -> None:
@@ -202,25 +294,28 @@ class SQLiteStore(Store):
                     "INSERT INTO tasks (id, status, created_at, doc) VALUES (?, ?, ?, ?)",
                     (task["id"], task["status"], _iso(task["created_at"]), _dumps(task)),
                 )
+                self._write_state(conn, task)
         except sqlite3.IntegrityError:
             raise DuplicateTaskError(task["id"]) from None
 
     def get_task(self, task_id: str) -> Doc | None:
-        return self._read(self._conn(), "tasks", task_id)
+        return self._read_task(self._conn(), task_id)
 
     def list_tasks(self, limit: int = 20, status: str | Iterable[str] | None = None) -> list[Doc]:
         wanted = _statuses(status)
-        sql, args = "SELECT doc FROM tasks", []
+        sql = f"SELECT t.doc, {', '.join('s.' + f for f in _STATE_FIELDS)} FROM tasks t"
+        sql += " LEFT JOIN task_state s ON s.task_id = t.id"
+        args: list[Any] = []
         if wanted is not None:
             sql += f" WHERE status IN ({','.join('?' * len(wanted))})"
             args += wanted
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         rows = self._conn().execute(sql, (*args, int(limit))).fetchall()
-        return [_loads(r[0]) for r in rows]
+        return [self._with_state(r[0], r[1:]) for r in rows]
 
     def mark_task_running(self, task_id: str) -> bool:
         with self._tx() as conn:
-            task = self._read(conn, "tasks", task_id)
+            task = self._read_task(conn, task_id)
             if task is None or task["status"] != PENDING:
                 return False
             now = utcnow()
@@ -231,18 +326,13 @@ class SQLiteStore(Store):
             return True
 
     def is_cancel_requested(self, task_id: str) -> bool:
-        # Every subtask message asks this: read the one field in SQLite's C JSON parser rather than
-        # decoding the whole task (prompts and variables_map can be tens of KB) in Python.
-        row = (
-            self._conn()
-            .execute("SELECT json_extract(doc, '$.cancel_requested') FROM tasks WHERE id = ?", (task_id,))
-            .fetchone()
-        )
+        # Every subtask message asks this: one small row, never the task document.
+        row = self._conn().execute("SELECT cancel_requested FROM task_state WHERE task_id = ?", (task_id,)).fetchone()
         return bool(row and row[0])
 
     def fail_task(self, task_id: str, error: str) -> bool:
         with self._tx() as conn:
-            task = self._read(conn, "tasks", task_id)
+            task = self._read_task(conn, task_id)
             if task is None or task["status"] in TERMINAL:
                 return False
             now = utcnow()
@@ -302,27 +392,29 @@ class SQLiteStore(Store):
             counts[status] = n
         return counts
 
-    def start_subtask(self, subtask_id: str) -> Doc | None:
-        def change(sub: Doc) -> bool:
-            if sub["status"] in TERMINAL:
-                return False
-            now = utcnow()
-            sub.update(status=PROCESSING, attempts=int(sub.get("attempts") or 0) + 1, updated_at=now)
-            if sub.get("started_at") is None:
-                sub["started_at"] = now
-            return True
+    # start_subtask, record_job and record_poll run on every subtask: each is one UPDATE, in C, with
+    # no Python between taking SQLite's write lock and letting it go.
 
-        sub, changed = self._modify_subtask(subtask_id, change)
-        return sub if changed else None
+    def start_subtask(self, subtask_id: str) -> Doc | None:
+        now = _iso(utcnow())
+        rows = self._write(
+            "UPDATE subtasks SET status = :processing, updated_at = :now, doc = json_set(doc,"
+            " '$.status', :processing, '$.attempts', coalesce(json_extract(doc, '$.attempts'), 0) + 1,"
+            " '$.updated_at', :now, '$.started_at', coalesce(json_extract(doc, '$.started_at'), :now))"
+            f" WHERE id = :id AND status NOT IN ({_TERMINAL_SQL}) RETURNING doc",
+            {"processing": PROCESSING, "now": now, "id": subtask_id},
+        )
+        return _loads(rows[0][0]) if rows else None
 
     def record_job(self, subtask_id: str, job_uuid: str, seed: int | None) -> bool:
-        def change(sub: Doc) -> bool:
-            if sub.get("job_uuid") is not None:
-                return False
-            sub.update(job_uuid=job_uuid, seed=seed, updated_at=utcnow())
-            return True
-
-        return self._modify_subtask(subtask_id, change)[1]
+        now = _iso(utcnow())
+        rows = self._write(
+            "UPDATE subtasks SET updated_at = :now,"
+            " doc = json_set(doc, '$.job_uuid', :job_uuid, '$.seed', :seed, '$.updated_at', :now)"
+            " WHERE id = :id AND json_extract(doc, '$.job_uuid') IS NULL RETURNING 1",
+            {"now": now, "job_uuid": job_uuid, "seed": seed, "id": subtask_id},
+        )
+        return bool(rows)
 
     def clear_job(self, subtask_id: str, job_uuid: str | None = None) -> bool:
         def change(sub: Doc) -> bool:
@@ -336,14 +428,16 @@ class SQLiteStore(Store):
         return self._modify_subtask(subtask_id, change)[1]
 
     def record_poll(self, subtask_id: str) -> int:
-        def change(sub: Doc) -> bool:
-            sub.update(poll_count=int(sub.get("poll_count") or 0) + 1, updated_at=utcnow())
-            return True
-
-        sub, _ = self._modify_subtask(subtask_id, change)
-        if sub is None:
+        now = _iso(utcnow())
+        rows = self._write(
+            "UPDATE subtasks SET updated_at = :now, doc = json_set(doc,"
+            " '$.poll_count', coalesce(json_extract(doc, '$.poll_count'), 0) + 1, '$.updated_at', :now)"
+            " WHERE id = :id RETURNING json_extract(doc, '$.poll_count')",
+            {"now": now, "id": subtask_id},
+        )
+        if not rows:
             raise UnknownSubtaskError(subtask_id)
-        return int(sub["poll_count"])
+        return int(rows[0][0])
 
     # --- the finish path -----------------------------------------------------------------------------
 
@@ -366,10 +460,11 @@ class SQLiteStore(Store):
         status: str,
         result: str | None,
         error: str | None,
-        tasks: dict[str, Doc],
+        views: dict[str, Doc],
     ) -> FinishOutcome | None:
-        """The finish path inside a write transaction. Task documents are read once into `tasks` and
-        updated there; the caller writes them back (`_write_tasks`) before it commits."""
+        """The finish path inside a write transaction. Each task's counters are read once into
+        `views` and counted there; the caller writes them back (`_write_views`) before it commits.
+        The task document itself is read and written only by the call that finalises the task."""
         sub = self._read(conn, "subtasks", subtask_id)
         if sub is None:
             return None
@@ -382,34 +477,48 @@ class SQLiteStore(Store):
         if error is not None:
             sub["error"] = error
         self._write_subtask(conn, sub)
-        task = tasks.get(sub["task_id"]) or self._read(conn, "tasks", sub["task_id"])
-        if task is None:
+        view = views.get(sub["task_id"]) or self._read_counters(conn, sub["task_id"])
+        if view is None:
             return FinishOutcome(subtask_id, sub["task_id"], status, changed=True)
         for counter in ("processed_images", COUNTER_OF[status]):
-            task[counter] = int(task.get(counter) or 0) + 1
-        task["progress"] = max(
-            float(task.get("progress") or 0.0), progress_of(task["processed_images"], task["total_images"])
+            view[counter] = int(view.get(counter) or 0) + 1
+        view["progress"] = max(
+            float(view.get("progress") or 0.0),
+            progress_of(view["processed_images"], int(view.get("total_images") or 0)),
         )
-        task["updated_at"] = now
-        final = self._finalise_in_tx(task, now)
-        tasks[task["id"]] = task
+        view["updated_at"] = now
+        views[view["id"]] = view
+        if view["status"] in TERMINAL or not is_done(view):
+            return FinishOutcome(subtask_id, sub["task_id"], status, changed=True)
+        self._write_counters(conn, view)
+        task = self._read_task(conn, view["id"])
+        final = self._finalise_in_tx(task, now) if task is not None else None
+        if task is None or final is None:
+            return FinishOutcome(subtask_id, sub["task_id"], status, changed=True)
+        self._write_task(conn, task)
+        view["status"] = final
         return FinishOutcome(
-            subtask_id, sub["task_id"], status, changed=True, finalised=final is not None, task_status=final, task=task
+            subtask_id, sub["task_id"], status, changed=True, finalised=True, task_status=final, task=task
         )
+
+    @classmethod
+    def _write_views(cls, conn: sqlite3.Connection, views: Mapping[str, Doc]) -> None:
+        for view in views.values():
+            cls._write_counters(conn, view)
 
     def finish_subtask(
         self, subtask_id: str, status: str, *, result: str | None = None, error: str | None = None
     ) -> FinishOutcome | None:
         _check_terminal(status)
-        tasks: dict[str, Doc] = {}
+        views: dict[str, Doc] = {}
         with self._tx() as conn:
-            outcome = self._finish_in_tx(conn, subtask_id, status, result, error, tasks)
-            self._write_tasks(conn, tasks)
+            outcome = self._finish_in_tx(conn, subtask_id, status, result, error, views)
+            self._write_views(conn, views)
         return outcome
 
     def finalise_task(self, task_id: str) -> str | None:
         with self._tx() as conn:
-            task = self._read(conn, "tasks", task_id)
+            task = self._read_task(conn, task_id)
             if task is None:
                 return None
             final = self._finalise_in_tx(task, utcnow())
@@ -419,7 +528,7 @@ class SQLiteStore(Store):
 
     def cancel_task(self, task_id: str, *, chunk: int = 500) -> CancelOutcome:
         with self._tx() as conn:
-            task = self._read(conn, "tasks", task_id)
+            task = self._read_task(conn, task_id)
             if task is None:
                 return CancelOutcome(task_id, found=False)
             if not task.get("cancel_requested"):
@@ -428,7 +537,7 @@ class SQLiteStore(Store):
                 self._write_task(conn, task)
         cancelled, finalised, final_status, final_task = 0, False, None, None
         while True:
-            tasks: dict[str, Doc] = {}
+            views: dict[str, Doc] = {}
             with self._tx() as conn:
                 ids = [
                     r[0]
@@ -438,16 +547,16 @@ class SQLiteStore(Store):
                     )
                 ]
                 for subtask_id in ids:
-                    outcome = self._finish_in_tx(conn, subtask_id, CANCELLED, None, None, tasks)
+                    outcome = self._finish_in_tx(conn, subtask_id, CANCELLED, None, None, views)
                     if outcome and outcome.changed:
                         cancelled += 1
                     if outcome and outcome.finalised:
                         finalised, final_status, final_task = True, outcome.task_status, outcome.task
-                self._write_tasks(conn, tasks)
+                self._write_views(conn, views)
                 if not ids:
                     # Nothing expanded yet: the task has no subtask, so cancelling it ends it now.
                     has_any = conn.execute("SELECT 1 FROM subtasks WHERE task_id = ? LIMIT 1", (task_id,)).fetchone()
-                    task = self._read(conn, "tasks", task_id)
+                    task = self._read_task(conn, task_id)
                     if not has_any and task is not None and task["status"] not in TERMINAL:
                         now = utcnow()
                         task.update(status=CANCELLED, completed_at=now, updated_at=now)

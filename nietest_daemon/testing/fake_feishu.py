@@ -134,6 +134,7 @@ class FakeFeishu:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # as in fake_nieta: no delayed-ACK wait between headers and body
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the request line holds the token
                 pass
