@@ -1,22 +1,24 @@
-"""Fault injection: one big task through a real daemon while workers, the broker and the APIs misbehave.
+"""Fault injection: two tasks of different priorities through a real daemon while workers, the broker
+and the APIs misbehave.
 
     .venv/bin/python bench/chaos.py [--subtasks 300] [--kill-every 3] [--min-kills 10] [--seed 7]
 
-Two runs of the same task (standard and Lumina subtasks mixed) on a real `nietest daemon`
+Two runs of the same two tasks (priorities 1 and 3, submitted together, each of standard and
+Lumina subtasks mixed, sharing the job slots) on a real `nietest daemon`
 (embedded valkey broker, SQLite store), against nietest_daemon/testing/fake_nieta.py and two
 nietest_daemon/testing/fake_feishu.py webhooks, all on 127.0.0.1:
 
 1. **baseline**: no faults;
 2. **chaos**: the fake API answers with random latency and a fault mix (5% HTTP 500, 2% 429,
    1% dropped connections, 2% FAILURE, 1% ILLEGAL_IMAGE, 1% TIMEOUT, per request or job); a
-   random worker is killed with SIGKILL every few seconds until the task ends (at least
+   random worker is killed with SIGKILL every few seconds until the tasks end (at least
    `--min-kills`); the embedded broker's valkey-server is killed with SIGKILL once; both
    webhooks hang (accept, never answer) for a while.
 
-After each run it checks, and prints: every subtask reached exactly one terminal state; the
+After each run it checks, and prints: every subtask reached exactly one terminal state; each
 task's counters equal a recount and its final state follows from them; no subtask created more
 image jobs than 1 + the TIMEOUT resubmits it was owed; the queues are empty; exactly one final
-task notice was sent; the kills were alerted (coalesced); every log line of every process is
+notice was sent per task; the kills were alerted (coalesced); every log line of every process is
 JSON; no log holds the token, a webhook URL, the webhook secret or a password. Exit status 1 if
 any check failed. tests/test_chaos.py runs a smaller version of the same (`run_chaos`).
 """
@@ -80,9 +82,14 @@ def fault_rules(scale: float = 1.0) -> list[dict[str, Any]]:
     ]
 
 
+#: The marker prefix of each task's prompts (a marker names the subtask in the fake API's jobs).
+MARKER_PREFIXES = ("cz", "cy", "cx", "cw")
+
+
 @dataclass
 class ChaosConfig:
-    subtasks: int = 300  # half standard, half Lumina
+    subtasks: int = 300  # over all the tasks; half standard, half Lumina
+    priorities: tuple[int, ...] = (1, 3)  # one task each, submitted together
     faults: bool = True
     fault_scale: float = 1.0
     kill_every: float = 3.0  # seconds between worker kills (jittered)
@@ -105,6 +112,7 @@ class ChaosConfig:
 class ChaosReport:
     label: str
     wall_seconds: float = 0.0
+    task_seconds: dict[int, float] = field(default_factory=dict)  # priority -> its task's wall time
     subtasks: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     task_status: str = ""
@@ -129,16 +137,16 @@ class ChaosReport:
             self.problems.append(problem)
 
 
-def task_document(subtasks: int) -> dict[str, Any]:
-    """One variable prompt (a marker per value) times is_lumina [false, true]."""
-    markers = [{"type": "freetext", "value": f"look cz-{i:04d}", "weight": 1.0} for i in range(subtasks // 2)]
+def task_document(subtasks: int, *, prefix: str = "cz", priority: int = 1) -> dict[str, Any]:
+    """One variable prompt (a marker `<prefix>-NNNN` per value) times is_lumina [false, true]."""
+    markers = [{"type": "freetext", "value": f"look {prefix}-{i:04d}", "weight": 1.0} for i in range(subtasks // 2)]
 
     def fixed(name: str, value: Any, fmt: str) -> dict[str, Any]:
         return {"type": name, "value": value, "is_variable": False, "format": fmt}
 
     return {
-        "name": f"chaos {subtasks}",
-        "priority": 1,
+        "name": f"chaos {subtasks} priority {priority}",
+        "priority": priority,
         "prompts": [
             {"type": "freetext", "value": "1girl, portrait", "weight": 1.0, "is_variable": False},
             {
@@ -324,29 +332,37 @@ def run_chaos(cfg: ChaosConfig, *, faults: bool, label: str, say: Callable[[str]
     report = ChaosReport(label)
     rng = random.Random(cfg.seed)
     random.seed(cfg.seed)  # the fake's fault draws (approximately repeatable: threads interleave)
+    per_task = cfg.subtasks // len(cfg.priorities)
     with environment(cfg, faults=faults) as (daemon, api, task_hook, alert_hook):
-        task_path = daemon.settings.home / "chaos-task.json"
-        task_path.write_text(json.dumps(task_document(cfg.subtasks)))
         chaos = Chaos(cfg, daemon, [task_hook, alert_hook], rng) if faults else None
         started = time.monotonic()
-        submitted = daemon.cli("submit", str(task_path))
-        if submitted.returncode != 0:
-            raise RuntimeError(f"nietest submit failed: {submitted.stderr.strip()}")
-        task_id = submitted.stdout.strip()
-        say(f"[{label}] task {task_id}: {cfg.subtasks} subtasks submitted")
+        task_ids: dict[str, int] = {}  # task id -> priority
+        for prefix, priority in zip(MARKER_PREFIXES, cfg.priorities, strict=False):
+            task_path = daemon.settings.home / f"chaos-task-{prefix}.json"
+            task_path.write_text(json.dumps(task_document(per_task, prefix=prefix, priority=priority)))
+            submitted = daemon.cli("submit", str(task_path))
+            if submitted.returncode != 0:
+                raise RuntimeError(f"nietest submit failed: {submitted.stderr.strip()}")
+            task_ids[submitted.stdout.strip()] = priority
+        say(f"[{label}] tasks {task_ids} (id: priority): {per_task} subtasks each, submitted")
         if chaos is not None:
             chaos.start()
         store = open_store_for(daemon.settings)
+        ended: dict[str, float] = {}
+
+        def all_ended() -> bool:
+            for task_id in task_ids.keys() - ended.keys():
+                task = store.get_task(task_id)
+                if task is not None and task["status"] in TERMINAL:
+                    ended[task_id] = time.monotonic() - started
+            return len(ended) == len(task_ids)
+
         try:
-            task = wait_for(
-                lambda: (t := store.get_task(task_id)) and t["status"] in TERMINAL and t,
-                cfg.timeout,
-                "the task to end",
-                interval=0.2,
-            )
-            report.wall_seconds = time.monotonic() - started
+            wait_for(all_ended, cfg.timeout, "the tasks to end", interval=0.2)
+            report.wall_seconds = max(ended.values())
+            report.task_seconds = {priority: ended[task_id] for task_id, priority in task_ids.items()}
             if chaos is not None:
-                # The kill schedule must have run its course even if the task was quick.
+                # The kill schedule must have run its course even if the tasks were quick.
                 wait_for(lambda: len(chaos.kills) >= cfg.min_kills, cfg.kill_every * (cfg.min_kills + 5), "kills")
                 chaos.stop.set()
                 chaos.join(30)
@@ -356,25 +372,27 @@ def run_chaos(cfg: ChaosConfig, *, faults: bool, label: str, say: Callable[[str]
                     chaos.broker_killed,
                 )
                 report.check(not chaos.errors, f"chaos thread errors: {chaos.errors[:3]}")
-            say(f"[{label}] task {task['status']} after {report.wall_seconds:.1f} s; settling")
-            settle(daemon, task_hook, task_id, report)
-            task = store.get_task(task_id) or task
-            subtasks = store.list_subtasks(task_id)
+            say(f"[{label}] tasks ended after {report.wall_seconds:.1f} s; settling")
+            settle(daemon, task_hook, list(task_ids), report)
+            tasks = [store.get_task(task_id) for task_id in task_ids]
+            subtasks = {task_id: store.list_subtasks(task_id) for task_id in task_ids}
         finally:
             store.close()
-        check_subtasks(report, task, subtasks)
-        check_jobs(report, api, subtasks)
-        check_notices(report, task_hook, task_id, task)
+        for task in tasks:
+            assert task is not None
+            check_subtasks(report, task, subtasks[task["id"]])
+            check_notices(report, task_hook, task["id"])
+        check_jobs(report, api, [s for subs in subtasks.values() for s in subs])
         if faults:
             check_alerts(report, alert_hook, daemon.settings.alert_coalesce_seconds)
         check_logs(report, daemon, api, task_hook, alert_hook)
     return report
 
 
-def settle(daemon: DaemonProcess, task_hook: FakeFeishu, task_id: str, report: ChaosReport) -> None:
-    """Wait for the final notice and for every queue to be empty (nothing more on its way)."""
+def settle(daemon: DaemonProcess, task_hook: FakeFeishu, task_ids: list[str], report: ChaosReport) -> None:
+    """Wait for the final notices and for every queue to be empty (nothing more on its way)."""
     with contextlib.suppress(TimeoutError):
-        wait_for(lambda: final_notices(task_hook, task_id), 60, "the final task notice")
+        wait_for(lambda: all(final_notices(task_hook, t) for t in task_ids), 60, "the final task notices")
     client = redis.Redis.from_url(daemon.settings.broker_url)
 
     def drained() -> bool:
@@ -414,25 +432,28 @@ def final_notices(hook: FakeFeishu, task_id: str) -> list[str]:
 
 
 def check_subtasks(report: ChaosReport, task: dict[str, Any], subtasks: list[dict[str, Any]]) -> None:
-    report.subtasks = len(subtasks)
+    """One task's subtasks and counters, added to the report."""
+    report.subtasks += len(subtasks)
     statuses = Counter(s["status"] for s in subtasks)
-    report.statuses = dict(statuses)
-    report.task_status = task["status"] + (
-        " (partially)" if task.get("error", "") and "partial" in task["error"] else ""
+    report.statuses = dict(Counter(report.statuses) + statuses)
+    partially = " (partially)" if task.get("error", "") and "partial" in task["error"] else ""
+    report.task_status = ", ".join(
+        filter(None, [report.task_status, f"priority {task['priority']}: {task['status']}{partially}"])
     )
     ids = [s["id"] for s in subtasks]
-    report.lost = sum(1 for s in subtasks if s["status"] not in TERMINAL) + (int(task["total_images"]) - len(set(ids)))
+    lost = sum(1 for s in subtasks if s["status"] not in TERMINAL) + (int(task["total_images"]) - len(set(ids)))
+    report.lost += lost
     report.check(
         len(ids) == len(set(ids)) == int(task["total_images"]),
-        f"{len(ids)} subtasks stored for a task of {task['total_images']}",
+        f"{len(ids)} subtasks stored for task {task['id']} of {task['total_images']}",
     )
-    report.check(report.lost == 0, f"{report.lost} subtasks lost (not terminal: {dict(statuses)})")
+    report.check(lost == 0, f"{lost} subtasks of task {task['id']} lost (not terminal: {dict(statuses)})")
     recount = {f"{k}_images": statuses.get(k, 0) for k in ("completed", "failed", "cancelled")}
     stored = {k: int(task.get(k) or 0) for k in recount}
-    report.check(stored == recount, f"task counters {stored} != recount {recount}")
+    report.check(stored == recount, f"task {task['id']} counters {stored} != recount {recount}")
     expected, _ = final_task_status({**task, **recount})
     report.check(task["status"] == expected, f"task status {task['status']!r}, its subtasks say {expected!r}")
-    errors: Counter[str] = Counter()
+    errors: Counter[str] = Counter(report.errors)
     for s in subtasks:
         if s["status"] == "failed":
             errors[(s.get("error") or "").split(":")[0][:70]] += 1
@@ -443,7 +464,7 @@ def check_jobs(report: ChaosReport, api: FakeNieta, subtasks: list[dict[str, Any
     """At most 1 + the TIMEOUT resubmits owed per subtask; every stored job uuid is a real job."""
     by_subtask: dict[tuple[str, bool], list[Any]] = {}
     for job in api.jobs:
-        found = re.findall(r"cz-\d{4}", job.text)
+        found = re.findall(rf"(?:{'|'.join(MARKER_PREFIXES)})-\d{{4}}", job.text)
         if found:
             by_subtask.setdefault((found[0], job.ops), []).append(job)
     report.jobs_created = sum(len(jobs) for jobs in by_subtask.values())
@@ -466,10 +487,10 @@ def check_jobs(report: ChaosReport, api: FakeNieta, subtasks: list[dict[str, Any
     }
 
 
-def check_notices(report: ChaosReport, hook: FakeFeishu, task_id: str, task: dict[str, Any]) -> None:
+def check_notices(report: ChaosReport, hook: FakeFeishu, task_id: str) -> None:
     finals = final_notices(hook, task_id)
-    report.final_notices = len(finals)
-    report.check(len(finals) == 1, f"{len(finals)} final task notices: {finals}")
+    report.final_notices += len(finals)
+    report.check(len(finals) == 1, f"{len(finals)} final notices for task {task_id}: {finals}")
 
 
 def unalerted(report: ChaosReport, hook: FakeFeishu) -> list[int]:
@@ -535,8 +556,9 @@ def check_logs(report: ChaosReport, daemon: DaemonProcess, api: FakeNieta, *hook
 
 def describe(report: ChaosReport) -> list[str]:
     lines = [
-        f"[{report.label}] wall time {report.wall_seconds:.1f} s; task {report.task_status}; "
-        f"subtasks {report.statuses}",
+        f"[{report.label}] wall time {report.wall_seconds:.1f} s (by priority: "
+        + ", ".join(f"{p}: {t:.1f} s" for p, t in report.task_seconds.items())
+        + f"); tasks {report.task_status}; subtasks {report.statuses}",
         f"[{report.label}] kills survived: {len(report.kills)} workers (SIGKILL) + broker: {report.broker_killed}; "
         f"subtasks lost: {report.lost}; image jobs: {report.jobs_created}, beyond those owed: {report.duplicate_jobs}",
         f"[{report.label}] faults answered: {report.faults_seen}",

@@ -769,3 +769,14 @@ def test_sqlite_file_from_before_task_state(tmp_path: Path) -> None:
             last.task["status"] == COMPLETED and last.task["completed_images"] == 2 and last.task["progress"] == 100.0
         )
         assert again.list_tasks()[0]["processed_images"] == 3
+
+
+def test_get_subtask_for_work_reads_the_subtask_and_its_tasks_cancel_flag(store: Store) -> None:
+    ids = make_task(store, "t", 2)
+    sub, cancel = store.get_subtask_for_work(ids[0])
+    assert sub is not None and sub["id"] == ids[0] and sub["status"] == PENDING and cancel is False
+    assert store.start_subtask(ids[0]) is not None
+    store.cancel_task("t")  # cancels the pending one; the processing one is left to its worker
+    sub, cancel = store.get_subtask_for_work(ids[0])
+    assert sub is not None and sub["status"] == PROCESSING and cancel is True
+    assert store.get_subtask_for_work("missing") == (None, False)

@@ -217,8 +217,9 @@ class Scheduler:
         now = self.clock()
         return ScriptCall(_HOLD_SCRIPT, [self.holders], [subtask_id, self.cap, now, now + self.lease_seconds])
 
-    def renew(self, subtask_id: str) -> None:
-        self.client.zadd(self.holders, {subtask_id: self.clock() + self.lease_seconds}, xx=True)
+    def renew(self, subtask_id: str, client: redis.Redis | None = None) -> None:
+        """Extend the subtask's lease (if it holds a slot); `client` may be a pipeline to join."""
+        (client or self.client).zadd(self.holders, {subtask_id: self.clock() + self.lease_seconds}, xx=True)
 
     def release(self, subtask_id: str) -> list[str]:
         """Give the slot back and admit whoever is next: the ids the caller must send run messages for."""

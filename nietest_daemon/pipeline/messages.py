@@ -61,11 +61,18 @@ def enqueue_poll(ctx: Context, subtask_id: str, lane: Lane, *, delay: float, **k
     return enqueue(POLL_SUBTASK[lane], ctx.queue_of(lane), subtask_id, delay=delay, **kwargs).message_id
 
 
-def schedule_poll(ctx: Context, subtask_id: str, lane: Lane, *, delay: float, **kwargs: Any) -> None:
-    """Enqueue the subtask's next poll and make it the only poll message that may act."""
+def schedule_poll(
+    ctx: Context, subtask_id: str, lane: Lane, *, delay: float, renew: bool = False, **kwargs: Any
+) -> None:
+    """Enqueue the subtask's next poll and make it the only poll message that may act; `renew`:
+    also extend the lease of its job slot (a job still running), in the same round trip."""
     message_id = enqueue_poll(ctx, subtask_id, lane, delay=delay, **kwargs)
     # Set after the enqueue: a crash in between leaves the older message current, never none.
-    markers.set_current_poll(ctx.redis, subtask_id, message_id)
+    with ctx.redis.pipeline(transaction=False) as pipe:
+        markers.set_current_poll(pipe, subtask_id, message_id)
+        if renew:
+            ctx.slots[lane].renew(subtask_id, client=pipe)
+        pipe.execute()
 
 
 def current_message_id() -> str | None:

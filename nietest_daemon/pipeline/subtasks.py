@@ -60,14 +60,15 @@ def finish(ctx: Context, sub: Subtask, status: str, *, result: str | None = None
     """Move a subtask to a terminal state (once), free its slot, update streaks, notify on finalisation."""
     outcome = ctx.store.finish_subtask(sub.id, status, result=result, error=error)
     counted = outcome is not None and outcome.changed
+    # One round trip frees the slot, drops the subtask's markers and records the queue's failure streak.
+    also = [markers.forget_call(sub.id)]
     if counted and status in (COMPLETED, FAILED):
-        # The queue's failure streak is recorded in the round trip that frees the slot.
-        streak = streaks.record_call(
-            ctx.queue_of(sub.lane), status == COMPLETED, error, threshold=ctx.settings.alert_failure_streak
+        also.append(
+            streaks.record_call(
+                ctx.queue_of(sub.lane), status == COMPLETED, error, threshold=ctx.settings.alert_failure_streak
+            )
         )
-        release_slot(ctx, sub.id, sub.lane, streak)
-    else:
-        release_slot(ctx, sub.id, sub.lane)
+    release_slot(ctx, sub.id, sub.lane, *also)
     if outcome is None or not outcome.changed:
         return
     log.info("subtask finished", subtask_id=sub.id, task_id=sub.task_id, status=status, error=error, result=result)
@@ -80,7 +81,7 @@ def finish(ctx: Context, sub: Subtask, status: str, *, result: str | None = None
 
 def _active_subtask(ctx: Context, subtask_id: str, *, cancelled: str) -> Subtask | None:
     """The subtask if there is work to do on it; else None, after tidying up what its end left."""
-    doc = ctx.store.get_subtask(subtask_id)
+    doc, cancel_requested = ctx.store.get_subtask_for_work(subtask_id)
     if doc is None:
         log.error("no such subtask; message dropped", subtask_id=subtask_id)
         return None
@@ -92,7 +93,7 @@ def _active_subtask(ctx: Context, subtask_id: str, *, cancelled: str) -> Subtask
         # before it enqueued the task's notice.
         notices.ensure_final(ctx, sub.task_id)
         return None
-    if ctx.store.is_cancel_requested(sub.task_id):
+    if cancel_requested:
         finish(ctx, sub, CANCELLED, error=cancelled)
         return None
     return sub
@@ -247,8 +248,7 @@ def poll_subtask(subtask_id: str, errors: int = 0, no_url: int = 0) -> None:
             if superseded():
                 return
             delay = max(exc.retry_after or 0.0, backoff(errors, base=interval, cap=60.0))
-            ctx.slots[lane].renew(subtask_id)
-            schedule_poll(ctx, subtask_id, lane, delay=delay, errors=errors + 1, no_url=no_url)
+            schedule_poll(ctx, subtask_id, lane, delay=delay, renew=True, errors=errors + 1, no_url=no_url)
             return
         finish(ctx, sub, FAILED, error=f"could not poll image job {sub.job_uuid}: {exc}")
         return
@@ -266,8 +266,7 @@ def poll_subtask(subtask_id: str, errors: int = 0, no_url: int = 0) -> None:
                 f"over {_waited(sub, polls * interval):.1f} s (polling budget {max_polls} x {interval:g} s)",
             )
             return
-        ctx.slots[lane].renew(subtask_id)
-        schedule_poll(ctx, subtask_id, lane, delay=interval)
+        schedule_poll(ctx, subtask_id, lane, delay=interval, renew=True)
     elif status.state == "success" and status.url:
         finish(ctx, sub, COMPLETED, result=status.url)
     elif status.state == "success":

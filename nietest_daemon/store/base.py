@@ -270,6 +270,12 @@ class Store(ABC):
     def is_cancel_requested(self, task_id: str) -> bool:
         """Whether a cancel was requested for the task."""
 
+    def get_subtask_for_work(self, subtask_id: str) -> tuple[Doc | None, bool]:
+        """The subtask document (or None) and whether a cancel was requested for its task: what
+        every subtask message reads first. One read where the store can join them."""
+        sub = self.get_subtask(subtask_id)
+        return sub, sub is not None and self.is_cancel_requested(sub["task_id"])
+
     @abstractmethod
     def finalise_task(self, task_id: str) -> str | None:
         """Finalise a task whose counters are complete but which is not terminal yet; the status if this call did."""

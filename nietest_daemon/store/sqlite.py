@@ -369,6 +369,18 @@ class SQLiteStore(Store):
     def get_subtask(self, subtask_id: str) -> Doc | None:
         return self._read(self._conn(), "subtasks", subtask_id)
 
+    def get_subtask_for_work(self, subtask_id: str) -> tuple[Doc | None, bool]:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT s.doc, st.cancel_requested FROM subtasks s LEFT JOIN task_state st ON st.task_id = s.task_id"
+                " WHERE s.id = ?",
+                (subtask_id,),
+            )
+            .fetchone()
+        )
+        return (_loads(row[0]), bool(row[1])) if row else (None, False)
+
     def list_subtasks(
         self, task_id: str, status: str | Iterable[str] | None = None, limit: int | None = None
     ) -> list[Doc]:
