@@ -6,8 +6,8 @@ Each size runs on a fresh real `nietest daemon` (embedded valkey, SQLite store; 
 2 x 5 subtask threads) against the fake Nieta API in its own process: a job finishes 0.05 s
 after its create, polls are 0.05 s apart. For each size it prints:
 
-- its ratio to the first size's, measured in the same run (the target: >= 0.8 for 10x and 50x
-  the first size);
+- throughput (subtasks per second, from the task's stored submission to its end), and its ratio
+  to the first size's, measured in the same run (the target: >= 0.8 for 10x and 50x the first size);
 - the longest stretch in which a slot stayed idle while subtasks waited (sampled every 0.1 s;
   the target: no stall over 5 s);
 - broker memory (`INFO memory` used_memory) per waiting subtask: the slope of used_memory against
@@ -15,7 +15,6 @@ after its create, polls are 0.05 s apart. For each size it prints:
   admission of the first cap's worth on (the target: <= 200 bytes). The slope leaves out what
   does not grow with the line: the messages of the running subtasks, the workers' keys. Beside
   it, used_memory at the peak over the idle daemon's;
-- throughput (subtasks per second, submit to the task's end, from the task's stored timestamps);
 - peak resident memory (VmHWM) of each subtask worker (the target: independent of the size);
 - the SQLite store's size at the end.
 """
