@@ -90,6 +90,12 @@ def main() -> int:
                 a = submit(env, first)
                 time.sleep(gap)
                 b = submit(env, second)
+
+                def both_waiting() -> bool:
+                    by_task = {s.task_id: s for s in slots.shares([a, b])}
+                    return all(t in by_task and by_task[t].ready for t in (a, b))
+
+                wait_for(both_waiting, 60, "both tasks expanded and waiting", interval=0.05)
                 samples: list[tuple[int, int]] = []
                 while True:
                     by_task = {s.task_id: s for s in slots.shares([a, b])}

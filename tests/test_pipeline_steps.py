@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import dramatiq.broker
 import pytest
 import redis
 from conftest import PrivateValkey, wait_for
+from dramatiq.middleware import CurrentMessage
 
 from nietest_daemon.clients.nieta import NietaClient
 from nietest_daemon.coordination import keys, streaks
@@ -243,6 +245,53 @@ def test_priority_3_gets_three_times_the_slots_of_priority_1(pipe: Pipeline) -> 
         taken += [sid.split(":")[0] for sid in admitted]
     assert len(taken) == 20, (taken, holding)
     assert (taken.count("high"), taken.count("low")) in {(15, 5), (16, 4)}, taken
+
+
+@contextmanager
+def running_as(pipe: Pipeline, actor: str, subtask_id: str, message_id: str | None = None) -> Iterator[None]:
+    """Run pipeline steps as if inside the message `actor(subtask_id)` (a new id unless given)."""
+    message = dramatiq.Message(queue_name=pipe.queue, actor_name=actor, args=(subtask_id,), kwargs={}, options={})
+    if message_id is not None:
+        message = message.copy(message_id=message_id)
+    current = CurrentMessage()
+    current.before_process_message(pipe.broker, message)
+    try:
+        yield
+    finally:
+        current.after_process_message(pipe.broker, message)
+
+
+def test_a_stale_poll_copy_does_not_go_on_polling(pipe: Pipeline) -> None:
+    (a,) = pipe.add_task("t", 1)
+    pipe.api.add_rule("never")  # the job stays pending
+    pipe.clear()
+    run_subtask(a)
+    assert pipe.messages(delayed=True) == [("poll_subtask", a)]
+    first = pipe.ctx.redis.get(keys.poll_chain(a))
+    assert first is not None
+    pipe.clear()
+    with running_as(pipe, "poll_subtask", a):  # a redelivered copy of an older poll
+        poll_subtask(a)
+    assert pipe.messages(delayed=True) == []  # stopped before the next poll
+    assert subtask(pipe, a).doc.get("poll_count", 0) == 0 and pipe.ctx.redis.get(keys.poll_chain(a)) == first
+    with running_as(pipe, "poll_subtask", a, first.decode()):  # the current poll goes on
+        poll_subtask(a)
+    assert pipe.messages(delayed=True) == [("poll_subtask", a)] and subtask(pipe, a).doc["poll_count"] == 1
+    assert pipe.ctx.redis.get(keys.poll_chain(a)) not in (None, first)
+    assert holders(pipe) == [a]
+
+
+def test_any_poll_copy_may_end_a_subtask_and_it_is_counted_once(pipe: Pipeline) -> None:
+    (a,) = pipe.add_task("t", 1)
+    pipe.clear()
+    run_subtask(a)  # the fake's job succeeds at once
+    for _ in range(2):  # two stale copies: the first ends the subtask, the second finds it ended
+        with running_as(pipe, "poll_subtask", a):
+            poll_subtask(a)
+    task = pipe.ctx.store.get_task("t")
+    assert task is not None and task["status"] == COMPLETED and task["completed_images"] == 1
+    assert len(pipe.api.requests_to("poll")) == 1 and holders(pipe) == []
+    assert not pipe.ctx.redis.exists(keys.poll_chain(a), keys.creating(a), keys.create_sent(a))  # nothing left
 
 
 def test_a_run_that_finds_another_creating_comes_back_later(pipe: Pipeline) -> None:
