@@ -57,7 +57,7 @@ def send_run(ctx: Context, subtask_id: str, lane: Lane, *, delay: float = 0.0, *
 
 def enqueue_poll(ctx: Context, subtask_id: str, lane: Lane, *, delay: float, **kwargs: Any) -> str:
     """Enqueue a poll of the subtask; its message id, which the caller must make the current poll
-    (`markers.set_current_poll`, or `markers.release_creating_lock(poll=...)`) or it will not act."""
+    (`markers.set_current_poll`, or `markers.end_create(poll=...)`) or it will not act."""
     return enqueue(POLL_SUBTASK[lane], ctx.queue_of(lane), subtask_id, delay=delay, **kwargs).message_id
 
 
