@@ -12,12 +12,12 @@ def main(argv: list[str] | None = None) -> int:
 
         name = args[0] if args[0] == "broker" else f"worker-{args[1] if len(args) > 1 else '?'}"
         logs.configure(name)
-    elif args[:1] == ["alerts"] and not {"-h", "--help"} & set(args):
-        # The alerts event listener: its stdout is supervisor's event protocol, so its JSON log
+    elif args[:1] in (["alerts"], ["watchdog"]) and not {"-h", "--help"} & set(args):
+        # The event listeners: their stdout is supervisor's event protocol, so their JSON log
         # (and any stray print, through the captured sys.stdout) goes to stderr.
         from nietest_daemon.core import logs
 
-        logs.configure("alerts", stream=sys.__stderr__)
+        logs.configure(args[0], stream=sys.__stderr__)
     from nietest_daemon.programs.cli import run
 
     return run(args)

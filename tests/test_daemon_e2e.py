@@ -49,9 +49,12 @@ def daemon():
 
 
 def test_every_configured_process_runs(daemon: Daemon) -> None:
-    running = wait_for(lambda: (r := daemon.wait_running()).get("alerts") and r, 15, what="the alerts listener too")
+    running = wait_for(
+        lambda: (r := daemon.wait_running()).get("alerts") and r.get("watchdog") and r, 15, what="the listeners too"
+    )
     assert {g: len(ps) for g, ps in running.items() if ps} == {
         "alerts": 1,
+        "watchdog": 1,
         "broker": 1,
         "master": 1,
         "subtask": 2,

@@ -109,6 +109,11 @@ def test_key_layout_is_the_one_nietest_reads() -> None:
     assert ours.bodies_key("q") == "dramatiq:q.msgs"
     assert ours.queue_key(ours.delay_queue_name("q")) == "dramatiq:q.DQ"
     assert ours.queue_key(ours.dead_letter_name("q")) == "dramatiq:q.XQ"
+    # hand_back_dead: heartbeats by broker id; a score older than the timeout means dead.
+    assert 'local heartbeats = namespace .. ":__heartbeats__"' in lua
+    assert 'redis.call("zrangebyscore", heartbeats, 0, timestamp - heartbeat_timeout)' in lua
+    assert ours.heartbeats_key() == "dramatiq:__heartbeats__"
+    assert "self.broker_id = str(uuid4())" in inspect.getsource(dramatiq_redis.RedisBroker.__init__)
     assert inspect.getsource(dramatiq_redis._RedisConsumer.ack).count('options["redis_message_id"]') == 1
 
 

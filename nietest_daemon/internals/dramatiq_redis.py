@@ -5,7 +5,10 @@ nietest needs four things Dramatiq's public API does not give:
   a subclass of the private `_RedisConsumer` whose `__next__` it mirrors);
 - queue maintenance on a timer (`NietestRedisBroker.maintain`: the broker's `dispatch` Lua script,
   called with its positional arguments), so a dead worker's messages come back promptly;
-- a new broker id when a consumer thread restarts after a connection error;
+- a new broker id when a consumer thread restarts after a connection error, and broker ids that
+  name their process (`<host>/<process>/<pid>/<random>`), so that the messages of a process that
+  exited can be handed back at once (`NietestRedisBroker.hand_back_dead`) instead of after the
+  heartbeat timeout;
 - the broker's key layout (`dramatiq:<queue>`, `.msgs`, `.DQ`, `.XQ`, `__acks__.<broker id>.<queue>`)
   for queue statistics and for handing back messages (`requeue`, the private `do_requeue` command).
 
@@ -37,6 +40,8 @@ __all__ = [
     "NietestRedisBroker",
     "NietestRedisConsumer",
     "ack_set_key",
+    "heartbeats_key",
+    "process_identity",
     "bodies_key",
     "dead_letter_name",
     "delay_queue_name",
@@ -52,6 +57,17 @@ __all__ = [
 def ack_set_key(broker_id: str, queue_name: str, namespace: str = NAMESPACE) -> str:
     """The set of message ids one worker (broker id) fetched from a queue and has not acked."""
     return f"{namespace}:__acks__.{broker_id}.{queue_name}"
+
+
+def heartbeats_key(namespace: str = NAMESPACE) -> str:
+    """The sorted set of broker ids by their last heartbeat (ms); maintenance takes an id whose
+    heartbeat is older than the heartbeat timeout for dead and hands back its messages."""
+    return f"{namespace}:__heartbeats__"
+
+
+def process_identity(host: str, process: str, pid: int) -> str:
+    """The prefix of the broker ids of one worker process (`/` never occurs in a process name)."""
+    return f"{host}/{process}/{pid}/"
 
 
 def bodies_key(queue_name: str, namespace: str = NAMESPACE) -> str:
@@ -231,7 +247,17 @@ class NietestRedisBroker(RedisBroker):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._consuming: set[str] = set()
+        self._identity = ""
         self.scripts["release_orphans"] = self.client.register_script(_RELEASE_ORPHANS)
+
+    def name_process(self, identity: str) -> None:
+        """Make this worker's broker ids start with `identity` (`process_identity`), before it
+        consumes: whoever sees the process exit can then hand its messages back at once."""
+        self._identity = identity
+        self.broker_id = self._new_broker_id()
+
+    def _new_broker_id(self) -> str:
+        return f"{self._identity}{uuid4().hex}" if self._identity else str(uuid4())
 
     @property
     def consumer_class(self) -> type[NietestRedisConsumer]:
@@ -247,7 +273,7 @@ class NietestRedisBroker(RedisBroker):
         queues after the heartbeat timeout (at least once: one still in hand may run twice).
         """
         if queue_name in self._consuming:
-            old, self.broker_id = self.broker_id, str(uuid4())
+            old, self.broker_id = self.broker_id, self._new_broker_id()
             log.warning(
                 "consumer restarted after a broker error; unacked messages will be redelivered",
                 old_broker_id=old,
@@ -272,6 +298,29 @@ class NietestRedisBroker(RedisBroker):
                 self._max_unpack_size(),
             ],
         )
+
+    def hand_back_dead(self, identity: str, queue_names: list[str]) -> int:
+        """Hand back at once the messages held by the broker ids of a process that has exited
+        (`identity`, its `process_identity`): each is marked dead (heartbeat 0) and maintenance
+        runs on `queue_names` and their delay queues. Returns how many messages that was.
+
+        Only for a process known to be gone (supervisord saw it exit): the messages of a live one
+        would run twice.
+        """
+        beats = heartbeats_key(self.namespace)
+        dead = [m.decode() for m in self.client.zrange(beats, 0, -1) if m.decode().startswith(identity)]
+        if not dead:
+            return 0
+        queues = [name for queue in queue_names for name in (queue, delay_queue_name(queue))]
+        with self.client.pipeline(transaction=False) as pipe:
+            for broker_id in dead:
+                for queue in queues:
+                    pipe.scard(ack_set_key(broker_id, queue, self.namespace))
+            held = sum(pipe.execute())
+        self.client.zadd(beats, dict.fromkeys(dead, 0))
+        for queue in queues:
+            self.maintain(queue)
+        return held
 
 
 def queue_stats(client: redis.Redis, queue_name: str) -> dict[str, int]:

@@ -45,7 +45,6 @@ the marker and exits 0.
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import json
 import os
@@ -69,6 +68,7 @@ from nietest_daemon.core import logs
 from nietest_daemon.core.redaction import redact, set_secrets
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.internals.supervisor import EXITED_LINE, control_proxy
+from nietest_daemon.programs.event_listener import open_protocol_streams, parse_tokens, serve_protocol
 
 log = logs.get_logger("nietest.alerts")
 
@@ -124,16 +124,6 @@ def fmt_duration(seconds: float | None) -> str:
 
 def fmt_clock(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).strftime("%H:%M:%S UTC")
-
-
-def parse_tokens(text: str) -> dict[str, str]:
-    """`a:1 b:2` (supervisor's header and PROCESS_STATE payload format) as a dict."""
-    fields: dict[str, str] = {}
-    for token in text.split():
-        key, sep, value = token.partition(":")
-        if sep:
-            fields[key] = value
-    return fields
 
 
 def _parse_timestamp(value: str) -> float | None:
@@ -804,57 +794,6 @@ class Marker:
 # --- the listener protocol ---------------------------------------------------------------------
 
 
-def read_chars(stream: BinaryIO, count: int) -> str:
-    """Read a payload of `count` characters (supervisord counts characters, not bytes)."""
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    parts: list[str] = []
-    have = 0
-    while have < count:
-        chunk = stream.read(count - have)  # every character is at least one byte: never reads past it
-        if not chunk:
-            raise EOFError("stdin closed in the middle of an event")
-        text = decoder.decode(chunk)
-        parts.append(text)
-        have += len(text)
-    return "".join(parts)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def serve_protocol(
-    stdin: BinaryIO,
-    out_fd: int,
-    handle: Callable[[dict[str, str], str], None],
-) -> None:
-    """READY, one event, hand it over, RESULT 2\\nOK; again, until stdin ends (then returns)."""
-    while True:
-        _write_all(out_fd, b"READY\n")
-        line = stdin.readline()
-        if not line.endswith(b"\n"):
-            return  # EOF: supervisord is gone
-        headers = parse_tokens(line.decode("utf-8", "replace"))
-        try:
-            length = int(headers["len"])
-        except (KeyError, ValueError):
-            # Without a length the stream cannot be resynchronised: let supervisord restart us.
-            raise ProtocolError(f"event header without a length: {line[:200]!r}") from None
-        payload = read_chars(stdin, length)
-        try:
-            handle(headers, payload)
-        except Exception:
-            log.exception("event handling failed", eventname=headers.get("eventname"))
-        _write_all(out_fd, b"RESULT 2\nOK")
-
-
-class ProtocolError(RuntimeError):
-    pass
-
-
 # --- running it --------------------------------------------------------------------------------
 
 
@@ -1064,12 +1003,6 @@ class Listener:
 def run(settings: Settings) -> int:
     """`nietest alerts`: logs are already JSON on stderr (see __main__); fds 0/1 carry the protocol."""
     set_secrets(settings.secrets())
-    # Keep the real stdout for the protocol alone; anything else writing to fd 1 goes to the log (stderr).
-    out_fd = os.dup(1)
-    os.dup2(2, 1)
-    stdin = os.fdopen(os.dup(0), "rb")
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
+    stdin, out_fd = open_protocol_streams()
     listener = Listener(settings, stdin, out_fd)
     return listener.run()

@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(else FEISHU_WEBHOOK_URL; with neither, alerts are only logged): restarts, crash loops, FATAL "
         "processes, runs of failed subtasks, an unreachable broker, and the recoveries.",
     )
+    sub.add_parser(
+        "watchdog",
+        help="run the event listener that hands an exited worker's messages back at once (what supervisord runs)",
+        description="A supervisor event listener (protocol on stdin/stdout, JSON log on stderr). When a worker "
+        "process exits, for any reason, the messages it had fetched (prefetched, delayed polls) go back to "
+        "their queue at once instead of after NIETEST_BROKER_HEARTBEAT_TIMEOUT.",
+    )
     ctl = sub.add_parser(
         "ctl",
         help="supervisorctl against the running daemon, e.g. `nietest ctl status`",
@@ -119,6 +126,10 @@ def run(argv: list[str]) -> int:
         from nietest_daemon.programs import alerts
 
         return alerts.run(settings)
+    if args.command == "watchdog":
+        from nietest_daemon.programs import watchdog
+
+        return watchdog.run(settings)
     if args.command == "broker":
         from nietest_daemon.programs import embedded_broker
 

@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -24,7 +25,7 @@ from nietest_daemon.coordination.connection import wait_for_broker
 from nietest_daemon.core import logs
 from nietest_daemon.core.redaction import set_secrets
 from nietest_daemon.core.settings import Settings
-from nietest_daemon.internals.dramatiq_redis import NietestRedisBroker, delay_queue_name, requeue
+from nietest_daemon.internals.dramatiq_redis import NietestRedisBroker, delay_queue_name, process_identity, requeue
 from nietest_daemon.pipeline.broker import build_broker
 from nietest_daemon.pipeline.context import context
 from nietest_daemon.pipeline.middleware.in_hand import InHand
@@ -77,6 +78,9 @@ def run(settings: Settings, queue_key: str) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     broker = build_broker(settings)
+    # Broker ids that name this process: the watchdog hands its messages back the moment it exits.
+    process_name = os.environ.get("SUPERVISOR_PROCESS_NAME") or f"worker-{queue_key}"
+    broker.name_process(process_identity(socket.gethostname(), process_name, os.getpid()))
     log.info(
         "worker starting",
         threads=queue.threads,

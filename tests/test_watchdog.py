@@ -1,0 +1,194 @@
+"""The watchdog listener hands an exited worker's messages back at once (programs/watchdog.py).
+
+Against a private valkey-server with Dramatiq's real Redis broker: a "worker" broker fetches
+messages (they sit in its ack sets, as in a process killed with SIGKILL), and the watchdog, told
+by a PROCESS_STATE_EXITED event, returns exactly that process's messages to their queue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import dramatiq.broker
+import pytest
+from conftest import Daemon, PrivateValkey, wait_for
+
+from nietest_daemon.core import settings as settings_module
+from nietest_daemon.internals.dramatiq_redis import (
+    NietestRedisBroker,
+    delay_queue_name,
+    heartbeats_key,
+    process_identity,
+    queue_stats,
+)
+from nietest_daemon.pipeline.broker import build_broker
+from nietest_daemon.pipeline.context import open_store_for
+from nietest_daemon.programs.watchdog import Watchdog
+from nietest_daemon.testing.fake_nieta import FakeNieta
+
+HOST = "host-a"
+
+
+@pytest.fixture
+def settings(valkey: PrivateValkey, short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> settings_module.Settings:
+    monkeypatch.setattr(dramatiq.broker, "global_broker", dramatiq.broker.global_broker)
+    return settings_module.load({"NIETEST_HOME": str(short_tmp), "BROKER_REDIS_URL": valkey.url})
+
+
+@pytest.fixture
+def brokers(settings: settings_module.Settings) -> Iterator[list[NietestRedisBroker]]:
+    made: list[NietestRedisBroker] = []
+    yield made
+    for broker in made:
+        broker.close()
+
+
+def worker(
+    settings: settings_module.Settings, made: list[NietestRedisBroker], name: str, pid: int
+) -> NietestRedisBroker:
+    broker = build_broker(settings)
+    broker.name_process(process_identity(HOST, name, pid))
+    made.append(broker)
+    # The consumer runs only messages of a known actor of its queue (it dead-letters the rest).
+    for queue in (settings.queue("subtask").name, settings.queue("master").name):
+        dramatiq.actor(lambda *_: None, actor_name=f"noop_{queue}", queue_name=queue, broker=broker)
+    return broker
+
+
+def fetch(broker: NietestRedisBroker, queue: str, n: int) -> None:
+    """Fetch `n` messages into the broker's ack set and never ack them (a process about to die)."""
+    consumer = broker.consume(queue, prefetch=n, timeout=100)
+    got = 0
+    while got < n:
+        if next(consumer) is not None:
+            got += 1
+
+
+def enqueue(broker: NietestRedisBroker, queue: str, n: int, *, delay_ms: int | None = None) -> None:
+    for i in range(n):
+        message = dramatiq.Message(queue_name=queue, actor_name=f"noop_{queue}", args=(i,), kwargs={}, options={})
+        broker.enqueue(message, delay=delay_ms)
+
+
+def exited(name: str, pid: int, group: str = "subtask", expected: int = 0) -> tuple[dict[str, str], str]:
+    payload = f"processname:{name} groupname:{group} from_state:RUNNING expected:{expected} pid:{pid}"
+    return {"eventname": "PROCESS_STATE_EXITED", "len": str(len(payload))}, payload
+
+
+def test_an_exited_workers_messages_go_back_at_once_and_a_live_ones_stay(
+    settings: settings_module.Settings, brokers: list[NietestRedisBroker]
+) -> None:
+    queue = settings.queue("subtask").name
+    dead = worker(settings, brokers, "subtask_00", 4242)
+    live = worker(settings, brokers, "subtask_01", 4343)
+    enqueue(dead, queue, 10)
+    fetch(dead, queue, 6)
+    fetch(live, queue, 4)
+    assert queue_stats(dead.client, queue) == {"ready": 0, "in_progress": 10, "delayed": 0, "dead": 0}
+
+    watchdog = Watchdog(settings, worker(settings, brokers, "watchdog", 1), HOST)
+    watchdog.handle(*exited("subtask_00", 4242))
+    stats = queue_stats(dead.client, queue)
+    assert stats["ready"] == 6 and stats["in_progress"] == 4  # the live worker keeps its 4
+    ids = {m.decode() for m in dead.client.zrange(heartbeats_key(), 0, -1)}
+    assert not any(i.startswith(process_identity(HOST, "subtask_00", 4242)) for i in ids)
+    assert any(i.startswith(process_identity(HOST, "subtask_01", 4343)) for i in ids)
+
+
+def test_held_delayed_messages_go_back_to_the_delay_queue(
+    settings: settings_module.Settings, brokers: list[NietestRedisBroker]
+) -> None:
+    queue = settings.queue("subtask").name
+    dead = worker(settings, brokers, "subtask_00", 4242)
+    enqueue(dead, queue, 3, delay_ms=60_000)  # the polls a worker holds until they are due
+    fetch(dead, delay_queue_name(queue), 3)
+    watchdog = Watchdog(settings, worker(settings, brokers, "watchdog", 1), HOST)
+    assert watchdog.hand_back("subtask", "subtask_00", 4242, expected=False) == 3
+    assert dead.client.llen(f"dramatiq:{delay_queue_name(queue)}") == 3
+
+
+def test_other_hosts_other_pids_and_other_events_are_left_alone(
+    settings: settings_module.Settings, brokers: list[NietestRedisBroker]
+) -> None:
+    queue = settings.queue("subtask").name
+    w = worker(settings, brokers, "subtask_00", 4242)
+    enqueue(w, queue, 2)
+    fetch(w, queue, 2)
+    for host, event in (
+        ("host-b", exited("subtask_00", 4242)),  # the same name and pid on another daemon's host
+        (HOST, exited("subtask_00", 4243)),  # an earlier process of that name
+        (HOST, exited("alerts", 4242, group="alerts")),  # not a worker
+        (HOST, ({"eventname": "PROCESS_STATE_BACKOFF"}, "processname:subtask_00 groupname:subtask")),
+    ):
+        Watchdog(settings, worker(settings, brokers, "watchdog", 1), host).handle(*event)
+    assert queue_stats(w.client, queue)["in_progress"] == 2
+
+
+# --- a real daemon -----------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_kill_9_of_a_polling_worker_costs_seconds_not_the_heartbeat_timeout(
+    make_daemon: Callable[..., Daemon], short_tmp: Path
+) -> None:
+    """At the default heartbeat timeout (60 s), the polls the killed worker held come back at once."""
+    with FakeNieta(generation_time=3.0) as api:
+        daemon = make_daemon(
+            **api.env(),
+            NIETEST_BROKER_HEARTBEAT_TIMEOUT="60",
+            NIETEST_SUBTASK_OPS_PROCESSES="0",
+            NIETEST_SUBTASK_THREADS="5",
+            IMAGE_POLLING_INTERVAL="0.5",
+        )
+        daemon.start()
+        store = open_store_for(daemon.settings)
+        path = short_tmp / "task.json"
+        path.write_text(json.dumps(example_task(20)))
+        task_id = daemon.run("submit", str(path)).stdout.strip()
+
+        def all_polling() -> bool:
+            subs = store.list_subtasks(task_id)
+            return len(subs) == 20 and all(s["job_uuid"] and s["poll_count"] >= 1 for s in subs)
+
+        wait_for(all_polling, 30, what="every subtask polling")
+        os.kill(daemon.pids()["subtask:subtask_00"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        task = wait_for(
+            lambda: (t := store.get_task(task_id)) and t["status"] in ("completed", "failed") and t,
+            30,
+            what="the task to end",
+        )
+        assert task["status"] == "completed" and task["completed_images"] == 20
+        assert time.monotonic() - killed_at < 10  # the jobs end 3 s after they started; 60 s without the watchdog
+        lines = [json.loads(line) for p in daemon.log_files() if p.name == "watchdog.log" for line in p.open()]
+        handed = [r for r in lines if r["event"] == "exited worker's messages handed back"]
+        assert handed and handed[0]["process_name"] == "subtask_00" and handed[0]["messages"] > 0
+        assert api.duplicates(r"wd-\d\d") == {}
+        store.close()
+        daemon.stop()
+
+
+def example_task(n: int) -> dict[str, Any]:
+    values = [{"type": "freetext", "value": f"look wd-{i:02d}", "weight": 1.0} for i in range(n)]
+    return {
+        "name": "watchdog",
+        "prompts": [
+            {
+                "type": "freetext",
+                "value": "",
+                "weight": 1.0,
+                "is_variable": True,
+                "variable_id": "v",
+                "variable_name": "look",
+                "variable_values": values,
+            }
+        ],
+        "ratio": {"type": "ratio", "value": "1:1", "is_variable": False, "format": "string"},
+    }
