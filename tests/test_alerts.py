@@ -242,6 +242,26 @@ def test_snapshot_gives_the_run_time_of_processes_started_before_the_listener() 
     assert "after running 1h00m" in sent[0].content
 
 
+def test_a_worker_killed_for_silence_is_one_unresponsive_alert_in_place_of_its_restart() -> None:
+    sent: list[Alert] = []
+    engine, clock = make_engine(sent), Clock()
+    start(engine, clock, "subtask_00", 11)
+    clock.advance(60)
+    event(engine, clock, "EXITED", "subtask_00", from_state="RUNNING", expected=0, pid=11)  # the watchdog's SIGKILL
+    event(engine, clock, "STARTING", "subtask_00", from_state="EXITED", tries=0)
+    clock.advance(1)
+    event(engine, clock, "RUNNING", "subtask_00", from_state="STARTING", pid=12)
+    watchdog = {"process": "subtask:subtask_00", "pid": 11, "silent_seconds": 31.2, "queue": "nietest_subtask"}
+    engine.handle_watchdog({"kind": "unresponsive", **watchdog}, clock.mono)
+    clock.advance(30)
+    engine.tick(clock.mono)
+    assert [a.kind for a in sent] == ["unresponsive"]
+    alert = sent[0]
+    assert alert.severity == "warning" and alert.queue == "nietest_subtask"
+    assert alert.title == "Worker unresponsive: subtask:subtask_00"
+    assert "no sign of life for 31 s" in alert.content and "now RUNNING (pid 12)" in alert.content
+
+
 def test_secrets_in_streak_errors_are_redacted() -> None:
     set_secrets(["tok-Unit-SECRET-99"])
     try:

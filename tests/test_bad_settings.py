@@ -82,6 +82,7 @@ BAD: dict[str, list[str]] = {
     "NIETEST_START_RETRIES": ["-1", "often"],
     "NIETEST_DRAIN_SECONDS": ["-5", "x", "3601"],
     "NIETEST_BROKER_HEARTBEAT_TIMEOUT": ["0", "x"],
+    "NIETEST_HANG_SECONDS": ["1", "x", "-5"],
     "NIETEST_ACTOR_MODULES": ["tests/e2e_actors.py", "a-b", "1abc", "os;rm"],
 }
 for _key in ("MASTER", "MASTER_OPS", "SUBTASK", "SUBTASK_OPS"):

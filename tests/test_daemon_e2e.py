@@ -60,7 +60,19 @@ def test_every_configured_process_runs(daemon: Daemon) -> None:
         "subtask": 2,
         "subtask_ops": 1,
     }
-    status = daemon.status()
+    groups = ("master", "subtask", "subtask_ops")
+    status = wait_for(
+        lambda: (
+            (s := daemon.status())
+            and all(p["last_sign_of_life_seconds"] is not None for p in s["processes"] if p["group"] in groups)
+            and s
+        ),
+        10,
+        what="every worker's first sign of life",
+    )
+    workers = [p for p in status["processes"] if p["group"] in groups]
+    assert len(workers) == 4 and all(0 <= p["last_sign_of_life_seconds"] < 5 for p in workers)
+    assert all(p["last_sign_of_life_seconds"] is None for p in status["processes"] if p["group"] == "alerts")
     assert status["queues"]["master_ops"]["processes"] == 0
     assert not [p for p in status["processes"] if p["group"] == "master_ops"]
     assert status["broker"].startswith("embedded valkey unix://")
@@ -69,6 +81,7 @@ def test_every_configured_process_runs(daemon: Daemon) -> None:
     # the human form shows the same
     text = daemon.run("status").stdout
     assert "subtask:subtask_01" in text and "RUNNING" in text and "nietest_subtask_ops" in text
+    assert "LAST SIGN OF LIFE" in text and " s ago" in text
 
 
 def test_control_socket_is_private(daemon: Daemon) -> None:

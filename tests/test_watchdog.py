@@ -20,6 +20,7 @@ import dramatiq.broker
 import pytest
 from conftest import Daemon, PrivateValkey, wait_for
 
+from nietest_daemon.coordination import keys, lifelines
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.internals.dramatiq_redis import (
     NietestRedisBroker,
@@ -30,6 +31,7 @@ from nietest_daemon.internals.dramatiq_redis import (
 )
 from nietest_daemon.pipeline.broker import build_broker
 from nietest_daemon.pipeline.context import open_store_for
+from nietest_daemon.pipeline.middleware.in_hand import InHand
 from nietest_daemon.programs.watchdog import Watchdog
 from nietest_daemon.testing.fake_nieta import FakeNieta
 
@@ -131,6 +133,59 @@ def test_other_hosts_other_pids_and_other_events_are_left_alone(
     assert queue_stats(w.client, queue)["in_progress"] == 2
 
 
+def test_a_silent_worker_is_killed_once_and_reported(
+    settings: settings_module.Settings, brokers: list[NietestRedisBroker]
+) -> None:
+    watchdog = Watchdog(settings, worker(settings, brokers, "watchdog", 1), HOST)
+    killed: list[str] = []
+    watchdog.kill = killed.append
+    client = watchdog.broker.client
+    now = time.time()
+    watchdog.watching_since = now - 600  # watching long enough (else silence counts from its first check)
+    hang = settings.hang_seconds
+
+    def info(name: str, pid: int, started: float, state: str = "RUNNING") -> dict[str, Any]:
+        return {"group": name.rsplit("_", 1)[0], "name": name, "pid": pid, "statename": state, "start": started}
+
+    infos = [
+        info("subtask_00", 10, now - 600),  # beat just now
+        info("subtask_01", 11, now - 600),  # last beat hang + 1 s ago
+        info("master_00", 12, now - 2),  # started 2 s ago, no beat yet
+        info("subtask_ops_00", 13, now - 600),  # never beat since its start long ago
+        info("alerts", 14, now - 600),  # not a worker
+        info("master_ops_00", 15, now - 600, state="STOPPING"),  # draining: not checked
+    ]
+    client.zadd(keys.lifelines(HOST), {"subtask_00/10": now, "subtask_01/11": now - hang - 1})
+    assert watchdog.check(infos, now) == ["subtask:subtask_01", "subtask_ops:subtask_ops_00"]
+    assert killed == ["subtask:subtask_01", "subtask_ops:subtask_ops_00"]
+    assert watchdog.check(infos, now + 1) == []  # killed once, until it is gone
+    events = lifelines.drain_events(client)
+    assert [(e["process"], e["pid"], e["queue"]) for e in events] == [
+        ("subtask:subtask_01", 11, settings.queue("subtask").name),
+        ("subtask_ops:subtask_ops_00", 13, settings.queue("subtask_ops").name),
+    ]
+    assert events[0]["silent_seconds"] == pytest.approx(hang + 1, abs=0.2)
+    # After the broker was out of reach, silence counts again from the first check that reads it.
+    watchdog.watching_since = None
+    infos.append(info("subtask_02", 16, now - 600))
+    assert watchdog.check(infos, now + 2) == []  # silent for 600 s, but unseen for 0
+    assert "subtask:subtask_02" in watchdog.check(infos, now + 2 + hang + 0.5)
+
+
+def test_in_hand_tells_a_message_stuck_past_its_time_limit() -> None:
+    in_hand = InHand()
+    quick = dramatiq.Message(queue_name="q", actor_name="quick", args=(), kwargs={}, options={})
+    slow = dramatiq.Message(queue_name="q", actor_name="slow", args=(), kwargs={}, options={})
+    in_hand.before_process_message(None, quick)  # type: ignore[arg-type]
+    in_hand.before_process_message(None, slow)  # type: ignore[arg-type]
+    limits = {"quick": 0.0, "slow": 3600.0}
+    assert in_hand.overdue(limits.__getitem__, grace=10) == []
+    [(message, ran)] = in_hand.overdue(limits.__getitem__, grace=0)
+    assert message is quick and ran >= 0
+    in_hand.after_process_message(None, quick)  # type: ignore[arg-type]
+    assert in_hand.overdue(limits.__getitem__, grace=0) == []
+
+
 # --- a real daemon -----------------------------------------------------------------------------------
 
 
@@ -192,3 +247,34 @@ def example_task(n: int) -> dict[str, Any]:
         ],
         "ratio": {"type": "ratio", "value": "1:1", "is_variable": False, "format": "string"},
     }
+
+
+@pytest.mark.e2e
+def test_a_stopped_worker_is_killed_replaced_and_alerted_within_the_hang_time(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = make_daemon(NIETEST_HANG_SECONDS="5", NIETEST_ALERT_COALESCE_SECONDS="0")
+    daemon.start()
+    wait_for(lambda: daemon.pids().get("watchdog:watchdog") and daemon.pids().get("alerts:alerts"), 15)
+    old = daemon.pids()["subtask:subtask_00"]
+    os.kill(old, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+
+    def records(name: str) -> list[dict[str, Any]]:
+        path = daemon.settings.log_dir / name
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    alert = wait_for(
+        lambda: next((r for r in records("alerts.log") if r["event"] == "alert" and r["kind"] == "unresponsive"), None),
+        5 + 10,
+        what="the worker unresponsive alert",
+    )
+    assert time.monotonic() - stopped_at <= 5 + 5
+    assert alert["subjects"] == ["subtask:subtask_00"]
+    killed = [r for r in records("watchdog.log") if r["event"] == "worker unresponsive; killing it"]
+    assert [(r["process_name"], r["hung_pid"]) for r in killed] == [("subtask:subtask_00", old)]
+    assert killed[0]["silent_seconds"] >= 5
+    new = wait_for(lambda: (p := daemon.pids().get("subtask:subtask_00")) not in (None, old) and p, 15)
+    assert new != old
+    daemon.send("subtask", "record", "after-the-hang")  # the queue still works
+    wait_for(lambda: any(t.startswith("after-the-hang:") for t in daemon.done()), 15, what="a message run")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Sequence
@@ -58,6 +59,15 @@ def run_scripts(client: redis.Redis, *calls: ScriptCall) -> list[Any]:
         elif isinstance(result, Exception):
             raise result
     return results
+
+
+def drain_json_list(client: redis.Redis, key: str, limit: int) -> list[Any]:
+    """Take (and remove) up to `limit` JSON items from the head of a list, oldest first."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.lrange(key, 0, limit - 1)
+        pipe.ltrim(key, limit, -1)
+        raw, _ = pipe.execute()
+    return [json.loads(item) for item in raw]
 
 
 def wait_for_broker(

@@ -84,6 +84,15 @@ def timeouts(subtask_id: str) -> str:
     return f"{PREFIX}:timeouts:{subtask_id}"
 
 
+def lifelines(host: str) -> str:
+    """Sorted set: `<process>/<pid>` of each worker on a host, scored by its last sign of life."""
+    return f"{PREFIX}:life:{host}"
+
+
+#: List: JSON events of the watchdog (a worker killed for silence), drained by the alerts listener.
+WATCHDOG_EVENTS = f"{PREFIX}:watchdog:events"
+
+
 def alive(process_token: str) -> str:
     """A worker process is alive (renewed by its housekeeping thread; expires when it dies)."""
     return f"{PREFIX}:alive:{process_token}"

@@ -14,14 +14,13 @@ Keys (namespace `nietest:streak`):
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import redis
 
 from nietest_daemon.coordination import keys
-from nietest_daemon.coordination.connection import ScriptCall, lua_script
+from nietest_daemon.coordination.connection import ScriptCall, drain_json_list, lua_script
 
 EVENTS_KEY = keys.STREAK_EVENTS
 MAX_EVENTS = 1000
@@ -83,8 +82,4 @@ def current(client: redis.Redis, queue: str) -> dict[str, Any]:
 
 def drain_events(client: redis.Redis, limit: int = MAX_EVENTS) -> list[dict[str, Any]]:
     """Take (and remove) the pending run events, oldest first."""
-    with client.pipeline(transaction=True) as pipe:
-        pipe.lrange(EVENTS_KEY, 0, limit - 1)
-        pipe.ltrim(EVENTS_KEY, limit, -1)
-        raw, _ = pipe.execute()
-    return [json.loads(item) for item in raw]
+    return drain_json_list(client, EVENTS_KEY, limit)

@@ -229,6 +229,7 @@ class Settings:
     start_retries: int
     drain_seconds: float
     broker_heartbeat_timeout: float
+    hang_seconds: float
     actor_modules: tuple[str, ...]
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -407,6 +408,7 @@ def _load(env: dict[str, str], seen: dict[str, None]) -> Settings:
         start_retries=get("NIETEST_START_RETRIES", _int(0, 1000), 10),
         drain_seconds=get("NIETEST_DRAIN_SECONDS", _float(0, 3600), 30.0),
         broker_heartbeat_timeout=get("NIETEST_BROKER_HEARTBEAT_TIMEOUT", _float(1, 3600), 60.0),
+        hang_seconds=get("NIETEST_HANG_SECONDS", _float(5, 3600), 30.0),
         actor_modules=get("NIETEST_ACTOR_MODULES", _modules, ()),
     )
 

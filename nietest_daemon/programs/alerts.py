@@ -4,6 +4,9 @@ supervisord runs it as `[eventlistener:alerts]` (etc/supervisord.conf) and sends
 PROCESS_STATE event and a TICK_5. What it sends, to FEISHU_ALERT_WEBHOOK_URL (falling back to
 FEISHU_WEBHOOK_URL; with neither, alerts are only logged):
 
+- **worker unresponsive** (warning): the watchdog listener killed a worker that gave no sign of
+  life for NIETEST_HANG_SECONDS (programs/watchdog.py); it replaces that kill's restart alert when
+  both wait in their windows.
 - **restart** (warning): a process exited when nobody asked it to (EXITED, "not expected") and
   supervisord restarted it: queue, process, exit status (from supervisord's own `exited:` log
   line, e.g. "terminated by SIGKILL"), how long it had run, and its state now.
@@ -62,7 +65,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from nietest_daemon.clients.feishu import FeishuClient, Severity
-from nietest_daemon.coordination import streaks
+from nietest_daemon.coordination import lifelines, streaks
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.core import logs
 from nietest_daemon.core.redaction import redact, set_secrets
@@ -87,6 +90,7 @@ TOP_ERRORS = 5
 MARKER_NAME = "alerts.running"
 
 SEVERITY: dict[str, Severity] = {
+    "unresponsive": "warning",
     "restart": "warning",
     "crash_loop": "critical",
     "fatal": "critical",
@@ -432,6 +436,21 @@ class Engine:
                 if proc.state == "RUNNING" and state == "RUNNING":
                     proc.running_since = max(proc.spawned_at, proc.running_since or proc.spawned_at)
 
+    def handle_watchdog(self, event: dict[str, Any], mono: float) -> None:
+        """The watchdog killed a worker that gave no sign of life (lifelines.drain_events)."""
+        process = str(event.get("process") or "?")
+        silent = float(event.get("silent_seconds") or 0)
+
+        def render() -> str:
+            return (
+                f"**{process}** (pid {event.get('pid')}) gave no sign of life for {silent:.0f} s "
+                f"(NIETEST_HANG_SECONDS={self.settings.hang_seconds:g}): killed and restarted; "
+                f"its messages went back to the queue; {self._now_state(self.proc(*process.split(':', 1)))}."
+            )
+
+        self._drop("restart", process)  # the kill's restart alert says less: this one replaces it
+        self._add(Item("unresponsive", event.get("queue"), process, render, worker=True), mono)
+
     def handle_streak(self, event: dict[str, Any], mono: float) -> None:
         """A streak event from the pipeline (streaks.drain_events)."""
         queue = str(event.get("queue") or "?")
@@ -675,6 +694,7 @@ class Engine:
         noun = "worker" if all(i.worker for i in items) else "process"
         one = items[0].subject
         titles = {
+            "unresponsive": f"Worker unresponsive: {one}" if n == 1 else f"{n} workers unresponsive",
             "restart": f"{noun.capitalize()} restarted: {one}" if n == 1 else f"{n} {noun} restarts",
             "crash_loop": f"Crash loop: {one}" if n == 1 else f"Crash loops: {n} processes",
             "fatal": f"FATAL: supervisord gave up on {one}"
@@ -875,6 +895,8 @@ class Listener:
                     engine.handle_broker(data[0], data[1], mono, wall)
                 elif kind == "streak":
                     engine.handle_streak(data, mono)
+                elif kind == "watchdog":
+                    engine.handle_watchdog(data, mono)
                 elif kind == "snapshot":
                     engine.handle_snapshot(data[1], data[0], mono, wall)
                 elif kind == "listener_restart":
@@ -896,8 +918,10 @@ class Listener:
                 try:
                     for event in streaks.drain_events(self.redis):
                         self.inbox.put(("streak", event, time.monotonic(), time.time()))
+                    for event in lifelines.drain_events(self.redis):
+                        self.inbox.put(("watchdog", event, time.monotonic(), time.time()))
                 except Exception as exc:
-                    log.warning("cannot read streak events", error=_clean(str(exc)))
+                    log.warning("cannot read streak or watchdog events", error=_clean(str(exc)))
             if 0 <= snapshot_tries < 30:  # supervisord answers at once, unless it is very busy starting
                 snapshot_tries = -1 if self._snapshot(first=snapshot_tries == 0) else snapshot_tries + 1
             if self.stop.wait(PROBE_INTERVAL):
@@ -998,6 +1022,8 @@ class Listener:
                 self.engine.handle_event(data[0], data[1], mono, wall)
             elif kind == "streak":
                 self.engine.handle_streak(data, mono)
+            elif kind == "watchdog":
+                self.engine.handle_watchdog(data, mono)
 
 
 def run(settings: Settings) -> int:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 import xmlrpc.client
 from typing import Any
 
 import redis
 
+from nietest_daemon.coordination import lifelines
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.coordination.scheduler import Scheduler
 from nietest_daemon.core.settings import Settings
@@ -39,6 +41,7 @@ def collect(settings: Settings) -> dict[str, Any]:
                     "state": info["statename"],
                     "pid": info["pid"] or None,
                     "uptime_seconds": int(now - info["start"]) if running else None,
+                    "last_sign_of_life_seconds": None,  # workers only: filled in from the broker below
                     "exit_status": info["exitstatus"],
                     "description": info["description"],
                 }
@@ -57,6 +60,13 @@ def collect(settings: Settings) -> dict[str, Any]:
             }
         for lane, cap in ((Lane.STANDARD, settings.max_jobs), (Lane.LUMINA, settings.max_lumina_jobs)):
             report["slots"][lane.value] = slot_report(Scheduler(client, lane, cap, lease_seconds=0))
+        workers = [p for p in report["processes"] if p["group"] in settings.queues and p["pid"]]
+        beats = lifelines.last_beats(
+            client, socket.gethostname(), [lifelines.member(p["name"].split(":", 1)[1], p["pid"]) for p in workers]
+        )
+        for process, beat in zip(workers, beats, strict=True):
+            if beat is not None:
+                process["last_sign_of_life_seconds"] = round(max(0.0, time.time() - beat), 1)
     except (redis.RedisError, OSError) as exc:
         report["broker_error"] = str(exc)
         for q in settings.queues.values():
@@ -103,9 +113,13 @@ def render(report: dict[str, Any]) -> str:
         + (f" ({daemon['error']})" if daemon.get("error") else "")
     )
     if report["processes"]:
-        lines += ["", f"{'PROCESS':<28} {'STATE':<10} {'PID':>8} {'UPTIME':>10}"]
+        lines += ["", f"{'PROCESS':<28} {'STATE':<10} {'PID':>8} {'UPTIME':>10} {'LAST SIGN OF LIFE':>18}"]
         for p in report["processes"]:
-            lines.append(f"{p['name']:<28} {p['state']:<10} {p['pid'] or '-':>8} {_uptime(p['uptime_seconds']):>10}")
+            life = p.get("last_sign_of_life_seconds")
+            lines.append(
+                f"{p['name']:<28} {p['state']:<10} {p['pid'] or '-':>8} {_uptime(p['uptime_seconds']):>10} "
+                f"{'-' if life is None else f'{life:.1f} s ago':>18}"
+            )
     lines += ["", f"{'QUEUE':<24} {'PROCS':>5} {'THREADS':>7} {'READY':>7} {'RUNNING':>7} {'DELAYED':>7} {'DEAD':>6}"]
     for q in report["queues"].values():
         lines.append(

@@ -1,5 +1,6 @@
-"""`nietest watchdog`: the supervisord event listener that hands a dead worker's messages back.
+"""`nietest watchdog`: the supervisord event listener that keeps the workers honest.
 
+**An exited worker's messages go back at once.**
 A worker fetches messages ahead of running them (prefetch) and holds its polls in memory until
 they are due: all of them sit in its ack sets on the broker. When the worker dies, Dramatiq
 returns them only once the worker's heartbeat is older than NIETEST_BROKER_HEARTBEAT_TIMEOUT
@@ -12,22 +13,35 @@ Only an exited process is treated this way, so a message never runs twice while 
 is alive. A worker that died while starting (BACKOFF, which names no pid) is left to the
 heartbeat timeout: its name may already belong to the replacement.
 
+**A silent worker is killed.** Every worker beats once a second (coordination/lifelines.py).
+Once a second the watchdog compares the beats of the RUNNING workers with NIETEST_HANG_SECONDS
+(counted from the process's start if it has not beaten yet): a worker silent that long, being
+stopped (SIGSTOP), deadlocked, stuck in C with the GIL held, or holding a message far past its
+time limit, is killed with SIGKILL through supervisord, which starts another; its EXITED event
+then hands its messages back, as above. The alerts listener is told (`worker unresponsive`).
+
 Its stdout is the event protocol (`event_listener.py`); its JSON log goes to stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
+import threading
 import time
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import redis
 
+from nietest_daemon.coordination import lifelines
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.redaction import set_secrets
 from nietest_daemon.core.settings import QUEUE_KEYS, Settings
 from nietest_daemon.internals.dramatiq_redis import NietestRedisBroker, process_identity
+from nietest_daemon.internals.supervisor import control_proxy
 from nietest_daemon.pipeline.broker import build_broker
 from nietest_daemon.programs.event_listener import open_protocol_streams, parse_tokens, serve_protocol
 
@@ -42,6 +56,11 @@ class Watchdog:
         self.broker = broker
         self.host = host
         self.queues = {key: settings.queue(key).name for key in QUEUE_KEYS}
+        self.killed: set[str] = set()  # lifelines of the processes killed for silence, until they exit
+        self.kill: Callable[[str], None] | None = None  # signals `group:name` with SIGKILL (supervisord)
+        # Silence counts only from the first check that could read the lifelines: from the start,
+        # and again after the broker was unreachable (no worker could beat meanwhile).
+        self.watching_since: float | None = None
 
     def handle(self, headers: dict[str, str], payload: str) -> None:
         if headers.get("eventname") != "PROCESS_STATE_EXITED":
@@ -65,6 +84,8 @@ class Watchdog:
                 error=str(exc),
             )
             return 0
+        with contextlib.suppress(redis.RedisError, OSError):  # a dead pid's leftover member is never read
+            lifelines.forget(self.broker.client, self.host, lifelines.member(name, pid))
         if count or not expected:
             log.info(
                 "exited worker's messages handed back",
@@ -75,6 +96,67 @@ class Watchdog:
                 ms=round((time.monotonic() - started) * 1000, 1),
             )
         return count
+
+    def check(self, infos: list[dict[str, Any]], now: float) -> list[str]:
+        """Kill the RUNNING workers silent for longer than NIETEST_HANG_SECONDS (`infos`:
+        supervisord's getAllProcessInfo()); the `group:name` of each one killed."""
+        workers = [i for i in infos if i["group"] in self.queues and i["statename"] == "RUNNING" and i["pid"]]
+        members = [lifelines.member(i["name"], i["pid"]) for i in workers]
+        beats = lifelines.last_beats(self.broker.client, self.host, members)
+        if self.watching_since is None:
+            self.watching_since = now
+        self.killed &= set(members)
+        hung = []
+        for info, member, last in zip(workers, members, beats, strict=True):
+            silent = now - max(last or 0.0, float(info["start"]), self.watching_since)
+            if silent <= self.settings.hang_seconds or member in self.killed:
+                continue
+            self.killed.add(member)
+            hung.append((info, silent, last))
+        for info, silent, last in hung:
+            self._kill(info, silent, last)
+        return [f"{info['group']}:{info['name']}" for info, _, _ in hung]
+
+    def _kill(self, info: dict[str, Any], silent: float, last: float | None) -> None:
+        key = f"{info['group']}:{info['name']}"
+        log.error(
+            "worker unresponsive; killing it",
+            process_name=key,
+            hung_pid=info["pid"],
+            silent_seconds=round(silent, 1),
+            last_sign_of_life=last,
+            hang_seconds=self.settings.hang_seconds,
+        )
+        if self.kill is not None:
+            self.kill(key)
+        lifelines.report_unresponsive(
+            self.broker.client,
+            {
+                "kind": "unresponsive",
+                "queue": self.queues[info["group"]],
+                "process": key,
+                "pid": info["pid"],
+                "silent_seconds": round(silent, 1),
+                "host": self.host,
+                "at": time.time(),
+            },
+        )
+
+
+def _checking(watchdog: Watchdog, rpc: Any) -> None:
+    """The watchdog's once-a-second check of the workers' lifelines, in a thread of its own."""
+
+    def kill(key: str) -> None:
+        rpc.supervisor.signalProcess(key, "KILL")
+
+    watchdog.kill = kill
+    while True:
+        try:
+            watchdog.check(rpc.supervisor.getAllProcessInfo(), time.time())
+        except Exception as exc:  # noqa: BLE001 - the next pass tries again
+            watchdog.watching_since = None
+            log.warning("lifeline check failed", error=f"{type(exc).__name__}: {exc}"[:300])
+        time.sleep(lifelines.BEAT_SECONDS)
 
 
 def run(settings: Settings) -> int:
@@ -91,7 +173,15 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     watchdog = Watchdog(settings, build_broker(settings), socket.gethostname())
-    log.info("watchdog starting", host=watchdog.host, queues=sorted(watchdog.queues.values()))
+    log.info(
+        "watchdog starting",
+        host=watchdog.host,
+        queues=sorted(watchdog.queues.values()),
+        hang_seconds=settings.hang_seconds,
+    )
+    server_url = os.environ.get("SUPERVISOR_SERVER_URL")
+    if server_url:
+        threading.Thread(target=_checking, args=(watchdog, control_proxy(server_url)), daemon=True).start()
     try:
         serve_protocol(stdin, out_fd, watchdog.handle)
         log.info("stdin closed: supervisord is gone")

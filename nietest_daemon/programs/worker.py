@@ -19,8 +19,10 @@ from typing import Any
 import dramatiq
 import redis
 import structlog
+from dramatiq.errors import ActorNotFound
+from dramatiq.middleware import TimeLimit
 
-from nietest_daemon.coordination import markers
+from nietest_daemon.coordination import lifelines, markers
 from nietest_daemon.coordination.connection import wait_for_broker
 from nietest_daemon.core import logs
 from nietest_daemon.core.redaction import set_secrets
@@ -62,6 +64,38 @@ def _housekeeping(broker: NietestRedisBroker, queue_name: str, interval: float, 
             return
 
 
+def _lifeline(broker: NietestRedisBroker, in_hand: InHand, host: str, process: str, hang_seconds: float) -> None:
+    """Beat once a second (coordination/lifelines.py) until the process exits, draining included;
+    but not while a message has run past its actor's time limit by more than `hang_seconds`: the
+    watchdog then kills this worker, and its messages go back to the queue."""
+    default_ms = next((m.time_limit for m in broker.middleware if isinstance(m, TimeLimit)), 600_000)
+
+    def limit_of(actor_name: str) -> float:
+        try:
+            return float(broker.get_actor(actor_name).options.get("time_limit") or default_ms) / 1000
+        except ActorNotFound:
+            return default_ms / 1000
+
+    reported: set[str] = set()
+    while True:
+        stuck = in_hand.overdue(limit_of, hang_seconds)
+        for message, ran in stuck:
+            if message.message_id not in reported:
+                reported.add(message.message_id)
+                log.error(
+                    "a message is stuck far past its time limit; no more signs of life, the watchdog will restart us",
+                    stuck_message_id=message.message_id,
+                    actor=message.actor_name,
+                    running_seconds=round(ran, 1),
+                )
+        if not stuck:
+            try:
+                lifelines.beat(broker.client, host, process, os.getpid())
+            except (redis.RedisError, OSError) as exc:
+                log.warning("could not record a sign of life", error=str(exc))
+        time.sleep(lifelines.BEAT_SECONDS)
+
+
 def run(settings: Settings, queue_key: str) -> int:
     queue = settings.queue(queue_key)
     set_secrets(settings.secrets())
@@ -80,7 +114,8 @@ def run(settings: Settings, queue_key: str) -> int:
     broker = build_broker(settings)
     # Broker ids that name this process: the watchdog hands its messages back the moment it exits.
     process_name = os.environ.get("SUPERVISOR_PROCESS_NAME") or f"worker-{queue_key}"
-    broker.name_process(process_identity(socket.gethostname(), process_name, os.getpid()))
+    host = socket.gethostname()
+    broker.name_process(process_identity(host, process_name, os.getpid()))
     log.info(
         "worker starting",
         threads=queue.threads,
@@ -103,6 +138,12 @@ def run(settings: Settings, queue_key: str) -> int:
         broker, queues={queue.name}, worker_threads=queue.threads, worker_timeout=WORKER_TIMEOUT_MS
     )
     worker.start()
+    threading.Thread(
+        target=_lifeline,
+        args=(broker, in_hand, host, process_name, settings.hang_seconds),
+        name="lifeline",
+        daemon=True,
+    ).start()
     interval = max(0.5, min(settings.broker_heartbeat_timeout / 4, 15.0))
     threading.Thread(
         target=_housekeeping, args=(broker, queue.name, interval, stop), name="housekeeping", daemon=True
