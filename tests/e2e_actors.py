@@ -57,6 +57,16 @@ def _make(key: str, queue_name: str) -> None:
             raise redis.ConnectionError("Connection refused (the broker blinked)")
         client.rpush("test:done", f"{token}:{os.getpid()}")
 
+    @dramatiq.actor(actor_name=f"hog_{key}", queue_name=queue_name, max_retries=0)
+    def hog(token: str, megabytes: int) -> None:
+        """Leak `megabytes` of resident memory for good (what NIETEST_<Q>_MAX_MEMORY recycles)."""
+        block = bytearray(megabytes * 1024 * 1024)
+        block[::4096] = b"\x01" * len(range(0, len(block), 4096))  # touch every page: resident
+        _leaked.append(block)
+        _client().rpush("test:done", f"{token}:{os.getpid()}")
+
+
+_leaked: list[bytearray] = []
 
 for _key, (_var, _default) in QUEUE_NAME_VARS.items():
     _make(_key, os.environ.get(_var) or _default)

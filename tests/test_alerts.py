@@ -262,6 +262,22 @@ def test_a_worker_killed_for_silence_is_one_unresponsive_alert_in_place_of_its_r
     assert "no sign of life for 31 s" in alert.content and "now RUNNING (pid 12)" in alert.content
 
 
+def test_a_recycle_is_no_crash_and_is_alerted_only_when_it_comes_again_within_the_window() -> None:
+    sent: list[Alert] = []
+    statuses = {"subtask_00": ["exit status 75; not expected"] * 4}
+    engine, clock = make_engine(sent, statuses=statuses, NIETEST_ALERT_COALESCE_SECONDS="0"), Clock()
+    start(engine, clock, "subtask_00", 11)
+    for pid in (12, 13, 14):  # three recycles 70 s apart (window 60 s): none alerted, no crash loop
+        clock.advance(70)
+        crash(engine, clock, "subtask_00", pid - 1, pid)
+    assert sent == []
+    clock.advance(20)  # a fourth, 20 s after the third
+    crash(engine, clock, "subtask_00", 14, 15)
+    assert [a.kind for a in sent] == ["recycle"]
+    assert sent[0].title == "Worker recycled twice within the window: subtask:subtask_00"
+    assert "a fast leak, or a limit set too low" in sent[0].content
+
+
 def test_secrets_in_streak_errors_are_redacted() -> None:
     set_secrets(["tok-Unit-SECRET-99"])
     try:

@@ -88,6 +88,8 @@ BAD: dict[str, list[str]] = {
 for _key in ("MASTER", "MASTER_OPS", "SUBTASK", "SUBTASK_OPS"):
     BAD[f"NIETEST_{_key}_PROCESSES"] = ["-1", "two", "65", "1.5"]
     BAD[f"NIETEST_{_key}_THREADS"] = ["0", "many", "257"]
+    BAD[f"NIETEST_{_key}_MAX_MEMORY"] = ["10MB", "lots", "-1", "1.5GB"]
+    BAD[f"NIETEST_{_key}_MAX_MESSAGES"] = ["-1", "many", "1.5"]
 
 #: Variables where no value is wrong: opaque text that only the other side can judge.
 FREE_TEXT: dict[str, str] = {

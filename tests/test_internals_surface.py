@@ -148,6 +148,18 @@ def test_poller_is_what_install_prompt_respawn_wraps() -> None:
     assert hasattr(poller.Poller, "register_readable")
 
 
+def test_supervisor_main_loop_is_what_install_systemd_notify_hooks() -> None:
+    """install_systemd_notify wraps Supervisor.tick, which runforever calls on every pass, and
+    reads process_groups -> processes -> get_state() / config.autostart, and options.mood."""
+    from supervisor import process, supervisord
+
+    assert "self.tick()" in inspect.getsource(supervisord.Supervisor.runforever)
+    assert list(inspect.signature(supervisord.Supervisor.tick).parameters) == ["self", "now"]
+    assert "self.process_groups" in inspect.getsource(supervisord.Supervisor)
+    assert hasattr(process.Subprocess, "get_state") and "self.processes" in inspect.getsource(process.ProcessGroupBase)
+    assert "self.options.mood" in inspect.getsource(supervisord.Supervisor.runforever)
+
+
 def test_control_transport_takes_a_server_url() -> None:
     params = list(inspect.signature(xmlrpc.SupervisorTransport.__init__).parameters)
     assert params[:4] == ["self", "username", "password", "serverurl"]

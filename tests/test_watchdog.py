@@ -1,8 +1,11 @@
-"""The watchdog listener hands an exited worker's messages back at once (programs/watchdog.py).
+"""The watchdog issue: prompt hand-back of an exited worker's messages, hang detection, recycling.
 
-Against a private valkey-server with Dramatiq's real Redis broker: a "worker" broker fetches
-messages (they sit in its ack sets, as in a process killed with SIGKILL), and the watchdog, told
-by a PROCESS_STATE_EXITED event, returns exactly that process's messages to their queue.
+- Hand-back, against a private valkey-server with Dramatiq's real Redis broker: a "worker" broker
+  fetches messages (they sit in its ack sets, as in a process killed with SIGKILL), and the
+  watchdog, told by a PROCESS_STATE_EXITED event, returns exactly that process's messages.
+- Hang detection: the watchdog's check against lifelines, and a real daemon with a SIGSTOPped
+  worker.
+- Recycling: the limits, and a real daemon whose worker leaks past NIETEST_SUBTASK_MAX_MEMORY.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from nietest_daemon.pipeline.broker import build_broker
 from nietest_daemon.pipeline.context import open_store_for
 from nietest_daemon.pipeline.middleware.in_hand import InHand
 from nietest_daemon.programs.watchdog import Watchdog
+from nietest_daemon.programs.worker import Recycling, resident_bytes
 from nietest_daemon.testing.fake_nieta import FakeNieta
 
 HOST = "host-a"
@@ -193,12 +197,14 @@ def test_in_hand_tells_a_message_stuck_past_its_time_limit() -> None:
 def test_kill_9_of_a_polling_worker_costs_seconds_not_the_heartbeat_timeout(
     make_daemon: Callable[..., Daemon], short_tmp: Path
 ) -> None:
-    """At the default heartbeat timeout (60 s), the polls the killed worker held come back at once."""
+    """At the default heartbeat timeout (60 s), the polls the killed worker held come back at once
+    and its replacement finishes the task."""
     with FakeNieta(generation_time=3.0) as api:
         daemon = make_daemon(
             **api.env(),
             NIETEST_BROKER_HEARTBEAT_TIMEOUT="60",
             NIETEST_SUBTASK_OPS_PROCESSES="0",
+            NIETEST_SUBTASK_PROCESSES="1",  # it then holds every subtask's next poll when it is killed
             NIETEST_SUBTASK_THREADS="5",
             IMAGE_POLLING_INTERVAL="0.5",
         )
@@ -278,3 +284,54 @@ def test_a_stopped_worker_is_killed_replaced_and_alerted_within_the_hang_time(
     assert new != old
     daemon.send("subtask", "record", "after-the-hang")  # the queue still works
     wait_for(lambda: any(t.startswith("after-the-hang:") for t in daemon.done()), 15, what="a message run")
+
+
+# --- recycling ---------------------------------------------------------------------------------------
+
+
+def test_recycling_limits_and_their_reason() -> None:
+    mb = 1024**2
+    assert Recycling(0, 0).check(processed=10**6, resident=10**12) is None  # no limits
+    by_memory = Recycling(100 * mb, 0)
+    assert by_memory.check(processed=5, resident=99 * mb) is None
+    assert by_memory.check(processed=5, resident=130 * mb) == "resident memory 130 MB is past 100 MB"
+    assert by_memory.check(processed=6, resident=10 * mb) == "resident memory 130 MB is past 100 MB"  # it stays
+    by_count = Recycling(0, 1000)
+    assert by_count.check(processed=999, resident=mb) is None
+    assert by_count.check(processed=1000, resident=mb) == "1000 messages processed, the limit is 1000"
+    assert resident_bytes() > 10 * mb  # this test process
+
+
+def test_recycling_settings_default_to_512mb_and_no_count() -> None:
+    settings = settings_module.load({"NIETEST_HOME": "/tmp/x", "NIETEST_SUBTASK_MAX_MEMORY": "1GB"})
+    assert settings.queue("subtask").max_memory == 1024**3 and settings.queue("subtask").max_messages == 0
+    assert settings.queue("master").max_memory == 512 * 1024**2
+    off = settings_module.load({"NIETEST_HOME": "/tmp/x", "NIETEST_MASTER_MAX_MEMORY": "0"})
+    assert off.queue("master").max_memory == 0
+
+
+@pytest.mark.e2e
+def test_a_leaking_worker_recycles_once_without_an_alert_and_loses_nothing(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = make_daemon(NIETEST_SUBTASK_MAX_MEMORY="100MB", NIETEST_SUBTASK_PROCESSES="1")
+    daemon.start()
+    old = daemon.pids()["subtask:subtask_00"]
+    daemon.send("subtask", "hog", "hog-1", 80)  # about 45 MB + 80 MB: past the limit
+    for i in range(5):
+        daemon.send("subtask", "record", f"after-{i}", 0.2)
+    new = wait_for(lambda: (p := daemon.pids().get("subtask:subtask_00")) not in (None, old) and p, 30)
+    assert new != old
+    wait_for(lambda: {f"after-{i}" for i in range(5)} <= {t.split(":")[0] for t in daemon.done()}, 30)
+    records = [json.loads(line) for p in daemon.log_files() for line in p.read_text().splitlines() if line.strip()]
+    recycling = [r for r in records if r["event"] == "recycling: draining, then exiting for a fresh worker"]
+    assert len(recycling) == 1 and recycling[0]["pid"] == old and "past 100 MB" in recycling[0]["reason"]
+    exited = [r for r in records if r.get("logger") == "supervisord" and "exited: subtask_00" in r["event"]]
+    assert exited and "exit status 75" in exited[0]["event"]
+    wait_for(lambda: any(r["event"] == "worker recycled" for r in alerts_records(daemon)), 10)
+    assert not [r for r in alerts_records(daemon) if r["event"] == "alert"]  # one recycle: logged, not alerted
+
+
+def alerts_records(daemon: Daemon) -> list[dict[str, Any]]:
+    path = daemon.settings.log_dir / "alerts.log"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -27,6 +27,13 @@ QUEUE_NAME_VARS: dict[str, tuple[str, str]] = {
 QUEUE_KEYS = tuple(QUEUE_NAME_VARS)
 DEFAULT_PROCESSES = {"master": 2, "master_ops": 0, "subtask": 2, "subtask_ops": 2}
 DEFAULT_THREADS = 5
+#: A worker recycles past this resident memory: about 10x what one uses at its busiest (bench/pipeline.py:
+#: 51 MiB with 500 jobs in flight), so only a leak reaches it, and long before the kernel's OOM killer
+#: would pick a victim (perhaps the broker) on a small host. No message-count limit by default: the
+#: actors keep nothing between messages, so recycling by count would only cost restarts.
+DEFAULT_MAX_MEMORY = 512 * 1024**2
+#: The exit status of a worker that recycled itself (EX_TEMPFAIL): the alerts listener tells it from a crash.
+RECYCLED_EXIT = 75
 MAX_PROCESSES = 64
 MAX_THREADS = 256
 
@@ -81,6 +88,16 @@ def _size(raw: str) -> int:
     value = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
     if value < 1024:
         raise ValueError(f"must be at least 1KB, got {raw!r}")
+    return value
+
+
+def _memory_limit(raw: str) -> int:
+    """A resident-memory limit like 512MB, or 0 for none."""
+    if raw.strip() == "0":
+        return 0
+    value = _size(raw)
+    if value < 64 * 1024**2:
+        raise ValueError(f"must be 0 (no limit) or at least 64MB (a worker starts at about 45MB), got {raw!r}")
     return value
 
 
@@ -186,6 +203,8 @@ class QueueSettings:
     name: str  # the Dramatiq queue name
     processes: int
     threads: int
+    max_memory: int  # bytes of resident memory past which a worker recycles; 0: no limit
+    max_messages: int  # messages after which a worker recycles; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -307,7 +326,7 @@ class Settings:
 
 # Variables nietest owns but that are not fields of their own.
 _OWN_EXTRA = {"NIETEST_BROKER_PROCESSES", "NIETEST_STOP_WAIT_SECONDS", "NIETEST_PYTHON"}
-_QUEUE_COUNT = re.compile(r"^NIETEST_(.+)_(PROCESSES|THREADS)$")
+_QUEUE_COUNT = re.compile(r"^NIETEST_(.+)_(PROCESSES|THREADS|MAX_MEMORY|MAX_MESSAGES)$")
 
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
@@ -351,6 +370,8 @@ def _load(env: dict[str, str], seen: dict[str, None]) -> Settings:
             name=get(name_var, _queue_name, default_name),
             processes=get(f"NIETEST_{upper}_PROCESSES", _int(0, MAX_PROCESSES), DEFAULT_PROCESSES[key]),
             threads=get(f"NIETEST_{upper}_THREADS", _int(1, MAX_THREADS), DEFAULT_THREADS),
+            max_memory=get(f"NIETEST_{upper}_MAX_MEMORY", _memory_limit, DEFAULT_MAX_MEMORY),
+            max_messages=get(f"NIETEST_{upper}_MAX_MESSAGES", _int(0, 10**9), 0),
         )
     names = [q.name for q in queues.values()]
     # Name the variable the operator set (the later one if several), not the default it collides with.

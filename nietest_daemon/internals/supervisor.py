@@ -6,6 +6,11 @@
   interrupt it, so a killed worker is noticed up to 1 s late and respawned only on the pass after
   that. A wakeup pipe (signal.set_wakeup_fd) registered with its poller (`poller.Poller.poll`
   wrapped) ends the poll as soon as a signal arrives, and the pass after it does not wait.
+- `install_systemd_notify`: under systemd (`Type=notify`, NOTIFY_SOCKET set), supervisord's
+  main loop (`Supervisor.tick`, called on every pass, at least once a second) tells systemd
+  READY=1 once every autostarted process is RUNNING, STATUS= with the counts when they change,
+  WATCHDOG=1 every half WATCHDOG_USEC (so systemd restarts a supervisord whose loop hangs), and
+  STOPPING=1 when it begins to stop.
 - `control_proxy`: the XML-RPC client of supervisord's unix control socket (`supervisor.xmlrpc`).
 - `EXITED_LINE`: supervisord's log line for a process exit, the only place its exit status is
   written (the PROCESS_STATE event carries none); the alerts listener reads it.
@@ -15,13 +20,20 @@ tests/test_internals_surface.py pins what these rely on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
+import time
 import xmlrpc.client
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
 
-from supervisor import loggers, poller
+from supervisor import loggers, poller, supervisord
+from supervisor.states import ProcessStates, SupervisorStates, getProcessStateDescription
 from supervisor.xmlrpc import SupervisorTransport
 
 from nietest_daemon.core.logs import iso_timestamp
@@ -92,6 +104,66 @@ def install_prompt_respawn() -> None:
 
     poller.Poller.poll = poll
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+
+
+class SystemdNotifier:
+    """sd_notify(3) from supervisord's main loop: what `install_systemd_notify` calls each pass."""
+
+    def __init__(self, notify_socket: str, watchdog_usec: int | None) -> None:
+        self.address = "\0" + notify_socket[1:] if notify_socket.startswith("@") else notify_socket
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.watchdog_every = watchdog_usec / 2e6 if watchdog_usec else None
+        self.last_ping = 0.0
+        self.ready = self.stopping = False
+        self.status = ""
+
+    def send(self, text: str) -> None:
+        # systemd gone or busy: the next pass says it again (or systemd acts on the silence).
+        with contextlib.suppress(OSError):
+            self.sock.sendto(text.encode(), self.address)
+
+    def update(self, supervisor: Any) -> None:
+        expected = [p for g in supervisor.process_groups.values() for p in g.processes.values() if p.config.autostart]
+        states = Counter(getProcessStateDescription(p.get_state()) for p in expected)
+        status = f"{states.get('RUNNING', 0)} of {len(expected)} processes RUNNING" + "".join(
+            f", {n} {state}" for state, n in sorted(states.items()) if state != "RUNNING"
+        )
+        if status != self.status:
+            self.status = status
+            self.send(f"STATUS={status}")
+        if not self.ready and all(p.get_state() == ProcessStates.RUNNING for p in expected):
+            self.ready = True
+            self.send("READY=1")
+        if not self.stopping and supervisor.options.mood < SupervisorStates.RUNNING:
+            self.stopping = True
+            self.send("STOPPING=1")
+        now = time.monotonic()
+        if self.watchdog_every is not None and now - self.last_ping >= self.watchdog_every:
+            self.last_ping = now
+            self.send("WATCHDOG=1")
+
+
+def install_systemd_notify(environ: Mapping[str, str] = os.environ) -> SystemdNotifier | None:
+    """Notify systemd from supervisord's main loop, when NOTIFY_SOCKET says it listens."""
+    path = environ.get("NOTIFY_SOCKET")
+    if not path:
+        return None
+    usec = environ.get("WATCHDOG_USEC", "")
+    pid = environ.get("WATCHDOG_PID", "")
+    watchdog = int(usec) if usec.isdigit() and (not pid or pid == str(os.getpid())) else None
+    notifier = SystemdNotifier(path, watchdog)
+    original_tick = supervisord.Supervisor.tick
+
+    def tick(self: supervisord.Supervisor, now: float | None = None) -> None:
+        original_tick(self, now)
+        try:
+            notifier.update(self)
+        except Exception as exc:  # noqa: BLE001 - never break supervisord's loop for a notification
+            self.options.logger.warn(f"systemd notification failed: {type(exc).__name__}: {exc}")
+
+    supervisord.Supervisor.tick = tick  # type: ignore[method-assign]
+    return notifier
 
 
 def install_json_log() -> None:

@@ -7,6 +7,9 @@ FEISHU_WEBHOOK_URL; with neither, alerts are only logged):
 - **worker unresponsive** (warning): the watchdog listener killed a worker that gave no sign of
   life for NIETEST_HANG_SECONDS (programs/watchdog.py); it replaces that kill's restart alert when
   both wait in their windows.
+- **worker recycled** (warning): a worker exited on its own past NIETEST_<Q>_MAX_MEMORY or
+  _MAX_MESSAGES (exit status 75) for the second time within NIETEST_ALERT_CRASH_LOOP_WINDOW; a
+  single recycle is only logged, and is never counted as a crash.
 - **restart** (warning): a process exited when nobody asked it to (EXITED, "not expected") and
   supervisord restarted it: queue, process, exit status (from supervisord's own `exited:` log
   line, e.g. "terminated by SIGKILL"), how long it had run, and its state now.
@@ -69,7 +72,7 @@ from nietest_daemon.coordination import lifelines, streaks
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.core import logs
 from nietest_daemon.core.redaction import redact, set_secrets
-from nietest_daemon.core.settings import Settings
+from nietest_daemon.core.settings import RECYCLED_EXIT, Settings
 from nietest_daemon.internals.supervisor import EXITED_LINE, control_proxy
 from nietest_daemon.programs.event_listener import open_protocol_streams, parse_tokens, serve_protocol
 
@@ -91,6 +94,7 @@ MARKER_NAME = "alerts.running"
 
 SEVERITY: dict[str, Severity] = {
     "unresponsive": "warning",
+    "recycle": "warning",
     "restart": "warning",
     "crash_loop": "critical",
     "fatal": "critical",
@@ -300,6 +304,7 @@ class Proc:
     degraded_at: float = 0.0
     exits_while_degraded: int = 0
     seen_event: bool = False
+    recycles: deque[float] = field(default_factory=lambda: deque(maxlen=100))  # monotonic
 
 
 @dataclass
@@ -588,6 +593,9 @@ class Engine:
         return self.settings.broker_description  # already without its password
 
     def _unexpected_exit(self, proc: Proc, exit_: Exit) -> None:
+        if exit_.status.startswith(f"exit status {RECYCLED_EXIT}"):
+            self._recycled(proc, exit_)
+            return
         proc.exits.append(exit_)
         recent = [e for e in proc.exits if e.mono > exit_.mono - self.window]
         if proc.degraded:
@@ -620,6 +628,26 @@ class Engine:
             ),
             exit_.mono,
         )
+
+    def _recycled(self, proc: Proc, exit_: Exit) -> None:
+        """A worker that passed NIETEST_<Q>_MAX_MEMORY or _MAX_MESSAGES drained and exited on its
+        own: not a crash. Alerted only when it recycles again within NIETEST_ALERT_CRASH_LOOP_WINDOW
+        (a fast leak, or a limit set too low)."""
+        previous = [t for t in proc.recycles if t > exit_.mono - self.window]
+        proc.recycles.append(exit_.mono)
+        log.info("worker recycled", process_key=proc.key, recycles_in_window=len(previous) + 1)
+        if not previous:
+            return
+        since = exit_.mono - previous[-1]
+
+        def render() -> str:
+            return (
+                f"**{proc.key}** recycled again {fmt_duration(since)} after its previous recycle "
+                f"(its NIETEST_<Q>_MAX_MEMORY or _MAX_MESSAGES limit; window {fmt_duration(self.window)}): "
+                f"a fast leak, or a limit set too low. {self._now_state(proc).capitalize()}."
+            )
+
+        self._add(Item("recycle", proc.queue, proc.key, render, proc.group in self.queue_names), exit_.mono)
 
     def _fatal(self, proc: Proc, mono: float, wall: float) -> None:
         # supersedes whatever about this process is still waiting in a window
@@ -695,6 +723,7 @@ class Engine:
         one = items[0].subject
         titles = {
             "unresponsive": f"Worker unresponsive: {one}" if n == 1 else f"{n} workers unresponsive",
+            "recycle": f"Worker recycled twice within the window: {one}" if n == 1 else f"{n} workers recycling often",
             "restart": f"{noun.capitalize()} restarted: {one}" if n == 1 else f"{n} {noun} restarts",
             "crash_loop": f"Crash loop: {one}" if n == 1 else f"Crash loops: {n} processes",
             "fatal": f"FATAL: supervisord gave up on {one}"

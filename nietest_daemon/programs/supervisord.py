@@ -11,6 +11,8 @@
    pass after that: 1-2 s of lost capacity per crash. A wakeup pipe (signal.set_wakeup_fd)
    ends the poll as soon as a signal arrives, and the pass after it does not wait, so the
    replacement is spawned within milliseconds. Idle, the loop still wakes once a second.
+3. systemd: with NOTIFY_SOCKET set (the unit's Type=notify), READY=1 once every process is
+   RUNNING, STATUS= lines with the counts, and WATCHDOG=1 pings from the main loop (WatchdogSec).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import sys
 
 from supervisor.supervisord import main as supervisord_main
 
-from nietest_daemon.internals.supervisor import install_json_log, install_prompt_respawn
+from nietest_daemon.internals.supervisor import install_json_log, install_prompt_respawn, install_systemd_notify
 
 
 def main() -> None:
     install_json_log()
     install_prompt_respawn()
+    install_systemd_notify()
     sys.argv[0] = "supervisord"
     supervisord_main()
 

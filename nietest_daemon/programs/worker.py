@@ -14,6 +14,8 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dramatiq
@@ -26,7 +28,7 @@ from nietest_daemon.coordination import lifelines, markers
 from nietest_daemon.coordination.connection import wait_for_broker
 from nietest_daemon.core import logs
 from nietest_daemon.core.redaction import set_secrets
-from nietest_daemon.core.settings import Settings
+from nietest_daemon.core.settings import RECYCLED_EXIT, Settings
 from nietest_daemon.internals.dramatiq_redis import NietestRedisBroker, delay_queue_name, process_identity, requeue
 from nietest_daemon.pipeline.broker import build_broker
 from nietest_daemon.pipeline.context import context
@@ -64,10 +66,41 @@ def _housekeeping(broker: NietestRedisBroker, queue_name: str, interval: float, 
             return
 
 
-def _lifeline(broker: NietestRedisBroker, in_hand: InHand, host: str, process: str, hang_seconds: float) -> None:
+def resident_bytes() -> int:
+    """This process's resident memory (RSS)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Recycling:
+    """A worker's limits (NIETEST_<Q>_MAX_MEMORY, NIETEST_<Q>_MAX_MESSAGES; 0: none), and why it
+    recycles once it does."""
+
+    max_memory: int
+    max_messages: int
+    reason: str | None = None
+
+    def check(self, processed: int, resident: int) -> str | None:
+        if self.reason is None and self.max_memory and resident > self.max_memory:
+            self.reason = f"resident memory {resident / 2**20:.0f} MB is past {self.max_memory / 2**20:.0f} MB"
+        elif self.reason is None and self.max_messages and processed >= self.max_messages:
+            self.reason = f"{processed} messages processed, the limit is {self.max_messages}"
+        return self.reason
+
+
+def _lifeline(
+    broker: NietestRedisBroker,
+    in_hand: InHand,
+    host: str,
+    process: str,
+    hang_seconds: float,
+    recycling: Recycling,
+    stop: threading.Event,
+) -> None:
     """Beat once a second (coordination/lifelines.py) until the process exits, draining included;
     but not while a message has run past its actor's time limit by more than `hang_seconds`: the
-    watchdog then kills this worker, and its messages go back to the queue."""
+    watchdog then kills this worker, and its messages go back to the queue. Past a recycling
+    limit, start the graceful drain, as SIGTERM would: supervisord then starts a fresh worker."""
     default_ms = next((m.time_limit for m in broker.middleware if isinstance(m, TimeLimit)), 600_000)
 
     def limit_of(actor_name: str) -> float:
@@ -78,6 +111,9 @@ def _lifeline(broker: NietestRedisBroker, in_hand: InHand, host: str, process: s
 
     reported: set[str] = set()
     while True:
+        if not stop.is_set() and recycling.check(in_hand.processed, resident_bytes()):
+            log.info("recycling: draining, then exiting for a fresh worker", reason=recycling.reason)
+            stop.set()
         stuck = in_hand.overdue(limit_of, hang_seconds)
         for message, ran in stuck:
             if message.message_id not in reported:
@@ -138,9 +174,18 @@ def run(settings: Settings, queue_key: str) -> int:
         broker, queues={queue.name}, worker_threads=queue.threads, worker_timeout=WORKER_TIMEOUT_MS
     )
     worker.start()
+    recycling = Recycling(queue.max_memory, queue.max_messages)
     threading.Thread(
         target=_lifeline,
-        args=(broker, in_hand, host, process_name, settings.hang_seconds),
+        args=(
+            broker,
+            in_hand,
+            host,
+            process_name,
+            settings.hang_seconds,
+            recycling,
+            stop,
+        ),
         name="lifeline",
         daemon=True,
     ).start()
@@ -174,4 +219,4 @@ def run(settings: Settings, queue_key: str) -> int:
     )
     logging.shutdown()
     # Threads still stuck in an abandoned message must not keep the process alive.
-    os._exit(0)
+    os._exit(RECYCLED_EXIT if recycling.reason else 0)

@@ -23,6 +23,7 @@ class InHand(Middleware):
         self._lock = threading.Lock()
         self._messages: dict[str, Any] = {}
         self._started: dict[str, float] = {}
+        self.processed = 0  # messages run to their end (recycling by NIETEST_<Q>_MAX_MESSAGES)
         self._abandoned = threading.Event()
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
@@ -34,6 +35,7 @@ class InHand(Middleware):
         with self._lock:
             self._messages.pop(message.message_id, None)
             self._started.pop(message.message_id, None)
+            self.processed += 1
 
     after_skip_message = after_process_message
 
