@@ -95,6 +95,9 @@ class ChaosConfig:
     kill_every: float = 3.0  # seconds between worker kills (jittered)
     min_kills: int = 10  # the task is made to last long enough for this many
     kill_broker: bool = True
+    stop_every: float = 5.0  # seconds between SIGSTOPs of a random worker (jittered; 0: none)
+    worker_hang_seconds: float = 10.0  # NIETEST_HANG_SECONDS: a worker stopped longer is killed
+    leak_max_memory: str = "128MB"  # NIETEST_SUBTASK_OPS_MAX_MEMORY, which bench/chaos_leak.py leaks past ("": none)
     hang_seconds: float = 10.0  # both webhooks hang this long, from `hang_at` into the run
     hang_at: float = 8.0
     generation_time: float = 2.0
@@ -118,6 +121,10 @@ class ChaosReport:
     task_status: str = ""
     kills: list[str] = field(default_factory=list)
     kill_times: list[float] = field(default_factory=list)  # time.time() of each kill
+    stops: list[tuple[str, float]] = field(default_factory=list)  # SIGSTOPped worker, for how long
+    long_stops: int = 0  # stops longer than NIETEST_HANG_SECONDS + 2 s
+    unresponsive_kills: int = 0  # workers the watchdog killed for silence
+    recycles: int = 0  # workers that recycled past their memory limit
     broker_killed: bool = False
     lost: int = 0  # subtasks not in exactly one terminal state
     jobs_created: int = 0
@@ -181,7 +188,7 @@ class DaemonProcess:
 
     def __init__(self, home: Path, env: dict[str, str]) -> None:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("NIETEST_")}
-        self.env.update(NIETEST_HOME=str(home), PYTHONPATH=str(ROOT), **env)
+        self.env.update(NIETEST_HOME=str(home), PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench")]), **env)
         self.settings = settings_module.load(self.env)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -262,7 +269,9 @@ def environment(cfg: ChaosConfig, *, faults: bool) -> Iterator[tuple[DaemonProce
                 "NIETEST_SUBTASK_OPS_PROCESSES": "1",
                 "NIETEST_SUBTASK_OPS_THREADS": "4",
                 "NIETEST_DRAIN_SECONDS": "5",
-                "NIETEST_BROKER_HEARTBEAT_TIMEOUT": "5",
+                "NIETEST_HANG_SECONDS": str(cfg.worker_hang_seconds),
+                "NIETEST_ACTOR_MODULES": "chaos_leak" if cfg.leak_max_memory else "",
+                "NIETEST_SUBTASK_OPS_MAX_MEMORY": cfg.leak_max_memory or "512MB",
                 "NIETEST_MAX_JOBS": str(cfg.max_jobs),
                 "NIETEST_MAX_LUMINA_JOBS": str(cfg.max_lumina_jobs),
                 "IMAGE_POLLING_INTERVAL": str(cfg.polling_interval),
@@ -284,7 +293,9 @@ def environment(cfg: ChaosConfig, *, faults: bool) -> Iterator[tuple[DaemonProce
 
 
 class Chaos(threading.Thread):
-    """Kills a random worker every `kill_every` s (at least `min_kills`), the broker once, hangs the webhooks."""
+    """Kills a random worker every `kill_every` s (at least `min_kills`), the broker once, hangs the
+    webhooks, and SIGSTOPs a random worker every `stop_every` s for 1 s to 1.5x NIETEST_HANG_SECONDS
+    (then SIGCONT): the shorter stops resume, the longer ones meet the watchdog."""
 
     def __init__(self, cfg: ChaosConfig, daemon: DaemonProcess, hooks: list[FakeFeishu], rng: random.Random) -> None:
         super().__init__(name="chaos", daemon=True)
@@ -294,14 +305,40 @@ class Chaos(threading.Thread):
         self.kill_times: list[float] = []
         self.broker_killed = False
         self.errors: list[str] = []
+        self.stops: list[tuple[str, float]] = []
+        self.stopped: list[tuple[float, int]] = []  # (resume at, pid)
+        self.next_stop = cfg.stop_every
+
+    def _stops(self, elapsed: float) -> None:
+        """SIGCONT the workers whose stop is over; SIGSTOP another when one is due."""
+        for resume_at, pid in [s for s in self.stopped if s[0] <= elapsed]:
+            self.stopped.remove((resume_at, pid))
+            with contextlib.suppress(ProcessLookupError):  # the watchdog killed it meanwhile
+                os.kill(pid, signal.SIGCONT)
+        if self.cfg.stop_every <= 0 or elapsed < self.next_stop:
+            return
+        self.next_stop = elapsed + self.cfg.stop_every * self.rng.uniform(0.7, 1.3)
+        stopped_pids = {pid for _, pid in self.stopped}
+        victims = [v for v in self.daemon.workers(running_for=2.0) if v["pid"] not in stopped_pids]
+        if victims:
+            victim = self.rng.choice(victims)
+            seconds = self.rng.uniform(1.0, 1.5 * self.cfg.worker_hang_seconds)
+            os.kill(victim["pid"], signal.SIGSTOP)
+            self.stopped.append((elapsed + seconds, victim["pid"]))
+            self.stops.append((f"{victim['group']}:{victim['name']}", round(seconds, 1)))
 
     def run(self) -> None:
         started = time.monotonic()
         hung = False
         broker_at = self.cfg.kill_every * (self.cfg.min_kills // 2 + 0.5)  # mid-way through the kills
-        while not self.stop.wait(self.cfg.kill_every * self.rng.uniform(0.7, 1.3)):
+        next_kill = self.cfg.kill_every * self.rng.uniform(0.7, 1.3)
+        while not self.stop.wait(0.2):
             elapsed = time.monotonic() - started
             try:
+                self._stops(elapsed)
+                if elapsed < next_kill:
+                    continue
+                next_kill = elapsed + self.cfg.kill_every * self.rng.uniform(0.7, 1.3)
                 if not hung and elapsed >= self.cfg.hang_at and self.cfg.hang_seconds > 0:
                     for hook in self.hooks:
                         hook.hang_for(self.cfg.hang_seconds)
@@ -320,6 +357,9 @@ class Chaos(threading.Thread):
                     self.kills.append(f"{victim['group']}:{victim['name']}")
             except Exception as exc:  # noqa: BLE001 - reported, the run goes on
                 self.errors.append(f"{type(exc).__name__}: {exc}")
+        for _, pid in self.stopped:  # nothing stays stopped after the run
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def card_text(message: Any) -> tuple[str, str]:
@@ -372,6 +412,7 @@ def run_chaos(cfg: ChaosConfig, *, faults: bool, label: str, say: Callable[[str]
                     chaos.broker_killed,
                 )
                 report.check(not chaos.errors, f"chaos thread errors: {chaos.errors[:3]}")
+                report.stops = chaos.stops
             say(f"[{label}] tasks ended after {report.wall_seconds:.1f} s; settling")
             settle(daemon, task_hook, list(task_ids), report)
             tasks = [store.get_task(task_id) for task_id in task_ids]
@@ -386,7 +427,25 @@ def run_chaos(cfg: ChaosConfig, *, faults: bool, label: str, say: Callable[[str]
         if faults:
             check_alerts(report, alert_hook, daemon.settings.alert_coalesce_seconds)
         check_logs(report, daemon, api, task_hook, alert_hook)
+        if faults:
+            check_watchdog(report, daemon, cfg)
     return report
+
+
+def check_watchdog(report: ChaosReport, daemon: DaemonProcess, cfg: ChaosConfig) -> None:
+    """The watchdog killed the workers stopped for too long; a leaking worker recycled."""
+    records = [
+        json.loads(line) for path in daemon.log_files() for line in path.read_text(errors="replace").splitlines()
+    ]
+    report.unresponsive_kills = sum(1 for r in records if r.get("event") == "worker unresponsive; killing it")
+    report.recycles = sum(1 for r in records if str(r.get("event", "")).startswith("recycling:"))
+    report.long_stops = sum(1 for _, seconds in report.stops if seconds > cfg.worker_hang_seconds + 2)
+    report.check(
+        not report.long_stops or report.unresponsive_kills > 0,
+        f"{report.long_stops} workers stopped past NIETEST_HANG_SECONDS, none killed by the watchdog",
+    )
+    if cfg.leak_max_memory:
+        report.check(report.recycles > 0, "the leaking worker never recycled")
 
 
 def settle(daemon: DaemonProcess, task_hook: FakeFeishu, task_ids: list[str], report: ChaosReport) -> None:
@@ -561,6 +620,9 @@ def describe(report: ChaosReport) -> list[str]:
         + f"); tasks {report.task_status}; subtasks {report.statuses}",
         f"[{report.label}] kills survived: {len(report.kills)} workers (SIGKILL) + broker: {report.broker_killed}; "
         f"subtasks lost: {report.lost}; image jobs: {report.jobs_created}, beyond those owed: {report.duplicate_jobs}",
+        f"[{report.label}] workers stopped (SIGSTOP, then SIGCONT): {len(report.stops)}, "
+        f"{report.long_stops} of them past NIETEST_HANG_SECONDS; killed by the watchdog for silence: "
+        f"{report.unresponsive_kills}; recycled past their memory limit: {report.recycles}",
         f"[{report.label}] faults answered: {report.faults_seen}",
         f"[{report.label}] failure reasons: {report.errors}",
         f"[{report.label}] final task notices: {report.final_notices}; alerts: {len(report.alerts)} messages "

@@ -1,6 +1,8 @@
 """The fault-injection run of bench/chaos.py, shortened: two tasks of 30 subtasks, priorities 1 and 3,
 sharing the job slots; a worker killed every ~2 s, the broker killed once, both webhooks hanging for
-6 s, three times the issue's fault rates.
+6 s, workers stopped (SIGSTOP) for 1 to 7.5 s at random and killed by the watchdog past 5 s, a
+leaking subtask_ops worker recycled, three times the issue's fault rates, at the default heartbeat
+timeout (60 s).
 
 The benchmark itself (300 subtasks, the issue's rates, a fault-free baseline beside it) is
 `.venv/bin/python bench/chaos.py`; its figures are in docs/benchmarks.md.
@@ -23,6 +25,9 @@ def test_chaos_run_loses_nothing_pays_nothing_twice_and_leaks_nothing() -> None:
         min_kills=5,
         hang_at=4.0,
         hang_seconds=6.0,
+        stop_every=3.0,
+        worker_hang_seconds=5.0,
+        leak_max_memory="64MB",  # a few messages' leak: the workers are killed too often to reach more
         generation_time=1.0,
         polling_interval=0.3,
         max_jobs=4,
@@ -43,3 +48,4 @@ def test_chaos_run_loses_nothing_pays_nothing_twice_and_leaks_nothing() -> None:
     assert all(report.faults_seen[kind] > 0 for kind in ("http_500", "dropped", "timeout", "failure")), report
     assert report.final_notices == len(cfg.priorities) == 2 and report.kills_alerted == len(report.kills)
     assert report.log_lines > 100 and report.non_json_lines == 0 and report.leaked_secrets == []
+    assert report.stops and report.recycles > 0
