@@ -82,6 +82,9 @@ def fault_rules(scale: float = 1.0) -> list[dict[str, Any]]:
     ]
 
 
+#: The workers bench/chaos_leak.py makes leak.
+LEAKING_GROUP = "subtask_ops"
+
 #: The marker prefix of each task's prompts (a marker names the subtask in the fake API's jobs).
 MARKER_PREFIXES = ("cz", "cy", "cx", "cw")
 
@@ -294,8 +297,8 @@ def environment(cfg: ChaosConfig, *, faults: bool) -> Iterator[tuple[DaemonProce
 
 class Chaos(threading.Thread):
     """Kills a random worker every `kill_every` s (at least `min_kills`), the broker once, hangs the
-    webhooks, and SIGSTOPs a random worker every `stop_every` s for 1 s to 1.5x NIETEST_HANG_SECONDS
-    (then SIGCONT): the shorter stops resume, the longer ones meet the watchdog."""
+    webhooks, and SIGSTOPs a random worker every `stop_every` s (then SIGCONT), every other time for
+    longer than NIETEST_HANG_SECONDS (the watchdog kills it), else for less (it resumes)."""
 
     def __init__(self, cfg: ChaosConfig, daemon: DaemonProcess, hooks: list[FakeFeishu], rng: random.Random) -> None:
         super().__init__(name="chaos", daemon=True)
@@ -309,6 +312,13 @@ class Chaos(threading.Thread):
         self.stopped: list[tuple[float, int]] = []  # (resume at, pid)
         self.next_stop = cfg.stop_every
 
+    def _victims(self) -> list[dict[str, Any]]:
+        """Workers to kill or stop: not the leaking one (it is left to recycle on its own), and none
+        restarted a moment ago (supervisord counts a death within `startsecs` as a failed start, and
+        ten of those in a row would make it FATAL)."""
+        leaking = LEAKING_GROUP if self.cfg.leak_max_memory else None
+        return [v for v in self.daemon.workers(running_for=2.0) if v["group"] != leaking]
+
     def _stops(self, elapsed: float) -> None:
         """SIGCONT the workers whose stop is over; SIGSTOP another when one is due."""
         for resume_at, pid in [s for s in self.stopped if s[0] <= elapsed]:
@@ -319,10 +329,12 @@ class Chaos(threading.Thread):
             return
         self.next_stop = elapsed + self.cfg.stop_every * self.rng.uniform(0.7, 1.3)
         stopped_pids = {pid for _, pid in self.stopped}
-        victims = [v for v in self.daemon.workers(running_for=2.0) if v["pid"] not in stopped_pids]
+        victims = [v for v in self._victims() if v["pid"] not in stopped_pids]
         if victims:
             victim = self.rng.choice(victims)
-            seconds = self.rng.uniform(1.0, 1.5 * self.cfg.worker_hang_seconds)
+            # Every other stop outlasts NIETEST_HANG_SECONDS (the watchdog's case), the others resume.
+            hang = self.cfg.worker_hang_seconds
+            seconds = self.rng.uniform(1.0, 0.5 * hang) if len(self.stops) % 2 else self.rng.uniform(1.5, 2.0) * hang
             os.kill(victim["pid"], signal.SIGSTOP)
             self.stopped.append((elapsed + seconds, victim["pid"]))
             self.stops.append((f"{victim['group']}:{victim['name']}", round(seconds, 1)))
@@ -347,9 +359,9 @@ class Chaos(threading.Thread):
                     os.kill(int((self.daemon.settings.run_dir / "valkey.pid").read_text()), signal.SIGKILL)
                     self.broker_killed = True
                     continue
-                # A process restarted a moment ago is left alone: supervisord counts a death within
-                # `startsecs` as a failed start, and ten of those in a row would make it FATAL.
-                victims = self.daemon.workers(running_for=2.0)
+                # A stopped worker is the watchdog's to kill (or to see resume).
+                stopped = {pid for _, pid in self.stopped}
+                victims = [v for v in self._victims() if v["pid"] not in stopped]
                 if victims:
                     victim = self.rng.choice(victims)
                     os.kill(victim["pid"], signal.SIGKILL)

@@ -36,7 +36,7 @@ from nietest_daemon.pipeline.broker import build_broker
 from nietest_daemon.pipeline.context import open_store_for
 from nietest_daemon.pipeline.middleware.in_hand import InHand
 from nietest_daemon.programs.watchdog import Watchdog
-from nietest_daemon.programs.worker import Recycling, resident_bytes
+from nietest_daemon.programs.worker import RECYCLE_MIN_SECONDS, Recycling, resident_bytes
 from nietest_daemon.testing.fake_nieta import FakeNieta
 
 HOST = "host-a"
@@ -291,12 +291,15 @@ def test_a_stopped_worker_is_killed_replaced_and_alerted_within_the_hang_time(
 
 def test_recycling_limits_and_their_reason() -> None:
     mb = 1024**2
-    assert Recycling(0, 0).check(processed=10**6, resident=10**12) is None  # no limits
-    by_memory = Recycling(100 * mb, 0)
+    long_ago = time.monotonic() - RECYCLE_MIN_SECONDS
+    assert Recycling(0, 0, started=long_ago).check(processed=10**6, resident=10**12) is None  # no limits
+    young = Recycling(100 * mb, 1)
+    assert young.check(processed=5, resident=130 * mb) is None  # not before RECYCLE_MIN_SECONDS: no failed start
+    by_memory = Recycling(100 * mb, 0, started=long_ago)
     assert by_memory.check(processed=5, resident=99 * mb) is None
     assert by_memory.check(processed=5, resident=130 * mb) == "resident memory 130 MB is past 100 MB"
     assert by_memory.check(processed=6, resident=10 * mb) == "resident memory 130 MB is past 100 MB"  # it stays
-    by_count = Recycling(0, 1000)
+    by_count = Recycling(0, 1000, started=long_ago)
     assert by_count.check(processed=999, resident=mb) is None
     assert by_count.check(processed=1000, resident=mb) == "1000 messages processed, the limit is 1000"
     assert resident_bytes() > 10 * mb  # this test process

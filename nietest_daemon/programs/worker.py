@@ -14,7 +14,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,11 @@ def resident_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+#: A worker recycles only after running this long: supervisord counts an exit within `startsecs`
+#: (2 s) as a failed start, and enough of those in a row would leave the queue FATAL.
+RECYCLE_MIN_SECONDS = 10.0
+
+
 @dataclass
 class Recycling:
     """A worker's limits (NIETEST_<Q>_MAX_MEMORY, NIETEST_<Q>_MAX_MESSAGES; 0: none), and why it
@@ -79,8 +84,11 @@ class Recycling:
     max_memory: int
     max_messages: int
     reason: str | None = None
+    started: float = field(default_factory=time.monotonic)
 
     def check(self, processed: int, resident: int) -> str | None:
+        if time.monotonic() - self.started < RECYCLE_MIN_SECONDS:
+            return None
         if self.reason is None and self.max_memory and resident > self.max_memory:
             self.reason = f"resident memory {resident / 2**20:.0f} MB is past {self.max_memory / 2**20:.0f} MB"
         elif self.reason is None and self.max_messages and processed >= self.max_messages:
