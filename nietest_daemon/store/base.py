@@ -48,17 +48,6 @@ SUBTASK_FIELDS: tuple[str, ...] = (
 TIME_FIELDS: tuple[str, ...] = ("created_at", "updated_at", "started_at", "completed_at", "cancel_requested_at")
 
 
-#: The task fields a finish reads and updates; the rest of the document is read only to finalise.
-TASK_COUNTER_FIELDS: tuple[str, ...] = (
-    "status",
-    "total_images",
-    *COUNTERS,
-    "progress",
-    "cancel_requested",
-    "error",
-)
-
-
 class StoreError(Exception):
     """Base class of the store's own errors."""
 

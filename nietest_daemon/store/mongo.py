@@ -29,6 +29,7 @@ from nietest_daemon.domain.status import (
     ACTIVE,
     CANCELLED,
     COUNTER_OF,
+    COUNTERS,
     FAILED,
     PENDING,
     PROCESSING,
@@ -39,7 +40,6 @@ from nietest_daemon.domain.status import (
     progress_of,
 )
 from nietest_daemon.store.base import (
-    TASK_COUNTER_FIELDS,
     TIME_FIELDS,
     CancelOutcome,
     Doc,
@@ -53,6 +53,16 @@ from nietest_daemon.store.base import (
     new_subtask_doc,
     new_task_doc,
     utcnow,
+)
+
+#: The task fields a finish reads back from its `$inc`; the rest of the document is read only to finalise.
+_TASK_COUNTER_FIELDS: tuple[str, ...] = (
+    "status",
+    "total_images",
+    *COUNTERS,
+    "progress",
+    "cancel_requested",
+    "error",
 )
 
 
@@ -313,7 +323,7 @@ class MongoStore(Store):
         task = self.tasks.find_one_and_update(
             {"_id": task_id},
             {"$inc": {"processed_images": 1, COUNTER_OF[status]: 1}, "$set": {"updated_at": _to_bson(now)}},
-            projection=dict.fromkeys(TASK_COUNTER_FIELDS, 1),
+            projection=dict.fromkeys(_TASK_COUNTER_FIELDS, 1),
             return_document=ReturnDocument.AFTER,
         )
         if task is None:

@@ -61,6 +61,8 @@ SQLITE_FILENAME = "nietest.sqlite3"
 #: A task's changing fields, kept in `task_state` (the values there win over the document's).
 _STATE_FIELDS = ("total_images", *COUNTERS, "progress", "cancel_requested", "updated_at")
 _STATE_COLUMNS = ", ".join(_STATE_FIELDS)
+_STATE_SELECT = ", ".join(f"s.{name}" for name in _STATE_FIELDS)  # from task_state joined as `s`
+_STATE_PLACEHOLDERS = ", ".join("?" * len(_STATE_FIELDS))
 _TERMINAL_SQL = ", ".join(f"'{status}'" for status in sorted(TERMINAL))
 
 _SQLITE_SCHEMA = (
@@ -226,8 +228,7 @@ class SQLiteStore(Store):
 
     def _read_task(self, conn: sqlite3.Connection, task_id: str) -> Doc | None:
         row = conn.execute(
-            f"SELECT t.doc, {', '.join('s.' + f for f in _STATE_FIELDS)} FROM tasks t"
-            " LEFT JOIN task_state s ON s.task_id = t.id WHERE t.id = ?",
+            f"SELECT t.doc, {_STATE_SELECT} FROM tasks t LEFT JOIN task_state s ON s.task_id = t.id WHERE t.id = ?",
             (task_id,),
         ).fetchone()
         return self._with_state(row[0], row[1:]) if row else None
@@ -241,7 +242,7 @@ class SQLiteStore(Store):
     @classmethod
     def _write_state(cls, conn: sqlite3.Connection, task: Doc) -> None:
         conn.execute(
-            f"INSERT OR REPLACE INTO task_state ({_STATE_COLUMNS}, task_id) VALUES ({', '.join('?' * 9)})",
+            f"INSERT OR REPLACE INTO task_state ({_STATE_COLUMNS}, task_id) VALUES ({_STATE_PLACEHOLDERS}, ?)",
             cls._state_row(task),
         )
 
@@ -249,8 +250,7 @@ class SQLiteStore(Store):
     def _read_counters(conn: sqlite3.Connection, task_id: str) -> Doc | None:
         """The task's status and `task_state` row (a small read: the document stays on disk)."""
         found = conn.execute(
-            f"SELECT t.status, {', '.join('s.' + f for f in _STATE_FIELDS)} FROM tasks t"
-            " JOIN task_state s ON s.task_id = t.id WHERE t.id = ?",
+            f"SELECT t.status, {_STATE_SELECT} FROM tasks t JOIN task_state s ON s.task_id = t.id WHERE t.id = ?",
             (task_id,),
         ).fetchone()
         if found is None:
@@ -262,7 +262,7 @@ class SQLiteStore(Store):
     def _write_counters(cls, conn: sqlite3.Connection, view: Doc) -> None:
         """Write a counter view back into its task's state row."""
         conn.execute(
-            f"UPDATE task_state SET ({_STATE_COLUMNS}) = ({', '.join('?' * 8)}) WHERE task_id = ?",
+            f"UPDATE task_state SET ({_STATE_COLUMNS}) = ({_STATE_PLACEHOLDERS}) WHERE task_id = ?",
             cls._state_row(view),
         )
 
@@ -303,7 +303,7 @@ class SQLiteStore(Store):
 
     def list_tasks(self, limit: int = 20, status: str | Iterable[str] | None = None) -> list[Doc]:
         wanted = _statuses(status)
-        sql = f"SELECT t.doc, {', '.join('s.' + f for f in _STATE_FIELDS)} FROM tasks t"
+        sql = f"SELECT t.doc, {_STATE_SELECT} FROM tasks t"
         sql += " LEFT JOIN task_state s ON s.task_id = t.id"
         args: list[Any] = []
         if wanted is not None:
