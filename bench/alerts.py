@@ -50,6 +50,7 @@ class Run:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NIETEST_", "FEISHU_")) and k not in SCRUB}
         env.update(
             NIETEST_HOME=str(self.home),
+            NIETEST_METRICS_ADDR="127.0.0.1:0",  # any free port: never in the way of a running daemon
             NIETEST_MASTER_PROCESSES="0",
             NIETEST_SUBTASK_PROCESSES=str(workers),
             NIETEST_SUBTASK_OPS_PROCESSES="0",

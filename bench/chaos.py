@@ -191,7 +191,12 @@ class DaemonProcess:
 
     def __init__(self, home: Path, env: dict[str, str]) -> None:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("NIETEST_")}
-        self.env.update(NIETEST_HOME=str(home), PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench")]), **env)
+        self.env.update(
+            NIETEST_HOME=str(home),
+            NIETEST_METRICS_ADDR="127.0.0.1:0",
+            PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench")]),
+            **env,
+        )
         self.settings = settings_module.load(self.env)
         self.proc: subprocess.Popen[bytes] | None = None
 

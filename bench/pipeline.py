@@ -94,6 +94,7 @@ def daemon(**overrides: str) -> Iterator[tuple[settings_module.Settings, dict[st
     env = {k: v for k, v in os.environ.items() if not k.startswith("NIETEST_")}
     env.update(
         NIETEST_HOME=str(home),
+        NIETEST_METRICS_ADDR="127.0.0.1:0",  # any free port: never in the way of a running daemon
         NIETEST_MASTER_PROCESSES="1",
         NIETEST_SUBTASK_PROCESSES="2",
         NIETEST_SUBTASK_THREADS="5",

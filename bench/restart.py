@@ -73,6 +73,7 @@ def run_series(kills: int, stock: bool) -> tuple[list[float], list[float], dict[
     env = {k: v for k, v in os.environ.items() if not k.startswith("NIETEST_")}
     env.update(
         NIETEST_HOME=str(home),
+        NIETEST_METRICS_ADDR="127.0.0.1:0",  # any free port: never in the way of a running daemon
         NIETEST_MASTER_PROCESSES="1",
         NIETEST_SUBTASK_PROCESSES="1",
         NIETEST_SUBTASK_OPS_PROCESSES="1",

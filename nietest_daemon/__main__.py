@@ -5,14 +5,15 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    # Processes run under supervisord (worker, broker) log JSON from their first line, so that
+    # Processes run under supervisord (worker, broker, metrics) log JSON from their first line, so that
     # even an import error below lands in their log file as JSON.
-    if args[:1] in (["worker"], ["broker"]):
+    helping = bool({"-h", "--help"} & set(args))  # help goes to the terminal as text
+    if args[:1] in (["worker"], ["broker"], ["metrics"]) and not helping:
         from nietest_daemon.core import logs
 
-        name = args[0] if args[0] == "broker" else f"worker-{args[1] if len(args) > 1 else '?'}"
+        name = f"worker-{args[1] if len(args) > 1 else '?'}" if args[0] == "worker" else args[0]
         logs.configure(name)
-    elif args[:1] in (["alerts"], ["watchdog"]) and not {"-h", "--help"} & set(args):
+    elif args[:1] in (["alerts"], ["watchdog"]) and not helping:
         # The event listeners: their stdout is supervisor's event protocol, so their JSON log
         # (and any stray print, through the captured sys.stdout) goes to stderr.
         from nietest_daemon.core import logs

@@ -49,6 +49,8 @@ def clean_env(**overrides: str) -> dict[str, str]:
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("NIETEST_") and k not in names}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT)])
+    # Any free port: several daemons run at once (the address is in $NIETEST_RUN_DIR/metrics.addr).
+    env["NIETEST_METRICS_ADDR"] = "127.0.0.1:0"
     env.update(overrides)
     return env
 
@@ -102,6 +104,8 @@ class Daemon:
         counts = {q.key: q.processes for q in self.settings.queues.values() if q.processes}
         if self.settings.embedded_broker:
             counts["broker"] = 1
+        if self.settings.metrics_addr:
+            counts["metrics"] = 1
         return counts
 
     def wait_running(self, timeout: float = 30.0) -> dict[str, list[dict[str, Any]]]:

@@ -83,6 +83,8 @@ BAD: dict[str, list[str]] = {
     "NIETEST_DRAIN_SECONDS": ["-5", "x", "3601"],
     "NIETEST_BROKER_HEARTBEAT_TIMEOUT": ["0", "x"],
     "NIETEST_HANG_SECONDS": ["1", "x", "-5"],
+    "NIETEST_METRICS_ADDR": ["9464", "localhost", "127.0.0.1:99999", "http://127.0.0.1:9464", "[::1]"],
+    "NIETEST_METRICS_TOKEN": ["short", "has space in it 1234567", "tök" * 8],
     "NIETEST_ACTOR_MODULES": ["tests/e2e_actors.py", "a-b", "1abc", "os;rm"],
 }
 for _key in ("MASTER", "MASTER_OPS", "SUBTASK", "SUBTASK_OPS"):
@@ -148,7 +150,17 @@ def test_free_text_variables_take_any_value(variable: str) -> None:
 def test_blank_values_mean_the_default() -> None:
     defaults = settings_module.load({})
     for name in settings_module.variable_names():
+        if name == "NIETEST_METRICS_ADDR":  # the one exception: blank turns the metrics program off
+            continue
         assert settings_module.load({name: "  "}) == defaults, name
+
+
+def test_blank_metrics_addr_turns_the_metrics_program_off() -> None:
+    assert settings_module.load({}).metrics_addr == ("127.0.0.1", 9464)
+    off = settings_module.load({"NIETEST_METRICS_ADDR": "  "})
+    assert off.metrics_addr is None and off.supervisor_env()["NIETEST_METRICS_PROCESSES"] == "0"
+    assert settings_module.load({"NIETEST_METRICS_ADDR": "[::1]:9000"}).metrics_addr == ("::1", 9000)
+    assert settings_module.load({"NIETEST_METRICS_ADDR": "0.0.0.0:0"}).metrics_addr == ("0.0.0.0", 0)
 
 
 def test_token_and_webhook_errors_never_echo_the_secret() -> None:

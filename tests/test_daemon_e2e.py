@@ -55,6 +55,7 @@ def test_every_configured_process_runs(daemon: Daemon) -> None:
     assert {g: len(ps) for g, ps in running.items() if ps} == {
         "alerts": 1,
         "watchdog": 1,
+        "metrics": 1,
         "broker": 1,
         "master": 1,
         "subtask": 2,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ import pytest
 from conftest import Daemon, PrivateValkey, wait_for
 
 from bench.pipeline import task_file
-from nietest_daemon.coordination import keys, lifelines
+from nietest_daemon.coordination import keys, lifelines, metrics
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.internals.dramatiq_redis import (
     NietestRedisBroker,
@@ -164,6 +165,10 @@ def test_a_silent_worker_is_killed_once_and_reported(
     assert watchdog.check(infos, now) == ["subtask:subtask_01", "subtask_ops:subtask_ops_00"]
     assert killed == ["subtask:subtask_01", "subtask_ops:subtask_ops_00"]
     assert watchdog.check(infos, now + 1) == []  # killed once, until it is gone
+    # Their exits count as hangs in nietest_process_restarts_total; another process's as a crash.
+    assert watchdog.count_restart("subtask", "subtask_01", 11) == "hang"
+    assert watchdog.count_restart("subtask_ops", "subtask_ops_00", 13) == "hang"
+    assert watchdog.count_restart("subtask", "subtask_00", 10) == "crash"
     events = lifelines.drain_events(client)
     assert [(e["process"], e["pid"], e["queue"]) for e in events] == [
         ("subtask:subtask_01", 11, settings.queue("subtask").name),
@@ -283,6 +288,13 @@ def test_a_leaking_worker_recycles_once_without_an_alert_and_loses_nothing(
     assert exited and "exit status 75" in exited[0]["event"]
     wait_for(lambda: any(r["event"] == "worker recycled" for r in alerts_records(daemon)), 10)
     assert not [r for r in alerts_records(daemon) if r["event"] == "alert"]  # one recycle: logged, not alerted
+    # Counted as a recycle, not a crash, in nietest_process_restarts_total.
+    restarts = {
+        metrics.parse_field(f)[1]["reason"]: v
+        for f, v in metrics.read(daemon.redis, socket.gethostname()).items()
+        if metrics.parse_field(f)[0] == metrics.PROCESS_RESTARTS.name
+    }
+    assert restarts == {"recycle": 1.0}
 
 
 def alerts_records(daemon: Daemon) -> list[dict[str, Any]]:

@@ -354,6 +354,7 @@ class _Outcome:
     code: int | None = None
     config_error: bool = False
     retry_after: float | None = None
+    rate_limited: bool = False
 
 
 @dataclass(frozen=True)
@@ -370,6 +371,8 @@ class FeishuClient:
     waits, attempts and backoff. `clock` (monotonic), `sleep`, `wall_clock` (signature
     timestamps) and `transport` (an `httpx.MockTransport`: no sockets) are injectable for tests.
     Every failure of an attempt, httpx's exceptions included, becomes its outcome: none escapes.
+    `on_result(outcome)` hears what became of each message sent (sent, failed or rate_limited: the
+    last attempt was refused for the rate limit, or no slot of ours was free in time): the metrics hook.
     """
 
     def __init__(
@@ -392,8 +395,10 @@ class FeishuClient:
         sleep: Callable[[float], None] = time.sleep,
         wall_clock: Callable[[], float] = time.time,
         transport: httpx.BaseTransport | None = None,
+        on_result: Callable[[str], None] | None = None,
     ) -> None:
         self.webhook_url = webhook_url or None
+        self.on_result = on_result
         self.secret = secret or None
         add_secrets([self.webhook_url, self.secret])
         self.host = host if host is not None else socket.gethostname()
@@ -559,9 +564,16 @@ class FeishuClient:
         log.error("feishu message not delivered", error=error, attempts=attempts, **extra, **summary)
 
     def _deliver(self, job: _Job) -> SendResult:
+        result, rate_limited = self._deliver_once(job)
+        if self.on_result is not None and not result.skipped:
+            self.on_result("sent" if result.delivered else "rate_limited" if rate_limited else "failed")
+        return result
+
+    def _deliver_once(self, job: _Job) -> tuple[SendResult, bool]:
+        """The message's result, and whether it was the rate limit that stopped it."""
         if self.webhook_url is None or self._http is None:
             self._log_skipped(job)
-            return SendResult(False, 0, "no webhook configured", truncated=job.truncated, skipped=True)
+            return SendResult(False, 0, "no webhook configured", truncated=job.truncated, skipped=True), False
         end = self.clock() + self.deadline
         attempts = 0
         last = _Outcome(ok=False, error="deadline exceeded before the first attempt")
@@ -571,7 +583,12 @@ class FeishuClient:
                 break
             if not self.limiter.acquire(self.webhook_url, remaining):
                 error = "no rate-limit slot free before the deadline"
-                last = _Outcome(ok=False, error=error + (f" (last: {last.error})" if attempts else ""), code=last.code)
+                last = _Outcome(
+                    ok=False,
+                    error=error + (f" (last: {last.error})" if attempts else ""),
+                    code=last.code,
+                    rate_limited=True,
+                )
                 break
             remaining = end - self.clock()
             if remaining <= 0.01:
@@ -580,7 +597,7 @@ class FeishuClient:
             last = self._attempt(job.body, min(self.timeout, remaining))
             if last.ok:
                 log.info("feishu message delivered", title=job.summary["title"], attempts=attempts)
-                return SendResult(True, attempts, None, code=0, truncated=job.truncated)
+                return SendResult(True, attempts, None, code=0, truncated=job.truncated), False
             if last.config_error:
                 log.error(
                     "feishu configuration error",
@@ -600,7 +617,8 @@ class FeishuClient:
             log.warning("feishu send failed, will retry", error=last.error, attempt=attempts, retry_in=round(delay, 3))
             self.sleep(delay)
         self._log_undelivered(job.summary, last.error, attempts, code=last.code, config_error=last.config_error)
-        return SendResult(False, attempts, last.error, last.code, last.config_error, job.truncated)
+        result = SendResult(False, attempts, last.error, last.code, last.config_error, job.truncated)
+        return result, last.rate_limited
 
     def _attempt(self, body: Mapping[str, Any], timeout: float) -> _Outcome:
         assert self._http is not None and self.webhook_url is not None
@@ -638,7 +656,9 @@ class FeishuClient:
         if code in CONFIG_ERROR_CODES:
             return _Outcome(ok=False, error=error, code=code, config_error=True)
         if status == 429 or code in RATE_LIMIT_CODES:
-            return _Outcome(ok=False, retryable=True, error=error, code=code, retry_after=_retry_after(response))
+            return _Outcome(
+                ok=False, retryable=True, error=error, code=code, retry_after=_retry_after(response), rate_limited=True
+            )
         if status >= 500:
             return _Outcome(ok=False, retryable=True, error=error, code=code)
         if 200 <= status < 300 and code == 0:

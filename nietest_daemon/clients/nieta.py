@@ -370,6 +370,8 @@ class NietaClient:
     (capped at `backoff_max`, jittered); a 429/503 `Retry-After` up to `max_retry_after` seconds
     is waited, a longer one ends the call with a retryable error carrying `retry_after`.
     `sleep` and `transport` (an `httpx.MockTransport`: no sockets) are injectable for tests.
+    `observe(api, endpoint, status_code, seconds)` hears of every HTTP attempt (api: standard or
+    lumina; endpoint: create or poll; status_code None when no answer came): the metrics hook.
     """
 
     def __init__(
@@ -388,6 +390,7 @@ class NietaClient:
         sleep: Callable[[float], None] = time.sleep,
         trust_env: bool | None = None,
         transport: httpx.BaseTransport | None = None,
+        observe: Callable[[str, str, int | None, float], None] | None = None,
     ) -> None:
         if not token or not isinstance(token, str):
             raise NietaError("NIETA_XTOKEN is not set", retryable=False)
@@ -402,6 +405,7 @@ class NietaClient:
         self.backoff_max = backoff_max
         self.max_retry_after = max_retry_after
         self._sleep = sleep
+        self._observe = observe
         if trust_env is None:
             # Proxy variables must not divert traffic meant for a local (test) server.
             trust_env = not (_is_loopback(self.api_base_url) and _is_loopback(self.ops_api_base_url))
@@ -444,8 +448,9 @@ class NietaClient:
             content = json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
             raise NietaError(f"make_image body is not valid JSON: {exc}", retryable=False) from None
-        url = f"{self.base_url(bool(subtask.get('is_lumina')))}/v3/make_image"
-        answer = self._request("POST", url, "make_image", content)
+        is_lumina = bool(subtask.get("is_lumina"))
+        url = f"{self.base_url(is_lumina)}/v3/make_image"
+        answer = self._request("POST", url, "make_image", content, api=_api(is_lumina), endpoint="create")
         job_uuid = None if answer.truncated else parse_job_uuid(answer.content)
         if not job_uuid:
             raise NietaError(
@@ -460,7 +465,7 @@ class NietaClient:
         if not isinstance(job_uuid, str) or _id_value(job_uuid) is None:  # quote() raises on a lone surrogate
             raise NietaError(f"invalid job uuid {_excerpt(repr(job_uuid), 80)}", retryable=False)
         url = f"{self.base_url(is_lumina)}/v1/artifact/task/{quote(job_uuid.strip(), safe='')}"
-        answer = self._request("GET", url, "artifact/task", None)
+        answer = self._request("GET", url, "artifact/task", None, api=_api(is_lumina), endpoint="poll")
         data = None if answer.truncated else _json_or_none(answer.content)
         if not isinstance(data, Mapping):
             # Polling is idempotent and bounded by the caller's budget: a garbled answer may be retried.
@@ -513,13 +518,26 @@ class NietaClient:
                 truncated=truncated,
             )
 
-    def _request(self, method: str, url: str, what: str, content: bytes | None) -> _Answer:
+    def _timed_send(self, method: str, url: str, content: bytes | None, api: str, endpoint: str) -> _Answer:
+        """`_send`, told to the `observe` hook."""
+        if self._observe is None:
+            return self._send(method, url, content)
+        started = time.monotonic()
+        status_code = None
+        try:
+            answer = self._send(method, url, content)
+            status_code = answer.status_code
+            return answer
+        finally:
+            self._observe(api, endpoint, status_code, time.monotonic() - started)
+
+    def _request(self, method: str, url: str, what: str, content: bytes | None, *, api: str, endpoint: str) -> _Answer:
         """One call with the retry budget; returns a 2xx answer or raises NietaError."""
         attempt = 0
         while True:
             retry_after: float | None = None
             try:
-                answer = self._send(method, url, content)
+                answer = self._timed_send(method, url, content, api, endpoint)
             except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
                 raise NietaError(f"{what}: cannot send request ({type(exc).__name__})", retryable=False) from None
             except httpx.TimeoutException as exc:
@@ -568,6 +586,11 @@ class NietaClient:
             )
             self._sleep(delay)
             attempt += 1
+
+
+def _api(is_lumina: bool) -> str:
+    """The metrics' `api` label of a host."""
+    return "lumina" if is_lumina else "standard"
 
 
 def _timeout_text(exc: httpx.TimeoutException) -> str:

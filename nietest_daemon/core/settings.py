@@ -145,6 +145,27 @@ def _token(raw: str) -> str:
     return value
 
 
+def _listen_addr(raw: str) -> tuple[str, int]:
+    """`host:port` (`[v6]:port` for IPv6) to listen on; port 0: any free one."""
+    value = raw.strip()
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^\s:/@\[\]]+):(\d{1,5})", value)
+    if not match:
+        raise ValueError(f"must be host:port (e.g. 127.0.0.1:9464, [::1]:9464), or empty to turn it off; got {raw!r}")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be between 0 (any free port) and 65535, got {port}")
+    return host, port
+
+
+def _bearer_token(raw: str) -> str:
+    """A bearer token: at least 16 visible ASCII characters (it guards the metrics endpoints)."""
+    value = _token(raw)
+    if len(value) < 16:
+        raise ValueError(f"must be at least 16 characters, got {len(value)}")
+    return value
+
+
 def _host(raw: str) -> str:
     value = raw.strip()
     if not value or re.search(r"[\s/@]", value):
@@ -249,6 +270,8 @@ class Settings:
     drain_seconds: float
     broker_heartbeat_timeout: float
     hang_seconds: float
+    metrics_addr: tuple[str, int] | None  # None: no metrics program
+    metrics_token: str | None
     actor_modules: tuple[str, ...]
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -270,6 +293,11 @@ class Settings:
     @property
     def control_socket(self) -> Path:
         return self.run_dir / "supervisor.sock"
+
+    @property
+    def metrics_addr_file(self) -> Path:
+        """Where the metrics program writes the `host:port` it listens on (port 0 picks one)."""
+        return self.run_dir / "metrics.addr"
 
     @property
     def stop_wait_seconds(self) -> int:
@@ -298,7 +326,7 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Values that must never appear in a log line."""
-        values = [self.nieta_xtoken, self.feishu_webhook_secret, self.mongo_password]
+        values = [self.nieta_xtoken, self.feishu_webhook_secret, self.mongo_password, self.metrics_token]
         values += [self.feishu_webhook_url, self.feishu_task_webhook_url, self.feishu_alert_webhook_url]
         for url in (self.external_broker_url, self.mongo_uri):
             if url:
@@ -316,6 +344,7 @@ class Settings:
             "NIETEST_LOG_BACKUPS": str(self.log_backups),
             "NIETEST_STOP_WAIT_SECONDS": str(self.stop_wait_seconds),
             "NIETEST_BROKER_PROCESSES": "1" if self.embedded_broker else "0",
+            "NIETEST_METRICS_PROCESSES": "1" if self.metrics_addr else "0",
             "NIETEST_START_RETRIES": str(self.start_retries),
         }
         for q in self.queues.values():
@@ -325,7 +354,7 @@ class Settings:
 
 
 # Variables nietest owns but that are not fields of their own.
-_OWN_EXTRA = {"NIETEST_BROKER_PROCESSES", "NIETEST_STOP_WAIT_SECONDS", "NIETEST_PYTHON"}
+_OWN_EXTRA = {"NIETEST_BROKER_PROCESSES", "NIETEST_METRICS_PROCESSES", "NIETEST_STOP_WAIT_SECONDS", "NIETEST_PYTHON"}
 _QUEUE_COUNT = re.compile(r"^NIETEST_(.+)_(PROCESSES|THREADS|MAX_MEMORY|MAX_MESSAGES)$")
 
 
@@ -387,6 +416,9 @@ def _load(env: dict[str, str], seen: dict[str, None]) -> Settings:
         broker_url = f"redis://{redis_host}:{redis_port}/{redis_db}"
 
     mongo_uri = get("MONGO_URI", _url("mongodb", "mongodb+srv"))
+    # Set but empty turns the metrics program off (unset: the default address).
+    metrics_default = None if env.get("NIETEST_METRICS_ADDR", "x").strip() == "" else ("127.0.0.1", 9464)
+    metrics_addr = get("NIETEST_METRICS_ADDR", _listen_addr, metrics_default)
     feishu = get("FEISHU_WEBHOOK_URL", _url("http", "https", secret=True))
 
     settings = Settings(
@@ -430,6 +462,8 @@ def _load(env: dict[str, str], seen: dict[str, None]) -> Settings:
         drain_seconds=get("NIETEST_DRAIN_SECONDS", _float(0, 3600), 30.0),
         broker_heartbeat_timeout=get("NIETEST_BROKER_HEARTBEAT_TIMEOUT", _float(1, 3600), 60.0),
         hang_seconds=get("NIETEST_HANG_SECONDS", _float(5, 3600), 30.0),
+        metrics_addr=metrics_addr,
+        metrics_token=get("NIETEST_METRICS_TOKEN", _bearer_token),
         actor_modules=get("NIETEST_ACTOR_MODULES", _modules, ()),
     )
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import redis
 
 from nietest_daemon.clients.feishu import FeishuClient
 from nietest_daemon.clients.nieta import NietaClient
+from nietest_daemon.coordination import metrics
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.coordination.scheduler import Scheduler
 from nietest_daemon.core import settings as settings_module
@@ -27,6 +29,7 @@ class Context:
     nieta: NietaClient | None
     notifier: FeishuClient
     slots: dict[Lane, Scheduler]
+    host: str = field(default_factory=socket.gethostname)  # names this host's metrics (coordination/metrics.py)
 
     def queue_of(self, lane: Lane) -> str:
         return self.settings.queue(lane.queue_key).name
@@ -57,12 +60,18 @@ def build_context(settings: Settings) -> Context:
     lease = max(120.0, 10 * max(settings.image_polling_interval, settings.lumina_polling_interval))
     nieta = None
     if settings.nieta_xtoken:
-        nieta = NietaClient(settings.nieta_xtoken, settings.nieta_api_base_url, settings.nieta_ops_api_base_url)
+        nieta = NietaClient(
+            settings.nieta_xtoken,
+            settings.nieta_api_base_url,
+            settings.nieta_ops_api_base_url,
+            observe=metrics.TALLY.api_request,
+        )
     notifier = FeishuClient(
         settings.feishu_task_webhook_url,
         settings.feishu_webhook_secret,
         client,
         host=socket.gethostname(),
+        on_result=partial(metrics.TALLY.feishu_message, "task"),
     )
     return Context(
         settings=settings,

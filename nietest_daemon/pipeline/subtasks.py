@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nietest_daemon.clients.nieta import NietaError
-from nietest_daemon.coordination import markers, streaks
+from nietest_daemon.coordination import markers, metrics, streaks
 from nietest_daemon.coordination.connection import run_scripts
 from nietest_daemon.core.backoff import SPREAD, backoff
 from nietest_daemon.core.logs import get_logger
@@ -56,11 +56,21 @@ MAX_ATTEMPTS = 8  # starts of one subtask (redeliveries, sweeps) before it is gi
 # --- ending a subtask -----------------------------------------------------------------------------
 
 
-def finish(ctx: Context, sub: Subtask, status: str, *, result: str | None = None, error: str | None = None) -> None:
-    """Move a subtask to a terminal state (once), free its slot, update streaks, notify on finalisation."""
+def finish(
+    ctx: Context,
+    sub: Subtask,
+    status: str,
+    *,
+    result: str | None = None,
+    error: str | None = None,
+    reason: str = "other",
+) -> None:
+    """Move a subtask to a terminal state (once), free its slot, update streaks and metrics, notify
+    on finalisation. `reason`: a failure's metrics label (`metrics.FAILURE_REASONS`)."""
     outcome = ctx.store.finish_subtask(sub.id, status, result=result, error=error)
     counted = outcome is not None and outcome.changed
-    # One round trip frees the slot, drops the subtask's markers and records the queue's failure streak.
+    # One round trip frees the slot, drops the subtask's markers, records the queue's failure streak
+    # and counts the end in the metrics.
     also = [markers.forget_call(sub.id)]
     if counted and status in (COMPLETED, FAILED):
         also.append(
@@ -68,12 +78,32 @@ def finish(ctx: Context, sub: Subtask, status: str, *, result: str | None = None
                 ctx.queue_of(sub.lane), status == COMPLETED, error, threshold=ctx.settings.alert_failure_streak
             )
         )
+    if counted:
+        also.append(metrics.add_call(ctx.host, _finish_increments(sub, status, reason)))
     release_slot(ctx, sub.id, sub.lane, *also)
     if outcome is None or not outcome.changed:
         return
     log.info("subtask finished", subtask_id=sub.id, task_id=sub.task_id, status=status, error=error, result=result)
     if outcome.finalised and outcome.task is not None:
         notices.task_finished(ctx, outcome.task)
+
+
+def _finish_increments(sub: Subtask, status: str, reason: str) -> metrics.Increments:
+    assert reason in metrics.FAILURE_REASONS, reason
+    inc = metrics.Increments()
+    api = sub.lane.value
+    inc.count(metrics.SUBTASKS_FINISHED, api=api, outcome=status)
+    if status == FAILED:
+        inc.count(metrics.SUBTASK_FAILURES, api=api, reason=reason)
+    if sub.job_uuid and sub.started_at is not None:  # a job was created: its time to the end
+        seconds = (utcnow() - sub.started_at).total_seconds()
+        inc.observe(metrics.IMAGE_JOB_SECONDS, seconds, api=api)
+    return inc
+
+
+def _error_reason(exc: NietaError) -> str:
+    """A failed API call's metrics reason: the API answered (api_failure) or never did (transport)."""
+    return "transport" if exc.status_code is None else "api_failure"
 
 
 # --- the actors' bodies ---------------------------------------------------------------------------
@@ -111,7 +141,13 @@ def run_subtask(subtask_id: str, errors: int = 0) -> None:
         schedule_poll(ctx, sub.id, lane, delay=interval)
         return
     if sub.attempts >= MAX_ATTEMPTS:
-        finish(ctx, sub, FAILED, error=f"given up after {sub.attempts} attempts to start the image job")
+        finish(
+            ctx,
+            sub,
+            FAILED,
+            error=f"given up after {sub.attempts} attempts to start the image job",
+            reason="interrupted",
+        )
         return
     owner = owner_of_current_message()
     # One round trip: the job slot, the creating lock and the create-sent marker.
@@ -177,7 +213,7 @@ def _create_job(ctx: Context, subtask_id: str, lane: Lane, errors: int, run: Cre
         if markers.create_sender_alive(ctx.redis, subtask_id):
             send_run(ctx, subtask_id, lane, delay=CREATING_RECHECK_SECONDS, errors=errors)
             return
-        finish(ctx, sub, FAILED, error=CREATE_INTERRUPTED)
+        finish(ctx, sub, FAILED, error=CREATE_INTERRUPTED, reason="interrupted")
         return
     seed = sub.seed or choose_seed(None)
     run.in_doubt = True  # from here until the API's answer is known or stored
@@ -196,7 +232,7 @@ def _create_job(ctx: Context, subtask_id: str, lane: Lane, errors: int, run: Cre
             release_slot(ctx, subtask_id, lane)
             send_run(ctx, subtask_id, lane, delay=delay, errors=errors + 1)
             return
-        finish(ctx, sub, FAILED, error=f"could not create the image job: {exc}")
+        finish(ctx, sub, FAILED, error=f"could not create the image job: {exc}", reason=_error_reason(exc))
         return
     recorded = ctx.store.record_job(subtask_id, job_uuid, seed)
     run.in_doubt = False  # a death before the marker goes (with the lock) is as one before this line
@@ -250,7 +286,7 @@ def poll_subtask(subtask_id: str, errors: int = 0, no_url: int = 0) -> None:
             delay = max(exc.retry_after or 0.0, backoff(errors, base=interval, cap=60.0))
             schedule_poll(ctx, subtask_id, lane, delay=delay, renew=True, errors=errors + 1, no_url=no_url)
             return
-        finish(ctx, sub, FAILED, error=f"could not poll image job {sub.job_uuid}: {exc}")
+        finish(ctx, sub, FAILED, error=f"could not poll image job {sub.job_uuid}: {exc}", reason=_error_reason(exc))
         return
 
     if status.state == "pending":
@@ -264,6 +300,7 @@ def poll_subtask(subtask_id: str, errors: int = 0, no_url: int = 0) -> None:
                 FAILED,
                 error=f"image job {sub.job_uuid} still {status.raw_status or 'pending'} after {polls} polls "
                 f"over {_waited(sub, polls * interval):.1f} s (polling budget {max_polls} x {interval:g} s)",
+                reason="timeout",
             )
             return
         schedule_poll(ctx, subtask_id, lane, delay=interval, renew=True)
@@ -271,18 +308,21 @@ def poll_subtask(subtask_id: str, errors: int = 0, no_url: int = 0) -> None:
         finish(ctx, sub, COMPLETED, result=status.url)
     elif status.state == "success":
         if no_url:
-            finish(ctx, sub, FAILED, error=f"image job {sub.job_uuid} succeeded without an image url")
+            finish(
+                ctx, sub, FAILED, error=f"image job {sub.job_uuid} succeeded without an image url", reason="api_failure"
+            )
         elif not superseded():
             schedule_poll(ctx, subtask_id, lane, delay=interval, no_url=1)
     elif status.state == "moderated":
-        finish(ctx, sub, FAILED, error=f"refused by moderation (ILLEGAL_IMAGE): {status.error or ''}".rstrip(": "))
+        error = f"refused by moderation (ILLEGAL_IMAGE): {status.error or ''}".rstrip(": ")
+        finish(ctx, sub, FAILED, error=error, reason="moderation")
     elif status.state == "timeout":
         # Counted in the broker per job uuid (a redelivered poll of the same job counts it once), not
         # in the message: a swept or redelivered subtask must not earn a fresh budget.
         timed_out = markers.count_timeout(ctx.redis, subtask_id, sub.job_uuid)
         if timed_out > TIMEOUT_RESUBMITS:
             error = f"the API timed the job out (TIMEOUT) {timed_out} times: {status.error or ''}".rstrip(": ")
-            finish(ctx, sub, FAILED, error=error)
+            finish(ctx, sub, FAILED, error=error, reason="timeout")
             return
         log.warning(
             "the API timed the job out; creating a new one",
@@ -294,7 +334,7 @@ def poll_subtask(subtask_id: str, errors: int = 0, no_url: int = 0) -> None:
             markers.clear_create_sent(ctx.redis, subtask_id)  # left over if its creator died after storing the uuid
             send_run(ctx, subtask_id, lane)
     else:
-        finish(ctx, sub, FAILED, error=status.error or f"image job failed ({status.raw_status})")
+        finish(ctx, sub, FAILED, error=status.error or f"image job failed ({status.raw_status})", reason="api_failure")
 
 
 def _waited(sub: Subtask, nominal: float) -> float:

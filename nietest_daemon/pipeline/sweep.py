@@ -41,7 +41,13 @@ def sweep(ctx: Context, *, older_than_seconds: float | None = None) -> dict[str,
     for doc in ctx.store.find_stale_subtasks(cutoff, limit=1000):
         sub = Subtask.from_doc(doc)
         if sub.attempts >= MAX_ATTEMPTS:
-            finish(ctx, sub, FAILED, error=f"no progress after {sub.attempts} attempts; given up by the sweep")
+            finish(
+                ctx,
+                sub,
+                FAILED,
+                error=f"no progress after {sub.attempts} attempts; given up by the sweep",
+                reason="interrupted",
+            )
             failed += 1
         elif sub.job_uuid:
             schedule_poll(ctx, sub.id, sub.lane, delay=0)

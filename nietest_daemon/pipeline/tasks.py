@@ -6,9 +6,11 @@ from typing import Any
 
 import redis
 
+from nietest_daemon.coordination import metrics
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.domain import taskspec
-from nietest_daemon.domain.status import PENDING, TERMINAL
+from nietest_daemon.domain.status import CANCELLED, PENDING, TERMINAL
+from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.pipeline import admission, notices
 from nietest_daemon.pipeline.admission import queue_task
 from nietest_daemon.pipeline.context import Context, context
@@ -67,6 +69,16 @@ def cancel_task(ctx: Context, task_id: str) -> CancelOutcome:
     outcome = ctx.store.cancel_task(task_id)
     if not outcome.found:
         return outcome
+    if outcome.cancelled:
+        # Counted under the task's API: the store does not say which lane each cancelled subtask had
+        # (they differ only in a task that makes `is_lumina` a variable).
+        inc = metrics.Increments()
+        api = Lane.of(ctx.store.get_task(task_id) or {}).value
+        inc.count(metrics.SUBTASKS_FINISHED, outcome.cancelled, api=api, outcome=CANCELLED)
+        try:
+            metrics.add_call(ctx.host, inc).run(ctx.redis)
+        except redis.RedisError as exc:
+            log.warning("could not count the cancelled subtasks in the metrics", task_id=task_id, error=str(exc))
     try:
         admission.cancel(ctx, task_id)
     except redis.RedisError as exc:  # the entries are dropped when admitted (their subtask is cancelled)

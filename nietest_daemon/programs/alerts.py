@@ -64,11 +64,12 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from nietest_daemon.clients.feishu import FeishuClient, Severity
-from nietest_daemon.coordination import lifelines, streaks
+from nietest_daemon.coordination import lifelines, metrics, streaks
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.core import logs
 from nietest_daemon.core.redaction import redact, set_secrets
@@ -867,11 +868,13 @@ class Listener:
         self.protocol_error: BaseException | None = None
         self.last_event = time.monotonic()
         self.redis = redis_client(settings, socket_timeout=3)
+        self.host = socket.gethostname()
         self.client = FeishuClient(
             settings.feishu_alert_webhook_url,
             settings.feishu_webhook_secret,
             self.redis,
-            host=socket.gethostname(),
+            host=self.host,
+            on_result=partial(metrics.TALLY.feishu_message, "alert"),
         )
         self.exit_log = ExitLog(settings.log_dir / "supervisord.log")
         self.engine = Engine(
@@ -893,6 +896,7 @@ class Listener:
             content=alert.content[:4000],
             webhook=self.client.configured,
         )
+        metrics.TALLY.alert(alert.kind)
         self.client.submit_card(alert.title, alert.content, alert.severity, queue=alert.queue)
 
     # --- threads --------------------------------------------------------------------------------
@@ -951,6 +955,7 @@ class Listener:
                         self.inbox.put(("watchdog", event, time.monotonic(), time.time()))
                 except Exception as exc:
                     log.warning("cannot read streak or watchdog events", error=_clean(str(exc)))
+                metrics.TALLY.flush(self.redis, self.host)
             if 0 <= snapshot_tries < 30:  # supervisord answers at once, unless it is very busy starting
                 snapshot_tries = -1 if self._snapshot(first=snapshot_tries == 0) else snapshot_tries + 1
             if self.stop.wait(PROBE_INTERVAL):
@@ -1036,6 +1041,7 @@ class Listener:
         except Exception:
             log.exception("could not send the pending alerts")
         self.client.close(timeout=5.0)
+        metrics.TALLY.flush(self.redis, self.host)
         if code == 0:
             self.marker.clean_stop()
         log.info("alerts listener stopped", events=self.engine.events, exit_code=code)

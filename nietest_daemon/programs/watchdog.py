@@ -20,6 +20,10 @@ stopped (SIGSTOP), deadlocked, stuck in C with the GIL held, or holding a messag
 time limit, is killed with SIGKILL through supervisord, which starts another; its EXITED event
 then hands its messages back, as above. The alerts listener is told (`worker unresponsive`).
 
+**Every unrequested exit is counted** (`count_restart`) in `nietest_process_restarts_total`
+(coordination/metrics.py): `hang` when this watchdog killed the process for silence, `recycle`
+when the worker marked its exit as one before leaving, else `crash`.
+
 Its stdout is the event protocol (`event_listener.py`); its JSON log goes to stderr.
 """
 
@@ -36,7 +40,7 @@ from typing import Any, BinaryIO
 
 import redis
 
-from nietest_daemon.coordination import lifelines
+from nietest_daemon.coordination import lifelines, metrics
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.redaction import set_secrets
 from nietest_daemon.core.settings import QUEUE_KEYS, Settings
@@ -46,6 +50,8 @@ from nietest_daemon.pipeline.broker import build_broker
 from nietest_daemon.programs.event_listener import open_protocol_streams, parse_tokens, serve_protocol
 
 log = get_logger(__name__)
+
+HUNG_MEMORY_SECONDS = 300.0  # how long a killed worker's exit is awaited to be counted as a hang
 
 
 class Watchdog:
@@ -57,6 +63,7 @@ class Watchdog:
         self.host = host
         self.queues = {key: settings.queue(key).name for key in QUEUE_KEYS}
         self.killed: set[str] = set()  # lifelines of the processes killed for silence, until they exit
+        self.hung: dict[str, float] = {}  # the same, until their exit is counted as a `hang` restart
         self.kill: Callable[[str], None] | None = None  # signals `group:name` with SIGKILL (supervisord)
         # Silence counts only from the first check that could read the lifelines: from the start,
         # and again after the broker was unreachable (no worker could beat meanwhile).
@@ -67,9 +74,30 @@ class Watchdog:
             return
         fields = parse_tokens(payload.split("\n", 1)[0])
         group, name, pid = fields.get("groupname", ""), fields.get("processname", ""), fields.get("pid", "")
-        if group not in self.queues or not pid.isdigit():
-            return
-        self.hand_back(group, name, int(pid), expected=fields.get("expected") == "1")
+        expected = fields.get("expected") == "1"
+        if group in self.queues and pid.isdigit():
+            self.hand_back(group, name, int(pid), expected=expected)
+        if not expected and pid.isdigit():
+            self.count_restart(group, name, int(pid))
+
+    def count_restart(self, group: str, name: str, pid: int) -> str | None:
+        """Count an exit nobody asked for in `nietest_process_restarts_total`: a `hang` when this
+        watchdog killed it, a `recycle` when the worker said so before exiting, else a `crash`."""
+        member = lifelines.member(name, pid)
+        try:
+            if self.hung.pop(member, None) is not None:
+                reason = "hang"
+            elif group in self.queues and metrics.take_recycling(self.broker.client, self.host, name, pid):
+                reason = "recycle"
+            else:
+                reason = "crash"
+            inc = metrics.Increments()
+            inc.count(metrics.PROCESS_RESTARTS, program=group, process=name, reason=reason)
+            metrics.add_call(self.host, inc).run(self.broker.client)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not count a restart in the metrics", process_name=name, error=str(exc))
+            return None
+        return reason
 
     def hand_back(self, group: str, name: str, pid: int, *, expected: bool) -> int:
         """Hand back what worker `name` (pid `pid`) of queue `group` held; how many messages."""
@@ -112,6 +140,8 @@ class Watchdog:
             if silent <= self.settings.hang_seconds or member in self.killed:
                 continue
             self.killed.add(member)
+            self.hung = {m: t for m, t in self.hung.items() if now - t < HUNG_MEMORY_SECONDS}
+            self.hung[member] = now
             hung.append((info, silent, last))
         for info, silent, last in hung:
             self._kill(info, silent, last)

@@ -24,7 +24,7 @@ import structlog
 from dramatiq.errors import ActorNotFound
 from dramatiq.middleware import TimeLimit
 
-from nietest_daemon.coordination import lifelines, markers
+from nietest_daemon.coordination import lifelines, markers, metrics
 from nietest_daemon.coordination.connection import wait_for_broker
 from nietest_daemon.core import logs
 from nietest_daemon.core.redaction import set_secrets
@@ -137,6 +137,7 @@ def _lifeline(
                 lifelines.beat(broker.client, host, process, os.getpid())
             except (redis.RedisError, OSError) as exc:
                 log.warning("could not record a sign of life", error=str(exc))
+        metrics.TALLY.flush(broker.client, host)  # kept for the next beat if the broker is away
         time.sleep(lifelines.BEAT_SECONDS)
 
 
@@ -220,6 +221,12 @@ def run(settings: Settings, queue_key: str) -> int:
                 error=str(exc),
                 message_ids=[m.message_id for m in abandoned],
             )
+    metrics.TALLY.flush(broker.client, host)
+    if recycling.reason:
+        try:  # the watchdog counts this exit as a recycle, not a crash
+            metrics.mark_recycling(broker.client, host, process_name, os.getpid())
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not mark this exit as a recycle", error=str(exc))
     log.info(
         "worker stopped",
         seconds=round(time.monotonic() - started, 3),

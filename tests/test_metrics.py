@@ -1,0 +1,311 @@
+"""The metrics issue, quick tier: counters kept in the broker, the hooks of the API and Feishu
+clients, the watchdog's count of restarts, and the metrics program's endpoints, against a private
+valkey-server and a real SQLite store (no supervisord: tests/test_prometheus_e2e.py runs the daemon
+and a real Prometheus)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from threading import Thread
+
+import httpx
+import pytest
+import redis
+from conftest import PrivateValkey
+from prometheus_client.parser import text_string_to_metric_families
+
+from nietest_daemon.clients.feishu import FeishuClient
+from nietest_daemon.clients.nieta import NietaClient, NietaError
+from nietest_daemon.coordination import keys, metrics
+from nietest_daemon.core import settings as settings_module
+from nietest_daemon.internals.dramatiq_redis import NietestRedisBroker
+from nietest_daemon.pipeline.broker import build_broker
+from nietest_daemon.programs import metrics as metrics_program
+from nietest_daemon.programs.watchdog import Watchdog
+
+HOST = "host-m"
+TOKEN = "t0ken-for-the-metrics-endpoints"
+
+
+@pytest.fixture
+def settings(valkey: PrivateValkey, short_tmp: Path) -> settings_module.Settings:
+    return settings_module.load(
+        {"NIETEST_HOME": str(short_tmp), "BROKER_REDIS_URL": valkey.url, "NIETEST_METRICS_ADDR": "127.0.0.1:0"}
+    )
+
+
+@pytest.fixture
+def client(valkey: PrivateValkey) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(valkey.url)
+    yield c
+    c.close()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition, by (name, sorted labels)."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            found[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return found
+
+
+def rendered(totals: dict[str, float], infos: list[dict] | None = None) -> dict:
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import Collector, CollectorRegistry
+
+    class Fixed(Collector):
+        def collect(self):
+            return metrics_program.render_totals(totals, infos or [])
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Fixed())
+    return samples(generate_latest(registry).decode())
+
+
+# --- the totals in the broker ----------------------------------------------------------------------
+
+
+def test_increments_add_up_in_the_broker_and_render_as_counters_and_histograms(client: redis.Redis) -> None:
+    inc = metrics.Increments()
+    inc.count(metrics.SUBTASKS_FINISHED, api="standard", outcome="completed")
+    inc.count(metrics.SUBTASKS_FINISHED, 2, api="lumina", outcome="failed")
+    for seconds in (0.5, 3.0, 3.0, 5000.0):
+        inc.observe(metrics.IMAGE_JOB_SECONDS, seconds, api="standard")
+    metrics.add_call(HOST, inc).run(client)
+    metrics.add_call(HOST, inc).run(client)  # a second process adds to the same totals
+    totals = metrics.read(client, HOST)
+    got = rendered(totals)
+
+    assert got[("nietest_subtasks_finished_total", (("api", "standard"), ("outcome", "completed")))] == 2
+    assert got[("nietest_subtasks_finished_total", (("api", "lumina"), ("outcome", "failed")))] == 4
+    # Zero-filled: the fixed label sets exist before their first increment.
+    assert got[("nietest_subtasks_finished_total", (("api", "lumina"), ("outcome", "cancelled")))] == 0
+    assert got[("nietest_subtask_failures_total", (("api", "standard"), ("reason", "moderation")))] == 0
+    bucket = "nietest_image_job_seconds_bucket"
+    assert got[(bucket, (("api", "standard"), ("le", "1.0")))] == 2  # cumulative
+    assert got[(bucket, (("api", "standard"), ("le", "2.0")))] == 2
+    assert got[(bucket, (("api", "standard"), ("le", "5.0")))] == 6
+    assert got[(bucket, (("api", "standard"), ("le", "1800.0")))] == 6
+    assert got[(bucket, (("api", "standard"), ("le", "+Inf")))] == 8
+    assert got[("nietest_image_job_seconds_count", (("api", "standard"),))] == 8
+    assert got[("nietest_image_job_seconds_sum", (("api", "standard"),))] == pytest.approx(2 * 5006.5)
+    assert got[(bucket, (("api", "lumina"), ("le", "+Inf")))] == 0
+
+
+def test_restarts_are_zero_filled_for_every_supervised_process() -> None:
+    infos = [{"group": "subtask", "name": "subtask_00"}, {"group": "broker", "name": "broker"}]
+    got = rendered({}, infos)
+    for program, process in (("subtask", "subtask_00"), ("broker", "broker")):
+        for reason in metrics.RESTART_REASONS:
+            labels = (("process", process), ("program", program), ("reason", reason))
+            assert got[("nietest_process_restarts_total", labels)] == 0
+
+
+def test_a_tally_keeps_its_increments_while_the_broker_is_away(client: redis.Redis) -> None:
+    tally = metrics.Tally()
+    tally.api_request("standard", "poll", 200, 0.03)
+    tally.api_request("standard", "poll", None, 5.0)
+    tally.feishu_message("task", "sent")
+    away = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    assert tally.flush(away, HOST) is False
+    tally.alert("crash")
+    assert tally.flush(client, HOST) is True
+    assert tally.flush(client, HOST) is True  # nothing left: nothing added twice
+    got = rendered(metrics.read(client, HOST))
+    requests = "nietest_api_requests_total"
+    assert got[(requests, (("api", "standard"), ("code_class", "2xx"), ("endpoint", "poll")))] == 1
+    assert got[(requests, (("api", "standard"), ("code_class", "error"), ("endpoint", "poll")))] == 1
+    assert got[("nietest_api_request_seconds_count", (("api", "standard"), ("endpoint", "poll")))] == 2
+    assert got[("nietest_feishu_messages_total", (("bot", "task"), ("outcome", "sent")))] == 1
+    assert got[("nietest_alerts_total", (("kind", "crash"),))] == 1
+
+
+def test_code_classes() -> None:
+    assert [metrics.code_class(c) for c in (200, 204, 302, 404, 429, 503, None, 0, 999)] == [
+        "2xx",
+        "2xx",
+        "3xx",
+        "4xx",
+        "4xx",
+        "5xx",
+        "error",
+        "error",
+        "error",
+    ]
+
+
+# --- the clients' hooks ----------------------------------------------------------------------------
+
+
+def test_the_nieta_client_reports_every_attempt() -> None:
+    seen: list[tuple[str, str, int | None]] = []
+    answers = iter([503, 200])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/make_image"):
+            return httpx.Response(next(answers), text='"job-1"')
+        raise httpx.ConnectError("refused", request=request)
+
+    client = NietaClient(
+        "tok-abcdef",
+        "http://127.0.0.1:9/api",
+        "http://127.0.0.1:9/ops",
+        transport=httpx.MockTransport(handler),
+        sleep=lambda _: None,
+        max_retries=1,
+        observe=lambda api, endpoint, code, seconds: seen.append((api, endpoint, code)),
+    )
+    assert client.create_job({"prompts": [], "is_lumina": True}) == "job-1"
+    with pytest.raises(NietaError):
+        client.poll_job("job-1", is_lumina=False)
+    assert seen == [
+        ("lumina", "create", 503),
+        ("lumina", "create", 200),
+        ("standard", "poll", None),
+        ("standard", "poll", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "outcome"),
+    [
+        (200, {"code": 0}, "sent"),
+        (429, {"code": 9499, "msg": "too many requests"}, "rate_limited"),
+        (500, {"code": 1}, "failed"),
+        (200, {"code": 19024, "msg": "key words not found"}, "failed"),
+    ],
+)
+def test_the_feishu_client_reports_each_message(status: int, body: dict, outcome: str) -> None:
+    seen: list[str] = []
+    hook = "http://127.0.0.1:9/open-apis/bot/v2/hook/abc"
+    client = FeishuClient(
+        hook,
+        None,
+        host="h",
+        transport=httpx.MockTransport(lambda _: httpx.Response(status, json=body)),
+        sleep=lambda _: None,
+        on_result=seen.append,
+    )
+    client.send_card("title", "text")
+    assert seen == [outcome]
+    FeishuClient(None, on_result=seen.append).send_card("t", "x")  # not configured: not a message
+    assert seen == [outcome]
+
+
+# --- the watchdog counts restarts ------------------------------------------------------------------
+
+
+def exited(group: str, name: str, pid: int, expected: int) -> tuple[dict[str, str], str]:
+    headers = {"eventname": "PROCESS_STATE_EXITED"}
+    return headers, f"processname:{name} groupname:{group} from_state:RUNNING expected:{expected} pid:{pid}"
+
+
+def test_the_watchdog_counts_each_unrequested_exit_with_its_reason(
+    settings: settings_module.Settings, client: redis.Redis
+) -> None:
+    broker: NietestRedisBroker = build_broker(settings)
+    try:
+        watchdog = Watchdog(settings, broker, HOST)
+        watchdog.handle(*exited("subtask", "subtask_00", 101, expected=0))  # a crash
+        metrics.mark_recycling(client, HOST, "subtask_01", 102)
+        watchdog.handle(*exited("subtask", "subtask_01", 102, expected=0))  # said it recycles
+        watchdog.hung["subtask_00/103"] = 0.0
+        watchdog.handle(*exited("subtask", "subtask_00", 103, expected=0))  # killed for silence
+        watchdog.handle(*exited("subtask", "subtask_00", 104, expected=1))  # stopped on request
+        watchdog.handle(*exited("broker", "broker", 105, expected=0))  # not a worker: still a restart
+        got = rendered(metrics.read(client, HOST))
+    finally:
+        broker.close()
+    restarts = "nietest_process_restarts_total"
+    assert got[(restarts, (("process", "subtask_00"), ("program", "subtask"), ("reason", "crash")))] == 1
+    assert got[(restarts, (("process", "subtask_01"), ("program", "subtask"), ("reason", "recycle")))] == 1
+    assert got[(restarts, (("process", "subtask_00"), ("program", "subtask"), ("reason", "hang")))] == 1
+    assert got[(restarts, (("process", "broker"), ("program", "broker"), ("reason", "crash")))] == 1
+    assert sum(v for (name, _), v in got.items() if name == restarts) == 4
+    assert not client.exists(keys.recycling(HOST, "subtask_01/102"))  # the mark is used once
+
+
+# --- the endpoints ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(settings: settings_module.Settings) -> Iterator[str]:
+    """The metrics program's server, without supervisord (it does not answer)."""
+    httpd = metrics_program.serve(settings, ("127.0.0.1", 0), host=HOST)
+    thread = Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def get(url: str, token: str | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_the_endpoints_say_what_is_missing(server: str, client: redis.Redis) -> None:
+    inc = metrics.Increments()
+    inc.count(metrics.ALERTS, kind="fatal")
+    metrics.add_call(HOST, inc).run(client)
+
+    status, text = get(server + "/metrics")
+    assert status == 200
+    got = samples(text)
+    assert got[("nietest_supervisor_up", ())] == 0
+    assert got[("nietest_broker_up", ())] == 1
+    assert got[("nietest_store_up", ())] == 1
+    assert got[("nietest_alerts_total", (("kind", "fatal"),))] == 1
+    assert got[("nietest_tasks", (("status", "pending"),))] == 0
+    assert got[("nietest_queue_messages", (("queue", "nietest_subtask"), ("state", "ready")))] == 0
+    assert got[("nietest_job_slots_capacity", (("api", "standard"),))] == 50
+
+    status, text = get(server + "/healthz")
+    assert status == 503 and json.loads(text)["healthy"] is False
+    status, text = get(server + "/readyz")
+    body = json.loads(text)
+    assert status == 503 and body["ready"] is False
+    assert [item["component"] for item in body["not_ready"]] == ["supervisord"]
+    assert get(server + "/nope")[0] == 404
+
+
+def test_the_exposition_passes_promtool(server: str) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (.ci/run installs Debian's prometheus)")
+    _, text = get(server + "/metrics")
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check.stdout + check.stderr
+
+
+def test_a_token_guards_every_endpoint(settings: settings_module.Settings) -> None:
+    guarded = settings_module.load(
+        {
+            "NIETEST_HOME": str(settings.home),
+            "BROKER_REDIS_URL": settings.broker_url,
+            "NIETEST_METRICS_TOKEN": TOKEN,
+        }
+    )
+    assert TOKEN in guarded.secrets()
+    httpd = metrics_program.serve(guarded, ("127.0.0.1", 0), host=HOST)
+    Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        for path in ("/metrics", "/healthz", "/readyz"):
+            assert get(base + path)[0] == 401
+            assert get(base + path, token="wrong")[0] == 401
+        assert get(base + "/metrics", token=TOKEN)[0] == 200
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
