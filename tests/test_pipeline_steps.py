@@ -472,3 +472,92 @@ def test_the_sweep_runs_once_per_round_however_many_sweepers(pipe: Pipeline, mon
     # 4 sweepers waking every ~0.1 s would sweep ~40 times a second; the lock (at least 1 s) allows one.
     gaps = [b - a for a, b in zip(rounds, rounds[1:], strict=False)]
     assert all(gap >= 0.9 for gap in gaps), gaps
+
+
+# --- retry (nietest retry) ----------------------------------------------------------------------------
+
+
+def master_notices(pipe: Pipeline) -> list[list[Any]]:
+    master = pipe.ctx.settings.queue("master").name
+    bodies = [json.loads(m) for m in pipe.ctx.redis.hvals(bodies_key(master))]
+    return sorted(m["args"] for m in bodies if m["actor_name"] == "send_notice")
+
+
+def test_retry_runs_only_the_failed_subtasks_through_the_job_slots(pipe: Pipeline) -> None:
+    from nietest_daemon.pipeline.retry import retry_task
+
+    a, b, c = pipe.add_task("t", 3, queue=False)
+    store, client = pipe.ctx.store, pipe.ctx.redis
+    for sid, status in ((a, COMPLETED), (b, "failed"), (c, "failed")):
+        finish(pipe.ctx, subtask(pipe, sid), status, result="http://x/a.png" if sid == a else None, error="boom")
+    assert store.get_task("t")["status"] == COMPLETED and master_notices(pipe) == [["t", "partially_completed"]]
+    client.set(keys.create_sent(b), "deadhost:1:feed")  # b's create died in doubt: it failed, never paid twice
+    client.sadd(keys.timeouts(c), "job-c")
+
+    result = retry_task(pipe.ctx, "t")
+    assert result.outcome.reopened and result.outcome.round == 2 and result.outcome.reset == 2
+    task = store.get_task("t")
+    assert task["status"] == PROCESSING and (task["failed_images"], task["processed_images"]) == (0, 1)
+    assert not client.exists(keys.create_sent(b), keys.timeouts(c), keys.notice_final_queued("t"))
+    # One job slot (NIETEST_MAX_JOBS=1): b is admitted and gets its run message, c waits in line; a never runs.
+    assert pipe.woken() == [b] and holders(pipe) == [b] and waiting(pipe) == 1
+    run_subtask(b)
+    assert len(pipe.api.jobs) == 1 and store.get_subtask(b)["job_uuid"] == pipe.api.jobs[0].uuid
+    assert store.get_subtask(b)["error_history"][0]["error"] == "boom"
+
+    # Round 2 ends with its own final notice (the round's number rides along from round 2 on).
+    finish(pipe.ctx, subtask(pipe, b), COMPLETED, result="http://x/b.png")
+    finish(pipe.ctx, subtask(pipe, c), COMPLETED, result="http://x/c.png")
+    assert store.get_task("t")["status"] == COMPLETED and store.get_task("t")["completed_images"] == 3
+    assert master_notices(pipe) == [["t", "completed", 2], ["t", "partially_completed"]]
+    assert keys.notice("t", "completed", 2) != keys.notice("t", "completed")
+
+
+def test_retry_refusals(pipe: Pipeline) -> None:
+    from nietest_daemon.pipeline.retry import RetryRefused, retry_task
+
+    with pytest.raises(RetryRefused, match="no task nope"):
+        retry_task(pipe.ctx, "nope")
+    a, b = pipe.add_task("t", 2)
+    finish(pipe.ctx, subtask(pipe, a), "failed", error="boom")
+    with pytest.raises(RetryRefused, match=r"task t is still running \(processing\): retry it once it has finished$"):
+        retry_task(pipe.ctx, "t")
+    finish(pipe.ctx, subtask(pipe, b), COMPLETED, result="http://x/b.png")
+    with pytest.raises(RetryRefused, match="has no cancelled subtasks to run again"):
+        retry_task(pipe.ctx, "t", ["cancelled"])
+    # A task whose master failed half-way through the expansion has fewer subtasks than images.
+    pipe.ctx.store.create_task({"id": "half", "name": "half", "total_images": 3})
+    pipe.ctx.store.insert_subtasks("half", [{"id": "half:0", "variable_indices": [0]}])
+    pipe.ctx.store.fail_task("half", "unexpected error: out of memory")
+    pipe.ctx.store.cancel_task("half")
+    with pytest.raises(RetryRefused, match="has 1 of its 3 subtasks .*out of memory.*submit it again"):
+        retry_task(pipe.ctx, "half", ["failed", "cancelled"])
+    assert not any(sid.startswith("half") for sid in pipe.woken()) and pipe.api.jobs == []
+
+
+def test_the_command_refuses_with_a_clear_message(pipe: Pipeline, capsys: pytest.CaptureFixture[str]) -> None:
+    from nietest_daemon.programs import tasks_cli
+
+    pipe.add_task("t", 1, queue=False)
+    assert tasks_cli.retry(pipe.ctx.settings, "missing", failed=True, cancelled=False) == 2
+    assert capsys.readouterr().err == "nietest: no task missing\n"
+    assert tasks_cli.retry(pipe.ctx.settings, "t", failed=False, cancelled=True) == 2
+    assert "nietest: task t is still running (processing)" in capsys.readouterr().err
+
+
+def test_a_retry_interrupted_before_it_queued_is_finished_by_the_sweep_or_a_second_retry(pipe: Pipeline) -> None:
+    from nietest_daemon.pipeline.retry import RetryRefused, retry_task
+
+    a, b = pipe.add_task("t", 2, queue=False)
+    finish(pipe.ctx, subtask(pipe, a), "failed", error="boom")
+    finish(pipe.ctx, subtask(pipe, b), COMPLETED, result="http://x/b.png")
+    # As if `nietest retry` had died after the store update, before it queued anything.
+    assert pipe.ctx.store.retry_subtasks("t").reopened
+    assert pipe.woken() == [] and waiting(pipe) == 0
+    with pytest.raises(RetryRefused, match="still running.*were queued") as refused:
+        retry_task(pipe.ctx, "t")
+    assert refused.value.repaired and pipe.woken() == [a]
+    assert sweep(pipe.ctx)["requeued"] == 0  # in line already; the sweep would have done the same
+    pipe.clear()
+    pipe.ctx.redis.delete(pipe.ctx.slots[Lane.STANDARD].holders)
+    assert sweep(pipe.ctx)["requeued"] == 1 and pipe.woken() == [a]

@@ -208,6 +208,15 @@ def test_list_tasks_newest_first_and_by_status(store: Store) -> None:
     assert [t["id"] for t in store.list_tasks(status=[PROCESSING, PENDING], limit=3)] == ["t4", "t3", "t2"]
 
 
+def test_count_tasks_by_status(store: Store) -> None:
+    assert store.count_tasks() == dict.fromkeys(STATUSES, 0)
+    for i in range(4):
+        store.create_task(task_doc(f"t{i}", 1))
+    store.mark_task_running("t1")
+    store.fail_task("t2", "broken")
+    assert store.count_tasks() == {**dict.fromkeys(STATUSES, 0), PENDING: 2, PROCESSING: 1, FAILED: 1}
+
+
 def test_mark_task_running_once(store: Store) -> None:
     store.create_task(task_doc("t", 1))
     assert store.mark_task_running("t") is True
@@ -780,3 +789,194 @@ def test_get_subtask_for_work_reads_the_subtask_and_its_tasks_cancel_flag(store:
     sub, cancel = store.get_subtask_for_work(ids[0])
     assert sub is not None and sub["status"] == PROCESSING and cancel is True
     assert store.get_subtask_for_work("missing") == (None, False)
+
+
+# --- retry (nietest retry) and paging ------------------------------------------------------------------
+
+
+def finished_task(store: Store, task_id: str, outcomes: list[str]) -> list[str]:
+    """A task whose subtasks ended as `outcomes` (each with a job, a seed and, failing, an error)."""
+    ids = make_task(store, task_id, len(outcomes))
+    store.mark_task_running(task_id)
+    for i, (sid, status) in enumerate(zip(ids, outcomes, strict=True)):
+        if status != CANCELLED:
+            store.start_subtask(sid)
+            store.record_job(sid, f"job-{i}", 1000 + i)
+        result = f"https://img/{i}.png" if status == COMPLETED else None
+        store.finish_subtask(sid, status, result=result, error=None if status == COMPLETED else f"boom {i}")
+    return ids
+
+
+def test_new_documents_start_in_round_1(store: Store) -> None:
+    make_task(store, "t", 1)
+    assert store.get_task("t")["round"] == 1  # type: ignore[index]
+    sub = store.get_subtask(sub_ids("t", 1)[0])
+    assert sub is not None and sub["round"] == 1 and sub["error_history"] == []
+
+
+def test_retry_runs_failed_subtasks_again_with_exact_counters(store: Store) -> None:
+    ids = finished_task(store, "t", [COMPLETED, FAILED, COMPLETED, FAILED, CANCELLED, COMPLETED])
+    before = store.get_task("t")
+    assert before is not None and before["status"] == CANCELLED and before["processed_images"] == 6
+    done_before = {sid: store.get_subtask(sid) for sid in (ids[0], ids[2], ids[5])}
+
+    outcome = store.retry_subtasks("t", [FAILED])
+    assert outcome.found and outcome.reopened and outcome.reset == 2 and outcome.round == 2
+    assert outcome.status == CANCELLED  # as the call found it
+    task = store.get_task("t")
+    assert task is not None and outcome.task is not None and outcome.task["status"] == PROCESSING
+    assert task["status"] == PROCESSING and task["round"] == 2
+    assert counters(task) == {
+        "total_images": 6,
+        "processed_images": 4,
+        "completed_images": 3,
+        "failed_images": 0,
+        "cancelled_images": 1,
+    }
+    assert task["progress"] == 66.67 and task["completed_at"] is None and task["error"] is None
+    assert counters(task) == {**store.recount("t")}
+    for i in (1, 3):
+        sub = store.get_subtask(ids[i])
+        assert sub is not None and sub["status"] == PENDING and sub["round"] == 2
+        assert (sub["job_uuid"], sub["result"], sub["error"], sub["attempts"], sub["poll_count"]) == (
+            None,
+            None,
+            None,
+            0,
+            0,
+        )
+        assert sub["started_at"] is None and sub["completed_at"] is None
+        assert sub["seed"] == 1000 + i  # the same image is made again
+        [entry] = sub["error_history"]
+        assert entry["round"] == 1 and entry["status"] == FAILED and entry["error"] == f"boom {i}"
+        assert entry["job_uuid"] == f"job-{i}" and entry["seed"] == 1000 + i
+        assert isinstance(entry["completed_at"], str) and entry["completed_at"].startswith("20")
+    for sid, doc in done_before.items():  # nothing else runs again
+        assert store.get_subtask(sid) == doc
+    assert store.get_subtask(ids[4])["status"] == CANCELLED  # type: ignore[index]
+
+    # Refused while the task runs; the round's subtasks finish and count as usual.
+    assert store.retry_subtasks("t", [FAILED, CANCELLED]).reopened is False
+    assert store.finish_subtask(ids[1], COMPLETED, result="https://img/1b.png").finalised is False  # type: ignore[union-attr]
+    last = store.finish_subtask(ids[3], FAILED, error="boom again")
+    assert last is not None and last.finalised and last.task is not None and last.task["round"] == 2
+    assert last.task["status"] == CANCELLED  # one image is still cancelled
+
+    # Round 3: the cancelled one and the one that failed again.
+    outcome = store.retry_subtasks("t", [CANCELLED, FAILED])
+    assert outcome.reopened and outcome.reset == 2 and outcome.round == 3
+    assert [e["error"] for e in store.get_subtask(ids[3])["error_history"]] == ["boom 3", "boom again"]  # type: ignore[index]
+    assert [e["status"] for e in store.get_subtask(ids[4])["error_history"]] == [CANCELLED]  # type: ignore[index]
+    store.finish_subtask(ids[3], COMPLETED, result="https://img/3c.png")
+    last = store.finish_subtask(ids[4], COMPLETED, result="https://img/4c.png")
+    assert last is not None and last.finalised and last.task_status == COMPLETED
+    task = store.get_task("t")
+    assert task is not None and task["error"] is None and task["progress"] == 100.0 and task["round"] == 3
+    assert (
+        counters(task)
+        == {**store.recount("t")}
+        == {
+            "total_images": 6,
+            "processed_images": 6,
+            "completed_images": 6,
+            "failed_images": 0,
+            "cancelled_images": 0,
+        }
+    )
+
+
+def test_retry_refusals(store: Store) -> None:
+    assert store.retry_subtasks("missing").found is False
+    ids = make_task(store, "t", 2)
+    pending = store.retry_subtasks("t")
+    assert pending.found and not pending.reopened and pending.status == PENDING
+    store.mark_task_running("t")
+    store.finish_subtask(ids[0], FAILED, error="x")
+    running = store.retry_subtasks("t")
+    assert not running.reopened and running.status == PROCESSING and running.reset == 0
+    assert store.get_subtask(ids[0])["status"] == FAILED  # type: ignore[index]
+    store.finish_subtask(ids[1], COMPLETED)
+    nothing = store.retry_subtasks("t", [CANCELLED])  # no cancelled subtask: nothing changes
+    assert nothing.found and not nothing.reopened and nothing.reset == 0
+    assert store.get_task("t")["status"] == COMPLETED and store.get_task("t")["round"] == 1  # type: ignore[index]
+    with pytest.raises(ValueError, match="failed"):
+        store.retry_subtasks("t", [COMPLETED])
+    with pytest.raises(ValueError):
+        store.retry_subtasks("t", [])
+
+
+def test_retry_cancelled_subtasks_of_a_cancelled_task_clears_the_cancel(store: Store) -> None:
+    ids = make_task(store, "t", 3)
+    store.mark_task_running("t")
+    store.finish_subtask(ids[0], COMPLETED)
+    assert store.cancel_task("t").finalised
+    assert store.is_cancel_requested("t")
+    outcome = store.retry_subtasks("t", [CANCELLED])
+    assert outcome.reopened and outcome.reset == 2
+    assert not store.is_cancel_requested("t")  # else the pipeline would cancel them at once
+    task = store.get_task("t")
+    assert task is not None and task["cancel_requested"] is False and task["cancelled_images"] == 0
+
+
+def test_concurrent_retries_reopen_the_task_once(make_store: StoreFactory) -> None:
+    store = make_store()
+    finished_task(store, "t", [FAILED] * 40 + [COMPLETED] * 10)
+    handles = [make_store() for _ in range(4)]
+    barrier = threading.Barrier(len(handles))
+    outcomes = []
+
+    def go(handle: Store) -> None:
+        barrier.wait()
+        outcomes.append(handle.retry_subtasks("t"))
+
+    with tight_thread_switching():
+        threads = [threading.Thread(target=go, args=(h,)) for h in handles]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sum(o.reopened for o in outcomes) == 1
+    assert sum(o.reset for o in outcomes) == 40  # each subtask moved once
+    task = store.get_task("t")
+    assert task is not None and task["round"] == 2 and task["status"] == PROCESSING
+    assert counters(task) == {**store.recount("t")}
+    assert all(len(s["error_history"]) == 1 for s in store.list_subtasks("t", status=PENDING))
+
+
+def test_mongo_retry_interrupted_after_the_subtasks_is_finished_by_the_next_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With MongoDB the subtasks move one by one before the task: a process that dies in between
+    leaves them pending under a finished task, and running the retry again goes on from there."""
+    store = MongoStore(AtomicDatabase(mongomock.MongoClient().db))  # type: ignore[arg-type]
+    ids = finished_task(store, "t", [FAILED, FAILED, COMPLETED])
+
+    class Died(Exception):
+        pass
+
+    def die(*args: Any, **kwargs: Any) -> Any:
+        raise Died
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store.tasks, "find_one_and_update", die)
+        with pytest.raises(Died):
+            store.retry_subtasks("t")
+    assert store.get_task("t")["status"] == COMPLETED  # type: ignore[index]
+    assert store.count_subtasks("t")[PENDING] == 2
+    outcome = store.retry_subtasks("t")
+    assert outcome.reopened and outcome.reset == 0 and outcome.round == 2
+    task = store.get_task("t")
+    assert task is not None and counters(task) == {**store.recount("t")} and task["failed_images"] == 0
+    assert all(len(store.get_subtask(i)["error_history"]) == 1 for i in ids[:2])  # type: ignore[index]
+
+
+def test_iter_subtasks_pages_through_a_task_in_id_order(store: Store) -> None:
+    ids = make_task(store, "t", 2345)
+    make_task(store, "u", 3)
+    assert [s["id"] for s in store.iter_subtasks("t", batch=1000)] == ids
+    assert [s["id"] for s in store.iter_subtasks("t", batch=2345)] == ids
+    assert [s["id"] for s in store.list_subtasks("t", limit=3, after=ids[10])] == ids[11:14]
+    store.finish_subtask(ids[5], FAILED, error="x")
+    store.finish_subtask(ids[2000], FAILED, error="y")
+    assert [s["id"] for s in store.iter_subtasks("t", status=FAILED, batch=1)] == [ids[5], ids[2000]]
+    assert list(store.iter_subtasks("missing")) == []

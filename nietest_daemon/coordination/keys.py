@@ -93,6 +93,11 @@ def lifelines(host: str) -> str:
 WATCHDOG_EVENTS = f"{PREFIX}:watchdog:events"
 
 
+def recycling(host: str, member: str) -> str:
+    """A worker (`<process>/<pid>`) exits to be recycled: how the watchdog tells a recycle from a crash."""
+    return f"{PREFIX}:recycling:{host}:{member}"
+
+
 def alive(process_token: str) -> str:
     """A worker process is alive (renewed by its housekeeping thread; expires when it dies)."""
     return f"{PREFIX}:alive:{process_token}"
@@ -101,17 +106,26 @@ def alive(process_token: str) -> str:
 # --- tasks and periodic work --------------------------------------------------------------------
 
 
-def notice(task_id: str, event: str) -> str:
-    """The task notice `event` of the task was claimed ("sending:<message id>") or "sent"."""
-    return f"{PREFIX}:notice:{task_id}:{event}"
+def notice(task_id: str, event: str, round: int = 1) -> str:
+    """The task notice `event` of the task's `round` (1, then one more per `nietest retry`) was
+    claimed ("sending:<message id>") or "sent"."""
+    return f"{PREFIX}:notice:{task_id}:{event}" if round <= 1 else f"{PREFIX}:notice:{task_id}:r{round}:{event}"
 
 
 def notice_final_queued(task_id: str) -> str:
-    """The task's final notice was enqueued."""
+    """The final notice of the task's current round was enqueued (a retry deletes it)."""
     return f"{PREFIX}:notice:{task_id}:final-queued"
 
 
 SWEEP_LOCK = f"{PREFIX}:sweep"  # one sweep per round across every master process
+
+# --- metrics (coordination/metrics.py) ------------------------------------------------------------
+
+
+def metrics(host: str) -> str:
+    """Hash: the totals of every counter and histogram series counted by the processes of `host`."""
+    return f"{PREFIX}:metrics:{host}"
+
 
 # --- Feishu rate limits (clients/feishu.py) ------------------------------------------------------
 FEISHU_RATE_LIMIT_PREFIX = f"{PREFIX}:feishu:ratelimit"

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import uuid
+from collections.abc import Iterable
 
 import redis
 
@@ -120,6 +122,18 @@ def forget_call(subtask_id: str) -> ScriptCall:
     """Drop an ended subtask's poll chain and TIMEOUT count (a stale message finds the subtask ended
     and does nothing); else each would stay in the broker for a day after the subtask's end."""
     return ScriptCall(_FORGET, [keys.poll_chain(subtask_id), keys.timeouts(subtask_id)], [])
+
+
+def forget_all(client: redis.Redis, subtask_ids: Iterable[str], *, batch: int = 1000) -> int:
+    """Drop every marker of ended subtasks that are to run again (`nietest retry`): poll chain,
+    TIMEOUT count and the create-sent marker of a create in doubt, whose subtask failed rather than
+    pay twice; running it again pays for a new job on purpose. How many subtasks it looked at."""
+    seen = 0
+    ids = iter(subtask_ids)
+    while chunk := list(itertools.islice(ids, batch)):
+        client.delete(*(key(i) for i in chunk for key in (keys.poll_chain, keys.timeouts, keys.create_sent)))
+        seen += len(chunk)
+    return seen
 
 
 # --- TIMEOUT answers ------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ __all__ = [
     "subtask_at",
     "subtask_id",
     "validate_task",
+    "value_label",
 ]
 
 #: Prompt types a (non-variable) prompt may have.
@@ -641,6 +642,28 @@ def parse_task(text: str | bytes, *, max_subtasks: int = DEFAULT_MAX_SUBTASKS) -
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise TaskValidationError("task", f"is not valid JSON: {exc}") from None
     return validate_task(doc, max_subtasks=max_subtasks)
+
+
+# --- showing values ------------------------------------------------------------------------------
+
+
+def value_label(value: Any) -> str:
+    """A variable's value (or a fixed parameter's, or a prompt) as people read it: a prompt's text,
+    a character's or element's name, `true` / `false`, empty for none. Not escaped."""
+    if isinstance(value, Mapping):
+        text = value.get("value") if value.get("type", "freetext") == "freetext" else value.get("name")
+        label = str(text or value.get("value") or "")
+        weight = value.get("weight")
+        if isinstance(weight, int | float) and not isinstance(weight, bool) and weight != 1:
+            label = f"{label} (weight {weight:g})"
+        return label
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 # --- expansion ------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ _settings = settings_module.load()
 _MINUTE = 60_000
 
 
-def send_notice(task_id: str, event: str) -> None:
-    notices.deliver(context(), task_id, event)
+def send_notice(task_id: str, event: str, round: int = 1) -> None:
+    notices.deliver(context(), task_id, event, round)
 
 
 _master = _settings.queue("master").name

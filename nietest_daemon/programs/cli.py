@@ -7,6 +7,7 @@ import sys
 
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.core.settings import QUEUE_KEYS, SettingsError
+from nietest_daemon.domain.status import STATUSES
 
 DESCRIPTION = """\
 nietest runs Nieta image-generation test campaigns on Dramatiq workers kept alive by supervisord.
@@ -20,6 +21,10 @@ examples:
   nietest ctl stop subtask:*         stop one queue's workers (any supervisorctl command)
   nietest submit examples/task.json --wait   submit a task and follow its progress
   nietest status TASK_ID             one task's progress and errors
+  nietest tasks --status failed      the latest failed tasks
+  nietest report TASK_ID -o r.html   the task's images as a matrix (an HTML file)
+  nietest retry TASK_ID              run its failed images again
+  nietest export TASK_ID --format csv > images.csv
   nietest worker subtask             one worker process (what supervisord runs)"""
 
 
@@ -61,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         "process exits, for any reason, the messages it had fetched (prefetched, delayed polls) go back to "
         "their queue at once instead of after NIETEST_BROKER_HEARTBEAT_TIMEOUT.",
     )
+    sub.add_parser(
+        "metrics",
+        help="serve /metrics (Prometheus), /healthz and /readyz (what supervisord runs)",
+        description="Listen on NIETEST_METRICS_ADDR (default 127.0.0.1:9464; empty: off) and answer "
+        "/metrics in the Prometheus text format, /healthz (200 while no program is failing) and /readyz "
+        "(200 when the broker and the store answer and every worker is RUNNING; else 503 naming what is "
+        "not). With NIETEST_METRICS_TOKEN set, requests need `Authorization: Bearer <token>`. "
+        "See docs/metrics.md.",
+    )
     ctl = sub.add_parser(
         "ctl",
         help="supervisorctl against the running daemon, e.g. `nietest ctl status`",
@@ -95,7 +109,60 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pending subtasks become cancelled; running jobs are not polled further.",
     )
     cancel.add_argument("task_id", metavar="TASK_ID")
+    tasks = sub.add_parser(
+        "tasks",
+        help="recent tasks, newest first: status, progress, counts, priority, age",
+        description="List the most recent tasks, newest first: id, status, progress, completed/total, "
+        "failed and cancelled images, priority, age and name. A status marked * is a partial completion.",
+    )
+    tasks.add_argument("--status", choices=STATUSES, help="only tasks in this status")
+    tasks.add_argument("--limit", type=_positive, default=20, metavar="N", help="at most N tasks (default 20)")
+    tasks.add_argument("--json", action="store_true", help="print one JSON list")
+    report = sub.add_parser(
+        "report",
+        help="write a task's images as an HTML matrix along two of its variables",
+        description="Write one self-contained HTML file (no script, inline CSS; only the images are fetched, "
+        "lazily): the task's name, status, counts, fixed parameters and timings, then one grid per combination "
+        "of the other variables, with ROWS down and COLS across (by default the first two variables). A cell "
+        "shows the image (linking to the full one), its seed and variable values; or the error; or that it is "
+        "cancelled or pending; and the errors of earlier attempts (`nietest retry`). Large grids come in "
+        "folded blocks of at most 1000 images.",
+    )
+    report.add_argument("task_id", metavar="TASK_ID")
+    report.add_argument("-o", "--output", metavar="FILE", help="where to write it (nietest-report-TASK_ID.html)")
+    report.add_argument("--rows", metavar="VAR", help="the variable down the rows: its name, id or dimension index")
+    report.add_argument("--cols", metavar="VAR", help="the variable across the columns (name, id or dimension index)")
+    retry = sub.add_parser(
+        "retry",
+        help="run the failed (and/or cancelled) images of a finished task again, as new image jobs",
+        description="Put the failed subtasks (--failed, the default) and/or the cancelled ones (--cancelled) of a "
+        "finished task back in line as new image jobs, through the usual job slots and fair shares; nothing "
+        "else runs again. The task runs again as its next round, with its counters adjusted, and gets one "
+        "final notice for that round; each retried image keeps its earlier errors. Refused while the task runs.",
+    )
+    retry.add_argument("task_id", metavar="TASK_ID")
+    retry.add_argument("--failed", action="store_true", help="run the failed images again (the default)")
+    retry.add_argument("--cancelled", action="store_true", help="run the cancelled images again")
+    export = sub.add_parser(
+        "export",
+        help="print one row per subtask of a task, as CSV or JSON lines",
+        description="Print a header line, then one row per subtask: its id, one column per variable, status, "
+        "image URL, seed, error, start and end times, duration, attempt, earlier errors, job uuid, coordinate. "
+        "csv: RFC 4180 (CRLF line ends); jsonl: the header line is an object describing the task and columns.",
+    )
+    export.add_argument("task_id", metavar="TASK_ID")
+    export.add_argument("--format", choices=("csv", "jsonl"), required=True, help="csv or jsonl")
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def run(argv: list[str]) -> int:
@@ -130,6 +197,10 @@ def run(argv: list[str]) -> int:
         from nietest_daemon.programs import watchdog
 
         return watchdog.run(settings)
+    if args.command == "metrics":
+        from nietest_daemon.programs import metrics
+
+        return metrics.run(settings)
     if args.command == "broker":
         from nietest_daemon.programs import embedded_broker
 
@@ -150,4 +221,20 @@ def run(argv: list[str]) -> int:
         from nietest_daemon.programs import tasks_cli
 
         return tasks_cli.cancel(settings, args.task_id)
+    if args.command == "tasks":
+        from nietest_daemon.programs import tasks_cli
+
+        return tasks_cli.tasks(settings, status=args.status, limit=args.limit, as_json=args.json)
+    if args.command == "retry":
+        from nietest_daemon.programs import tasks_cli
+
+        return tasks_cli.retry(settings, args.task_id, failed=args.failed, cancelled=args.cancelled)
+    if args.command == "report":
+        from nietest_daemon.programs import report
+
+        return report.run(settings, args.task_id, output=args.output, rows=args.rows, cols=args.cols)
+    if args.command == "export":
+        from nietest_daemon.programs import export
+
+        return export.run(settings, args.task_id, fmt=args.format)
     raise AssertionError(args.command)

@@ -1,4 +1,5 @@
-"""`nietest submit`, `nietest status TASK_ID` and `nietest cancel`: tasks from the command line."""
+"""`nietest submit`, `nietest status TASK_ID`, `nietest cancel`, `nietest tasks` and `nietest retry`:
+tasks from the command line."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import sys
 import time
 import uuid
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.domain import taskspec
-from nietest_daemon.domain.status import COMPLETED, TERMINAL, is_partial
+from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED, TERMINAL, is_partial
 
 MAX_TASK_FILE_BYTES = 20 * 1024 * 1024
 
@@ -160,5 +162,99 @@ def cancel(settings: Settings, task_id: str) -> int:
     print(
         f"task {task_id}: cancel requested; {outcome.cancelled} pending subtasks cancelled; "
         f"running jobs are not polled further"
+    )
+    return 0
+
+
+# --- nietest tasks / nietest retry --------------------------------------------------------------------
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(0, int(seconds))}s"
+
+
+def task_line(task: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """What `nietest tasks` shows of one task."""
+    created = task.get("created_at")
+    age = (now - created).total_seconds() if isinstance(created, datetime) else None
+    return {
+        "id": task["id"],
+        "name": task.get("name"),
+        "status": task.get("status"),
+        "partially_completed": is_partial(task),
+        "progress": task.get("progress"),
+        "total_images": task.get("total_images"),
+        "processed_images": task.get("processed_images"),
+        "completed_images": task.get("completed_images"),
+        "failed_images": task.get("failed_images"),
+        "cancelled_images": task.get("cancelled_images"),
+        "priority": task.get("priority"),
+        "round": task.get("round") or 1,
+        "created_at": created,
+        "age_seconds": None if age is None else round(age, 1),
+    }
+
+
+def tasks(settings: Settings, *, status: str | None, limit: int, as_json: bool) -> int:
+    """The most recent tasks, newest first (`Store.list_tasks`: the (status, created_at) index)."""
+    from nietest_daemon.pipeline.context import open_store_for
+    from nietest_daemon.store import utcnow
+
+    store = open_store_for(settings)
+    try:
+        found = store.list_tasks(limit=limit, status=status)
+    finally:
+        store.close()
+    now = utcnow()
+    lines = [task_line(t, now) for t in found]
+    if as_json:
+        print(json.dumps(lines, indent=2, default=str, ensure_ascii=False))
+        return 0
+    if not lines:
+        print("no tasks" + (f" {status}" if status else ""))
+        return 0
+    print(
+        f"{'ID':32}  {'STATUS':10}  {'PROGRESS':>8}  {'DONE/TOTAL':>11}  {'FAILED':>6}  {'CANCEL':>6}  PRIO  "
+        f"{'AGE':>4}  NAME"
+    )
+    for t in lines:
+        name = str(t["name"] or "")
+        name = name if len(name) <= 40 else name[:39] + "\u2026"
+        status_text = str(t["status"]) + ("*" if t["partially_completed"] else "")
+        done = f"{t['completed_images'] or 0}/{t['total_images'] or 0}"
+        age = _age(t["age_seconds"]) if t["age_seconds"] is not None else "?"
+        print(
+            f"{t['id']:32}  {status_text:10}  {float(t['progress'] or 0):7.1f}%  {done:>11}  "
+            f"{t['failed_images'] or 0:>6}  {t['cancelled_images'] or 0:>6}  {t['priority'] or 0:>4}  {age:>4}  {name}"
+        )
+    if any(t["partially_completed"] for t in lines):
+        print("* partially completed: some images failed (`nietest retry TASK_ID` runs them again)")
+    return 0
+
+
+def retry(settings: Settings, task_id: str, *, failed: bool, cancelled: bool) -> int:
+    """Run the failed (and/or cancelled) subtasks of a finished task again (pipeline/retry.py)."""
+    from nietest_daemon.pipeline.context import context
+    from nietest_daemon.pipeline.retry import RetryRefused, retry_task
+
+    statuses = [s for s, wanted in ((FAILED, failed), (CANCELLED, cancelled)) if wanted] or [FAILED]
+    broker = _broker(settings)
+    try:
+        broker.client.ping()  # before anything changes: the retried subtasks need the broker to run
+    except Exception as exc:
+        return _error(f"broker {settings.broker_description} unreachable: {exc}")
+    ctx = context(settings)
+    try:
+        result = retry_task(ctx, task_id, statuses)
+    except RetryRefused as exc:
+        return _error(str(exc))
+    task = result.outcome.task or {}
+    left = int(task.get("total_images") or 0) - int(task.get("processed_images") or 0)
+    print(
+        f"task {task_id}: round {result.outcome.round}: {result.outcome.reset} {' and '.join(statuses)} "
+        f"subtasks run again as new image jobs ({left} to do); `nietest status {task_id}` follows it"
     )
     return 0

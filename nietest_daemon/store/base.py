@@ -14,6 +14,12 @@ that actually moved it increments the task's counters, and the call whose increm
 `completed + failed + cancelled` to `total_images` finalises the task, once, with the status
 `domain.status.final_task_status` decides.
 
+A finished task can be run again (`retry_subtasks`: `nietest retry`): its failed and/or cancelled
+subtasks go back to `pending`, each keeping what its last attempt left (`error`, job, seed, times)
+as one more entry of its `error_history`, and the task goes back to `processing` with its
+counters recomputed from its subtasks and its `round` (1 at submit) one higher. The task notices
+of a round are told apart by that number.
+
 `request_cancel` / `cancel_task` finalise a task that has no subtask at all (the master has
 not expanded it yet) as `cancelled` straight away. The master must therefore insert its
 subtasks *first* and check `is_cancel_requested` *afterwards* (calling `cancel_task` again
@@ -23,7 +29,7 @@ when set): whichever order the two race in, no pending subtask survives a cancel
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self
@@ -31,20 +37,32 @@ from typing import TYPE_CHECKING, Any, Self
 if TYPE_CHECKING:
     pass
 
-from nietest_daemon.domain.status import COUNTER_OF, COUNTERS, PENDING, TERMINAL, is_partial
+from nietest_daemon.domain.status import (
+    CANCELLED,
+    COUNTER_OF,
+    COUNTERS,
+    FAILED,
+    PENDING,
+    PROCESSING,
+    TERMINAL,
+    is_partial,
+    progress_of,
+)
 
 Doc = dict[str, Any]
 TASK_FIELDS: tuple[str, ...] = (
     "id", "name", "status", "priority", "created_at", "updated_at", "started_at", "completed_at",
     "total_images", "processed_images", "completed_images", "failed_images", "cancelled_images",
     "progress", "prompts", "ratio", "seed", "batch_size", "use_polish", "is_lumina", "lumina_model_name",
-    "lumina_cfg", "lumina_step", "variables", "variables_map", "error",
+    "lumina_cfg", "lumina_step", "variables", "variables_map", "error", "round",
 )  # fmt: skip
 SUBTASK_FIELDS: tuple[str, ...] = (
     "id", "task_id", "status", "variable_indices", "prompts", "ratio", "width", "height", "seed", "use_polish",
     "is_lumina", "lumina_model_name", "lumina_cfg", "lumina_step", "job_uuid", "poll_count", "attempts",
-    "result", "error", "created_at", "updated_at", "started_at", "completed_at",
+    "result", "error", "created_at", "updated_at", "started_at", "completed_at", "round", "error_history",
 )  # fmt: skip
+#: The subtask statuses `retry_subtasks` runs again.
+RETRYABLE: frozenset[str] = frozenset({FAILED, CANCELLED})
 TIME_FIELDS: tuple[str, ...] = ("created_at", "updated_at", "started_at", "completed_at", "cancel_requested_at")
 
 
@@ -95,6 +113,25 @@ class FinishOutcome:
 
 
 @dataclass(frozen=True)
+class RetryOutcome:
+    """What one `retry_subtasks` call did.
+
+    `found`: the task exists. `status`: its status as this call found it (an active one means the
+    call was refused and changed nothing). `reset`: subtasks this call moved back to pending.
+    `reopened`: this call moved the task back to `processing`, as round `round`, and `task` is
+    then its document. A task without anything to run again stays as it was (`reopened` false).
+    """
+
+    task_id: str
+    found: bool
+    status: str | None = None
+    reset: int = 0
+    reopened: bool = False
+    round: int | None = None
+    task: Doc | None = None
+
+
+@dataclass(frozen=True)
 class CancelOutcome:
     """What one `cancel_task` call did: pending subtasks it cancelled, and whether it finalised the task."""
 
@@ -138,6 +175,7 @@ def new_task_doc(doc: Mapping[str, Any], now: datetime) -> Doc:
         error=None,
         cancel_requested=False,
         cancel_requested_at=None,
+        round=1,
     )
     task.update(dict.fromkeys(COUNTERS, 0))
     return task
@@ -162,10 +200,63 @@ def new_subtask_doc(task_id: str, doc: Mapping[str, Any], now: datetime) -> Doc:
         updated_at=now,
         started_at=None,
         completed_at=None,
+        round=1,
+        error_history=[],
     )
     if sub.get("variable_indices") is None:
         sub["variable_indices"] = []
     return sub
+
+
+def round_of(doc: Mapping[str, Any]) -> int:
+    """The round of a task (or the round a subtask last ran in): 1 until a retry, and for a
+    document stored before rounds existed."""
+    value = doc.get("round")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+
+def history_entry(sub: Mapping[str, Any]) -> Doc:
+    """What a subtask's last attempt leaves in its `error_history` when it runs again; times as
+    ISO-8601 text in both stores. Keep in step with `SQLiteStore`'s `_HISTORY_ENTRY` (SQL)."""
+
+    def iso(value: Any) -> Any:
+        return as_utc(value).isoformat(timespec="milliseconds") if isinstance(value, datetime) else value
+
+    return {
+        "round": round_of(sub),
+        "status": sub.get("status"),
+        "error": sub.get("error"),
+        "job_uuid": sub.get("job_uuid"),
+        "seed": sub.get("seed"),
+        "started_at": iso(sub.get("started_at")),
+        "completed_at": iso(sub.get("completed_at")),
+    }
+
+
+def reopened_fields(task: Mapping[str, Any], counts: Mapping[str, int], new_round: int, now: datetime) -> Doc:
+    """The fields a retry sets on a finished task it runs again: processing as `new_round`, its
+    counters those of its subtasks (`counts`: subtasks per status), no end, no error, no cancel."""
+    terminal = {COUNTER_OF[s]: int(counts.get(s, 0)) for s in TERMINAL}
+    processed = sum(terminal.values())
+    return {
+        "status": PROCESSING,
+        "round": new_round,
+        "processed_images": processed,
+        **terminal,
+        "progress": progress_of(processed, int(task.get("total_images") or 0)),
+        "completed_at": None,
+        "error": None,
+        "cancel_requested": False,
+        "cancel_requested_at": None,
+        "updated_at": now,
+    }
+
+
+def _check_retryable(statuses: Iterable[str]) -> list[str]:
+    wanted = sorted(set(statuses))
+    if not wanted or not set(wanted) <= RETRYABLE:
+        raise ValueError(f"retry_subtasks takes {' and/or '.join(sorted(RETRYABLE))}, got {wanted!r}")
+    return wanted
 
 
 def _check_terminal(status: str) -> None:
@@ -198,6 +289,10 @@ class Store(ABC):
         """Tasks, newest first, optionally only those in `status` (one or several)."""
 
     @abstractmethod
+    def count_tasks(self) -> dict[str, int]:
+        """Number of tasks per status (every status present, 0 when none), from the status index."""
+
+    @abstractmethod
     def insert_subtasks(self, task_id: str, docs: Iterable[Mapping[str, Any]]) -> int:
         """Insert subtasks of a task, ignoring ids already stored; returns how many were new."""
 
@@ -207,9 +302,29 @@ class Store(ABC):
 
     @abstractmethod
     def list_subtasks(
-        self, task_id: str, status: str | Iterable[str] | None = None, limit: int | None = None
+        self,
+        task_id: str,
+        status: str | Iterable[str] | None = None,
+        limit: int | None = None,
+        *,
+        after: str | None = None,
     ) -> list[Doc]:
-        """Subtasks of a task ordered by id, optionally only those in `status`."""
+        """Subtasks of a task ordered by id, optionally only those in `status`, only those whose id
+        is above `after` (paging)."""
+
+    def iter_subtasks(
+        self, task_id: str, status: str | Iterable[str] | None = None, *, batch: int = 1000
+    ) -> Iterator[Doc]:
+        """Every subtask of a task (in `status`), ordered by id, read `batch` at a time: what
+        reads a whole task (report, export) without holding its 50 000 documents at once. Pages by
+        id, so no cursor stays open between pages."""
+        after: str | None = None
+        while True:
+            page = self.list_subtasks(task_id, status, batch, after=after)
+            yield from page
+            if len(page) < batch:
+                return
+            after = page[-1]["id"]
 
     @abstractmethod
     def count_subtasks(self, task_id: str) -> dict[str, int]:
@@ -250,6 +365,19 @@ class Store(ABC):
         self, subtask_id: str, status: str, *, result: str | None = None, error: str | None = None
     ) -> FinishOutcome | None:
         """The one move of a subtask to a terminal state, counted and finalising exactly once; None if unknown."""
+
+    @abstractmethod
+    def retry_subtasks(self, task_id: str, statuses: Iterable[str] = (FAILED,)) -> RetryOutcome:
+        """Run a finished task's subtasks in `statuses` (failed and/or cancelled) again.
+
+        Refused (nothing changed) unless the task is terminal. Each such subtask goes back to
+        pending: its last attempt appended to `error_history`, then `error`, `result`, `job_uuid`,
+        `poll_count`, `attempts`, `started_at` and `completed_at` reset (the seed stays), `round`
+        the task's new round. Then, if any subtask is pending (this call's, or those a call that
+        died half-way left), the task goes back to processing as round `round + 1`, in one
+        conditional update: counters recomputed from its subtasks, `completed_at`, `error` and the
+        cancel request cleared. A repeated call finishes what an interrupted one began.
+        """
 
     @abstractmethod
     def cancel_task(self, task_id: str) -> CancelOutcome:

@@ -45,13 +45,19 @@ from nietest_daemon.store.base import (
     Doc,
     DuplicateTaskError,
     FinishOutcome,
+    RetryOutcome,
     Store,
+    StoreError,
     UnknownSubtaskError,
+    _check_retryable,
     _check_terminal,
     _statuses,
     as_utc,
+    history_entry,
     new_subtask_doc,
     new_task_doc,
+    reopened_fields,
+    round_of,
     utcnow,
 )
 
@@ -160,6 +166,9 @@ class MongoStore(Store):
     def get_task(self, task_id: str) -> Doc | None:
         return _from_mongo(self.tasks.find_one({"_id": task_id}))
 
+    def count_tasks(self) -> dict[str, int]:
+        return {status: self.tasks.count_documents({"status": status}) for status in STATUSES}
+
     def list_tasks(self, limit: int = 20, status: str | Iterable[str] | None = None) -> list[Doc]:
         wanted = _statuses(status)
         query: Doc = {} if wanted is None else {"status": {"$in": wanted}}
@@ -215,12 +224,19 @@ class MongoStore(Store):
         return _from_mongo(self.subtasks.find_one({"_id": subtask_id}))
 
     def list_subtasks(
-        self, task_id: str, status: str | Iterable[str] | None = None, limit: int | None = None
+        self,
+        task_id: str,
+        status: str | Iterable[str] | None = None,
+        limit: int | None = None,
+        *,
+        after: str | None = None,
     ) -> list[Doc]:
         wanted = _statuses(status)
         query: Doc = {"task_id": task_id}
         if wanted is not None:
             query["status"] = {"$in": wanted}
+        if after is not None:
+            query["_id"] = {"$gt": after}
         cursor = self.subtasks.find(query).sort("_id", 1)
         if limit is not None:
             cursor = cursor.limit(int(limit))
@@ -383,6 +399,66 @@ class MongoStore(Store):
             if doc is not None:
                 finalised, final_status, final_task = True, CANCELLED, _from_mongo(doc)
         return CancelOutcome(task_id, True, cancelled, finalised, final_status, final_task)
+
+    def retry_subtasks(self, task_id: str, statuses: Iterable[str] = (FAILED,), *, attempts: int = 20) -> RetryOutcome:
+        wanted = _check_retryable(statuses)
+        task = self.tasks.find_one({"_id": task_id}, {"status": 1, "round": 1})
+        if task is None:
+            return RetryOutcome(task_id, found=False)
+        if task["status"] not in TERMINAL:
+            return RetryOutcome(task_id, found=True, status=task["status"])
+        new_round = round_of(task) + 1
+        # 1. Each subtask back to pending, one conditional single-document update each: only from
+        # the status it was read in, so two retries never both move it. The task is terminal
+        # meanwhile, so nothing else moves its subtasks or finalises it; a process that dies here
+        # leaves some subtasks pending and the task terminal, and the next call goes on from there.
+        reset = 0
+        now = _to_bson(utcnow())
+        fields = {"status": 1, "error": 1, "job_uuid": 1, "seed": 1, "started_at": 1, "completed_at": 1, "round": 1}
+        for sub in self.subtasks.find({"task_id": task_id, "status": {"$in": wanted}}, fields).sort("_id", 1):
+            res = self.subtasks.update_one(
+                {"_id": sub["_id"], "status": sub["status"]},
+                {
+                    "$set": {
+                        "status": PENDING,
+                        "round": new_round,
+                        "error": None,
+                        "result": None,
+                        "job_uuid": None,
+                        "poll_count": 0,
+                        "attempts": 0,
+                        "started_at": None,
+                        "completed_at": None,
+                        "updated_at": now,
+                    },
+                    "$push": {"error_history": history_entry(sub)},
+                },
+            )
+            reset += res.modified_count
+        # 2. The task back to processing, its counters recounted from its subtasks: a
+        # compare-and-set on the status, round and counters read, so a concurrent change (another
+        # retry, a late finish) makes it look again rather than overwrite.
+        for _ in range(attempts):
+            current = self.tasks.find_one({"_id": task_id}, dict.fromkeys(("status", "round", *COUNTERS), 1))
+            if current is None:
+                return RetryOutcome(task_id, found=False)
+            if current["status"] not in TERMINAL:
+                return RetryOutcome(task_id, found=True, status=current["status"], reset=reset)
+            counts = self.count_subtasks(task_id)
+            if not counts[PENDING] and not counts[PROCESSING]:
+                return RetryOutcome(task_id, found=True, status=current["status"], reset=reset)
+            full = self.tasks.find_one({"_id": task_id}, {"total_images": 1}) or {}
+            new_round = round_of(current) + 1
+            changes = reopened_fields(full, counts, new_round, utcnow())
+            changes["updated_at"] = _to_bson(changes["updated_at"])
+            match: Doc = {"_id": task_id, "status": current["status"], "round": current.get("round")}
+            match.update({name: current.get(name) for name in COUNTERS})
+            doc = self.tasks.find_one_and_update(match, {"$set": changes}, return_document=ReturnDocument.AFTER)
+            if doc is not None:
+                return RetryOutcome(
+                    task_id, True, current["status"], reset, reopened=True, round=new_round, task=_from_mongo(doc)
+                )
+        raise StoreError(f"task {task_id!r} kept changing while it was reopened; run the retry again")
 
     def find_stale_subtasks(self, older_than: datetime, limit: int = 100) -> list[Doc]:
         cursor = (

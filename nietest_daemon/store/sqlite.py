@@ -45,14 +45,18 @@ from nietest_daemon.store.base import (
     Doc,
     DuplicateTaskError,
     FinishOutcome,
+    RetryOutcome,
     Store,
     StoreError,
     UnknownSubtaskError,
+    _check_retryable,
     _check_terminal,
     _statuses,
     as_utc,
     new_subtask_doc,
     new_task_doc,
+    reopened_fields,
+    round_of,
     utcnow,
 )
 
@@ -64,6 +68,13 @@ _STATE_COLUMNS = ", ".join(_STATE_FIELDS)
 _STATE_SELECT = ", ".join(f"s.{name}" for name in _STATE_FIELDS)  # from task_state joined as `s`
 _STATE_PLACEHOLDERS = ", ".join("?" * len(_STATE_FIELDS))
 _TERMINAL_SQL = ", ".join(f"'{status}'" for status in sorted(TERMINAL))
+#: `base.history_entry` in SQL, over a subtask row (times are ISO text in the document already).
+_HISTORY_ENTRY = (
+    "json_object('round', coalesce(json_extract(doc, '$.round'), 1), 'status', status,"
+    " 'error', json_extract(doc, '$.error'), 'job_uuid', json_extract(doc, '$.job_uuid'),"
+    " 'seed', json_extract(doc, '$.seed'), 'started_at', json_extract(doc, '$.started_at'),"
+    " 'completed_at', json_extract(doc, '$.completed_at'))"
+)
 
 _SQLITE_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, status TEXT NOT NULL, created_at TEXT NOT NULL,"
@@ -301,6 +312,12 @@ class SQLiteStore(Store):
     def get_task(self, task_id: str) -> Doc | None:
         return self._read_task(self._conn(), task_id)
 
+    def count_tasks(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        for status, n in self._conn().execute("SELECT status, COUNT(*) FROM tasks GROUP BY status"):
+            counts[status] = n
+        return counts
+
     def list_tasks(self, limit: int = 20, status: str | Iterable[str] | None = None) -> list[Doc]:
         wanted = _statuses(status)
         sql = f"SELECT t.doc, {_STATE_SELECT} FROM tasks t"
@@ -382,13 +399,21 @@ class SQLiteStore(Store):
         return (_loads(row[0]), bool(row[1])) if row else (None, False)
 
     def list_subtasks(
-        self, task_id: str, status: str | Iterable[str] | None = None, limit: int | None = None
+        self,
+        task_id: str,
+        status: str | Iterable[str] | None = None,
+        limit: int | None = None,
+        *,
+        after: str | None = None,
     ) -> list[Doc]:
         wanted = _statuses(status)
         sql, args = "SELECT doc FROM subtasks WHERE task_id = ?", [task_id]
         if wanted is not None:
             sql += f" AND status IN ({','.join('?' * len(wanted))})"
             args += wanted
+        if after is not None:
+            sql += " AND id > ?"
+            args.append(after)
         sql += " ORDER BY id"
         if limit is not None:
             sql += " LIMIT ?"
@@ -576,6 +601,47 @@ class SQLiteStore(Store):
                         finalised, final_status, final_task = True, CANCELLED, task
                     break
         return CancelOutcome(task_id, True, cancelled, finalised, final_status, final_task)
+
+    def retry_subtasks(self, task_id: str, statuses: Iterable[str] = (FAILED,)) -> RetryOutcome:
+        wanted = _check_retryable(statuses)
+        # One transaction: the subtasks and the task move together, so nothing is half done.
+        with self._tx() as conn:
+            task = self._read_task(conn, task_id)
+            if task is None:
+                return RetryOutcome(task_id, found=False)
+            if task["status"] not in TERMINAL:
+                return RetryOutcome(task_id, found=True, status=task["status"])
+            new_round = round_of(task) + 1
+            now = utcnow()
+            stamp = _iso(now)
+            before = conn.total_changes
+            conn.execute(
+                "UPDATE subtasks SET status = :pending, updated_at = :now, doc = json_set(doc, '$.error_history',"
+                f" json_insert(coalesce(json_extract(doc, '$.error_history'), json('[]')), '$[#]', {_HISTORY_ENTRY}),"
+                " '$.status', :pending, '$.round', :round, '$.error', NULL, '$.result', NULL, '$.job_uuid', NULL,"
+                " '$.poll_count', 0, '$.attempts', 0, '$.started_at', NULL, '$.completed_at', NULL,"
+                " '$.updated_at', :now)"
+                f" WHERE task_id = :task AND status IN ({', '.join(f':s{i}' for i in range(len(wanted)))})",
+                {
+                    "pending": PENDING,
+                    "now": stamp,
+                    "round": new_round,
+                    "task": task_id,
+                    **{f"s{i}": status for i, status in enumerate(wanted)},
+                },
+            )
+            reset = conn.total_changes - before
+            counts = dict.fromkeys(STATUSES, 0)
+            for status, n in conn.execute(
+                "SELECT status, COUNT(*) FROM subtasks WHERE task_id = ? GROUP BY status", (task_id,)
+            ):
+                counts[status] = n
+            if not counts[PENDING] and not counts[PROCESSING]:
+                return RetryOutcome(task_id, found=True, status=task["status"])
+            was = task["status"]
+            task.update(reopened_fields(task, counts, new_round, now))
+            self._write_task(conn, task)
+            return RetryOutcome(task_id, True, was, reset, reopened=True, round=new_round, task=task)
 
     def find_stale_subtasks(self, older_than: datetime, limit: int = 100) -> list[Doc]:
         rows = self._conn().execute(

@@ -1,0 +1,185 @@
+"""Bench: `nietest report`, `nietest export` and the store side of `nietest retry` on a 50 000-image task.
+
+    .venv/bin/python -m bench.report [--keep DIR]
+
+Builds, in a SQLite store in a temporary directory, one task of 100 styles x 20 ratios x 25 seeds
+= 50 000 subtasks as submit and the workers would leave it (90 % completed with an image URL,
+8 % failed, 2 % cancelled; each through `Store.finish_subtask`), then times and prints:
+
+- the report with the default axes (style down, ratio across: 25 grids of 100 x 20, one per
+  seed) and with `--rows seed --cols style` (20 grids of 25 x 100, one per ratio), the file sizes
+  and the peak memory;
+- the CSV and JSON-lines exports (to /dev/null);
+- `Store.retry_subtasks` of the 4 000 failed subtasks (one SQLite transaction), then the task list;
+- when Debian's chromium is there, how long headless Chromium takes to load the report and dump
+  its DOM (the page with its 50 blocks folded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from nietest_daemon.domain import taskspec
+from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED
+from nietest_daemon.programs import export, report
+from nietest_daemon.store import SQLiteStore
+
+STYLES, RATIOS, SEEDS = 100, 20, 25
+
+
+def task_document() -> dict[str, Any]:
+    def param(name: str, value: Any, fmt: str) -> dict[str, Any]:
+        return {"type": name, "value": value, "is_variable": False, "format": fmt}
+
+    ratios = [f"{w}:{h}" for w in (1, 2, 3, 4, 5) for h in (1, 3, 5, 7)]
+    return {
+        "name": "bench: 50 000 images",
+        "priority": 1,
+        "prompts": [
+            {"type": "freetext", "value": "1girl, portrait, cherry blossoms", "weight": 1.0, "is_variable": False},
+            {
+                "type": "freetext",
+                "value": "",
+                "weight": 1.0,
+                "is_variable": True,
+                "variable_id": "style",
+                "variable_name": "style",
+                "variable_values": [
+                    {"type": "freetext", "value": f'style {i}: watercolor, soft pastel, "quoted"', "weight": 1.0}
+                    for i in range(STYLES)
+                ],
+            },
+        ],
+        "ratio": {
+            "type": "ratio",
+            "is_variable": True,
+            "variable_id": "ratio",
+            "variable_name": "ratio",
+            "variable_values": ratios[:RATIOS],
+            "format": "string",
+        },
+        "seed": {
+            "type": "seed",
+            "is_variable": True,
+            "variable_id": "seed",
+            "variable_name": "seed",
+            "variable_values": list(range(1, SEEDS + 1)),
+            "format": "int",
+        },
+        "use_polish": param("use_polish", False, "bool"),
+        "is_lumina": param("is_lumina", False, "bool"),
+        "lumina_model_name": param("lumina_model_name", None, "string"),
+        "lumina_cfg": param("lumina_cfg", None, "float"),
+        "lumina_step": param("lumina_step", None, "int"),
+    }
+
+
+def timed(label: str, fn: Any) -> Any:
+    started = time.perf_counter()
+    result = fn()
+    print(f"{label:58} {time.perf_counter() - started:7.2f} s")
+    return result
+
+
+def build(store: SQLiteStore, task_id: str) -> None:
+    task = taskspec.validate_task(task_document())
+    assert task.total_subtasks == 50_000
+    store.create_task({"id": task_id, **task.to_document()})
+    store.mark_task_running(task_id)
+    store.insert_subtasks(task_id, ({"id": s.subtask_id(task_id), **s.as_dict()} for s in taskspec.expand(task)))
+    for i, sub in enumerate(store.iter_subtasks(task_id)):
+        kind = i % 50
+        sid = sub["id"]
+        if kind < 45:
+            store.start_subtask(sid)
+            store.record_job(sid, f"{i:08x}-0000-4000-8000-000000000000", sub["seed"])
+            store.finish_subtask(sid, COMPLETED, result=f"https://oss.example.com/picture/{i:08x}.webp")
+        elif kind < 49:
+            store.start_subtask(sid)
+            store.finish_subtask(sid, FAILED, error=f"refused by moderation (ILLEGAL_IMAGE): score 0.9{i % 10}")
+        else:
+            store.finish_subtask(sid, CANCELLED, error="task cancelled")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", metavar="DIR", help="build in DIR and keep it (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    directory = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="nt-bench-report-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    task_id = "bench50k"
+    store = SQLiteStore(directory / "data")
+    try:
+        if store.get_task(task_id) is None:
+            timed("build: 50 000 subtasks, each finished through the store", lambda: build(store, task_id))
+        task = store.get_task(task_id)
+        assert task is not None
+        print(
+            f"task: {task['status']}, {task['completed_images']} completed, {task['failed_images']} failed, "
+            f"{task['cancelled_images']} cancelled of {task['total_images']}"
+        )
+        default = directory / "report-default.html"
+        cells = timed(
+            "report, default axes (style x ratio, a grid per seed)",
+            lambda: report.write_report(store, task_id, default),
+        )
+        other = directory / "report-seed-by-style.html"
+        timed(
+            "report, --rows seed --cols style (a grid per ratio)",
+            lambda: report.write_report(store, task_id, other, rows="seed", cols="style"),
+        )
+        print(f"  {cells} cells; {default.stat().st_size / 1e6:.1f} MB and {other.stat().st_size / 1e6:.1f} MB")
+        with open(os.devnull, "w") as null:
+            rows = timed("export --format csv (to /dev/null)", lambda: export.export(store, task_id, "csv", null))
+            timed("export --format jsonl (to /dev/null)", lambda: export.export(store, task_id, "jsonl", null))
+        print(f"  {rows} rows each")
+        chromium = shutil.which("chromium")
+        if chromium:
+            profile = directory / "chromium-profile"
+            # Headless Chromium does not lazy-load: it fetches all 45 000 images (here from a host
+            # that does not resolve), which a browser showing the page does not. Images off, it
+            # measures what the page itself costs to load and lay out.
+            timed(
+                "chromium --headless --screenshot, images off",
+                lambda: subprocess.run(
+                    [
+                        chromium,
+                        "--headless",
+                        "--no-sandbox",
+                        "--disable-gpu",
+                        f"--user-data-dir={profile}",
+                        "--blink-settings=imagesEnabled=false",
+                        f"--screenshot={directory / 'report.png'}",
+                        "--window-size=1280,2000",
+                        default.as_uri(),
+                    ],
+                    capture_output=True,
+                    check=True,
+                    timeout=300,
+                ),
+            )
+        if task["status"] != "processing":
+            outcome = timed(
+                "Store.retry_subtasks of the 4 000 failed (one transaction)", lambda: store.retry_subtasks(task_id)
+            )
+            print(f"  reset {outcome.reset}, task {outcome.task['status']} round {outcome.round}")
+        timed("Store.list_tasks(limit=20)", lambda: store.list_tasks(limit=20))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"peak resident memory of this process: {peak:.0f} MiB")
+    finally:
+        store.close()
+        if not args.keep:
+            shutil.rmtree(directory, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""Running a finished task's failed (and/or cancelled) subtasks again: `nietest retry`.
+
+The retried subtasks go through the same admission as any task's (`admission.queue_task`: the
+task's ready lists, fair shares, job slots); nothing else runs again, as every other subtask of a
+finished task is terminal and only pending subtasks are queued. The steps, each safe to repeat, in
+an order that leaves every crash finishable:
+
+1. refuse unless the task is finished, was fully expanded and has something to run again;
+2. `notices.next_round`: the ending round's final notice is enqueued if it never was, and the
+   marker that says so is dropped for the next round;
+3. `markers.forget_all`: the chosen subtasks' broker markers go (a failed create's create-sent
+   marker above all: the retry pays for a new job on purpose);
+4. `Store.retry_subtasks`: the subtasks back to pending (their last attempt kept in
+   `error_history`), the task back to processing as round N + 1 with exact counters;
+5. `admission.queue_task`: the task's pending subtasks wait for job slots; admitted ones get run
+   messages.
+
+A crash before 4 changed nothing visible: run the retry again. With MongoDB, a crash within 4
+leaves some subtasks pending and the task finished: running the retry again finishes it (SQLite
+does 4 in one transaction). A crash between 4 and 5 leaves a running task whose pending subtasks
+wait in no line: the sweep's `admission.repair` queues them within a minute, and so does a second
+`nietest retry` (refused, as the task runs, after that same repair).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from nietest_daemon.coordination import markers
+from nietest_daemon.core.logs import get_logger
+from nietest_daemon.domain.status import ACTIVE, FAILED, PENDING, PROCESSING
+from nietest_daemon.domain.subtask import Lane
+from nietest_daemon.pipeline import admission, notices
+from nietest_daemon.pipeline.context import Context
+from nietest_daemon.store.base import RETRYABLE, RetryOutcome
+
+log = get_logger(__name__)
+
+
+class RetryRefused(Exception):
+    """The retry was refused; str() says why, for the command line. `repaired`: the task was running
+    and pending subtasks of an interrupted retry were put back in line."""
+
+    def __init__(self, message: str, *, repaired: bool = False) -> None:
+        super().__init__(message)
+        self.repaired = repaired
+
+
+@dataclass(frozen=True)
+class RetryResult:
+    outcome: RetryOutcome
+    waiting: dict[Lane, int] = field(default_factory=dict)
+
+
+def retry_task(ctx: Context, task_id: str, statuses: Iterable[str] = (FAILED,)) -> RetryResult:
+    """Run the task's subtasks in `statuses` again as new image jobs; RetryRefused says why not."""
+    wanted = sorted(set(statuses))
+    if not wanted or not set(wanted) <= RETRYABLE:
+        raise ValueError(f"retry takes {' and/or '.join(sorted(RETRYABLE))} subtasks, got {wanted!r}")
+    store = ctx.store
+    task = store.get_task(task_id)
+    if task is None:
+        raise RetryRefused(f"no task {task_id}")
+    if task["status"] in ACTIVE:
+        repaired = task["status"] == PROCESSING and admission.repair(ctx, task)
+        note = "; its pending subtasks, left out of line by an interrupted retry, were queued" if repaired else ""
+        raise RetryRefused(
+            f"task {task_id} is still running ({task['status']}): retry it once it has finished{note}",
+            repaired=repaired,
+        )
+    counts = store.count_subtasks(task_id)
+    total = int(task.get("total_images") or 0)
+    if sum(counts.values()) != total:
+        raise RetryRefused(
+            f"task {task_id} has {sum(counts.values())} of its {total} subtasks (its expansion failed: "
+            f"{task.get('error') or 'unknown error'}); submit it again"
+        )
+    if not any(counts[s] for s in (*wanted, PENDING, PROCESSING)):
+        raise RetryRefused(f"task {task_id} ({task['status']}) has no {' or '.join(wanted)} subtasks to run again")
+
+    notices.next_round(ctx, task_id)
+    markers.forget_all(ctx.redis, (doc["id"] for doc in store.iter_subtasks(task_id, status=wanted)))
+    outcome = store.retry_subtasks(task_id, wanted)
+    if not outcome.reopened or outcome.task is None:
+        if outcome.status in ACTIVE:  # another retry won the race
+            raise RetryRefused(f"task {task_id} is running again already ({outcome.status})")
+        raise RetryRefused(f"task {task_id} has no {' or '.join(wanted)} subtasks to run again")
+    waiting = admission.queue_task(ctx, outcome.task, store.iter_subtasks(task_id, status=PENDING))
+    log.info(
+        "task retried",
+        task_id=task_id,
+        round=outcome.round,
+        retried=outcome.reset,
+        statuses=wanted,
+        waiting={lane.value: n for lane, n in waiting.items() if n},
+    )
+    return RetryResult(outcome, waiting)
