@@ -408,8 +408,8 @@ class MongoStore(Store):
         if task["status"] not in TERMINAL:
             return RetryOutcome(task_id, found=True, status=task["status"])
         new_round = round_of(task) + 1
-        # 1. Each subtask back to pending, one conditional single-document update each: only from
-        # the status it was read in, so two retries never both move it. The task is terminal
+        # 1. Each subtask back to pending, one conditional single-document update each: only while it
+        # is still in a retried status, so two retries never both move it. The task is terminal
         # meanwhile, so nothing else moves its subtasks or finalises it; a process that dies here
         # leaves some subtasks pending and the task terminal, and the next call goes on from there.
         reset = 0
@@ -417,7 +417,7 @@ class MongoStore(Store):
         fields = {"status": 1, "error": 1, "job_uuid": 1, "seed": 1, "started_at": 1, "completed_at": 1, "round": 1}
         for sub in self.subtasks.find({"task_id": task_id, "status": {"$in": wanted}}, fields).sort("_id", 1):
             res = self.subtasks.update_one(
-                {"_id": sub["_id"], "status": sub["status"]},
+                {"_id": sub["_id"], "status": {"$in": wanted}},
                 {
                     "$set": {
                         "status": PENDING,
