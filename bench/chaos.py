@@ -54,6 +54,7 @@ from nietest_daemon.internals.dramatiq_redis import bodies_key, dead_letter_name
 from nietest_daemon.pipeline.context import open_store_for
 from nietest_daemon.pipeline.subtasks import TIMEOUT_RESUBMITS
 from nietest_daemon.programs.daemon import control_proxy
+from nietest_daemon.testing import tasks as taskdocs
 from nietest_daemon.testing.fake_feishu import FakeFeishu
 from nietest_daemon.testing.fake_nieta import FakeNieta
 from nietest_daemon.testing.waiting import wait_for
@@ -149,41 +150,16 @@ class ChaosReport:
 
 def task_document(subtasks: int, *, prefix: str = "cz", priority: int = 1) -> dict[str, Any]:
     """One variable prompt (a marker `<prefix>-NNNN` per value) times is_lumina [false, true]."""
-    markers = [{"type": "freetext", "value": f"look {prefix}-{i:04d}", "weight": 1.0} for i in range(subtasks // 2)]
-
-    def fixed(name: str, value: Any, fmt: str) -> dict[str, Any]:
-        return {"type": name, "value": value, "is_variable": False, "format": fmt}
-
-    return {
-        "name": f"chaos {subtasks} priority {priority}",
-        "priority": priority,
-        "prompts": [
-            {"type": "freetext", "value": "1girl, portrait", "weight": 1.0, "is_variable": False},
-            {
-                "type": "freetext",
-                "value": "",
-                "weight": 1.0,
-                "is_variable": True,
-                "variable_id": "marker",
-                "variable_name": "marker",
-                "variable_values": markers,
-            },
-        ],
-        "ratio": fixed("ratio", "1:1", "string"),
-        "seed": fixed("seed", None, "int"),
-        "use_polish": fixed("use_polish", False, "bool"),
-        "is_lumina": {
-            "type": "is_lumina",
-            "is_variable": True,
-            "variable_id": "lumina",
-            "variable_name": "Lumina",
-            "variable_values": [False, True],
-            "format": "bool",
-        },
-        "lumina_model_name": fixed("lumina_model_name", "lumina_2", "string"),
-        "lumina_cfg": fixed("lumina_cfg", 5.5, "float"),
-        "lumina_step": fixed("lumina_step", 30, "int"),
-    }
+    markers = [f"look {prefix}-{i:04d}" for i in range(subtasks // 2)]
+    return taskdocs.task_document(
+        f"chaos {subtasks} priority {priority}",
+        [taskdocs.fixed_prompt("1girl, portrait"), taskdocs.variable_prompt("marker", markers)],
+        priority=priority,
+        is_lumina=taskdocs.variable_param("is_lumina", [False, True], variable_id="lumina", variable_name="Lumina"),
+        lumina_model_name="lumina_2",
+        lumina_cfg=5.5,
+        lumina_step=30,
+    )
 
 
 class DaemonProcess:

@@ -40,6 +40,7 @@ from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.pipeline.context import open_store_for
 from nietest_daemon.programs.daemon import control_proxy
+from nietest_daemon.testing import tasks as taskdocs
 from nietest_daemon.testing.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,22 +138,8 @@ def worker_pids(settings: settings_module.Settings, group: str) -> list[int]:
 
 
 def task_file(directory: Path, subtasks: int) -> Path:
-    values = [{"type": "freetext", "value": f"bench style {i}", "weight": 1.0} for i in range(subtasks)]
-    task = {
-        "name": f"bench {subtasks}",
-        "prompts": [
-            {
-                "type": "freetext",
-                "value": "",
-                "weight": 1.0,
-                "is_variable": True,
-                "variable_id": "v",
-                "variable_name": "style",
-                "variable_values": values,
-            }
-        ],
-        "ratio": {"type": "ratio", "value": "1:1", "is_variable": False, "format": "string"},
-    }
+    values = [f"bench style {i}" for i in range(subtasks)]
+    task = taskdocs.task_document(f"bench {subtasks}", [taskdocs.variable_prompt("v", values, name="style")])
     path = directory / f"bench-{subtasks}.json"
     path.write_text(json.dumps(task))
     return path

@@ -31,55 +31,21 @@ from nietest_daemon.domain import taskspec
 from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED
 from nietest_daemon.programs import export, report
 from nietest_daemon.store import SQLiteStore
+from nietest_daemon.testing import tasks as taskdocs
 
 STYLES, RATIOS, SEEDS = 100, 20, 25
 
 
 def task_document() -> dict[str, Any]:
-    def param(name: str, value: Any, fmt: str) -> dict[str, Any]:
-        return {"type": name, "value": value, "is_variable": False, "format": fmt}
-
+    """The task: STYLES styles (a variable prompt) x RATIOS ratios x SEEDS seeds."""
     ratios = [f"{w}:{h}" for w in (1, 2, 3, 4, 5) for h in (1, 3, 5, 7)]
-    return {
-        "name": "bench: 50 000 images",
-        "priority": 1,
-        "prompts": [
-            {"type": "freetext", "value": "1girl, portrait, cherry blossoms", "weight": 1.0, "is_variable": False},
-            {
-                "type": "freetext",
-                "value": "",
-                "weight": 1.0,
-                "is_variable": True,
-                "variable_id": "style",
-                "variable_name": "style",
-                "variable_values": [
-                    {"type": "freetext", "value": f'style {i}: watercolor, soft pastel, "quoted"', "weight": 1.0}
-                    for i in range(STYLES)
-                ],
-            },
-        ],
-        "ratio": {
-            "type": "ratio",
-            "is_variable": True,
-            "variable_id": "ratio",
-            "variable_name": "ratio",
-            "variable_values": ratios[:RATIOS],
-            "format": "string",
-        },
-        "seed": {
-            "type": "seed",
-            "is_variable": True,
-            "variable_id": "seed",
-            "variable_name": "seed",
-            "variable_values": list(range(1, SEEDS + 1)),
-            "format": "int",
-        },
-        "use_polish": param("use_polish", False, "bool"),
-        "is_lumina": param("is_lumina", False, "bool"),
-        "lumina_model_name": param("lumina_model_name", None, "string"),
-        "lumina_cfg": param("lumina_cfg", None, "float"),
-        "lumina_step": param("lumina_step", None, "int"),
-    }
+    styles = [f'style {i}: watercolor, soft pastel, "quoted"' for i in range(STYLES)]
+    return taskdocs.task_document(
+        "bench: 50 000 images",
+        [taskdocs.fixed_prompt("1girl, portrait, cherry blossoms"), taskdocs.variable_prompt("style", styles)],
+        ratio=taskdocs.variable_param("ratio", ratios[:RATIOS]),
+        seed=taskdocs.variable_param("seed", list(range(1, SEEDS + 1))),
+    )
 
 
 def timed(label: str, fn: Any) -> Any:

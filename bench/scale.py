@@ -35,6 +35,7 @@ from nietest_daemon.coordination.scheduler import Scheduler
 from nietest_daemon.domain.status import TERMINAL
 from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.pipeline.context import open_store_for
+from nietest_daemon.testing import tasks as taskdocs
 
 
 @dataclass
@@ -60,24 +61,13 @@ def task_document(size: int) -> dict:
     cols = min(1000, size)
     rows = size // cols
     assert rows * cols == size, "size must be a multiple of min(1000, size)"
-
-    def variable(name: str, n: int) -> dict:
-        values = [{"type": "freetext", "value": f"{name} {i}", "weight": 1.0} for i in range(n)]
-        return {
-            "type": "freetext",
-            "value": "",
-            "weight": 1.0,
-            "is_variable": True,
-            "variable_id": name,
-            "variable_name": name,
-            "variable_values": values,
-        }
-
-    return {
-        "name": f"scale {size}",
-        "prompts": [variable("row", rows), variable("col", cols)],
-        "ratio": {"type": "ratio", "value": "1:1", "is_variable": False, "format": "string"},
-    }
+    return taskdocs.task_document(
+        f"scale {size}",
+        [
+            taskdocs.variable_prompt("row", [f"row {i}" for i in range(rows)]),
+            taskdocs.variable_prompt("col", [f"col {i}" for i in range(cols)]),
+        ],
+    )
 
 
 def run_size(api: FakeAPI, size: int, max_jobs: int, timeout: float) -> Result:

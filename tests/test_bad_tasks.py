@@ -45,6 +45,7 @@ from nietest_daemon.domain.taskspec import (
 from nietest_daemon.internals.dramatiq_redis import queue_stats
 from nietest_daemon.pipeline.context import open_store_for
 from nietest_daemon.programs import tasks_cli
+from nietest_daemon.testing import tasks as taskdocs
 
 TOKEN = "tok-bad-tasks-0123456789"
 CHARACTER = "5f3c1e2a-8b7d-4c6e-9a1f-2d3b4c5e6f70"
@@ -61,28 +62,12 @@ VIA_CLI = settings(max_examples=12, deadline=None, derandomize=True, suppress_he
 # --- the base task and its fields -------------------------------------------------------------------
 
 
-def param(name: str, value: Any, fmt: str) -> dict[str, Any]:
-    return {"type": name, "value": value, "is_variable": False, "format": fmt}
-
-
-def variable(name: str, values: list[Any], vid: str, fmt: str) -> dict[str, Any]:
-    return {
-        "type": name,
-        "is_variable": True,
-        "variable_id": vid,
-        "variable_name": vid,
-        "variable_values": values,
-        "format": fmt,
-    }
-
-
 def base_task() -> dict[str, Any]:
     """A valid task touching every kind of field: a fixed freetext, a character, a variable prompt, a variable seed."""
-    return {
-        "name": "bad input",
-        "priority": 1,
-        "prompts": [
-            {"type": "freetext", "value": "1girl, portrait", "weight": 1.0, "is_variable": False},
+    return taskdocs.task_document(
+        "bad input",
+        [
+            taskdocs.fixed_prompt("1girl, portrait"),
             {
                 "type": "oc_vtoken_adaptor",
                 "value": CHARACTER,
@@ -92,27 +77,14 @@ def base_task() -> dict[str, Any]:
                 "weight": 1.0,
                 "is_variable": False,
             },
-            {
-                "type": "freetext",
-                "value": "",
-                "weight": 1.0,
-                "is_variable": True,
-                "variable_id": "style",
-                "variable_name": "style",
-                "variable_values": [
-                    {"type": "freetext", "value": "watercolor", "weight": 1.0},
-                    {"type": "freetext", "value": "oil painting", "weight": 1.2},
-                ],
-            },
+            taskdocs.variable_prompt("style", ["watercolor", "oil painting"], weights=[1.0, 1.2]),
         ],
-        "ratio": param("ratio", "3:4", "string"),
-        "seed": variable("seed", [1, 2], "seeds", "int"),
-        "use_polish": param("use_polish", False, "bool"),
-        "is_lumina": param("is_lumina", False, "bool"),
-        "lumina_model_name": param("lumina_model_name", "lumina_2", "string"),
-        "lumina_cfg": param("lumina_cfg", 5.5, "float"),
-        "lumina_step": param("lumina_step", 30, "int"),
-    }
+        ratio="3:4",
+        seed=taskdocs.variable_param("seed", [1, 2], variable_id="seeds"),
+        lumina_model_name="lumina_2",
+        lumina_cfg=5.5,
+        lumina_step=30,
+    )
 
 
 Key = str | int
@@ -401,8 +373,8 @@ def subtask_cap_cases(draw: st.DrawFn) -> Case:
         },
     ]
     ratios = ["1:1", "3:4", "4:3", "16:9", "9:16"]
-    doc["ratio"] = variable("ratio", [ratios[i % len(ratios)] for i in range(n2)], "r", "string")
-    doc["seed"] = variable("seed", list(range(n3)), "s", "int")
+    doc["ratio"] = taskdocs.variable_param("ratio", [ratios[i % len(ratios)] for i in range(n2)], variable_id="r")
+    doc["seed"] = taskdocs.variable_param("seed", list(range(n3)), variable_id="s")
     # The validator names the variable at which the running product first passes the cap.
     field = "ratio.variable_values" if n1 * n2 > cap else "seed.variable_values"
     return Case("too many subtasks", encode(doc), field, f"{n1} x {n2} x {n3}")
@@ -479,8 +451,8 @@ def _deep_field(depth: int) -> bytes:
 def _cap(n1: int, n2: int, n3: int) -> bytes:
     doc = base_task()
     doc["prompts"][2]["variable_values"] = [{"type": "freetext", "value": f"v{i}"} for i in range(n1)]
-    doc["ratio"] = variable("ratio", ["1:1"] * n2, "r", "string")
-    doc["seed"] = variable("seed", list(range(n3)), "s", "int")
+    doc["ratio"] = taskdocs.variable_param("ratio", ["1:1"] * n2, variable_id="r")
+    doc["seed"] = taskdocs.variable_param("seed", list(range(n3)), variable_id="s")
     return encode(doc)
 
 

@@ -35,6 +35,7 @@ from nietest_daemon.internals.dramatiq_redis import queue_stats
 from nietest_daemon.pipeline.context import open_store_for
 from nietest_daemon.pipeline.subtasks import CREATE_INTERRUPTED
 from nietest_daemon.store import Store
+from nietest_daemon.testing import tasks as taskdocs
 from nietest_daemon.testing.fake_feishu import FakeFeishu
 from nietest_daemon.testing.fake_nieta import FakeNieta, Recorded
 
@@ -123,35 +124,13 @@ def store(daemon: Daemon) -> Iterator[Store]:
 # --- helpers ----------------------------------------------------------------------------------------
 
 
-def param(name: str, value: Any, fmt: str) -> dict[str, Any]:
-    return {"type": name, "value": value, "is_variable": False, "format": fmt}
-
-
 def marker_task(name: str, markers: list[str], *, lumina: bool = False) -> dict[str, Any]:
     """A task with one variable prompt: one subtask per marker, the marker in its prompt text."""
-    return {
-        "name": name,
-        "priority": 1,
-        "prompts": [
-            {"type": "freetext", "value": "1girl, portrait", "weight": 1.0, "is_variable": False},
-            {
-                "type": "freetext",
-                "value": "",
-                "weight": 1.0,
-                "is_variable": True,
-                "variable_id": "marker",
-                "variable_name": "marker",
-                "variable_values": [{"type": "freetext", "value": f"look {m}", "weight": 1.0} for m in markers],
-            },
-        ],
-        "ratio": param("ratio", "1:1", "string"),
-        "seed": param("seed", None, "int"),
-        "use_polish": param("use_polish", False, "bool"),
-        "is_lumina": param("is_lumina", lumina, "bool"),
-        "lumina_model_name": param("lumina_model_name", None, "string"),
-        "lumina_cfg": param("lumina_cfg", None, "float"),
-        "lumina_step": param("lumina_step", None, "int"),
-    }
+    return taskdocs.task_document(
+        name,
+        [taskdocs.fixed_prompt("1girl, portrait"), taskdocs.variable_prompt("marker", [f"look {m}" for m in markers])],
+        is_lumina=lumina,
+    )
 
 
 def write_task(directory: Path, doc: dict[str, Any]) -> Path:
@@ -239,7 +218,7 @@ def test_invalid_task_is_refused_and_nothing_is_stored_or_enqueued(daemon: Daemo
         base = json.loads(EXAMPLE.read_text())
         cases = {
             "name": {k: v for k, v in base.items() if k != "name"},
-            "ratio.value": {**base, "ratio": param("ratio", "wide", "string")},
+            "ratio.value": {**base, "ratio": taskdocs.fixed_param("ratio", "wide")},
             "is_lumina.variable_values[1]": {**base, "is_lumina": {**base["is_lumina"], "variable_values": [True, 1]}},
             "prompts[0].type": {**base, "prompts": [{**base["prompts"][0], "type": "image"}, *base["prompts"][1:]]},
         }

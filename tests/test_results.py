@@ -24,51 +24,22 @@ from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED, PROCESSIN
 from nietest_daemon.programs import cli, export, report, tasks_cli
 from nietest_daemon.programs.results import ResultsError
 from nietest_daemon.store import SQLiteStore, Store
+from nietest_daemon.testing import tasks as taskdocs
 
 HOSTILE = "<script>alert(1)</script><img src=x onerror=alert(2)>"
 TRICKY = 'a "quoted", comma\nand a second line'
 
 
-def param(name: str, value: Any, fmt: str) -> dict[str, Any]:
-    return {"type": name, "value": value, "is_variable": False, "format": fmt}
-
-
-def variable(name: str, vid: str, values: list[Any], fmt: str) -> dict[str, Any]:
-    return {
-        "type": name,
-        "is_variable": True,
-        "variable_id": vid,
-        "variable_name": vid.title(),
-        "variable_values": values,
-        "format": fmt,
-    }
-
-
 def task_document(styles: list[str], ratios: list[str], polish: list[bool], *, name: str = "campaign") -> dict:
     """A task of len(styles) x len(ratios) x len(polish) images: a prompt variable and two parameters."""
-    return {
-        "name": name,
-        "priority": 2,
-        "prompts": [
-            {"type": "freetext", "value": "1girl, portrait", "weight": 1.0, "is_variable": False},
-            {
-                "type": "freetext",
-                "value": "",
-                "weight": 1.0,
-                "is_variable": True,
-                "variable_id": "style",
-                "variable_name": "style",
-                "variable_values": [{"type": "freetext", "value": s, "weight": 1.0} for s in styles],
-            },
-        ],
-        "ratio": variable("ratio", "ratio", ratios, "string"),
-        "seed": param("seed", 7, "int"),
-        "use_polish": variable("use_polish", "polish", polish, "bool"),
-        "is_lumina": param("is_lumina", False, "bool"),
-        "lumina_model_name": param("lumina_model_name", None, "string"),
-        "lumina_cfg": param("lumina_cfg", None, "float"),
-        "lumina_step": param("lumina_step", None, "int"),
-    }
+    return taskdocs.task_document(
+        name,
+        [taskdocs.fixed_prompt("1girl, portrait"), taskdocs.variable_prompt("style", styles)],
+        priority=2,
+        ratio=taskdocs.variable_param("ratio", ratios, variable_name="Ratio"),
+        seed=7,
+        use_polish=taskdocs.variable_param("use_polish", polish, variable_id="polish", variable_name="Polish"),
+    )
 
 
 def store_task(store: Store, task_id: str, doc: dict[str, Any]) -> list[str]:
@@ -188,16 +159,16 @@ def test_report_axes_blocks_and_unknown_variables(store: Store, tmp_path: Path, 
 def test_report_of_a_task_without_variables_and_with_one(store: Store, tmp_path: Path) -> None:
     doc = task_document(["only"], ["1:1"], [False])
     doc["prompts"] = doc["prompts"][:1]
-    doc["ratio"] = param("ratio", "1:1", "string")
-    doc["use_polish"] = param("use_polish", False, "bool")
+    doc["ratio"] = taskdocs.fixed_param("ratio", "1:1")
+    doc["use_polish"] = taskdocs.fixed_param("use_polish", False)
     [sid] = store_task(store, "t0", doc)
     store.finish_subtask(sid, COMPLETED, result="https://images.example/one.png")
     assert report.write_report(store, "t0", tmp_path / "a.html") == 1
     with pytest.raises(ResultsError, match="no variables"):
         report.write_report(store, "t0", tmp_path / "a.html", cols="style")
     doc = task_document(["a", "b"], ["1:1"], [False])
-    doc["ratio"] = param("ratio", "1:1", "string")
-    doc["use_polish"] = param("use_polish", False, "bool")
+    doc["ratio"] = taskdocs.fixed_param("ratio", "1:1")
+    doc["use_polish"] = taskdocs.fixed_param("use_polish", False)
     store_task(store, "t1", doc)
     assert report.write_report(store, "t1", tmp_path / "b.html") == 2
     assert Dom((tmp_path / "b.html").read_text()).count("td", "pending") == 2

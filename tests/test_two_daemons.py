@@ -17,6 +17,7 @@ from conftest import Daemon, PrivateValkey, wait_for
 
 from nietest_daemon.domain.status import TERMINAL
 from nietest_daemon.pipeline.context import open_store_for
+from nietest_daemon.testing import tasks as taskdocs
 from nietest_daemon.testing.fake_nieta import FakeNieta
 
 pytestmark = pytest.mark.e2e
@@ -25,21 +26,8 @@ CAP = 3
 
 
 def marker_task(name: str, markers: list[str]) -> dict[str, Any]:
-    values = [{"type": "freetext", "value": m, "weight": 1.0} for m in markers]
-    return {
-        "name": name,
-        "prompts": [
-            {
-                "type": "freetext",
-                "value": "",
-                "weight": 1.0,
-                "is_variable": True,
-                "variable_id": "marker",
-                "variable_name": "marker",
-                "variable_values": values,
-            }
-        ],
-    }
+    """One variable prompt: a subtask per marker, the marker its prompt's whole text."""
+    return taskdocs.task_document(name, [taskdocs.variable_prompt("marker", markers)])
 
 
 def in_flight_peak(api: FakeNieta) -> int:
