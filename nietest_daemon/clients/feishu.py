@@ -566,7 +566,10 @@ class FeishuClient:
     def _deliver(self, job: _Job) -> SendResult:
         result, rate_limited = self._deliver_once(job)
         if self.on_result is not None and not result.skipped:
-            self.on_result("sent" if result.delivered else "rate_limited" if rate_limited else "failed")
+            try:
+                self.on_result("sent" if result.delivered else "rate_limited" if rate_limited else "failed")
+            except Exception:  # a broken hook must not make a delivered card look undelivered
+                log.exception("the on_result hook failed")
         return result
 
     def _deliver_once(self, job: _Job) -> tuple[SendResult, bool]:

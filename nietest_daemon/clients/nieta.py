@@ -529,7 +529,10 @@ class NietaClient:
             status_code = answer.status_code
             return answer
         finally:
-            self._observe(api, endpoint, status_code, time.monotonic() - started)
+            try:
+                self._observe(api, endpoint, status_code, time.monotonic() - started)
+            except Exception:  # a broken hook must not turn a paid-for answer into an error
+                log.exception("the observe hook failed")
 
     def _request(self, method: str, url: str, what: str, content: bytes | None, *, api: str, endpoint: str) -> _Answer:
         """One call with the retry budget; returns a 2xx answer or raises NietaError."""

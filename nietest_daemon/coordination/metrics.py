@@ -2,14 +2,14 @@
 
 Every process that counts something (workers, the listeners) adds to one hash per host,
 `nietest:metrics:<host>` (field: the series, value: its total), with HINCRBYFLOAT: a worker's
-`kill -9` takes nothing away, and the totals never go backwards while the broker keeps its data.
+`kill -9` resets nothing, and the totals never go backwards while the broker keeps its data.
 The `metrics` program reads the hash with one HGETALL per scrape (programs/metrics.py): its size
 is the number of series (a few hundred), whatever the number of tasks or subtasks.
 
 Two ways in, one format:
 - `add_call(host, increments)`: increments made in the same round trip as other script calls.
-  A subtask's end is counted this way, in `pipeline.subtasks.finish`'s one round trip, so that
-  `nietest_subtasks_finished_total` agrees with the tasks' own counters.
+  A subtask's end is counted this way, in `pipeline.subtasks.finish`'s one round trip: lost only
+  if its process dies between the store's update and that round trip (counting is at most once).
 - `TALLY`, the process's buffer for frequent events (API requests, Feishu messages): counted in
   memory and flushed (`Tally.flush`) once a second by the worker's lifeline thread and by the
   listeners. A `kill -9` loses at most the last second's increments of that one process; a
@@ -164,8 +164,7 @@ class Increments:
         index = bisect.bisect_left(family.buckets, value)
         bound = family.buckets[index] if index < len(family.buckets) else math.inf
         self._add(series_field(family, "_bucket", le=format_le(bound), **labels), 1.0)
-        self._add(series_field(family, "_sum", **labels), value)
-        self._add(series_field(family, "_count", **labels), 1.0)
+        self._add(series_field(family, "_sum", **labels), value)  # the count is the +Inf bucket's
 
     def merge(self, fields: Mapping[str, float]) -> None:
         for field, amount in fields.items():
@@ -231,6 +230,8 @@ class Tally:
         try:
             add_call(host, taken).run(client)
         except (redis.RedisError, OSError):
+            # Kept for the next flush. A reply lost after the script ran counts these twice: rarer
+            # and milder than losing them whenever the broker blinks.
             with self._lock:
                 self._pending.merge(taken.fields)
             return False

@@ -11,7 +11,8 @@
   READY=1 once every autostarted process is RUNNING, STATUS= with the counts when they change,
   WATCHDOG=1 every half WATCHDOG_USEC (so systemd restarts a supervisord whose loop hangs), and
   STOPPING=1 when it begins to stop.
-- `control_proxy`: the XML-RPC client of supervisord's unix control socket (`supervisor.xmlrpc`).
+- `control_proxy`: the XML-RPC client of supervisord's unix control socket (`supervisor.xmlrpc`),
+  optionally with a timeout (its transport's `_get_connection` replaced: it sets none).
 - `EXITED_LINE`: supervisord's log line for a process exit, the only place its exit status is
   written (the PROCESS_STATE event carries none); the alerts listener reads it.
 
@@ -34,7 +35,7 @@ from typing import Any
 
 from supervisor import loggers, poller, supervisord
 from supervisor.states import ProcessStates, SupervisorStates, getProcessStateDescription
-from supervisor.xmlrpc import SupervisorTransport
+from supervisor.xmlrpc import SupervisorTransport, UnixStreamHTTPConnection
 
 from nietest_daemon.core.logs import iso_timestamp
 
@@ -170,7 +171,28 @@ def install_json_log() -> None:
     loggers.Handler.emit = _json_emit
 
 
-def control_proxy(server_url: str) -> xmlrpc.client.ServerProxy:
-    """XML-RPC proxy to a running supervisord at `server_url` (`unix:///path/to/socket`)."""
+def control_proxy(server_url: str, timeout: float | None = None) -> xmlrpc.client.ServerProxy:
+    """XML-RPC proxy to a running supervisord at `server_url` (`unix:///path/to/socket`).
+
+    `timeout` bounds the connect and each read of a unix socket (supervisor's own transport sets
+    none: a wedged supervisord would hang the caller); a timeout raises OSError."""
     transport = SupervisorTransport(None, None, server_url)
+    if timeout is not None and server_url.startswith("unix://"):
+        path = server_url[len("unix://") :]
+
+        def connection() -> UnixStreamHTTPConnection:
+            conn = _TimedUnixConnection("localhost", timeout=timeout)
+            conn.socketfile = path
+            return conn
+
+        transport._get_connection = connection  # type: ignore[attr-defined]
     return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+
+class _TimedUnixConnection(UnixStreamHTTPConnection):
+    socketfile: str
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socketfile)

@@ -86,7 +86,7 @@ def build_context(settings: Settings) -> Context:
     )
 
 
-def open_store_for(settings: Settings) -> Store:
+def open_store_for(settings: Settings, timeout_seconds: float | None = None) -> Store:
     return open_store(
         data_dir=settings.data_dir,
         mongo_uri=settings.mongo_uri,
@@ -97,4 +97,5 @@ def open_store_for(settings: Settings) -> Store:
         mongo_db=settings.mongo_db,
         task_collection=settings.task_collection,
         subtask_collection=settings.subtask_collection,
+        timeout_seconds=timeout_seconds,
     )

@@ -73,7 +73,7 @@ def cancel_task(ctx: Context, task_id: str) -> CancelOutcome:
         # Counted under the task's API: the store does not say which lane each cancelled subtask had
         # (they differ only in a task that makes `is_lumina` a variable).
         inc = metrics.Increments()
-        api = Lane.of(ctx.store.get_task(task_id) or {}).value
+        api = Lane.of(outcome.task or ctx.store.get_task(task_id) or {}).value
         inc.count(metrics.SUBTASKS_FINISHED, outcome.cancelled, api=api, outcome=CANCELLED)
         try:
             metrics.add_call(ctx.host, inc).run(ctx.redis)

@@ -50,9 +50,9 @@ def environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-def control_proxy(settings: Settings) -> xmlrpc.client.ServerProxy:
-    """XML-RPC proxy to the running supervisord over its unix socket."""
-    return supervisor_internals.control_proxy(f"unix://{settings.control_socket}")
+def control_proxy(settings: Settings, timeout: float | None = None) -> xmlrpc.client.ServerProxy:
+    """XML-RPC proxy to the running supervisord over its unix socket (`timeout`: per connect and read)."""
+    return supervisor_internals.control_proxy(f"unix://{settings.control_socket}", timeout)
 
 
 def is_running(settings: Settings) -> bool:

@@ -1,7 +1,7 @@
 """`nietest metrics`: the Prometheus endpoint and the health checks, one supervised process.
 
     GET /metrics   the Prometheus text format
-    GET /healthz   200 while supervisord answers and no program is failing (FATAL, BACKOFF, EXITED)
+    GET /healthz   200 while supervisord answers and no program is FATAL (given up) or UNKNOWN
     GET /readyz    200 when the broker and the store answer and every worker is RUNNING; else 503
                    with a JSON body naming what is not ready
 
@@ -16,20 +16,26 @@ does not grow with the number of subtasks (bench/metrics.py). Counters are kept 
 the processes that count, so a worker's kill -9 takes nothing away; a restart is counted by the
 watchdog listener, which hears every exit.
 
-Requests are served one at a time (a scrape takes milliseconds): the store's connections are per
-thread, and one thread keeps one.
+Each request has a thread of its own (a client that stalls holds only its own), and every answer
+is computed in one probe thread, which keeps the store's one connection; every read it makes is
+bounded (PROBE_TIMEOUT_SECONDS: supervisord, the broker, MongoDB), so an answer comes within
+ANSWER_DEADLINE_SECONDS whatever is down: a 503 (or `nietest_*_up 0`), never a hung scrape.
 """
 
 from __future__ import annotations
 
 import hmac
+import http.client
+import ipaddress
 import json
 import signal
 import socket
 import time
 import xmlrpc.client
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import redis
@@ -41,7 +47,7 @@ from nietest_daemon.coordination import metrics
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.coordination.scheduler import Scheduler
 from nietest_daemon.core.logs import get_logger
-from nietest_daemon.core.redaction import set_secrets
+from nietest_daemon.core.redaction import redact, set_secrets
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.domain.status import STATUSES
 from nietest_daemon.domain.subtask import Lane
@@ -54,8 +60,11 @@ from nietest_daemon.store import Store
 log = get_logger(__name__)
 
 QUEUE_STATES = ("ready", "delayed", "in_progress", "dead")
-FAILING_STATES = frozenset({"FATAL", "BACKOFF", "EXITED", "UNKNOWN"})
-REQUEST_TIMEOUT_SECONDS = 5.0
+#: Not failing: BACKOFF and EXITED pass as supervisord restarts a process; only giving up is.
+FAILING_STATES = frozenset({"FATAL", "UNKNOWN"})
+REQUEST_TIMEOUT_SECONDS = 5.0  # per read of a request: a client that stalls is dropped
+PROBE_TIMEOUT_SECONDS = 2.0  # per read of supervisord, the broker, the store
+ANSWER_DEADLINE_SECONDS = 15.0  # an answer not computed by then is a 503
 
 #: Label sets of the counters that are always exported, at 0 until counted: `rate()` and
 #: `increase()` then see a series' first increment.
@@ -86,7 +95,7 @@ class Probe:
     def __init__(self, settings: Settings, host: str) -> None:
         self.settings = settings
         self.host = host
-        self.redis = redis_client(settings, socket_timeout=2)
+        self.redis = redis_client(settings, socket_timeout=PROBE_TIMEOUT_SECONDS)
         self._store: Store | None = None
         self.slots = {
             Lane.STANDARD: Scheduler(self.redis, Lane.STANDARD, settings.max_jobs, lease_seconds=0),
@@ -95,14 +104,14 @@ class Probe:
 
     def store(self) -> Store:
         if self._store is None:
-            self._store = open_store_for(self.settings)
+            self._store = open_store_for(self.settings, timeout_seconds=PROBE_TIMEOUT_SECONDS)
         return self._store
 
     def processes(self) -> list[dict[str, Any]] | None:
         """supervisord's process list, or None when it does not answer."""
         try:
-            return control_proxy(self.settings).supervisor.getAllProcessInfo()
-        except (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError) as exc:
+            return control_proxy(self.settings, PROBE_TIMEOUT_SECONDS).supervisor.getAllProcessInfo()
+        except (OSError, xmlrpc.client.Error, http.client.HTTPException) as exc:
             log.warning("supervisord does not answer", error=str(exc)[:300])
             return None
 
@@ -110,14 +119,14 @@ class Probe:
         try:
             self.redis.ping()
         except (redis.RedisError, OSError) as exc:
-            return f"{type(exc).__name__}: {exc}"[:300]
+            return redact(f"{type(exc).__name__}: {exc}")[:300]
         return None
 
     def store_error(self) -> str | None:
         try:
             self.store().count_tasks()
         except Exception as exc:  # noqa: BLE001 - any failure of the store is "not ready"
-            return f"{type(exc).__name__}: {exc}"[:300]
+            return redact(f"{type(exc).__name__}: {exc}")[:300]
         return None
 
     def workers(self, infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -238,12 +247,27 @@ def render_totals(totals: dict[str, float], infos: list[dict[str, Any]]) -> Iter
 
 
 class Endpoints:
-    """The three endpoints' answers: (status, content type, body)."""
+    """The three endpoints' answers: (status, content type, body), each computed in the one probe
+    thread (`answer`)."""
 
     def __init__(self, probe: Probe) -> None:
         self.probe = probe
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(NietestCollector(probe))
+        self.routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
+            "/metrics": self.metrics,
+            "/healthz": self.healthz,
+            "/readyz": self.readyz,
+        }
+        self._probe_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe")
+
+    def answer(self, path: str) -> tuple[int, str, bytes]:
+        route = self.routes[path]
+        try:
+            return self._probe_thread.submit(route).result(timeout=ANSWER_DEADLINE_SECONDS)
+        except FutureTimeout:
+            log.error("no answer in time", path=path, deadline_seconds=ANSWER_DEADLINE_SECONDS)
+            return 503, "text/plain", b"the probe is still busy with an earlier request; try again\n"
 
     def metrics(self) -> tuple[int, str, bytes]:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
@@ -288,11 +312,10 @@ def _json(status: int, body: dict[str, Any]) -> tuple[int, str, bytes]:
 
 
 def make_handler(endpoints: Endpoints, token: str | None) -> type[BaseHTTPRequestHandler]:
-    routes = {"/metrics": endpoints.metrics, "/healthz": endpoints.healthz, "/readyz": endpoints.readyz}
     expected = f"Bearer {token}".encode() if token else None
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = REQUEST_TIMEOUT_SECONDS  # a client that stalls cannot hold the one serving thread
+        timeout = REQUEST_TIMEOUT_SECONDS
         server_version = "nietest-metrics"
         sys_version = ""
 
@@ -304,17 +327,16 @@ def make_handler(endpoints: Endpoints, token: str | None) -> type[BaseHTTPReques
                 if not hmac.compare_digest(given, expected):
                     self._answer(401, "text/plain", b"unauthorized\n", {"WWW-Authenticate": "Bearer"})
                     return
-            route = routes.get(path)
-            if route is None:
+            if path not in endpoints.routes:
                 self._answer(404, "text/plain", b"not found: try /metrics, /healthz or /readyz\n")
                 return
             try:
-                status, content_type, body = route()
+                status, content_type, body = endpoints.answer(path)
             except Exception:
                 log.exception("endpoint failed", path=path)
                 status, content_type, body = 500, "text/plain", b"internal error; see the metrics log\n"
             self._answer(status, content_type, body)
-            if path != "/metrics" or status != 200:
+            if status != 200:  # a probe every few seconds would otherwise fill the log
                 log.info("request", path=path, status=status, ms=round((time.monotonic() - started) * 1000, 1))
 
         def _answer(self, status: int, content_type: str, body: bytes, headers: dict[str, str] | None = None) -> None:
@@ -332,13 +354,15 @@ def make_handler(endpoints: Endpoints, token: str | None) -> type[BaseHTTPReques
     return Handler
 
 
-class _Server(HTTPServer):
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
     def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
         self.address_family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         super().__init__(addr, handler)
 
 
-def serve(settings: Settings, addr: tuple[str, int], host: str | None = None) -> HTTPServer:
+def serve(settings: Settings, addr: tuple[str, int], host: str | None = None) -> ThreadingHTTPServer:
     """The bound server (not yet serving): `serve_forever()` it."""
     endpoints = Endpoints(Probe(settings, host or socket.gethostname()))
     return _Server(addr, make_handler(endpoints, settings.metrics_token))
@@ -350,6 +374,12 @@ def run(settings: Settings) -> int:
     if settings.metrics_addr is None:
         log.info("metrics off: NIETEST_METRICS_ADDR is empty")
         return 0
+    if not settings.metrics_token and not _is_loopback(settings.metrics_addr[0]):
+        log.warning(
+            "metrics endpoints bound beyond loopback without NIETEST_METRICS_TOKEN: anyone who reaches "
+            "the port can read them",
+            addr=settings.metrics_addr[0],
+        )
     try:
         server = serve(settings, settings.metrics_addr)
     except OSError as exc:
@@ -363,7 +393,10 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     host, port = server.server_address[:2]
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    settings.metrics_addr_file.write_text(shown + "\n")
+    addr_file = settings.metrics_addr_file
+    partial = addr_file.with_suffix(".tmp")
+    partial.write_text(shown + "\n")
+    partial.replace(addr_file)  # a reader sees the whole address or none
     log.info("metrics listening", addr=shown, token=bool(settings.metrics_token))
     try:
         server.serve_forever()
@@ -371,4 +404,12 @@ def run(settings: Settings) -> int:
         log.info("metrics stopping")
     finally:
         server.server_close()
+        addr_file.unlink(missing_ok=True)
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

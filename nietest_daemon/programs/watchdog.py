@@ -63,16 +63,23 @@ class Watchdog:
         self.host = host
         self.queues = {key: settings.queue(key).name for key in QUEUE_KEYS}
         self.killed: set[str] = set()  # lifelines of the processes killed for silence, until they exit
-        self.hung: dict[str, float] = {}  # the same, until their exit is counted as a `hang` restart
+        # The same, until their exit is counted as a `hang` restart: the check thread adds, the event
+        # thread takes, under the lock.
+        self.hung: dict[str, float] = {}
+        self._hung_lock = threading.Lock()
         self.kill: Callable[[str], None] | None = None  # signals `group:name` with SIGKILL (supervisord)
         # Silence counts only from the first check that could read the lifelines: from the start,
         # and again after the broker was unreachable (no worker could beat meanwhile).
         self.watching_since: float | None = None
 
     def handle(self, headers: dict[str, str], payload: str) -> None:
-        if headers.get("eventname") != "PROCESS_STATE_EXITED":
-            return
+        event = headers.get("eventname")
         fields = parse_tokens(payload.split("\n", 1)[0])
+        if event == "PROCESS_STATE_BACKOFF":  # died while starting: a restart too, supervisord retries it
+            self.count(fields.get("groupname", ""), fields.get("processname", ""), "crash")
+            return
+        if event != "PROCESS_STATE_EXITED":
+            return
         group, name, pid = fields.get("groupname", ""), fields.get("processname", ""), fields.get("pid", "")
         expected = fields.get("expected") == "1"
         if group in self.queues and pid.isdigit():
@@ -84,20 +91,27 @@ class Watchdog:
         """Count an exit nobody asked for in `nietest_process_restarts_total`: a `hang` when this
         watchdog killed it, a `recycle` when the worker said so before exiting, else a `crash`."""
         member = lifelines.member(name, pid)
+        with self._hung_lock:
+            hung = self.hung.pop(member, None) is not None
         try:
-            if self.hung.pop(member, None) is not None:
-                reason = "hang"
-            elif group in self.queues and metrics.take_recycling(self.broker.client, self.host, name, pid):
-                reason = "recycle"
-            else:
-                reason = "crash"
-            inc = metrics.Increments()
-            inc.count(metrics.PROCESS_RESTARTS, program=group, process=name, reason=reason)
+            recycled = (
+                not hung and group in self.queues and metrics.take_recycling(self.broker.client, self.host, name, pid)
+            )
+        except (redis.RedisError, OSError):
+            recycled = False
+        reason = "hang" if hung else "recycle" if recycled else "crash"
+        return reason if self.count(group, name, reason) else None
+
+    def count(self, group: str, name: str, reason: str) -> bool:
+        """Add one restart of `group:name` for `reason` to the metrics; False if the broker is away."""
+        inc = metrics.Increments()
+        inc.count(metrics.PROCESS_RESTARTS, program=group, process=name, reason=reason)
+        try:
             metrics.add_call(self.host, inc).run(self.broker.client)
         except (redis.RedisError, OSError) as exc:
             log.warning("could not count a restart in the metrics", process_name=name, error=str(exc))
-            return None
-        return reason
+            return False
+        return True
 
     def hand_back(self, group: str, name: str, pid: int, *, expected: bool) -> int:
         """Hand back what worker `name` (pid `pid`) of queue `group` held; how many messages."""
@@ -140,8 +154,10 @@ class Watchdog:
             if silent <= self.settings.hang_seconds or member in self.killed:
                 continue
             self.killed.add(member)
-            self.hung = {m: t for m, t in self.hung.items() if now - t < HUNG_MEMORY_SECONDS}
-            self.hung[member] = now
+            with self._hung_lock:
+                for old in [m for m, t in self.hung.items() if now - t >= HUNG_MEMORY_SECONDS]:
+                    del self.hung[old]
+                self.hung[member] = now
             hung.append((info, silent, last))
         for info, silent, last in hung:
             self._kill(info, silent, last)

@@ -137,7 +137,10 @@ def _lifeline(
                 lifelines.beat(broker.client, host, process, os.getpid())
             except (redis.RedisError, OSError) as exc:
                 log.warning("could not record a sign of life", error=str(exc))
-        metrics.TALLY.flush(broker.client, host)  # kept for the next beat if the broker is away
+        try:
+            metrics.TALLY.flush(broker.client, host)  # kept for the next beat if the broker is away
+        except Exception:  # the lifeline must go on beating whatever the metrics do
+            log.exception("could not flush the metrics")
         time.sleep(lifelines.BEAT_SECONDS)
 
 

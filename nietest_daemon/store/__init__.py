@@ -47,8 +47,12 @@ def open_store(
     mongo_db: str = "task_db",
     task_collection: str = "tasks",
     subtask_collection: str = "subtasks",
+    timeout_seconds: float | None = None,
 ) -> Store:
-    """MongoDB when a URI or host is given, else the embedded SQLite file in `data_dir`."""
+    """MongoDB when a URI or host is given, else the embedded SQLite file in `data_dir`.
+
+    `timeout_seconds` bounds MongoDB's server selection and each reply (default: pymongo's
+    10 s selection, no reply limit); a prober that must answer quickly passes a short one."""
     if mongo_uri or mongo_host:
         # Imported here: pymongo costs about 0.2 s of every worker start, and the embedded
         # SQLite deployment never needs it.
@@ -63,5 +67,13 @@ def open_store(
             db=mongo_db,
             task_collection=task_collection,
             subtask_collection=subtask_collection,
+            **_mongo_timeouts(timeout_seconds),
         )
     return SQLiteStore(data_dir)
+
+
+def _mongo_timeouts(seconds: float | None) -> dict[str, int]:
+    if seconds is None:
+        return {}
+    ms = max(1, int(seconds * 1000))
+    return {"serverSelectionTimeoutMS": ms, "connectTimeoutMS": ms, "socketTimeoutMS": ms}
