@@ -24,13 +24,15 @@ import redis
 from conftest import PrivateValkey, wait_for
 from dramatiq.middleware import CurrentMessage
 
+from nietest_daemon.clients.feishu import SendResult
 from nietest_daemon.clients.nieta import NietaClient
-from nietest_daemon.coordination import keys, streaks
+from nietest_daemon.coordination import keys, markers, streaks
 from nietest_daemon.core import settings as settings_module
-from nietest_daemon.domain.status import CANCELLED, COMPLETED, PENDING, PROCESSING
+from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED, PENDING, PROCESSING
 from nietest_daemon.domain.subtask import Lane, Subtask
 from nietest_daemon.internals.dramatiq_redis import bodies_key, delay_queue_name, queue_key
 from nietest_daemon.pipeline import context as context_module
+from nietest_daemon.pipeline import notices
 from nietest_daemon.pipeline import sweep as sweep_module
 from nietest_daemon.pipeline.admission import queue_task, release_slot
 from nietest_daemon.pipeline.broker import build_broker
@@ -498,7 +500,10 @@ def test_retry_runs_only_the_failed_subtasks_through_the_job_slots(pipe: Pipelin
     assert result.outcome.reopened and result.outcome.round == 2 and result.outcome.reset == 2
     task = store.get_task("t")
     assert task["status"] == PROCESSING and (task["failed_images"], task["processed_images"]) == (0, 1)
-    assert not client.exists(keys.create_sent(b), keys.timeouts(c), keys.notice_final_queued("t"))
+    assert not client.exists(keys.create_sent(b), keys.timeouts(c), keys.notice_final_queued("t", 2))
+    assert client.exists(keys.notice_final_queued("t"))  # round 1's stays: each round has its own
+    assert client.get(keys.poll_chain(b)) == markers.RETRIED_CHAIN.encode()  # no older poll may act
+    assert not client.exists(keys.retry_lock("t"))  # released
     # One job slot (NIETEST_MAX_JOBS=1): b is admitted and gets its run message, c waits in line; a never runs.
     assert pipe.woken() == [b] and holders(pipe) == [b] and waiting(pipe) == 1
     run_subtask(b)
@@ -511,6 +516,7 @@ def test_retry_runs_only_the_failed_subtasks_through_the_job_slots(pipe: Pipelin
     assert store.get_task("t")["status"] == COMPLETED and store.get_task("t")["completed_images"] == 3
     assert master_notices(pipe) == [["t", "completed", 2], ["t", "partially_completed"]]
     assert keys.notice("t", "completed", 2) != keys.notice("t", "completed")
+    assert client.exists(keys.notice_final_queued("t", 2))
 
 
 def test_retry_refusals(pipe: Pipeline) -> None:
@@ -543,6 +549,9 @@ def test_the_command_refuses_with_a_clear_message(pipe: Pipeline, capsys: pytest
     assert capsys.readouterr().err == "nietest: no task missing\n"
     assert tasks_cli.retry(pipe.ctx.settings, "t", failed=False, cancelled=True) == 2
     assert "nietest: task t is still running (processing)" in capsys.readouterr().err
+    pipe.ctx.redis.set(keys.retry_lock("t"), "another-retry", ex=60)
+    assert tasks_cli.retry(pipe.ctx.settings, "t", failed=True, cancelled=False) == 2
+    assert capsys.readouterr().err.startswith("nietest: another retry of task t is in progress")
 
 
 def test_a_retry_interrupted_before_it_queued_is_finished_by_the_sweep_or_a_second_retry(pipe: Pipeline) -> None:
@@ -561,3 +570,171 @@ def test_a_retry_interrupted_before_it_queued_is_finished_by_the_sweep_or_a_seco
     pipe.clear()
     pipe.ctx.redis.delete(pipe.ctx.slots[Lane.STANDARD].holders)
     assert sweep(pipe.ctx)["requeued"] == 1 and pipe.woken() == [a]
+
+
+def _set_completed_at(pipe: Pipeline, task_id: str, ago: timedelta) -> None:
+    """Move the end of a finished task into the past."""
+    store = pipe.ctx.store
+    with store._tx() as conn:
+        task = store._read(conn, "tasks", task_id)
+        task.update(completed_at=task["completed_at"] - ago)
+        store._write_task(conn, task)
+
+
+def test_a_second_retry_of_a_task_is_refused_while_the_first_holds_its_lock(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two retries with different status sets must not interleave (with MongoDB, the second would
+    move subtasks to pending behind the counters the first recounted): the second is refused
+    before it touches anything, whether it comes while the first is half-way or before it."""
+    from nietest_daemon.pipeline.retry import RetryRefused, retry_task
+
+    a, b, c = pipe.add_task("t", 3, queue=False)
+    store, client = pipe.ctx.store, pipe.ctx.redis
+    finish(pipe.ctx, subtask(pipe, a), FAILED, error="boom")
+    finish(pipe.ctx, subtask(pipe, b), CANCELLED, error="task cancelled")
+    client.set(keys.create_sent(b), "deadhost:1:feed")
+    assert store.finish_subtask(c, COMPLETED, result="http://x/c.png").finalised  # its notice never enqueued
+    before = master_notices(pipe)
+
+    # Held by another `nietest retry` (the lock is in the broker: any process): refused, nothing touched.
+    client.set(keys.retry_lock("t"), "another-retry", ex=60)
+    with pytest.raises(RetryRefused, match="another retry of task t is in progress"):
+        retry_task(pipe.ctx, "t", [CANCELLED])
+    assert master_notices(pipe) == before and client.exists(keys.create_sent(b))
+    assert not client.exists(keys.poll_chain(b)) and store.get_subtask(b)["status"] == CANCELLED
+    assert client.get(keys.retry_lock("t")) == b"another-retry"  # not ours: left alone
+    client.delete(keys.retry_lock("t"))
+
+    # A second retry (--cancelled) while the first (--failed) is between its markers and the store.
+    refusals: list[str] = []
+    real = store.retry_subtasks
+
+    def half_way(task_id: str, statuses: Any = (FAILED,)) -> Any:
+        with pytest.raises(RetryRefused) as refused:
+            retry_task(pipe.ctx, "t", [CANCELLED])
+        refusals.append(str(refused.value))
+        return real(task_id, statuses)
+
+    monkeypatch.setattr(store, "retry_subtasks", half_way)
+    result = retry_task(pipe.ctx, "t", [FAILED])
+    assert refusals == ["another retry of task t is in progress; try again once it has finished"]
+    assert result.outcome.reopened and result.outcome.reset == 1
+    assert store.get_subtask(b)["status"] == CANCELLED and client.exists(keys.create_sent(b))
+    task = store.get_task("t")
+    assert (task["status"], task["cancelled_images"], task["completed_images"]) == (PROCESSING, 1, 1)
+    assert store.recount("t")["cancelled_images"] == 1
+    assert not client.exists(keys.retry_lock("t"))  # released at the end
+
+
+def test_the_retry_lock_is_released_only_by_its_taker(client: redis.Redis) -> None:
+    token = markers.take_retry_lock(client, "t")
+    assert token is not None and markers.take_retry_lock(client, "t") is None
+    assert 0 < client.ttl(keys.retry_lock("t")) <= markers.RETRY_LOCK_SECONDS
+    # Expired and taken by another retry meanwhile: the first one's release leaves it.
+    client.set(keys.retry_lock("t"), "someone-else")
+    assert not markers.release_retry_lock(client, "t", token) and client.exists(keys.retry_lock("t"))
+    assert markers.release_retry_lock(client, "t", "someone-else") and not client.exists(keys.retry_lock("t"))
+
+
+def test_a_stale_poll_of_the_ended_round_does_not_act_after_a_retry(pipe: Pipeline) -> None:
+    """The retry supersedes every older poll message of a retried subtask: a redelivered poll of
+    round 1 must not send a run message past fair admission (one job slot, held by round 2)."""
+    from nietest_daemon.pipeline.retry import retry_task
+
+    (a,) = pipe.add_task("t", 1)
+    pipe.api.add_rule("never")  # the job stays pending
+    pipe.clear()
+    run_subtask(a)
+    first = pipe.ctx.redis.get(keys.poll_chain(a))
+    assert first is not None
+    finish(pipe.ctx, subtask(pipe, a), FAILED, error="boom")  # its poll chain goes with it
+    assert not pipe.ctx.redis.exists(keys.poll_chain(a))
+    retry_task(pipe.ctx, "t")
+    assert pipe.woken() == [a] and holders(pipe) == [a]  # admitted once, through the job slots
+    pipe.clear()
+    with running_as(pipe, "poll_subtask", a, first.decode()):  # round 1's poll, redelivered
+        poll_subtask(a)
+    assert pipe.messages() == [] and pipe.messages(delayed=True) == []
+    # The round's own run goes on, and its first poll is the current one.
+    run_subtask(a)
+    assert pipe.messages(delayed=True) == [("poll_subtask", a)] and len(pipe.api.jobs) == 2
+    assert pipe.ctx.redis.get(keys.poll_chain(a)) not in (None, first, markers.RETRIED_CHAIN.encode())
+
+
+def test_each_round_has_its_own_final_notice_marker(pipe: Pipeline) -> None:
+    """Round 1's finaliser was slow: a retry made up for its notice, then the finaliser enqueued it
+    too (and marked round 1 done). Round 2's finaliser then died before its enqueue: the redelivered
+    message of round 2's last subtask still sends round 2's notice; a stale round-1 message never
+    speaks for round 2."""
+    from nietest_daemon.pipeline.retry import retry_task
+
+    a, b = pipe.add_task("t", 2, queue=False)
+    store = pipe.ctx.store
+    store.finish_subtask(a, COMPLETED, result="http://x/a.png")
+    ended = store.finish_subtask(b, FAILED, error="boom")  # finalised; the notice not enqueued yet
+    assert ended.finalised and ended.task is not None
+    retry_task(pipe.ctx, "t")
+    assert master_notices(pipe) == [["t", "partially_completed"]]  # made up for by the retry
+    notices.task_finished(pipe.ctx, ended.task)  # the slow finaliser of round 1, at last
+    assert store.finish_subtask(b, COMPLETED, result="http://x/b.png").finalised  # round 2's dies here
+    assert len(master_notices(pipe)) == 2  # round 1's, twice (posted once: `deliver`'s marker)
+
+    notices.ensure_final(pipe.ctx, "t", 1)  # a stale message of round 1
+    run_subtask(a)  # its subtask ended in round 1
+    assert len(master_notices(pipe)) == 2
+    run_subtask(b)  # the redelivered message of round 2's last subtask
+    assert len(master_notices(pipe)) == 3 and ["t", "completed", 2] in master_notices(pipe)
+    run_subtask(b)
+    sweep(pipe.ctx)
+    assert len(master_notices(pipe)) == 3  # once
+
+
+def test_a_retry_makes_up_for_the_ending_rounds_notice_only_if_it_ended_lately(pipe: Pipeline) -> None:
+    """A round that ended over an hour ago (the sweep's window) is no news: its markers may have
+    expired (after 7 days), and the retry must not post its notice again."""
+    from nietest_daemon.pipeline.retry import retry_task
+
+    client = pipe.ctx.redis
+    for task_id, ago in (("old", timedelta(days=8)), ("hour", timedelta(minutes=61)), ("new", timedelta(minutes=5))):
+        (sid,) = pipe.add_task(task_id, 1, queue=False)
+        finish(pipe.ctx, subtask(pipe, sid), FAILED, error="boom")  # its notice enqueued
+        _set_completed_at(pipe, task_id, ago)
+    for task_id in ("old", "new"):  # their markers expired (or their finaliser died before its enqueue)
+        client.delete(keys.notice_final_queued(task_id))
+    master = pipe.ctx.settings.queue("master").name
+    client.delete(queue_key(master), bodies_key(master))
+    for task_id in ("old", "hour", "new"):
+        assert retry_task(pipe.ctx, task_id).outcome.reopened
+    assert master_notices(pipe) == [["new", "failed"]]
+
+
+def test_a_late_final_notice_shows_its_own_round(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The final notice's message carries the round as it ended: delivered after a retry reopened
+    the task, its card still shows that round's counts, not the next round's."""
+    from nietest_daemon.pipeline.retry import retry_task
+
+    cards: list[list[str]] = []
+
+    def send_card(title: str, content: Any, severity: str = "info", **kwargs: Any) -> SendResult:
+        cards.append([title, *content])
+        return SendResult(True, 1)
+
+    monkeypatch.setattr(pipe.ctx.notifier, "send_card", send_card)
+    a, b, c = pipe.add_task("t", 3, queue=False)
+    for sid, status in ((a, COMPLETED), (b, FAILED), (c, FAILED)):
+        finish(pipe.ctx, subtask(pipe, sid), status, result="http://x/a.png" if sid == a else None, error="boom")
+    master = pipe.ctx.settings.queue("master").name
+    [message] = [json.loads(m) for m in pipe.ctx.redis.hvals(bodies_key(master))]
+    assert message["kwargs"]["snapshot"]["failed_images"] == 2
+    retry_task(pipe.ctx, "t")  # round 2: failed 0, the task processing
+    notices.deliver(pipe.ctx, *message["args"], **message["kwargs"])  # round 1's notice, late
+    [card] = cards
+    assert card[0] == "Task partially completed"
+    assert (
+        "completed 1 · failed 2 · cancelled 0 of 3" in card
+        and "note: partially completed: 2 of 3 images failed" in card
+    )
+    # A message enqueued before snapshots existed: the task as read.
+    notices.deliver(pipe.ctx, "t", "failed", 1)
+    assert "completed 1 · failed 0 · cancelled 0 of 3" in cards[1]

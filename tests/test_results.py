@@ -127,6 +127,8 @@ def test_report_shows_every_cell_and_escapes_every_value(store: Store, tmp_path:
     text = "".join(dom.text)
     assert HOSTILE in text and f"name {HOSTILE}" in text and "GPU on fire 2: " + HOSTILE in text
     assert "Content-Security-Policy" in page and "script-src" not in page and "default-src 'none'" in page
+    assert report.CSP in page and "img-src http: https:;" in report.CSP and "data:" not in report.CSP
+    assert "base-uri 'none'" in report.CSP and "form-action 'none'" in report.CSP
     assert "seed 100" in text and "seed 107" in text  # the seed of each image
 
 
@@ -196,6 +198,10 @@ def test_report_command(store: Store, tmp_path: Path, monkeypatch, capsys) -> No
     code = report.run(settings, "t", output=None, rows=None, cols="nope")
     assert code == 2 and "--cols: unknown variable 'nope'" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.html")) and not list(tmp_path.glob(".*.partial"))
+    # A default path that cannot be written is named in the error (it is no `None`).
+    (tmp_path / "nietest-report-t.html").mkdir()
+    assert report.run(settings, "t", output=None, rows=None, cols=None) == 2
+    assert capsys.readouterr().err.startswith("nietest: nietest-report-t.html: ")
 
 
 def test_a_large_report_renders_quickly(store: Store, tmp_path: Path) -> None:
@@ -276,11 +282,40 @@ def test_export_streams_pages(store: Store, monkeypatch) -> None:
     assert max(pages) <= 50 and len(pages) >= 3
 
 
+def test_paging_a_tasks_subtasks_needs_no_sort(store: Store) -> None:
+    """Every page of `iter_subtasks` walks the (task_id, id) index: no temp B-tree sorts the task's
+    subtasks again for each page."""
+    assert isinstance(store, SQLiteStore)
+    ids = store_task(store, "t", task_document([f"s{i}" for i in range(5)], ["1:1"], [False]))
+    conn = store._conn()
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    try:
+        assert [d["id"] for d in store.iter_subtasks("t", batch=2)] == sorted(ids)
+    finally:
+        conn.set_trace_callback(None)
+    pages = [sql for sql in statements if sql.startswith("SELECT doc FROM subtasks")]
+    assert len(pages) == 3 and any(" id > " in sql for sql in pages)
+    for sql in pages:
+        plan = " / ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+        assert "TEMP B-TREE" not in plan and "subtasks_task_id" in plan, (sql, plan)
+
+
 def _small_pages(iter_subtasks: Any) -> Any:
     def iterate(self: Store, task_id: str, status: Any = None, *, batch: int = 1000) -> Any:
         return iter_subtasks(self, task_id, status, batch=50)
 
     return iterate
+
+
+def test_number_labels_tell_every_value_apart() -> None:
+    values = [0.1 + 0.2, 0.3, 1.0000001, 1.0000002, 123456.7, 123456.8, 1e-7, 7.0, 7, 2**60]
+    labels = [taskspec.value_label(v) for v in values]
+    assert labels[:7] == ["0.30000000000000004", "0.3", "1.0000001", "1.0000002", "123456.7", "123456.8", "1e-07"]
+    assert labels[7:] == ["7", "7", str(2**60)]  # ints stay ints; a whole float reads as the int it equals
+    assert all(float(label) == v for label, v in zip(labels, values, strict=True))
+    assert taskspec.value_label({"type": "freetext", "value": "cat", "weight": 1.0000001}) == "cat (weight 1.0000001)"
+    assert taskspec.value_label({"type": "freetext", "value": "cat", "weight": 2}) == "cat (weight 2)"
 
 
 # --- tasks --------------------------------------------------------------------------------------------

@@ -980,3 +980,11 @@ def test_iter_subtasks_pages_through_a_task_in_id_order(store: Store) -> None:
     store.finish_subtask(ids[2000], FAILED, error="y")
     assert [s["id"] for s in store.iter_subtasks("t", status=FAILED, batch=1)] == [ids[5], ids[2000]]
     assert list(store.iter_subtasks("missing")) == []
+
+
+def test_the_mongo_store_pages_a_tasks_subtasks_along_an_index() -> None:
+    """`iter_subtasks` asks for a task's subtasks in `_id` order, a page at a time: the (task_id, _id)
+    index serves each page without sorting the task's subtasks again (SQLite: tests/test_results.py)."""
+    store = MongoStore(mongomock.MongoClient().db)
+    keys = [info["key"] for info in store.subtasks.index_information().values()]
+    assert [("task_id", 1), ("_id", 1)] in keys

@@ -112,9 +112,15 @@ def notice(task_id: str, event: str, round: int = 1) -> str:
     return f"{PREFIX}:notice:{task_id}:{event}" if round <= 1 else f"{PREFIX}:notice:{task_id}:r{round}:{event}"
 
 
-def notice_final_queued(task_id: str) -> str:
-    """The final notice of the task's current round was enqueued (a retry deletes it)."""
-    return f"{PREFIX}:notice:{task_id}:final-queued"
+def notice_final_queued(task_id: str, round: int = 1) -> str:
+    """The final notice of the task's `round` was enqueued (round 1 keeps the key it always had)."""
+    base = f"{PREFIX}:notice:{task_id}"
+    return f"{base}:final-queued" if round <= 1 else f"{base}:r{round}:final-queued"
+
+
+def retry_lock(task_id: str) -> str:
+    """Lock: a `nietest retry` of the task is in progress (a random token, so only its taker deletes it)."""
+    return f"{PREFIX}:retry:{task_id}"
 
 
 SWEEP_LOCK = f"{PREFIX}:sweep"  # one sweep per round across every master process

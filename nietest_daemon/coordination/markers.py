@@ -10,6 +10,7 @@
   while that process lives.
 - TIMEOUT count: per job uuid, so a redelivered poll of the same job counts it once.
 - Alive marks: each worker process renews one on a timer; it expires when the process dies.
+- Retry lock: one `nietest retry` of a task at a time (pipeline/retry.py).
 """
 
 from __future__ import annotations
@@ -124,16 +125,53 @@ def forget_call(subtask_id: str) -> ScriptCall:
     return ScriptCall(_FORGET, [keys.poll_chain(subtask_id), keys.timeouts(subtask_id)], [])
 
 
+#: The poll chain of a subtask that is to run again: no poll message is current until the new
+#: round's first poll (`end_create`) takes its place.
+RETRIED_CHAIN = "retried"
+
+
 def forget_all(client: redis.Redis, subtask_ids: Iterable[str], *, batch: int = 1000) -> int:
-    """Drop every marker of ended subtasks that are to run again (`nietest retry`): poll chain,
-    TIMEOUT count and the create-sent marker of a create in doubt, whose subtask failed rather than
-    pay twice; running it again pays for a new job on purpose. How many subtasks it looked at."""
+    """Reset the markers of ended subtasks that are to run again (`nietest retry`): the TIMEOUT
+    count and the create-sent marker of a create in doubt (whose subtask failed rather than pay
+    twice; running it again pays for a new job on purpose) go, and the poll chain is set to
+    `RETRIED_CHAIN` rather than deleted: a missing chain makes any poll message current, so a stale
+    poll of the ending round would act (send a run message past fair admission); this way every
+    older poll is superseded. How many subtasks it looked at."""
     seen = 0
     ids = iter(subtask_ids)
     while chunk := list(itertools.islice(ids, batch)):
-        client.delete(*(key(i) for i in chunk for key in (keys.poll_chain, keys.timeouts, keys.create_sent)))
+        with client.pipeline(transaction=False) as pipe:
+            pipe.delete(*(key(i) for i in chunk for key in (keys.timeouts, keys.create_sent)))
+            for subtask_id in chunk:
+                pipe.set(keys.poll_chain(subtask_id), RETRIED_CHAIN, ex=CHAIN_TTL_SECONDS)
+            pipe.execute()
         seen += len(chunk)
     return seen
+
+
+# --- the retry lock -------------------------------------------------------------------------------
+
+RETRY_LOCK_SECONDS = 300  # far longer than a retry takes (50 000 subtasks: seconds)
+
+# KEYS: the lock. ARGV: the token it was taken with.
+_RELEASE_LOCK = lua_script(
+    """
+if redis.call("get", KEYS[1]) == ARGV[1] then return redis.call("del", KEYS[1]) end
+return 0
+"""
+)
+
+
+def take_retry_lock(client: redis.Redis, task_id: str, *, ttl: int = RETRY_LOCK_SECONDS) -> str | None:
+    """Take the task's retry lock; the token to release it with, or None if another retry holds it."""
+    token = uuid.uuid4().hex
+    return token if client.set(keys.retry_lock(task_id), token, nx=True, ex=ttl) else None
+
+
+def release_retry_lock(client: redis.Redis, task_id: str, token: str) -> bool:
+    """Release the task's retry lock if `token` still holds it (it may have expired and been taken
+    since): compare-and-delete in one script. True if this call released it."""
+    return bool(_RELEASE_LOCK(keys=[keys.retry_lock(task_id)], args=[token], client=client))
 
 
 # --- TIMEOUT answers ------------------------------------------------------------------------------

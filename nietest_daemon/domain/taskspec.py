@@ -647,22 +647,34 @@ def parse_task(text: str | bytes, *, max_subtasks: int = DEFAULT_MAX_SUBTASKS) -
 # --- showing values ------------------------------------------------------------------------------
 
 
+def number_label(value: int | float) -> str:
+    """A number in full: an int as it is, a float as the shortest text that reads back as the same
+    float (`repr`), so that two different values never share a label; a whole float without its
+    `.0` (7.0 reads `7`, as the int 7 it equals)."""
+    if isinstance(value, int):
+        return str(value)
+    if value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return repr(value)
+
+
 def value_label(value: Any) -> str:
     """A variable's value (or a fixed parameter's, or a prompt) as people read it: a prompt's text,
-    a character's or element's name, `true` / `false`, empty for none. Not escaped."""
+    a character's or element's name, `true` / `false`, empty for none, a number in full
+    (`number_label`). Not escaped."""
     if isinstance(value, Mapping):
         text = value.get("value") if value.get("type", "freetext") == "freetext" else value.get("name")
         label = str(text or value.get("value") or "")
         weight = value.get("weight")
         if isinstance(weight, int | float) and not isinstance(weight, bool) and weight != 1:
-            label = f"{label} (weight {weight:g})"
+            label = f"{label} (weight {number_label(weight)})"
         return label
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:g}"
+        return number_label(value)
     return str(value)
 
 

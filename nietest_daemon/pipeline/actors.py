@@ -11,6 +11,8 @@ NIETEST_ACTOR_MODULES adds more actor modules.
 
 from __future__ import annotations
 
+from typing import Any
+
 import dramatiq
 
 from nietest_daemon.core import settings as settings_module
@@ -23,8 +25,10 @@ _settings = settings_module.load()
 _MINUTE = 60_000
 
 
-def send_notice(task_id: str, event: str, round: int = 1) -> None:
-    notices.deliver(context(), task_id, event, round)
+def send_notice(task_id: str, event: str, round: int = 1, snapshot: dict[str, Any] | None = None) -> None:
+    """`snapshot`: what a final notice's card shows of its round (`notices.snapshot_of`); messages
+    enqueued without it show the task as read."""
+    notices.deliver(context(), task_id, event, round, snapshot)
 
 
 _master = _settings.queue("master").name

@@ -5,17 +5,22 @@ task's ready lists, fair shares, job slots); nothing else runs again, as every o
 finished task is terminal and only pending subtasks are queued. The steps, each safe to repeat, in
 an order that leaves every crash finishable:
 
+0. take the task's retry lock in the broker (`markers.take_retry_lock`, SET NX with a token and a
+   TTL), before anything else; a second retry of the task meanwhile is refused. With MongoDB, two
+   retries with different status sets must not interleave (`Store.retry_subtasks`). The lock is
+   released at the end by its token (compare-and-delete), so an expired one never frees another's;
 1. refuse unless the task is finished, was fully expanded and has something to run again;
-2. `notices.next_round`: the ending round's final notice is enqueued if it never was, and the
-   marker that says so is dropped for the next round;
+2. `notices.next_round`: the ending round's final notice is enqueued if it never was and the
+   round ended within the last hour (each round has its own markers: nothing is dropped);
 3. `markers.forget_all`: the chosen subtasks' broker markers go (a failed create's create-sent
-   marker above all: the retry pays for a new job on purpose);
+   marker above all: the retry pays for a new job on purpose), their poll chains superseded;
 4. `Store.retry_subtasks`: the subtasks back to pending (their last attempt kept in
    `error_history`), the task back to processing as round N + 1 with exact counters;
 5. `admission.queue_task`: the task's pending subtasks wait for job slots; admitted ones get run
    messages.
 
-A crash before 4 changed nothing visible: run the retry again. With MongoDB, a crash within 4
+A crash before 4 changed nothing visible: run the retry again (within `RETRY_LOCK_SECONDS`, 300 s,
+it is refused while the dead retry's lock lasts). With MongoDB, a crash within 4
 leaves some subtasks pending and the task finished: running the retry again finishes it (SQLite
 does 4 in one transaction). A crash between 4 and 5 leaves a running task whose pending subtasks
 wait in no line: the sweep's `admission.repair` queues them within a minute, and so does a second
@@ -24,7 +29,8 @@ wait in no line: the sweep's `admission.repair` queues them within a minute, and
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from nietest_daemon.coordination import markers
@@ -33,7 +39,7 @@ from nietest_daemon.domain.status import ACTIVE, FAILED, PENDING, PROCESSING
 from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.pipeline import admission, notices
 from nietest_daemon.pipeline.context import Context
-from nietest_daemon.store.base import RETRYABLE, RetryOutcome
+from nietest_daemon.store.base import RetryOutcome, check_retryable
 
 log = get_logger(__name__)
 
@@ -53,11 +59,27 @@ class RetryResult:
     waiting: dict[Lane, int] = field(default_factory=dict)
 
 
+@contextmanager
+def retry_lock(ctx: Context, task_id: str) -> Iterator[None]:
+    """Hold the task's retry lock for the block; RetryRefused if another retry of the task holds it."""
+    token = markers.take_retry_lock(ctx.redis, task_id)
+    if token is None:
+        raise RetryRefused(f"another retry of task {task_id} is in progress; try again once it has finished")
+    try:
+        yield
+    finally:
+        if not markers.release_retry_lock(ctx.redis, task_id, token):
+            log.warning("the retry lock expired before the retry ended", task_id=task_id)
+
+
 def retry_task(ctx: Context, task_id: str, statuses: Iterable[str] = (FAILED,)) -> RetryResult:
     """Run the task's subtasks in `statuses` again as new image jobs; RetryRefused says why not."""
-    wanted = sorted(set(statuses))
-    if not wanted or not set(wanted) <= RETRYABLE:
-        raise ValueError(f"retry takes {' and/or '.join(sorted(RETRYABLE))} subtasks, got {wanted!r}")
+    wanted = check_retryable(statuses)
+    with retry_lock(ctx, task_id):
+        return _retry(ctx, task_id, wanted)
+
+
+def _retry(ctx: Context, task_id: str, wanted: list[str]) -> RetryResult:
     store = ctx.store
     task = store.get_task(task_id)
     if task is None:
@@ -79,11 +101,11 @@ def retry_task(ctx: Context, task_id: str, statuses: Iterable[str] = (FAILED,)) 
     if not any(counts[s] for s in (*wanted, PENDING, PROCESSING)):
         raise RetryRefused(f"task {task_id} ({task['status']}) has no {' or '.join(wanted)} subtasks to run again")
 
-    notices.next_round(ctx, task_id)
+    notices.next_round(ctx, task)
     markers.forget_all(ctx.redis, (doc["id"] for doc in store.iter_subtasks(task_id, status=wanted)))
     outcome = store.retry_subtasks(task_id, wanted)
     if not outcome.reopened or outcome.task is None:
-        if outcome.status in ACTIVE:  # another retry won the race
+        if outcome.status in ACTIVE:  # reopened meanwhile (a retry that did not take the lock)
             raise RetryRefused(f"task {task_id} is running again already ({outcome.status})")
         raise RetryRefused(f"task {task_id} has no {' or '.join(wanted)} subtasks to run again")
     waiting = admission.queue_task(ctx, outcome.task, store.iter_subtasks(task_id, status=PENDING))

@@ -39,6 +39,7 @@ from nietest_daemon.pipeline.messages import (
     send_run,
 )
 from nietest_daemon.store import utcnow
+from nietest_daemon.store.base import round_of
 
 log = get_logger(__name__)
 
@@ -121,7 +122,7 @@ def _active_subtask(ctx: Context, subtask_id: str, *, cancelled: str) -> Subtask
         release_slot(ctx, subtask_id, sub.lane)
         # Or it is the redelivery of the message that finalised the task, from a process that died
         # before it enqueued the task's notice.
-        notices.ensure_final(ctx, sub.task_id)
+        notices.ensure_final(ctx, sub.task_id, round_of(doc))
         return None
     if cancel_requested:
         finish(ctx, sub, CANCELLED, error=cancelled)

@@ -2,6 +2,11 @@
 
 Run by the master workers on a timer; a Redis lock lets one process sweep per round, across
 every daemon on the broker.
+
+Limit of the notice fallback: it looks at the 100 most recently created finished tasks, those that
+ended 1 to 60 minutes ago (`notices.FINAL_NOTICE_WINDOW`). A retried old task whose finaliser (a
+sweep's `finalise_task`, `nietest cancel`) died before enqueueing its notice is not among them: that
+round may get no final notice.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from nietest_daemon.pipeline.context import Context, context
 from nietest_daemon.pipeline.messages import schedule_poll, send_run
 from nietest_daemon.pipeline.subtasks import MAX_ATTEMPTS, finish
 from nietest_daemon.store import utcnow
+from nietest_daemon.store.base import round_of
 
 log = get_logger(__name__)
 
@@ -65,12 +71,13 @@ def sweep(ctx: Context, *, older_than_seconds: float | None = None) -> dict[str,
     for lane in ctx.slots:  # a slot freed by an expired lease, or by a release whose dispatch was lost
         admission.dispatch(ctx, lane)
     # A finaliser that died between the store update and the enqueue of the notice (a sweep, or
-    # `nietest cancel`) leaves no message to redeliver: look at the tasks that ended lately.
+    # `nietest cancel`) leaves no message to redeliver: look at the tasks that ended lately. Only
+    # the 100 finished tasks created last: a retried older task is not among them.
     now = utcnow()
     for task in ctx.store.list_tasks(limit=100, status=TERMINAL):
         ended = task.get("completed_at")
-        if ended is not None and timedelta(seconds=60) < now - ended < timedelta(hours=1):
-            notices.ensure_final(ctx, task["id"])
+        if ended is not None and timedelta(seconds=60) < now - ended < notices.FINAL_NOTICE_WINDOW:
+            notices.ensure_final(ctx, task["id"], round_of(task))
     if resumed or failed or finalised or requeued:
         log.warning("sweep acted", resumed=resumed, failed=failed, finalised_tasks=finalised, requeued_tasks=requeued)
     return {"resumed": resumed, "failed": failed, "finalised": finalised, "requeued": requeued}

@@ -9,7 +9,9 @@ place in the grid). Columns: `subtask_id`, one per variable (its value as people
   quotes doubled; lines end in CRLF). `earlier_errors` is JSON text there.
 - jsonl: the header line is one object describing the task and the columns
   (`{"task": {...}, "variables": [...], "columns": [...]}`), then one object per subtask keyed by
-  the columns, with typed values (numbers, null, a list for `earlier_errors`).
+  the columns. A variable's column holds its value's label, text as in the CSV and the report
+  (`taskspec.value_label`; null for a subtask off the grid); the fixed columns are typed (numbers,
+  null, a list for `earlier_errors` and `variable_indices`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def columns_of(view: TaskView) -> list[str]:
 
 
 def rows_of(store: Store, view: TaskView) -> Iterator[list[Any]]:
-    """One row per subtask, typed (None, numbers, a list), in `columns_of` order."""
+    """One row per subtask in `columns_of` order: the variables' labels (text), then the fixed
+    columns typed (None, numbers, lists)."""
     all_labels = [labels(d) for d in view.dimensions]
     for sub in store.iter_subtasks(view.id):
         place = indices_of(sub, view.dimensions)

@@ -52,7 +52,8 @@ LABEL_CHARS = 40  # a value shown in a header; its title holds up to TITLE_CHARS
 TITLE_CHARS = 2000
 ERROR_CHARS = 600
 
-CSP = "default-src 'none'; img-src http: https: data:; style-src 'unsafe-inline'"
+#: No script, no form, no <base>; images from http(s) URLs only (every image is one: `safe_url`).
+CSP = "default-src 'none'; img-src http: https:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 STYLE = """
 body{font:13px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:16px;color:#222;background:#fff}
@@ -414,15 +415,15 @@ def write_report(store: Store, task_id: str, path: Path, *, rows: str | None = N
 def run(settings: Settings, task_id: str, *, output: str | None, rows: str | None, cols: str | None) -> int:
     from nietest_daemon.pipeline.context import open_store_for
 
+    path = Path(output) if output else default_path(task_id)
     store = open_store_for(settings)
     try:
-        path = Path(output) if output else default_path(task_id)
         cells = write_report(store, task_id, path, rows=rows, cols=cols)
     except ResultsError as exc:
         print(f"nietest: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"nietest: {output}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"nietest: {path}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     finally:
         store.close()

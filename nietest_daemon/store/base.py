@@ -252,10 +252,11 @@ def reopened_fields(task: Mapping[str, Any], counts: Mapping[str, int], new_roun
     }
 
 
-def _check_retryable(statuses: Iterable[str]) -> list[str]:
+def check_retryable(statuses: Iterable[str]) -> list[str]:
+    """The statuses a retry runs again, sorted; ValueError unless they are some of `RETRYABLE`."""
     wanted = sorted(set(statuses))
     if not wanted or not set(wanted) <= RETRYABLE:
-        raise ValueError(f"retry_subtasks takes {' and/or '.join(sorted(RETRYABLE))}, got {wanted!r}")
+        raise ValueError(f"retry takes {' and/or '.join(sorted(RETRYABLE))} subtasks, got {wanted!r}")
     return wanted
 
 
@@ -377,6 +378,11 @@ class Store(ABC):
         died half-way left), the task goes back to processing as round `round + 1`, in one
         conditional update: counters recomputed from its subtasks, `completed_at`, `error` and the
         cancel request cleared. A repeated call finishes what an interrupted one began.
+
+        Concurrent calls for one task must be serialised by the caller (`pipeline.retry` holds the
+        task's retry lock in the broker). With MongoDB, two calls with different status sets can
+        interleave: one that found the task finished goes on moving its subtasks to pending after
+        the other reopened it and recounted its counters, which then count those subtasks wrong.
         """
 
     @abstractmethod

@@ -49,10 +49,10 @@ from nietest_daemon.store.base import (
     Store,
     StoreError,
     UnknownSubtaskError,
-    _check_retryable,
     _check_terminal,
     _statuses,
     as_utc,
+    check_retryable,
     history_entry,
     new_subtask_doc,
     new_task_doc,
@@ -113,6 +113,7 @@ class MongoStore(Store):
         self._client = client
         if create_indexes:
             self._ensure_index(self.subtasks, [("task_id", 1), ("status", 1)])
+            self._ensure_index(self.subtasks, [("task_id", 1), ("_id", 1)])  # a task's subtasks by id, paged
             self._ensure_index(self.subtasks, [("status", 1), ("updated_at", 1)])
             self._ensure_index(self.tasks, [("status", 1), ("created_at", -1)])
             self._ensure_index(self.tasks, [("created_at", -1)])
@@ -401,7 +402,7 @@ class MongoStore(Store):
         return CancelOutcome(task_id, True, cancelled, finalised, final_status, final_task)
 
     def retry_subtasks(self, task_id: str, statuses: Iterable[str] = (FAILED,), *, attempts: int = 20) -> RetryOutcome:
-        wanted = _check_retryable(statuses)
+        wanted = check_retryable(statuses)
         task = self.tasks.find_one({"_id": task_id}, {"status": 1, "round": 1})
         if task is None:
             return RetryOutcome(task_id, found=False)

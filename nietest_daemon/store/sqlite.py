@@ -49,10 +49,10 @@ from nietest_daemon.store.base import (
     Store,
     StoreError,
     UnknownSubtaskError,
-    _check_retryable,
     _check_terminal,
     _statuses,
     as_utc,
+    check_retryable,
     new_subtask_doc,
     new_task_doc,
     reopened_fields,
@@ -84,6 +84,8 @@ _SQLITE_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS subtasks (id TEXT PRIMARY KEY, task_id TEXT NOT NULL, status TEXT NOT NULL,"
     " updated_at TEXT NOT NULL, doc TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS subtasks_task_status ON subtasks (task_id, status)",
+    # A task's subtasks in id order, a page at a time (`iter_subtasks`: report, export), with no sort.
+    "CREATE INDEX IF NOT EXISTS subtasks_task_id ON subtasks (task_id, id)",
     "CREATE INDEX IF NOT EXISTS subtasks_status_updated ON subtasks (status, updated_at)",
     "CREATE TABLE IF NOT EXISTS task_state (task_id TEXT PRIMARY KEY, total_images INTEGER NOT NULL,"
     " processed_images INTEGER NOT NULL, completed_images INTEGER NOT NULL, failed_images INTEGER NOT NULL,"
@@ -603,7 +605,7 @@ class SQLiteStore(Store):
         return CancelOutcome(task_id, True, cancelled, finalised, final_status, final_task)
 
     def retry_subtasks(self, task_id: str, statuses: Iterable[str] = (FAILED,)) -> RetryOutcome:
-        wanted = _check_retryable(statuses)
+        wanted = check_retryable(statuses)
         # One transaction: the subtasks and the task move together, so nothing is half done.
         with self._tx() as conn:
             task = self._read_task(conn, task_id)
