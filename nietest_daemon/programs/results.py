@@ -15,6 +15,7 @@ from typing import Any
 from nietest_daemon.domain import taskspec
 from nietest_daemon.domain.taskspec import Dimension, Task
 from nietest_daemon.store import Store, as_utc
+from nietest_daemon.store.base import iso_text
 
 
 class ResultsError(Exception):
@@ -88,7 +89,7 @@ def labels(dim: Dimension) -> list[str]:
 
 
 def iso(value: Any) -> str | None:
-    return as_utc(value).isoformat(timespec="milliseconds") if isinstance(value, datetime) else None
+    return iso_text(value) if isinstance(value, datetime) else None
 
 
 def seconds_between(start: Any, end: Any) -> float | None:

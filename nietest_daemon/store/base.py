@@ -157,6 +157,12 @@ def as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def iso_text(value: datetime) -> str:
+    """A time as fixed-width ISO-8601 UTC text with milliseconds (it sorts like the time it names):
+    how the SQLite store keeps times, `error_history` entries hold them, and exports print them."""
+    return as_utc(value).isoformat(timespec="milliseconds")
+
+
 def new_task_doc(doc: Mapping[str, Any], now: datetime) -> Doc:
     """The stored form of a new task: the given fields, every stored field present, state reset."""
     if not doc.get("id"):
@@ -220,7 +226,7 @@ def history_entry(sub: Mapping[str, Any]) -> Doc:
     ISO-8601 text in both stores. Keep in step with `SQLiteStore`'s `_HISTORY_ENTRY` (SQL)."""
 
     def iso(value: Any) -> Any:
-        return as_utc(value).isoformat(timespec="milliseconds") if isinstance(value, datetime) else value
+        return iso_text(value) if isinstance(value, datetime) else value
 
     return {
         "round": round_of(sub),

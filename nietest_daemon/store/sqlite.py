@@ -53,6 +53,7 @@ from nietest_daemon.store.base import (
     _statuses,
     as_utc,
     check_retryable,
+    iso_text,
     new_subtask_doc,
     new_task_doc,
     reopened_fields,
@@ -101,14 +102,9 @@ _SQLITE_SCHEMA = (
 )
 
 
-def _iso(value: datetime) -> str:
-    """Fixed-width ISO-8601 UTC text: sorts like the time it names."""
-    return as_utc(value).isoformat(timespec="milliseconds")
-
-
 def _json_default(value: object) -> object:
     if isinstance(value, datetime):
-        return _iso(value)
+        return iso_text(value)
     raise TypeError(f"cannot store a {type(value).__name__} in the task store")
 
 
@@ -225,7 +221,7 @@ class SQLiteStore(Store):
             *(int(task.get(name) or 0) for name in COUNTERS),
             float(task.get("progress") or 0.0),
             int(bool(task.get("cancel_requested"))),
-            _iso(task["updated_at"]),
+            iso_text(task["updated_at"]),
             task["id"],
         )
 
@@ -283,7 +279,7 @@ class SQLiteStore(Store):
     def _write_subtask(conn: sqlite3.Connection, sub: Doc) -> None:
         conn.execute(
             "UPDATE subtasks SET status = ?, updated_at = ?, doc = ? WHERE id = ?",
-            (sub["status"], _iso(sub["updated_at"]), _dumps(sub), sub["id"]),
+            (sub["status"], iso_text(sub["updated_at"]), _dumps(sub), sub["id"]),
         )
 
     def _modify_subtask(self, subtask_id: str, change: Callable[[Doc], bool]) -> tuple[Doc | None, bool]:
@@ -305,7 +301,7 @@ class SQLiteStore(Store):
             with self._tx() as conn:
                 conn.execute(
                     "INSERT INTO tasks (id, status, created_at, doc) VALUES (?, ?, ?, ?)",
-                    (task["id"], task["status"], _iso(task["created_at"]), _dumps(task)),
+                    (task["id"], task["status"], iso_text(task["created_at"]), _dumps(task)),
                 )
                 self._write_state(conn, task)
         except sqlite3.IntegrityError:
@@ -377,7 +373,7 @@ class SQLiteStore(Store):
 
         for doc in docs:
             sub = new_subtask_doc(task_id, doc, now)
-            rows.append((sub["id"], task_id, sub["status"], _iso(now), _dumps(sub)))
+            rows.append((sub["id"], task_id, sub["status"], iso_text(now), _dumps(sub)))
             if len(rows) >= chunk:
                 inserted += flush()
                 rows = []
@@ -435,7 +431,7 @@ class SQLiteStore(Store):
     # no Python between taking SQLite's write lock and letting it go.
 
     def start_subtask(self, subtask_id: str) -> Doc | None:
-        now = _iso(utcnow())
+        now = iso_text(utcnow())
         rows = self._write(
             "UPDATE subtasks SET status = :processing, updated_at = :now, doc = json_set(doc,"
             " '$.status', :processing, '$.attempts', coalesce(json_extract(doc, '$.attempts'), 0) + 1,"
@@ -446,7 +442,7 @@ class SQLiteStore(Store):
         return _loads(rows[0][0]) if rows else None
 
     def record_job(self, subtask_id: str, job_uuid: str, seed: int | None) -> bool:
-        now = _iso(utcnow())
+        now = iso_text(utcnow())
         rows = self._write(
             "UPDATE subtasks SET updated_at = :now,"
             " doc = json_set(doc, '$.job_uuid', :job_uuid, '$.seed', :seed, '$.updated_at', :now)"
@@ -467,7 +463,7 @@ class SQLiteStore(Store):
         return self._modify_subtask(subtask_id, change)[1]
 
     def record_poll(self, subtask_id: str) -> int:
-        now = _iso(utcnow())
+        now = iso_text(utcnow())
         rows = self._write(
             "UPDATE subtasks SET updated_at = :now, doc = json_set(doc,"
             " '$.poll_count', coalesce(json_extract(doc, '$.poll_count'), 0) + 1, '$.updated_at', :now)"
@@ -615,7 +611,7 @@ class SQLiteStore(Store):
                 return RetryOutcome(task_id, found=True, status=task["status"])
             new_round = round_of(task) + 1
             now = utcnow()
-            stamp = _iso(now)
+            stamp = iso_text(now)
             before = conn.total_changes
             conn.execute(
                 "UPDATE subtasks SET status = :pending, updated_at = :now, doc = json_set(doc, '$.error_history',"
@@ -648,7 +644,7 @@ class SQLiteStore(Store):
     def find_stale_subtasks(self, older_than: datetime, limit: int = 100) -> list[Doc]:
         rows = self._conn().execute(
             "SELECT doc FROM subtasks WHERE status = ? AND updated_at < ? ORDER BY updated_at, id LIMIT ?",
-            (PROCESSING, _iso(older_than), int(limit)),
+            (PROCESSING, iso_text(older_than), int(limit)),
         )
         return [_loads(r[0]) for r in rows]
 
