@@ -239,17 +239,21 @@ def history_entry(sub: Mapping[str, Any]) -> Doc:
     }
 
 
+def counters_of(counts: Mapping[str, int]) -> dict[str, int]:
+    """A task's counters (`COUNTERS`) from the number of its subtasks in each status."""
+    terminal = {COUNTER_OF[s]: int(counts.get(s, 0)) for s in TERMINAL}
+    return {"processed_images": sum(terminal.values()), **terminal}
+
+
 def reopened_fields(task: Mapping[str, Any], counts: Mapping[str, int], new_round: int, now: datetime) -> Doc:
     """The fields a retry sets on a finished task it runs again: processing as `new_round`, its
     counters those of its subtasks (`counts`: subtasks per status), no end, no error, no cancel."""
-    terminal = {COUNTER_OF[s]: int(counts.get(s, 0)) for s in TERMINAL}
-    processed = sum(terminal.values())
+    counters = counters_of(counts)
     return {
         "status": PROCESSING,
         "round": new_round,
-        "processed_images": processed,
-        **terminal,
-        "progress": progress_of(processed, int(task.get("total_images") or 0)),
+        **counters,
+        "progress": progress_of(counters["processed_images"], int(task.get("total_images") or 0)),
         "completed_at": None,
         "error": None,
         "cancel_requested": False,
@@ -424,12 +428,7 @@ class Store(ABC):
     def recount(self, task_id: str) -> dict[str, int]:
         """The task's counters recomputed from its subtasks (total_images = number of subtasks)."""
         counts = self.count_subtasks(task_id)
-        terminal = {COUNTER_OF[s]: counts[s] for s in TERMINAL}
-        return {
-            "total_images": sum(counts.values()),
-            "processed_images": sum(terminal.values()),
-            **terminal,
-        }
+        return {"total_images": sum(counts.values()), **counters_of(counts)}
 
     def __enter__(self) -> Self:
         return self
