@@ -36,6 +36,7 @@ from nietest_daemon.programs.results import (
     seconds_between,
 )
 from nietest_daemon.store import Store
+from nietest_daemon.store.base import round_of
 
 FORMATS = ("csv", "jsonl")
 FIXED_COLUMNS = (
@@ -91,7 +92,7 @@ def header_of(view: TaskView, columns: Sequence[str]) -> dict[str, Any]:
         "id": view.id,
         "name": doc.get("name"),
         "status": doc.get("status"),
-        "round": doc.get("round") or 1,
+        "round": round_of(doc),
         "priority": doc.get("priority"),
         **{
             k: doc.get(k)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hmac
 import http.client
 import ipaddress
+import itertools
 import json
 import signal
 import socket
@@ -83,10 +84,8 @@ _ZERO_FILLED: tuple[tuple[metrics.Family, dict[str, tuple[str, ...]]], ...] = (
 
 
 def _combinations(labels: dict[str, tuple[str, ...]]) -> Iterator[dict[str, str]]:
-    combos: list[dict[str, str]] = [{}]
-    for name, values in labels.items():
-        combos = [{**c, name: v} for c in combos for v in values]
-    yield from combos
+    for values in itertools.product(*labels.values()):
+        yield dict(zip(labels, values, strict=True))
 
 
 class Probe:

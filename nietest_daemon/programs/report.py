@@ -45,6 +45,7 @@ from nietest_daemon.programs.results import (
     seconds_between,
 )
 from nietest_daemon.store import Store
+from nietest_daemon.store.base import round_of
 
 CELLS_PER_BLOCK = 1000
 THUMB_WIDTH = 160  # CSS pixels
@@ -233,7 +234,7 @@ class Report:
         rows: list[tuple[str, str]] = [
             ("task id", esc(doc["id"])),
             ("status", f'<span class="status s-{esc(status)}">{esc(status)}</span>'),
-            ("round", esc(doc.get("round") or 1)),
+            ("round", esc(round_of(doc))),
             ("priority", esc(doc.get("priority"))),
             (
                 "images",

@@ -15,6 +15,7 @@ from typing import Any
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.domain import taskspec
 from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED, TERMINAL, is_partial
+from nietest_daemon.store.base import round_of
 
 MAX_TASK_FILE_BYTES = 20 * 1024 * 1024
 
@@ -192,7 +193,7 @@ def task_line(task: dict[str, Any], now: datetime) -> dict[str, Any]:
         "failed_images": task.get("failed_images"),
         "cancelled_images": task.get("cancelled_images"),
         "priority": task.get("priority"),
-        "round": task.get("round") or 1,
+        "round": round_of(task),
         "created_at": created,
         "age_seconds": None if age is None else round(age, 1),
     }
