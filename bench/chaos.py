@@ -49,12 +49,12 @@ import redis
 
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.core import settings as settings_module
-from nietest_daemon.domain.status import TERMINAL, final_task_status
+from nietest_daemon.domain.lifecycle import TERMINAL, final_task_status
 from nietest_daemon.internals.dramatiq_redis import bodies_key, dead_letter_name, queue_stats
-from nietest_daemon.pipeline.context import open_store_for
 from nietest_daemon.pipeline.subtasks import TIMEOUT_RESUBMITS
 from nietest_daemon.programs.daemon import control_proxy
-from nietest_daemon.testing import tasks as taskdocs
+from nietest_daemon.store import open_store_for
+from nietest_daemon.testing import task_documents as taskdocs
 from nietest_daemon.testing.fake_feishu import FakeFeishu
 from nietest_daemon.testing.fake_nieta import FakeNieta
 from nietest_daemon.testing.waiting import wait_for

@@ -28,9 +28,9 @@ from bench.pipeline import FakeAPI, daemon, submit
 from bench.scale import task_document
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.coordination.scheduler import Scheduler
-from nietest_daemon.domain.status import TERMINAL
+from nietest_daemon.domain.lifecycle import TERMINAL
 from nietest_daemon.domain.subtask import Lane
-from nietest_daemon.pipeline.context import open_store_for
+from nietest_daemon.store import open_store_for
 from nietest_daemon.testing.waiting import wait_for
 
 CAP = 20

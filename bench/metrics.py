@@ -25,7 +25,7 @@ from bench.pipeline import daemon  # noqa: E402
 from nietest_daemon.coordination.connection import redis_client  # noqa: E402
 from nietest_daemon.coordination.scheduler import Scheduler  # noqa: E402
 from nietest_daemon.domain.subtask import Lane  # noqa: E402
-from nietest_daemon.pipeline.context import open_store_for  # noqa: E402
+from nietest_daemon.store import open_store_for  # noqa: E402
 from nietest_daemon.testing.waiting import wait_for  # noqa: E402
 
 TARGET_MS = 50.0

@@ -38,9 +38,9 @@ import redis
 
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.core import settings as settings_module
-from nietest_daemon.pipeline.context import open_store_for
 from nietest_daemon.programs.daemon import control_proxy
-from nietest_daemon.testing import tasks as taskdocs
+from nietest_daemon.store import open_store_for
+from nietest_daemon.testing import task_documents as taskdocs
 from nietest_daemon.testing.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from nietest_daemon.domain import taskspec
-from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED
+from nietest_daemon.domain.lifecycle import CANCELLED, COMPLETED, FAILED
 from nietest_daemon.programs import export, report
 from nietest_daemon.store import SQLiteStore
-from nietest_daemon.testing import tasks as taskdocs
+from nietest_daemon.testing import task_documents as taskdocs
 
 STYLES, RATIOS, SEEDS = 100, 20, 25
 

@@ -32,10 +32,10 @@ from pathlib import Path
 from bench.pipeline import FakeAPI, daemon, status_kib, submit, worker_pids
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.coordination.scheduler import Scheduler
-from nietest_daemon.domain.status import TERMINAL
+from nietest_daemon.domain.lifecycle import TERMINAL
 from nietest_daemon.domain.subtask import Lane
-from nietest_daemon.pipeline.context import open_store_for
-from nietest_daemon.testing import tasks as taskdocs
+from nietest_daemon.store import open_store_for
+from nietest_daemon.testing import task_documents as taskdocs
 
 
 @dataclass

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from bench.pipeline import FakeAPI, daemon, submit, task_file
 from nietest_daemon.core.settings import Settings
-from nietest_daemon.domain.status import TERMINAL
-from nietest_daemon.pipeline.context import open_store_for
+from nietest_daemon.domain.lifecycle import TERMINAL
 from nietest_daemon.programs.daemon import control_proxy
+from nietest_daemon.store import open_store_for
 from nietest_daemon.testing.waiting import wait_for
 
 TARGET_SECONDS = 3.0

@@ -9,7 +9,7 @@ stderr line `nietest: FILE: invalid task: FIELD: problem`, with NIETEST_HOME nev
 store) and the broker (a private valkey-server) holding no key at all (nothing enqueued).
 
 The same cases run through the real command line (a subprocess, ~0.5 s each: a few dozen) and,
-many more of them, in-process through `tasks_cli.submit`, the function the command calls.
+many more of them, in-process through `task_commands.submit`, the function the command calls.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from nietest_daemon.domain.taskspec import (
     parse_task,
 )
 from nietest_daemon.internals.dramatiq_redis import queue_stats
-from nietest_daemon.pipeline.context import open_store_for
-from nietest_daemon.programs import tasks_cli
-from nietest_daemon.testing import tasks as taskdocs
+from nietest_daemon.programs import task_commands
+from nietest_daemon.store import open_store_for
+from nietest_daemon.testing import task_documents as taskdocs
 
 TOKEN = "tok-bad-tasks-0123456789"
 CHARACTER = "5f3c1e2a-8b7d-4c6e-9a1f-2d3b4c5e6f70"
@@ -500,7 +500,7 @@ CASES: list[Case] = [
     Case("huge", encode(with_value(("seed", "variable_values"), list(range(100_000)))), "seed.variable_values"),
     Case("huge", encode(with_value(("name",), "n" * 1_000_000)), "name"),
     Case("huge", encode(with_value(("prompts", 0, "value"), "x" * (MAX_TEXT_CHARS + 1))), "prompts[0].value"),
-    Case("huge", b'{"name": "' + b"x" * tasks_cli.MAX_TASK_FILE_BYTES + b'"}', "task", "file over the size cap"),
+    Case("huge", b'{"name": "' + b"x" * task_commands.MAX_TASK_FILE_BYTES + b'"}', "task", "file over the size cap"),
     Case("odd unicode", encode(with_value(("name",), "bad \ud800 name")), "name"),
     Case("odd unicode", encode(with_value(("name",), "\udfff")), "name"),
     Case("odd unicode", encode(with_value(("prompts", 0, "value"), "a cat\ud83d")), "prompts[0].value"),
@@ -561,7 +561,7 @@ class Harness:
     def submit_in_process(self, path: Path) -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = tasks_cli.submit(self.settings, str(path), wait=False)
+            code = task_commands.submit(self.settings, str(path), wait=False)
         return code, out.getvalue(), err.getvalue()
 
     def submit_cli(self, path: Path) -> tuple[int, str, str]:

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nietest_daemon.clients.feishu import FeishuClient
 from nietest_daemon.clients.nieta import NietaClient, NietaError
-from nietest_daemon.coordination import keys, metrics
+from nietest_daemon.coordination import counters, keys
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.internals.dramatiq_redis import NietestRedisBroker
 from nietest_daemon.pipeline.broker import build_broker
@@ -75,14 +75,14 @@ def rendered(totals: dict[str, float], infos: list[dict] | None = None) -> dict:
 
 
 def test_increments_add_up_in_the_broker_and_render_as_counters_and_histograms(client: redis.Redis) -> None:
-    inc = metrics.Increments()
-    inc.count(metrics.SUBTASKS_FINISHED, api="standard", outcome="completed")
-    inc.count(metrics.SUBTASKS_FINISHED, 2, api="lumina", outcome="failed")
+    inc = counters.Increments()
+    inc.count(counters.SUBTASKS_FINISHED, api="standard", outcome="completed")
+    inc.count(counters.SUBTASKS_FINISHED, 2, api="lumina", outcome="failed")
     for seconds in (0.5, 3.0, 3.0, 5000.0):
-        inc.observe(metrics.IMAGE_JOB_SECONDS, seconds, api="standard")
-    metrics.add_call(HOST, inc).run(client)
-    metrics.add_call(HOST, inc).run(client)  # a second process adds to the same totals
-    totals = metrics.read(client, HOST)
+        inc.observe(counters.IMAGE_JOB_SECONDS, seconds, api="standard")
+    counters.add_call(HOST, inc).run(client)
+    counters.add_call(HOST, inc).run(client)  # a second process adds to the same totals
+    totals = counters.read(client, HOST)
     got = rendered(totals)
 
     assert got[("nietest_subtasks_finished_total", (("api", "standard"), ("outcome", "completed")))] == 2
@@ -105,13 +105,13 @@ def test_restarts_are_zero_filled_for_every_supervised_process() -> None:
     infos = [{"group": "subtask", "name": "subtask_00"}, {"group": "broker", "name": "broker"}]
     got = rendered({}, infos)
     for program, process in (("subtask", "subtask_00"), ("broker", "broker")):
-        for reason in metrics.RESTART_REASONS:
+        for reason in counters.RESTART_REASONS:
             labels = (("process", process), ("program", program), ("reason", reason))
             assert got[("nietest_process_restarts_total", labels)] == 0
 
 
 def test_a_tally_keeps_its_increments_while_the_broker_is_away(client: redis.Redis) -> None:
-    tally = metrics.Tally()
+    tally = counters.Tally()
     tally.api_request("standard", "poll", 200, 0.03)
     tally.api_request("standard", "poll", None, 5.0)
     tally.feishu_message("task", "sent")
@@ -120,7 +120,7 @@ def test_a_tally_keeps_its_increments_while_the_broker_is_away(client: redis.Red
     tally.alert("crash")
     assert tally.flush(client, HOST) is True
     assert tally.flush(client, HOST) is True  # nothing left: nothing added twice
-    got = rendered(metrics.read(client, HOST))
+    got = rendered(counters.read(client, HOST))
     requests = "nietest_api_requests_total"
     assert got[(requests, (("api", "standard"), ("code_class", "2xx"), ("endpoint", "poll")))] == 1
     assert got[(requests, (("api", "standard"), ("code_class", "error"), ("endpoint", "poll")))] == 1
@@ -130,7 +130,7 @@ def test_a_tally_keeps_its_increments_while_the_broker_is_away(client: redis.Red
 
 
 def test_code_classes() -> None:
-    assert [metrics.code_class(c) for c in (200, 204, 302, 404, 429, 503, None, 0, 999)] == [
+    assert [counters.code_class(c) for c in (200, 204, 302, 404, 429, 503, None, 0, 999)] == [
         "2xx",
         "2xx",
         "3xx",
@@ -216,7 +216,7 @@ def test_the_watchdog_counts_each_unrequested_exit_with_its_reason(
     try:
         watchdog = Watchdog(settings, broker, HOST)
         watchdog.handle(*exited("subtask", "subtask_00", 101, expected=0))  # a crash
-        metrics.mark_recycling(client, HOST, "subtask_01", 102)
+        counters.mark_recycling(client, HOST, "subtask_01", 102)
         watchdog.handle(*exited("subtask", "subtask_01", 102, expected=0))  # said it recycles
         watchdog.hung["subtask_00/103"] = 0.0
         watchdog.handle(*exited("subtask", "subtask_00", 103, expected=0))  # killed for silence
@@ -224,7 +224,7 @@ def test_the_watchdog_counts_each_unrequested_exit_with_its_reason(
         watchdog.handle(*exited("broker", "broker", 105, expected=0))  # not a worker: still a restart
         backoff = {"eventname": "PROCESS_STATE_BACKOFF"}
         watchdog.handle(backoff, "processname:master_00 groupname:master from_state:STARTING tries:1")
-        got = rendered(metrics.read(client, HOST))
+        got = rendered(counters.read(client, HOST))
     finally:
         broker.close()
     restarts = "nietest_process_restarts_total"
@@ -261,9 +261,9 @@ def get(url: str, token: str | None = None) -> tuple[int, str]:
 
 
 def test_the_endpoints_say_what_is_missing(server: str, client: redis.Redis) -> None:
-    inc = metrics.Increments()
-    inc.count(metrics.ALERTS, kind="fatal")
-    metrics.add_call(HOST, inc).run(client)
+    inc = counters.Increments()
+    inc.count(counters.ALERTS, kind="fatal")
+    counters.add_call(HOST, inc).run(client)
 
     status, text = get(server + "/metrics")
     assert status == 200

@@ -32,10 +32,9 @@ from nietest_daemon.coordination import keys
 from nietest_daemon.domain.images import RANDOM_SEED_MAX
 from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.internals.dramatiq_redis import queue_stats
-from nietest_daemon.pipeline.context import open_store_for
 from nietest_daemon.pipeline.subtasks import CREATE_INTERRUPTED
-from nietest_daemon.store import Store
-from nietest_daemon.testing import tasks as taskdocs
+from nietest_daemon.store import Store, open_store_for
+from nietest_daemon.testing import task_documents as taskdocs
 from nietest_daemon.testing.fake_feishu import FakeFeishu
 from nietest_daemon.testing.fake_nieta import FakeNieta, Recorded
 

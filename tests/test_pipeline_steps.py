@@ -28,7 +28,7 @@ from nietest_daemon.clients.feishu import SendResult
 from nietest_daemon.clients.nieta import NietaClient
 from nietest_daemon.coordination import keys, markers, streaks
 from nietest_daemon.core import settings as settings_module
-from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED, PENDING, PROCESSING
+from nietest_daemon.domain.lifecycle import CANCELLED, COMPLETED, FAILED, PENDING, PROCESSING
 from nietest_daemon.domain.subtask import Lane, Subtask
 from nietest_daemon.internals.dramatiq_redis import bodies_key, delay_queue_name, queue_key
 from nietest_daemon.pipeline import context as context_module
@@ -39,7 +39,7 @@ from nietest_daemon.pipeline.broker import build_broker
 from nietest_daemon.pipeline.context import Context, build_context
 from nietest_daemon.pipeline.subtasks import CREATE_INTERRUPTED, MAX_ATTEMPTS, finish, poll_subtask, run_subtask
 from nietest_daemon.pipeline.sweep import sweep
-from nietest_daemon.pipeline.tasks import cancel_task
+from nietest_daemon.pipeline.task_steps import cancel_task
 from nietest_daemon.testing.fake_nieta import FakeNieta
 
 # --- the pipeline in this process ------------------------------------------------------------------
@@ -90,7 +90,7 @@ class Pipeline:
 
 
 def holders(pipe: Pipeline, lane: Lane = Lane.STANDARD) -> list[str]:
-    return sorted(m.decode() for m in pipe.ctx.redis.zrange(pipe.ctx.slots[lane].holders, 0, -1))
+    return sorted(m.decode() for m in pipe.ctx.redis.zrange(pipe.ctx.schedulers[lane].holders, 0, -1))
 
 
 def subtask(pipe: Pipeline, subtask_id: str) -> Subtask:
@@ -130,7 +130,7 @@ def client(valkey: PrivateValkey) -> Iterator[redis.Redis]:
 
 
 def waiting(pipe: Pipeline, lane: Lane = Lane.STANDARD) -> int:
-    return pipe.ctx.slots[lane].waiting()
+    return pipe.ctx.schedulers[lane].waiting()
 
 
 def test_only_admitted_subtasks_get_a_message_and_a_finished_one_admits_the_next(pipe: Pipeline) -> None:
@@ -170,21 +170,21 @@ def test_cancel_drops_the_tasks_line_and_slots_for_the_others(pipe: Pipeline) ->
     pipe.ctx.store.insert_subtasks(
         "cx", [{"id": sid, "prompts": [{"type": "freetext", "value": sid, "weight": 1.0}]} for sid in more]
     )
-    pipe.ctx.slots[Lane.STANDARD].add("cx", more)
+    pipe.ctx.schedulers[Lane.STANDARD].add("cx", more)
     (other,) = pipe.add_task("other", 1)
     assert waiting(pipe) == 4 and holders(pipe) == [a]
     pipe.clear()
     outcome = cancel_task(pipe.ctx, "cx")
     assert outcome.cancelled == 4
-    assert pipe.ctx.slots[Lane.STANDARD].active_tasks() == []
+    assert pipe.ctx.schedulers[Lane.STANDARD].active_tasks() == []
     assert pipe.woken() == [other] and holders(pipe) == [other]  # its slot went to the other task at once
 
 
 def test_a_run_whose_slot_is_gone_goes_back_to_the_front_of_its_line(pipe: Pipeline) -> None:
     a, b, c = pipe.add_task("t", 3)
     pipe.clear()
-    pipe.ctx.redis.zrem(pipe.ctx.slots[Lane.STANDARD].holders, a)  # its lease ran out ...
-    assert pipe.ctx.slots[Lane.STANDARD].hold("intruder:0")  # ... and the slot went elsewhere
+    pipe.ctx.redis.zrem(pipe.ctx.schedulers[Lane.STANDARD].holders, a)  # its lease ran out ...
+    assert pipe.ctx.schedulers[Lane.STANDARD].hold("intruder:0")  # ... and the slot went elsewhere
     run_subtask(a)
     assert pipe.api.requests_to("create") == [] and pipe.messages() == [] and pipe.messages(delayed=True) == []
     assert pipe.ctx.redis.lrange(keys.sched_ready(Lane.STANDARD, "t"), 0, -1) == [a.encode(), b.encode(), c.encode()]
@@ -227,7 +227,7 @@ def test_a_redelivered_master_rebuilds_the_same_line(pipe: Pipeline) -> None:
 def test_the_sweep_puts_lost_admissions_back_in_line(pipe: Pipeline) -> None:
     a, b, c = pipe.add_task("t", 3)
     pipe.ctx.redis.delete(keys.sched_ready(Lane.STANDARD, "t"))  # the line was lost (the broker died) ...
-    pipe.ctx.redis.zrem(pipe.ctx.slots[Lane.STANDARD].holders, a)  # ... and a's admission with its process
+    pipe.ctx.redis.zrem(pipe.ctx.schedulers[Lane.STANDARD].holders, a)  # ... and a's admission with its process
     pipe.clear()
     assert sweep(pipe.ctx)["requeued"] == 1
     assert pipe.woken() == [a] and waiting(pipe) == 2
@@ -235,14 +235,14 @@ def test_the_sweep_puts_lost_admissions_back_in_line(pipe: Pipeline) -> None:
 
 
 def test_priority_3_gets_three_times_the_slots_of_priority_1(pipe: Pipeline) -> None:
-    pipe.ctx.slots[Lane.STANDARD].cap = 4
+    pipe.ctx.schedulers[Lane.STANDARD].cap = 4
     pipe.add_task("low", 40, priority=1)  # alone at first: it takes every slot
     holding = holders(pipe)
     assert len(holding) == 4
     pipe.add_task("high", 40, priority=3)
     taken: list[str] = []
     for _ in range(20):  # the oldest holder finishes; the scheduler picks who gets the slot
-        admitted = pipe.ctx.slots[Lane.STANDARD].release(holding.pop(0))
+        admitted = pipe.ctx.schedulers[Lane.STANDARD].release(holding.pop(0))
         holding += admitted
         taken += [sid.split(":")[0] for sid in admitted]
     assert len(taken) == 20, (taken, holding)
@@ -324,7 +324,7 @@ def test_no_job_is_created_for_a_task_cancelled_before_the_create(pipe: Pipeline
     assert pipe.api.requests_to("create") == []
     assert pipe.ctx.store.get_subtask(a)["status"] == CANCELLED
     assert pipe.ctx.store.get_task("t")["status"] == "cancelled"
-    assert pipe.ctx.slots[Lane.STANDARD].in_flight() == 0
+    assert pipe.ctx.schedulers[Lane.STANDARD].in_flight() == 0
 
 
 def test_the_sweep_resumes_or_fails_subtasks_stuck_in_processing(pipe: Pipeline) -> None:
@@ -542,15 +542,15 @@ def test_retry_refusals(pipe: Pipeline) -> None:
 
 
 def test_the_command_refuses_with_a_clear_message(pipe: Pipeline, capsys: pytest.CaptureFixture[str]) -> None:
-    from nietest_daemon.programs import tasks_cli
+    from nietest_daemon.programs import task_commands
 
     pipe.add_task("t", 1, queue=False)
-    assert tasks_cli.retry(pipe.ctx.settings, "missing", failed=True, cancelled=False) == 2
+    assert task_commands.retry(pipe.ctx.settings, "missing", failed=True, cancelled=False) == 2
     assert capsys.readouterr().err == "nietest: no task missing\n"
-    assert tasks_cli.retry(pipe.ctx.settings, "t", failed=False, cancelled=True) == 2
+    assert task_commands.retry(pipe.ctx.settings, "t", failed=False, cancelled=True) == 2
     assert "nietest: task t is still running (processing)" in capsys.readouterr().err
     pipe.ctx.redis.set(keys.retry_lock("t"), "another-retry", ex=60)
-    assert tasks_cli.retry(pipe.ctx.settings, "t", failed=True, cancelled=False) == 2
+    assert task_commands.retry(pipe.ctx.settings, "t", failed=True, cancelled=False) == 2
     assert capsys.readouterr().err.startswith("nietest: another retry of task t is in progress")
 
 
@@ -568,7 +568,7 @@ def test_a_retry_interrupted_before_it_queued_is_finished_by_the_sweep_or_a_seco
     assert refused.value.repaired and pipe.woken() == [a]
     assert sweep(pipe.ctx)["requeued"] == 0  # in line already; the sweep would have done the same
     pipe.clear()
-    pipe.ctx.redis.delete(pipe.ctx.slots[Lane.STANDARD].holders)
+    pipe.ctx.redis.delete(pipe.ctx.schedulers[Lane.STANDARD].holders)
     assert sweep(pipe.ctx)["requeued"] == 1 and pipe.woken() == [a]
 
 

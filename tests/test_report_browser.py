@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from test_results import Dom, store_task, task_document
 
-from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED
+from nietest_daemon.domain.lifecycle import CANCELLED, COMPLETED, FAILED
 from nietest_daemon.programs import report
 from nietest_daemon.store import SQLiteStore
 

@@ -20,11 +20,11 @@ import pytest
 
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.domain import taskspec
-from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED, PROCESSING
-from nietest_daemon.programs import cli, export, report, tasks_cli
-from nietest_daemon.programs.results import ResultsError
+from nietest_daemon.domain.lifecycle import CANCELLED, COMPLETED, FAILED, PROCESSING
+from nietest_daemon.programs import cli, export, report, task_commands
 from nietest_daemon.store import SQLiteStore, Store
-from nietest_daemon.testing import tasks as taskdocs
+from nietest_daemon.store.results import ResultsError
+from nietest_daemon.testing import task_documents as taskdocs
 
 HOSTILE = "<script>alert(1)</script><img src=x onerror=alert(2)>"
 TRICKY = 'a "quoted", comma\nand a second line'
@@ -331,18 +331,18 @@ def test_tasks_lists_newest_first_with_filters(store: Store, tmp_path: Path, cap
     store.close()
     tmp_data = tmp_path / "data"
     assert (tmp_data / "nietest.sqlite3").exists()
-    assert tasks_cli.tasks(settings, status=None, limit=4, as_json=True) == 0
+    assert task_commands.tasks(settings, status=None, limit=4, as_json=True) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [t["id"] for t in listed] == ["task5", "task4", "task3", "task2"]
     five = listed[0]
     assert five["status"] == COMPLETED and five["partially_completed"] is True
     assert (five["completed_images"], five["failed_images"], five["total_images"], five["priority"]) == (1, 1, 2, 2)
     assert five["progress"] == 100.0 and five["round"] == 1 and 0 <= five["age_seconds"] < 60
-    assert tasks_cli.tasks(settings, status=PROCESSING, limit=20, as_json=False) == 0
+    assert task_commands.tasks(settings, status=PROCESSING, limit=20, as_json=False) == 0
     text = capsys.readouterr().out.splitlines()
     assert text[0].startswith("ID") and [line.split()[0] for line in text[1:]] == ["task4", "task2", "task0"]
     assert "campaign 4" in text[1] and "0/2" in text[1]
-    assert tasks_cli.tasks(settings, status=CANCELLED, limit=20, as_json=False) == 0
+    assert task_commands.tasks(settings, status=CANCELLED, limit=20, as_json=False) == 0
     assert capsys.readouterr().out.strip() == "no tasks cancelled"
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["tasks", "--limit", "0"])

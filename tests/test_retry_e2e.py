@@ -19,8 +19,7 @@ from conftest import Daemon, wait_for
 from test_pipeline_e2e import assert_counters_match, daemon_env, marker_task, notices, submit, subtasks_by_marker
 from test_results import Dom
 
-from nietest_daemon.pipeline.context import open_store_for
-from nietest_daemon.store import Store
+from nietest_daemon.store import Store, open_store_for
 from nietest_daemon.testing.fake_feishu import FakeFeishu
 from nietest_daemon.testing.fake_nieta import FakeNieta
 

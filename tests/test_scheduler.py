@@ -199,7 +199,9 @@ def test_script_calls_in_one_round_trip_survive_a_script_flush(client: redis.Red
     s.add("a", ids("a", 3))
     assert s.admit() == ["a:0", "a:1"]
     client.script_flush()
-    released, streak = run_scripts(client, s.release_call("a:0"), streaks.record_call("q", False, "boom", threshold=5))
+    released, streak = run_scripts(
+        client, s.release_call("a:0"), streaks.record_outcome_call("q", False, "boom", threshold=5)
+    )
     assert s.admitted_ids(released) == ["a:2"]
     assert streak == 1 and streaks.current(client, "q")["failures"] == 1  # recorded once
     client.script_flush()

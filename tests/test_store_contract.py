@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nietest_daemon.domain.status import (
+from nietest_daemon.domain.lifecycle import (
     CANCELLED,
     COMPLETED,
     FAILED,

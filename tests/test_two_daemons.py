@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from conftest import Daemon, PrivateValkey, wait_for
 
-from nietest_daemon.domain.status import TERMINAL
-from nietest_daemon.pipeline.context import open_store_for
-from nietest_daemon.testing import tasks as taskdocs
+from nietest_daemon.domain.lifecycle import TERMINAL
+from nietest_daemon.store import open_store_for
+from nietest_daemon.testing import task_documents as taskdocs
 from nietest_daemon.testing.fake_nieta import FakeNieta
 
 pytestmark = pytest.mark.e2e

@@ -25,7 +25,7 @@ import pytest
 from conftest import Daemon, PrivateValkey, wait_for
 
 from bench.pipeline import task_file
-from nietest_daemon.coordination import keys, lifelines, metrics
+from nietest_daemon.coordination import counters, keys, lifelines
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.internals.dramatiq_redis import (
     NietestRedisBroker,
@@ -35,10 +35,10 @@ from nietest_daemon.internals.dramatiq_redis import (
     queue_stats,
 )
 from nietest_daemon.pipeline.broker import build_broker
-from nietest_daemon.pipeline.context import open_store_for
 from nietest_daemon.pipeline.middleware.in_hand import InHand
 from nietest_daemon.programs.watchdog import Watchdog
 from nietest_daemon.programs.worker import RECYCLE_MIN_SECONDS, Recycling, resident_bytes
+from nietest_daemon.store import open_store_for
 from nietest_daemon.testing.fake_nieta import FakeNieta
 
 HOST = "host-a"
@@ -290,9 +290,9 @@ def test_a_leaking_worker_recycles_once_without_an_alert_and_loses_nothing(
     assert not [r for r in alerts_records(daemon) if r["event"] == "alert"]  # one recycle: logged, not alerted
     # Counted as a recycle, not a crash, in nietest_process_restarts_total.
     restarts = {
-        metrics.parse_field(f)[1]["reason"]: v
-        for f, v in metrics.read(daemon.redis, socket.gethostname()).items()
-        if metrics.parse_field(f)[0] == metrics.PROCESS_RESTARTS.name
+        counters.parse_field(f)[1]["reason"]: v
+        for f, v in counters.read(daemon.redis, socket.gethostname()).items()
+        if counters.parse_field(f)[0] == counters.PROCESS_RESTARTS.name
     }
     assert restarts == {"recycle": 1.0}
 

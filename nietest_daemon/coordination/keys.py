@@ -125,7 +125,7 @@ def retry_lock(task_id: str) -> str:
 
 SWEEP_LOCK = f"{PREFIX}:sweep"  # one sweep per round across every master process
 
-# --- metrics (coordination/metrics.py) ------------------------------------------------------------
+# --- metrics (coordination/counters.py) ------------------------------------------------------------
 
 
 def metrics(host: str) -> str:

@@ -119,7 +119,7 @@ def clear_create_sent(client: redis.Redis, subtask_id: str) -> None:
 _FORGET = lua_script('return redis.call("del", unpack(KEYS))')
 
 
-def forget_call(subtask_id: str) -> ScriptCall:
+def forget_markers_call(subtask_id: str) -> ScriptCall:
     """Drop an ended subtask's poll chain and TIMEOUT count (a stale message finds the subtask ended
     and does nothing); else each would stay in the broker for a day after the subtask's end."""
     return ScriptCall(_FORGET, [keys.poll_chain(subtask_id), keys.timeouts(subtask_id)], [])

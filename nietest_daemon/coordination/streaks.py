@@ -62,10 +62,10 @@ def _keys(queue: str) -> list[str]:
 
 def record(client: redis.Redis, queue: str, ok: bool, error: str | None = None, *, threshold: int) -> int:
     """Record one subtask outcome on `queue`; returns the current run of consecutive failures."""
-    return int(record_call(queue, ok, error, threshold=threshold).run(client))
+    return int(record_outcome_call(queue, ok, error, threshold=threshold).run(client))
 
 
-def record_call(queue: str, ok: bool, error: str | None = None, *, threshold: int) -> ScriptCall:
+def record_outcome_call(queue: str, ok: bool, error: str | None = None, *, threshold: int) -> ScriptCall:
     """`record` as a call to run with others (`connection.run_scripts`)."""
     text = (error or "unknown error")[:MAX_ERROR_CHARS]
     args = ["1" if ok else "0", text, threshold, f"{time.time():.3f}", queue, MAX_EVENTS]

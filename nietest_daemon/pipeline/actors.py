@@ -5,7 +5,7 @@ subtask:     run_subtask, poll_subtask                 (the standard lane)
 subtask_ops: run_lumina_subtask, poll_lumina_subtask   (the Lumina lane)
 master_ops:  reserved; no actor. A message for an unknown actor is dead-lettered with a log line.
 
-The bodies live in pipeline/tasks.py, pipeline/subtasks.py and pipeline/notices.py;
+The bodies live in pipeline/task_steps.py, pipeline/subtasks.py and pipeline/notices.py;
 NIETEST_ACTOR_MODULES adds more actor modules.
 """
 
@@ -17,7 +17,7 @@ import dramatiq
 
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.domain.subtask import Lane
-from nietest_daemon.pipeline import notices, subtasks, tasks
+from nietest_daemon.pipeline import notices, subtasks, task_steps
 from nietest_daemon.pipeline.context import context
 from nietest_daemon.pipeline.messages import POLL_SUBTASK, PROCESS_TASK, RUN_SUBTASK, SEND_NOTICE
 
@@ -33,7 +33,7 @@ def send_notice(task_id: str, event: str, round: int = 1, snapshot: dict[str, An
 
 _master = _settings.queue("master").name
 dramatiq.actor(
-    tasks.process_task,
+    task_steps.process_task,
     actor_name=PROCESS_TASK,
     queue_name=_master,
     max_retries=_settings.max_retries,

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from nietest_daemon.coordination.connection import ScriptCall, run_scripts
-from nietest_daemon.domain.status import PENDING
+from nietest_daemon.domain.lifecycle import PENDING
 from nietest_daemon.domain.subtask import Lane, Subtask
 from nietest_daemon.pipeline.context import Context
 from nietest_daemon.pipeline.messages import send_run
@@ -28,7 +28,7 @@ def weight_of(task: Mapping[str, Any] | None) -> int:
 
 def dispatch(ctx: Context, lane: Lane, admitted: Iterable[str] | None = None) -> int:
     """Send a run message for each admitted subtask (admitting first when `admitted` is None)."""
-    ids = ctx.slots[lane].admit() if admitted is None else list(admitted)
+    ids = ctx.schedulers[lane].admit() if admitted is None else list(admitted)
     for subtask_id in ids:
         send_run(ctx, subtask_id, lane)
     return len(ids)
@@ -42,7 +42,7 @@ def queue_task(ctx: Context, task: Mapping[str, Any], pending: Iterable[Mapping[
     weight = weight_of(task)
     waiting = {}
     for lane, ids in by_lane.items():
-        waiting[lane] = ctx.slots[lane].replace(task["id"], ids, weight)
+        waiting[lane] = ctx.schedulers[lane].replace(task["id"], ids, weight)
         dispatch(ctx, lane)
     return waiting
 
@@ -50,7 +50,7 @@ def queue_task(ctx: Context, task: Mapping[str, Any], pending: Iterable[Mapping[
 def release_slot(ctx: Context, subtask_id: str, lane: Lane, *also: ScriptCall) -> None:
     """Give the subtask's slot back (harmless when it holds none) and start whoever is admitted next;
     `also`: other script calls to make in the same round trip."""
-    slots = ctx.slots[lane]
+    slots = ctx.schedulers[lane]
     released, *_ = run_scripts(ctx.redis, slots.release_call(subtask_id), *also)
     dispatch(ctx, lane, slots.admitted_ids(released))
 
@@ -59,13 +59,13 @@ def give_back(ctx: Context, sub: Subtask) -> None:
     """A run found no slot of its own (its lease ran out, or it is a redelivery): it waits again,
     first in its task's line."""
     weight = weight_of(ctx.store.get_task(sub.task_id))
-    ctx.slots[sub.lane].add(sub.task_id, [sub.id], weight, front=True)
+    ctx.schedulers[sub.lane].add(sub.task_id, [sub.id], weight, front=True)
     dispatch(ctx, sub.lane)
 
 
 def cancel(ctx: Context, task_id: str) -> None:
     """A cancelled task's waiting subtasks and slots go at once; the freed slots go to the others."""
-    for lane, slots in ctx.slots.items():
+    for lane, slots in ctx.schedulers.items():
         slots.cancel(task_id)
         dispatch(ctx, lane)
 
@@ -79,7 +79,7 @@ def repair(ctx: Context, task: Mapping[str, Any]) -> bool:
     if not pending:
         return False
     accounted = 0
-    for slots in ctx.slots.values():
+    for slots in ctx.schedulers.values():
         share = slots.shares([task_id])
         mine = next((s for s in share if s.task_id == task_id), None)
         if mine is not None:

@@ -12,13 +12,13 @@ import redis
 
 from nietest_daemon.clients.feishu import FeishuClient
 from nietest_daemon.clients.nieta import NietaClient
-from nietest_daemon.coordination import metrics
+from nietest_daemon.coordination import counters
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.coordination.scheduler import Scheduler
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.domain.subtask import Lane
-from nietest_daemon.store import Store, open_store
+from nietest_daemon.store import Store, open_store_for
 
 
 @dataclass
@@ -28,8 +28,8 @@ class Context:
     redis: redis.Redis
     nieta: NietaClient | None
     notifier: FeishuClient
-    slots: dict[Lane, Scheduler]
-    host: str = field(default_factory=socket.gethostname)  # names this host's metrics (coordination/metrics.py)
+    schedulers: dict[Lane, Scheduler]  # job-slot admission, one per lane
+    host: str = field(default_factory=socket.gethostname)  # names this host's metrics (coordination/counters.py)
 
     def queue_of(self, lane: Lane) -> str:
         return self.settings.queue(lane.queue_key).name
@@ -64,14 +64,14 @@ def build_context(settings: Settings) -> Context:
             settings.nieta_xtoken,
             settings.nieta_api_base_url,
             settings.nieta_ops_api_base_url,
-            observe=metrics.TALLY.api_request,
+            observe=counters.TALLY.api_request,
         )
     notifier = FeishuClient(
         settings.feishu_task_webhook_url,
         settings.feishu_webhook_secret,
         client,
         host=socket.gethostname(),
-        on_result=partial(metrics.TALLY.feishu_message, "task"),
+        on_result=partial(counters.TALLY.feishu_message, "task"),
     )
     return Context(
         settings=settings,
@@ -79,23 +79,8 @@ def build_context(settings: Settings) -> Context:
         redis=client,
         nieta=nieta,
         notifier=notifier,
-        slots={
+        schedulers={
             Lane.STANDARD: Scheduler(client, Lane.STANDARD, settings.max_jobs, lease),
             Lane.LUMINA: Scheduler(client, Lane.LUMINA, settings.max_lumina_jobs, lease),
         },
-    )
-
-
-def open_store_for(settings: Settings, timeout_seconds: float | None = None) -> Store:
-    return open_store(
-        data_dir=settings.data_dir,
-        mongo_uri=settings.mongo_uri,
-        mongo_host=settings.mongo_host,
-        mongo_port=settings.mongo_port,
-        mongo_user=settings.mongo_user,
-        mongo_password=settings.mongo_password,
-        mongo_db=settings.mongo_db,
-        task_collection=settings.task_collection,
-        subtask_collection=settings.subtask_collection,
-        timeout_seconds=timeout_seconds,
     )

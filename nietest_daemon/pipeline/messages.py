@@ -71,7 +71,7 @@ def schedule_poll(
     with ctx.redis.pipeline(transaction=False) as pipe:
         markers.set_current_poll(pipe, subtask_id, message_id)
         if renew:
-            ctx.slots[lane].renew(subtask_id, client=pipe)
+            ctx.schedulers[lane].renew(subtask_id, client=pipe)
         pipe.execute()
 
 

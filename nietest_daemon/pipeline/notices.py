@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from nietest_daemon.coordination import keys
 from nietest_daemon.core.logs import get_logger
-from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED, is_partial
+from nietest_daemon.domain.lifecycle import CANCELLED, COMPLETED, FAILED, is_partial
 from nietest_daemon.pipeline.messages import SEND_NOTICE, enqueue, owner_of_current_message
 from nietest_daemon.store.base import round_of, utcnow
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from nietest_daemon.coordination import markers
 from nietest_daemon.core.logs import get_logger
-from nietest_daemon.domain.status import ACTIVE, FAILED, PENDING, PROCESSING
+from nietest_daemon.domain.lifecycle import ACTIVE, FAILED, PENDING, PROCESSING
 from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.pipeline import admission, notices
 from nietest_daemon.pipeline.context import Context

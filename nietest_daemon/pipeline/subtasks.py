@@ -21,12 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nietest_daemon.clients.nieta import NietaError
-from nietest_daemon.coordination import markers, metrics, streaks
+from nietest_daemon.coordination import counters, markers, streaks
 from nietest_daemon.coordination.connection import run_scripts
 from nietest_daemon.core.backoff import SPREAD, backoff
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.domain.images import choose_seed
-from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED, TERMINAL
+from nietest_daemon.domain.lifecycle import CANCELLED, COMPLETED, FAILED, TERMINAL
 from nietest_daemon.domain.subtask import Lane, Subtask
 from nietest_daemon.pipeline import notices
 from nietest_daemon.pipeline.admission import give_back, release_slot
@@ -67,20 +67,20 @@ def finish(
     reason: str = "other",
 ) -> None:
     """Move a subtask to a terminal state (once), free its slot, update streaks and metrics, notify
-    on finalisation. `reason`: a failure's metrics label (`metrics.FAILURE_REASONS`)."""
+    on finalisation. `reason`: a failure's metrics label (`counters.FAILURE_REASONS`)."""
     outcome = ctx.store.finish_subtask(sub.id, status, result=result, error=error)
     counted = outcome is not None and outcome.changed
     # One round trip frees the slot, drops the subtask's markers, records the queue's failure streak
     # and counts the end in the metrics.
-    also = [markers.forget_call(sub.id)]
+    also = [markers.forget_markers_call(sub.id)]
     if counted and status in (COMPLETED, FAILED):
         also.append(
-            streaks.record_call(
+            streaks.record_outcome_call(
                 ctx.queue_of(sub.lane), status == COMPLETED, error, threshold=ctx.settings.alert_failure_streak
             )
         )
     if counted:
-        also.append(metrics.add_call(ctx.host, _finish_increments(sub, status, reason)))
+        also.append(counters.add_call(ctx.host, _finish_increments(sub, status, reason)))
     release_slot(ctx, sub.id, sub.lane, *also)
     if outcome is None or not outcome.changed:
         return
@@ -89,16 +89,16 @@ def finish(
         notices.task_finished(ctx, outcome.task)
 
 
-def _finish_increments(sub: Subtask, status: str, reason: str) -> metrics.Increments:
-    assert reason in metrics.FAILURE_REASONS, reason
-    inc = metrics.Increments()
+def _finish_increments(sub: Subtask, status: str, reason: str) -> counters.Increments:
+    assert reason in counters.FAILURE_REASONS, reason
+    inc = counters.Increments()
     api = sub.lane.value
-    inc.count(metrics.SUBTASKS_FINISHED, api=api, outcome=status)
+    inc.count(counters.SUBTASKS_FINISHED, api=api, outcome=status)
     if status == FAILED:
-        inc.count(metrics.SUBTASK_FAILURES, api=api, reason=reason)
+        inc.count(counters.SUBTASK_FAILURES, api=api, reason=reason)
     if sub.job_uuid and sub.started_at is not None:  # a job was created: its time to the end
         seconds = (utcnow() - sub.started_at).total_seconds()
-        inc.observe(metrics.IMAGE_JOB_SECONDS, seconds, api=api)
+        inc.observe(counters.IMAGE_JOB_SECONDS, seconds, api=api)
     return inc
 
 
@@ -153,7 +153,7 @@ def run_subtask(subtask_id: str, errors: int = 0) -> None:
     owner = owner_of_current_message()
     # One round trip: the job slot, the creating lock and the create-sent marker.
     held, begun = run_scripts(
-        ctx.redis, ctx.slots[lane].hold_call(subtask_id), markers.begin_create_call(subtask_id, owner)
+        ctx.redis, ctx.schedulers[lane].hold_call(subtask_id), markers.begin_create_call(subtask_id, owner)
     )
     if not held:
         # Admitted once, but its slot is gone (its lease ran out while the message waited, or this is

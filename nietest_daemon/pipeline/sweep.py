@@ -18,7 +18,7 @@ from nietest_daemon.coordination import keys
 from nietest_daemon.core.backoff import DRIFT, jittered
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.settings import Settings
-from nietest_daemon.domain.status import FAILED, TERMINAL
+from nietest_daemon.domain.lifecycle import FAILED, TERMINAL
 from nietest_daemon.domain.subtask import Subtask
 from nietest_daemon.pipeline import admission, notices
 from nietest_daemon.pipeline.context import Context, context
@@ -68,7 +68,7 @@ def sweep(ctx: Context, *, older_than_seconds: float | None = None) -> dict[str,
             notices.task_finished(ctx, ctx.store.get_task(task["id"]) or task)
         elif admission.repair(ctx, task):
             requeued += 1
-    for lane in ctx.slots:  # a slot freed by an expired lease, or by a release whose dispatch was lost
+    for lane in ctx.schedulers:  # a slot freed by an expired lease, or by a release whose dispatch was lost
         admission.dispatch(ctx, lane)
     # A finaliser that died between the store update and the enqueue of the notice (a sweep, or
     # `nietest cancel`) leaves no message to redeliver: look at the tasks that ended lately. Only

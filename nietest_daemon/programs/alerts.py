@@ -69,13 +69,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from nietest_daemon.clients.feishu import FeishuClient, Severity
-from nietest_daemon.coordination import lifelines, metrics, streaks
+from nietest_daemon.clients.supervisor_events import open_protocol_streams, parse_tokens, serve_protocol
+from nietest_daemon.coordination import counters, lifelines, streaks
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.core import logs
 from nietest_daemon.core.redaction import redact, set_secrets
 from nietest_daemon.core.settings import RECYCLED_EXIT, Settings
 from nietest_daemon.internals.supervisor import EXITED_LINE, control_proxy
-from nietest_daemon.programs.event_listener import open_protocol_streams, parse_tokens, serve_protocol
 
 log = logs.get_logger("nietest.alerts")
 
@@ -874,7 +874,7 @@ class Listener:
             settings.feishu_webhook_secret,
             self.redis,
             host=self.host,
-            on_result=partial(metrics.TALLY.feishu_message, "alert"),
+            on_result=partial(counters.TALLY.feishu_message, "alert"),
         )
         self.exit_log = ExitLog(settings.log_dir / "supervisord.log")
         self.engine = Engine(
@@ -896,7 +896,7 @@ class Listener:
             content=alert.content[:4000],
             webhook=self.client.configured,
         )
-        metrics.TALLY.alert(alert.kind)
+        counters.TALLY.alert(alert.kind)
         self.client.submit_card(alert.title, alert.content, alert.severity, queue=alert.queue)
 
     # --- threads --------------------------------------------------------------------------------
@@ -955,7 +955,7 @@ class Listener:
                         self.inbox.put(("watchdog", event, time.monotonic(), time.time()))
                 except Exception as exc:
                     log.warning("cannot read streak or watchdog events", error=_clean(str(exc)))
-                metrics.TALLY.flush(self.redis, self.host)
+                counters.TALLY.flush(self.redis, self.host)
             if 0 <= snapshot_tries < 30:  # supervisord answers at once, unless it is very busy starting
                 snapshot_tries = -1 if self._snapshot(first=snapshot_tries == 0) else snapshot_tries + 1
             if self.stop.wait(PROBE_INTERVAL):
@@ -1041,7 +1041,7 @@ class Listener:
         except Exception:
             log.exception("could not send the pending alerts")
         self.client.close(timeout=5.0)
-        metrics.TALLY.flush(self.redis, self.host)
+        counters.TALLY.flush(self.redis, self.host)
         if code == 0:
             self.marker.clean_stop()
         log.info("alerts listener stopped", events=self.engine.events, exit_code=code)

@@ -7,7 +7,7 @@ import sys
 
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.core.settings import QUEUE_KEYS, SettingsError
-from nietest_daemon.domain.status import STATUSES
+from nietest_daemon.domain.lifecycle import STATUSES
 
 DESCRIPTION = """\
 nietest runs Nieta image-generation test campaigns on Dramatiq workers kept alive by supervisord.
@@ -206,29 +206,29 @@ def run(argv: list[str]) -> int:
 
         return embedded_broker.run(settings)
     if args.command == "status" and args.task_id:
-        from nietest_daemon.programs import tasks_cli
+        from nietest_daemon.programs import task_commands
 
-        return tasks_cli.status(settings, args.task_id, as_json=args.json)
+        return task_commands.status(settings, args.task_id, as_json=args.json)
     if args.command == "status":
-        from nietest_daemon.programs import status
+        from nietest_daemon.programs import overview
 
-        return status.run(settings, as_json=args.json)
+        return overview.run(settings, as_json=args.json)
     if args.command == "submit":
-        from nietest_daemon.programs import tasks_cli
+        from nietest_daemon.programs import task_commands
 
-        return tasks_cli.submit(settings, args.task_file, wait=args.wait)
+        return task_commands.submit(settings, args.task_file, wait=args.wait)
     if args.command == "cancel":
-        from nietest_daemon.programs import tasks_cli
+        from nietest_daemon.programs import task_commands
 
-        return tasks_cli.cancel(settings, args.task_id)
+        return task_commands.cancel(settings, args.task_id)
     if args.command == "tasks":
-        from nietest_daemon.programs import tasks_cli
+        from nietest_daemon.programs import task_commands
 
-        return tasks_cli.tasks(settings, status=args.status, limit=args.limit, as_json=args.json)
+        return task_commands.tasks(settings, status=args.status, limit=args.limit, as_json=args.json)
     if args.command == "retry":
-        from nietest_daemon.programs import tasks_cli
+        from nietest_daemon.programs import task_commands
 
-        return tasks_cli.retry(settings, args.task_id, failed=args.failed, cancelled=args.cancelled)
+        return task_commands.retry(settings, args.task_id, failed=args.failed, cancelled=args.cancelled)
     if args.command == "report":
         from nietest_daemon.programs import report
 

@@ -24,7 +24,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any
 
 from nietest_daemon.core.settings import Settings
-from nietest_daemon.programs.results import (
+from nietest_daemon.store import Store
+from nietest_daemon.store.base import round_of
+from nietest_daemon.store.results import (
     ResultsError,
     TaskView,
     column_names,
@@ -35,8 +37,6 @@ from nietest_daemon.programs.results import (
     load_task,
     seconds_between,
 )
-from nietest_daemon.store import Store
-from nietest_daemon.store.base import round_of
 
 FORMATS = ("csv", "jsonl")
 FIXED_COLUMNS = (
@@ -150,7 +150,7 @@ def export(store: Store, task_id: str, fmt: str, out: IO[str]) -> int:
 
 
 def run(settings: Settings, task_id: str, *, fmt: str) -> int:
-    from nietest_daemon.pipeline.context import open_store_for
+    from nietest_daemon.store import open_store_for
 
     store = open_store_for(settings)
     try:

@@ -11,7 +11,7 @@ anywhere but loopback.
 
 A scrape reads, and never scans: supervisord's process list (one XML-RPC call), the broker (queue
 lengths, job slots, the ready lists of the active tasks, and the one hash of counter totals that
-coordination/metrics.py keeps) and the store's task count per status (its status index). Its cost
+coordination/counters.py keeps) and the store's task count per status (its status index). Its cost
 does not grow with the number of subtasks (bench/metrics.py). Counters are kept in the broker by
 the processes that count, so a worker's kill -9 takes nothing away; a restart is counted by the
 watchdog listener, which hears every exit.
@@ -44,19 +44,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from nietest_daemon.coordination import metrics
+from nietest_daemon.coordination import counters
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.coordination.scheduler import Scheduler
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.redaction import redact, set_secrets
 from nietest_daemon.core.settings import Settings
-from nietest_daemon.domain.status import STATUSES
+from nietest_daemon.domain.lifecycle import STATUSES
 from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.internals.dramatiq_redis import queue_stats
-from nietest_daemon.pipeline.context import open_store_for
 from nietest_daemon.programs.alerts import SEVERITY as ALERT_SEVERITY
 from nietest_daemon.programs.daemon import control_proxy
-from nietest_daemon.store import Store
+from nietest_daemon.store import Store, open_store_for
 
 log = get_logger(__name__)
 
@@ -69,17 +68,17 @@ ANSWER_DEADLINE_SECONDS = 15.0  # an answer not computed by then is a 503
 
 #: Label sets of the counters that are always exported, at 0 until counted: `rate()` and
 #: `increase()` then see a series' first increment.
-_ZERO_FILLED: tuple[tuple[metrics.Family, dict[str, tuple[str, ...]]], ...] = (
-    (metrics.SUBTASKS_FINISHED, {"api": metrics.APIS, "outcome": metrics.OUTCOMES}),
-    (metrics.SUBTASK_FAILURES, {"api": metrics.APIS, "reason": metrics.FAILURE_REASONS}),
+_ZERO_FILLED: tuple[tuple[counters.Family, dict[str, tuple[str, ...]]], ...] = (
+    (counters.SUBTASKS_FINISHED, {"api": counters.APIS, "outcome": counters.OUTCOMES}),
+    (counters.SUBTASK_FAILURES, {"api": counters.APIS, "reason": counters.FAILURE_REASONS}),
     (
-        metrics.API_REQUESTS,
-        {"api": metrics.APIS, "endpoint": metrics.ENDPOINTS, "code_class": metrics.CODE_CLASSES},
+        counters.API_REQUESTS,
+        {"api": counters.APIS, "endpoint": counters.ENDPOINTS, "code_class": counters.CODE_CLASSES},
     ),
-    (metrics.FEISHU_MESSAGES, {"bot": metrics.BOTS, "outcome": metrics.FEISHU_OUTCOMES}),
-    (metrics.ALERTS, {"kind": tuple(ALERT_SEVERITY)}),
-    (metrics.IMAGE_JOB_SECONDS, {"api": metrics.APIS}),
-    (metrics.API_REQUEST_SECONDS, {"api": metrics.APIS, "endpoint": metrics.ENDPOINTS}),
+    (counters.FEISHU_MESSAGES, {"bot": counters.BOTS, "outcome": counters.FEISHU_OUTCOMES}),
+    (counters.ALERTS, {"kind": tuple(ALERT_SEVERITY)}),
+    (counters.IMAGE_JOB_SECONDS, {"api": counters.APIS}),
+    (counters.API_REQUEST_SECONDS, {"api": counters.APIS, "endpoint": counters.ENDPOINTS}),
 )
 
 
@@ -184,7 +183,7 @@ class NietestCollector(Collector):
             capacity.add_metric([lane.value], slots.cap)
             waiting.add_metric([lane.value], slots.waiting())
         yield from (in_use, capacity, waiting)
-        yield from render_totals(metrics.read(probe.redis, probe.host), infos)
+        yield from render_totals(counters.read(probe.redis, probe.host), infos)
 
     def _tasks(self) -> Iterator[Metric]:
         family = GaugeMetricFamily("nietest_tasks", "Tasks in the store by status.", labels=["status"])
@@ -208,12 +207,12 @@ def _gauge(name: str, help_text: str, labels: list[str], samples: list[tuple[lis
 
 
 def render_totals(totals: dict[str, float], infos: list[dict[str, Any]]) -> Iterator[Metric]:
-    """The counter and histogram families from the broker's totals (coordination/metrics.py), with
+    """The counter and histogram families from the broker's totals (coordination/counters.py), with
     the fixed label sets (and every supervised process's restarts) at 0 until counted."""
-    series: dict[str, dict[tuple[tuple[str, str], ...], dict[str, float]]] = {f.name: {} for f in metrics.FAMILIES}
+    series: dict[str, dict[tuple[tuple[str, str], ...], dict[str, float]]] = {f.name: {} for f in counters.FAMILIES}
     for field, value in totals.items():
-        name, labels = metrics.parse_field(field)
-        for family in metrics.FAMILIES:
+        name, labels = counters.parse_field(field)
+        for family in counters.FAMILIES:
             if name == family.name or (family.kind == "histogram" and name.startswith(family.name + "_")):
                 suffix = name[len(family.name) :]
                 key = tuple((label, labels.get(label, "")) for label in family.labels)
@@ -224,10 +223,10 @@ def render_totals(totals: dict[str, float], infos: list[dict[str, Any]]) -> Iter
         for combo in _combinations(label_sets):
             series[family.name].setdefault(tuple((label, combo[label]) for label in family.labels), {})
     for info in infos:
-        for reason in metrics.RESTART_REASONS:
+        for reason in counters.RESTART_REASONS:
             key = (("program", info["group"]), ("process", info["name"]), ("reason", reason))
-            series[metrics.PROCESS_RESTARTS.name].setdefault(key, {})
-    for family in metrics.FAMILIES:
+            series[counters.PROCESS_RESTARTS.name].setdefault(key, {})
+    for family in counters.FAMILIES:
         labels = list(family.labels)
         if family.kind == "counter":
             counter = CounterMetricFamily(family.name, family.help, labels=labels)
@@ -239,8 +238,8 @@ def render_totals(totals: dict[str, float], infos: list[dict[str, Any]]) -> Iter
         for key, values in sorted(series[family.name].items()):
             cumulative, buckets = 0.0, []
             for bound in (*family.buckets, float("inf")):
-                cumulative += values.get("_bucket@" + metrics.format_le(bound), 0.0)
-                buckets.append((metrics.format_le(bound), cumulative))
+                cumulative += values.get("_bucket@" + counters.format_le(bound), 0.0)
+                buckets.append((counters.format_le(bound), cumulative))
             histogram.add_metric([v for _, v in key], buckets, values.get("_sum", 0.0))
         yield histogram
 

@@ -30,9 +30,11 @@ from typing import IO, Any
 
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.domain import taskspec
-from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED, PENDING, PROCESSING, STATUSES
+from nietest_daemon.domain.lifecycle import CANCELLED, COMPLETED, FAILED, PENDING, PROCESSING, STATUSES
 from nietest_daemon.domain.taskspec import Dimension
-from nietest_daemon.programs.results import (
+from nietest_daemon.store import Store
+from nietest_daemon.store.base import round_of
+from nietest_daemon.store.results import (
     ResultsError,
     TaskView,
     describe,
@@ -44,8 +46,6 @@ from nietest_daemon.programs.results import (
     load_task,
     seconds_between,
 )
-from nietest_daemon.store import Store
-from nietest_daemon.store.base import round_of
 
 CELLS_PER_BLOCK = 1000
 THUMB_WIDTH = 160  # CSS pixels
@@ -414,7 +414,7 @@ def write_report(store: Store, task_id: str, path: Path, *, rows: str | None = N
 
 
 def run(settings: Settings, task_id: str, *, output: str | None, rows: str | None, cols: str | None) -> int:
-    from nietest_daemon.pipeline.context import open_store_for
+    from nietest_daemon.store import open_store_for
 
     path = Path(output) if output else default_path(task_id)
     store = open_store_for(settings)

@@ -21,7 +21,7 @@ time limit, is killed with SIGKILL through supervisord, which starts another; it
 then hands its messages back, as above. The alerts listener is told (`worker unresponsive`).
 
 **Every unrequested exit is counted** (`count_restart`) in `nietest_process_restarts_total`
-(coordination/metrics.py): `hang` when this watchdog killed the process for silence, `recycle`
+(coordination/counters.py): `hang` when this watchdog killed the process for silence, `recycle`
 when the worker marked its exit as one before leaving, else `crash`.
 
 Its stdout is the event protocol (`event_listener.py`); its JSON log goes to stderr.
@@ -40,14 +40,14 @@ from typing import Any, BinaryIO
 
 import redis
 
-from nietest_daemon.coordination import lifelines, metrics
+from nietest_daemon.clients.supervisor_events import open_protocol_streams, parse_tokens, serve_protocol
+from nietest_daemon.coordination import counters, lifelines
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.redaction import set_secrets
 from nietest_daemon.core.settings import QUEUE_KEYS, Settings
 from nietest_daemon.internals.dramatiq_redis import NietestRedisBroker, process_identity
 from nietest_daemon.internals.supervisor import control_proxy
 from nietest_daemon.pipeline.broker import build_broker
-from nietest_daemon.programs.event_listener import open_protocol_streams, parse_tokens, serve_protocol
 
 log = get_logger(__name__)
 
@@ -95,7 +95,7 @@ class Watchdog:
             hung = self.hung.pop(member, None) is not None
         try:
             recycled = (
-                not hung and group in self.queues and metrics.take_recycling(self.broker.client, self.host, name, pid)
+                not hung and group in self.queues and counters.take_recycling(self.broker.client, self.host, name, pid)
             )
         except (redis.RedisError, OSError):
             recycled = False
@@ -104,10 +104,10 @@ class Watchdog:
 
     def count(self, group: str, name: str, reason: str) -> bool:
         """Add one restart of `group:name` for `reason` to the metrics; False if the broker is away."""
-        inc = metrics.Increments()
-        inc.count(metrics.PROCESS_RESTARTS, program=group, process=name, reason=reason)
+        inc = counters.Increments()
+        inc.count(counters.PROCESS_RESTARTS, program=group, process=name, reason=reason)
         try:
-            metrics.add_call(self.host, inc).run(self.broker.client)
+            counters.add_call(self.host, inc).run(self.broker.client)
         except (redis.RedisError, OSError) as exc:
             log.warning("could not count a restart in the metrics", process_name=name, error=str(exc))
             return False

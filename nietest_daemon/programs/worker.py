@@ -24,7 +24,7 @@ import structlog
 from dramatiq.errors import ActorNotFound
 from dramatiq.middleware import TimeLimit
 
-from nietest_daemon.coordination import lifelines, markers, metrics
+from nietest_daemon.coordination import counters, lifelines, markers
 from nietest_daemon.coordination.connection import wait_for_broker
 from nietest_daemon.core import logs
 from nietest_daemon.core.redaction import set_secrets
@@ -138,7 +138,7 @@ def _lifeline(
             except (redis.RedisError, OSError) as exc:
                 log.warning("could not record a sign of life", error=str(exc))
         try:
-            metrics.TALLY.flush(broker.client, host)  # kept for the next beat if the broker is away
+            counters.TALLY.flush(broker.client, host)  # kept for the next beat if the broker is away
         except Exception:  # the lifeline must go on beating whatever the metrics do
             log.exception("could not flush the metrics")
         time.sleep(lifelines.BEAT_SECONDS)
@@ -224,10 +224,10 @@ def run(settings: Settings, queue_key: str) -> int:
                 error=str(exc),
                 message_ids=[m.message_id for m in abandoned],
             )
-    metrics.TALLY.flush(broker.client, host)
+    counters.TALLY.flush(broker.client, host)
     if recycling.reason:
         try:  # the watchdog counts this exit as a recycle, not a crash
-            metrics.mark_recycling(broker.client, host, process_name, os.getpid())
+            counters.mark_recycling(broker.client, host, process_name, os.getpid())
         except (redis.RedisError, OSError) as exc:
             log.warning("could not mark this exit as a recycle", error=str(exc))
     log.info(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+from nietest_daemon.core.settings import Settings
 from nietest_daemon.store.base import (
     CancelOutcome,
     Doc,
@@ -32,6 +33,7 @@ __all__ = [
     "UnknownSubtaskError",
     "as_utc",
     "open_store",
+    "open_store_for",
     "utcnow",
 ]
 
@@ -77,3 +79,19 @@ def _mongo_timeouts(seconds: float | None) -> dict[str, int]:
         return {}
     ms = max(1, int(seconds * 1000))
     return {"serverSelectionTimeoutMS": ms, "connectTimeoutMS": ms, "socketTimeoutMS": ms}
+
+
+def open_store_for(settings: Settings, timeout_seconds: float | None = None) -> Store:
+    """The store the settings name (`open_store` with the settings' MongoDB fields and data dir)."""
+    return open_store(
+        data_dir=settings.data_dir,
+        mongo_uri=settings.mongo_uri,
+        mongo_host=settings.mongo_host,
+        mongo_port=settings.mongo_port,
+        mongo_user=settings.mongo_user,
+        mongo_password=settings.mongo_password,
+        mongo_db=settings.mongo_db,
+        task_collection=settings.task_collection,
+        subtask_collection=settings.subtask_collection,
+        timeout_seconds=timeout_seconds,
+    )

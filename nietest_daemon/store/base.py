@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Self
 if TYPE_CHECKING:
     pass
 
-from nietest_daemon.domain.status import (
+from nietest_daemon.domain.lifecycle import (
     CANCELLED,
     COUNTER_OF,
     COUNTERS,

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from pymongo.collection import Collection
     from pymongo.database import Database
 
-from nietest_daemon.domain.status import (
+from nietest_daemon.domain.lifecycle import (
     ACTIVE,
     CANCELLED,
     COUNTER_OF,

@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from nietest_daemon.domain.status import (
+from nietest_daemon.domain.lifecycle import (
     CANCELLED,
     COUNTER_OF,
     COUNTERS,

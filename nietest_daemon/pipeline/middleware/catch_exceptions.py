@@ -13,7 +13,7 @@ import redis
 from dramatiq.middleware import Middleware
 
 from nietest_daemon.core.logs import get_logger
-from nietest_daemon.domain.status import FAILED
+from nietest_daemon.domain.lifecycle import FAILED
 from nietest_daemon.domain.subtask import Subtask
 from nietest_daemon.pipeline import notices
 from nietest_daemon.pipeline.context import context

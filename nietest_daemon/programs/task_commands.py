@@ -14,7 +14,7 @@ from typing import Any
 
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.domain import taskspec
-from nietest_daemon.domain.status import CANCELLED, COMPLETED, FAILED, TERMINAL, is_partial
+from nietest_daemon.domain.lifecycle import CANCELLED, COMPLETED, FAILED, TERMINAL, is_partial
 from nietest_daemon.store.base import round_of
 
 MAX_TASK_FILE_BYTES = 20 * 1024 * 1024
@@ -53,8 +53,8 @@ def submit(settings: Settings, path: str, *, wait: bool) -> int:
     if not settings.nieta_xtoken:
         return _error("NIETA_XTOKEN: required to submit a task (the workers need it to call the Nieta API)")
 
-    from nietest_daemon.pipeline.context import open_store_for
     from nietest_daemon.pipeline.messages import PROCESS_TASK, enqueue
+    from nietest_daemon.store import open_store_for
 
     task_id = uuid.uuid4().hex
     store = open_store_for(settings)
@@ -100,7 +100,7 @@ def _wait(store: Any, task_id: str) -> int:
 
 
 def task_report(settings: Settings, task_id: str) -> dict[str, Any] | None:
-    from nietest_daemon.pipeline.context import open_store_for
+    from nietest_daemon.store import open_store_for
 
     store = open_store_for(settings)
     task = store.get_task(task_id)
@@ -153,7 +153,7 @@ def status(settings: Settings, task_id: str, *, as_json: bool) -> int:
 
 def cancel(settings: Settings, task_id: str) -> int:
     from nietest_daemon.pipeline.context import context
-    from nietest_daemon.pipeline.tasks import cancel_task
+    from nietest_daemon.pipeline.task_steps import cancel_task
 
     _broker(settings)
     ctx = context(settings)
@@ -201,8 +201,7 @@ def task_line(task: dict[str, Any], now: datetime) -> dict[str, Any]:
 
 def tasks(settings: Settings, *, status: str | None, limit: int, as_json: bool) -> int:
     """The most recent tasks, newest first (`Store.list_tasks`: the (status, created_at) index)."""
-    from nietest_daemon.pipeline.context import open_store_for
-    from nietest_daemon.store import utcnow
+    from nietest_daemon.store import open_store_for, utcnow
 
     store = open_store_for(settings)
     try:

@@ -1,4 +1,4 @@
-"""The task-document builders of the tests and benches (nietest_daemon/testing/tasks.py)."""
+"""The task-document builders of the tests and benches (nietest_daemon/testing/task_documents.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nietest_daemon.domain.taskspec import PARAMETER_DEFAULTS, PARAMETERS, parse_task, validate_task
-from nietest_daemon.testing.tasks import (
+from nietest_daemon.testing.task_documents import (
     fixed_param,
     fixed_prompt,
     task_document,

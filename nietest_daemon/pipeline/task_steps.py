@@ -6,10 +6,10 @@ from typing import Any
 
 import redis
 
-from nietest_daemon.coordination import metrics
+from nietest_daemon.coordination import counters
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.domain import taskspec
-from nietest_daemon.domain.status import CANCELLED, PENDING, TERMINAL
+from nietest_daemon.domain.lifecycle import CANCELLED, PENDING, TERMINAL
 from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.pipeline import admission, notices
 from nietest_daemon.pipeline.admission import queue_task
@@ -72,11 +72,11 @@ def cancel_task(ctx: Context, task_id: str) -> CancelOutcome:
     if outcome.cancelled:
         # Counted under the task's API: the store does not say which lane each cancelled subtask had
         # (they differ only in a task that makes `is_lumina` a variable).
-        inc = metrics.Increments()
+        inc = counters.Increments()
         api = Lane.of(outcome.task or ctx.store.get_task(task_id) or {}).value
-        inc.count(metrics.SUBTASKS_FINISHED, outcome.cancelled, api=api, outcome=CANCELLED)
+        inc.count(counters.SUBTASKS_FINISHED, outcome.cancelled, api=api, outcome=CANCELLED)
         try:
-            metrics.add_call(ctx.host, inc).run(ctx.redis)
+            counters.add_call(ctx.host, inc).run(ctx.redis)
         except redis.RedisError as exc:
             log.warning("could not count the cancelled subtasks in the metrics", task_id=task_id, error=str(exc))
     try:
