@@ -29,7 +29,6 @@ import http.client
 import ipaddress
 import itertools
 import json
-import signal
 import socket
 import time
 import xmlrpc.client
@@ -50,6 +49,7 @@ from nietest_daemon.coordination.scheduler import Scheduler
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.redaction import redact, set_secrets
 from nietest_daemon.core.settings import Settings
+from nietest_daemon.core.stopping import install_stop_signals
 from nietest_daemon.domain.lifecycle import STATUSES
 from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.internals.dramatiq_redis import queue_stats
@@ -384,11 +384,7 @@ def run(settings: Settings) -> int:
         log.error("cannot listen", addr=settings.metrics_addr, error=str(exc))
         return 1
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = install_stop_signals(interrupt=True)
     host, port = server.server_address[:2]
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     addr_file = settings.metrics_addr_file
@@ -399,7 +395,7 @@ def run(settings: Settings) -> int:
     try:
         server.serve_forever()
     except SystemExit:
-        log.info("metrics stopping")
+        log.info("metrics stopping", signal=stop.signal_name)
     finally:
         server.server_close()
         addr_file.unlink(missing_ok=True)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import threading
 import time
@@ -45,6 +44,7 @@ from nietest_daemon.coordination import counters, lifelines
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.redaction import set_secrets
 from nietest_daemon.core.settings import QUEUE_KEYS, Settings
+from nietest_daemon.core.stopping import install_stop_signals
 from nietest_daemon.internals.dramatiq_redis import NietestRedisBroker, process_identity
 from nietest_daemon.internals.supervisor import control_proxy
 from nietest_daemon.pipeline.broker import build_broker
@@ -210,14 +210,7 @@ def run(settings: Settings) -> int:
     set_secrets(settings.secrets())
     stdin: BinaryIO
     stdin, out_fd = open_protocol_streams()
-    stopping: list[int] = []
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stopping.append(signum)
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = install_stop_signals(interrupt=True)
     watchdog = Watchdog(settings, build_broker(settings), socket.gethostname())
     log.info(
         "watchdog starting",
@@ -232,5 +225,5 @@ def run(settings: Settings) -> int:
         serve_protocol(stdin, out_fd, watchdog.handle)
         log.info("stdin closed: supervisord is gone")
     except SystemExit:
-        log.info("watchdog stopping", signal=signal.Signals(stopping[0]).name if stopping else None)
+        log.info("watchdog stopping", signal=stop.signal_name)
     return 0

@@ -10,13 +10,11 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import signal
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import dramatiq
 import redis
@@ -29,6 +27,7 @@ from nietest_daemon.coordination.connection import wait_for_broker
 from nietest_daemon.core import logs
 from nietest_daemon.core.redaction import set_secrets
 from nietest_daemon.core.settings import RECYCLED_EXIT, Settings
+from nietest_daemon.core.stopping import install_stop_signals
 from nietest_daemon.internals.dramatiq_redis import NietestRedisBroker, delay_queue_name, process_identity, requeue
 from nietest_daemon.pipeline.broker import build_broker
 from nietest_daemon.pipeline.context import context
@@ -150,14 +149,7 @@ def run(settings: Settings, queue_key: str) -> int:
     logging.getLogger().setLevel(settings.log_level)
     structlog.contextvars.bind_contextvars(queue=queue.name)
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("stop requested", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = install_stop_signals(on_stop=lambda s: log.info("stop requested", signal=s.signal_name))
 
     broker = build_broker(settings)
     # Broker ids that name this process: the watchdog hands its messages back the moment it exits.
