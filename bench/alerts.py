@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nietest_daemon.core import settings as settings_module
+from nietest_daemon.domain.process_state import ProcessState
 from nietest_daemon.programs.daemon import control_proxy
 from nietest_daemon.testing.fake_feishu import FakeFeishu
 from nietest_daemon.testing.waiting import wait_for
@@ -70,11 +71,17 @@ class Run:
             cwd=self.home,
         )
         self.workers = workers
-        wait_for(lambda: len(self.running()) == workers + 2, 120, "every process RUNNING")  # + broker, alerts
+        wait_for(self.all_running, 120, "every process RUNNING")
+
+    def all_running(self) -> bool:
+        """Every process RUNNING: the subtask workers, the broker and the listeners and the metrics program."""
+        infos = control_proxy(self.settings).supervisor.getAllProcessInfo()
+        workers = sum(1 for i in infos if i["group"] == "subtask")
+        return workers == self.workers and all(i["statename"] == ProcessState.RUNNING for i in infos)
 
     def running(self) -> dict[str, int]:
         infos = control_proxy(self.settings).supervisor.getAllProcessInfo()
-        return {f"{i['group']}:{i['name']}": i["pid"] for i in infos if i["statename"] == "RUNNING"}
+        return {f"{i['group']}:{i['name']}": i["pid"] for i in infos if i["statename"] == ProcessState.RUNNING}
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -49,7 +49,7 @@ import redis
 
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.core import settings as settings_module
-from nietest_daemon.domain.lifecycle import TERMINAL, final_task_status
+from nietest_daemon.domain.lifecycle import COUNTER_OF, TERMINAL, Status, final_task_status
 from nietest_daemon.internals.dramatiq_redis import bodies_key, dead_letter_name, queue_stats
 from nietest_daemon.pipeline.subtasks import TIMEOUT_RESUBMITS
 from nietest_daemon.programs.daemon import control_proxy
@@ -500,14 +500,14 @@ def check_subtasks(report: ChaosReport, task: dict[str, Any], subtasks: list[dic
         f"{len(ids)} subtasks stored for task {task['id']} of {task['total_images']}",
     )
     report.check(lost == 0, f"{lost} subtasks of task {task['id']} lost (not terminal: {dict(statuses)})")
-    recount = {f"{k}_images": statuses.get(k, 0) for k in ("completed", "failed", "cancelled")}
+    recount = {counter: statuses.get(status, 0) for status, counter in COUNTER_OF.items()}
     stored = {k: int(task.get(k) or 0) for k in recount}
     report.check(stored == recount, f"task {task['id']} counters {stored} != recount {recount}")
     expected, _ = final_task_status({**task, **recount})
-    report.check(task["status"] == expected, f"task status {task['status']!r}, its subtasks say {expected!r}")
+    report.check(task["status"] == expected, f"task status {task['status']!r}, its subtasks say {expected.value!r}")
     errors: Counter[str] = Counter(report.errors)
     for s in subtasks:
-        if s["status"] == "failed":
+        if s["status"] == Status.FAILED:
             errors[(s.get("error") or "").split(":")[0][:70]] += 1
     report.errors = dict(errors.most_common())
 

@@ -38,6 +38,7 @@ import redis
 
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.core import settings as settings_module
+from nietest_daemon.domain.lifecycle import TERMINAL
 from nietest_daemon.programs.daemon import control_proxy
 from nietest_daemon.store import open_store_for
 from nietest_daemon.testing import task_documents as taskdocs
@@ -163,7 +164,7 @@ def run_task(settings: settings_module.Settings, env: dict[str, str], path: Path
     task_id = submit(env, path)
     store = open_store_for(settings)
     task = wait_for(
-        lambda: (t := store.get_task(task_id)) and t["status"] in ("completed", "failed", "cancelled") and t,
+        lambda: (t := store.get_task(task_id)) and t["status"] in TERMINAL and t,
         timeout,
         "the task to end",
         interval=0.2,

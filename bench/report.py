@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from nietest_daemon.domain import taskspec
-from nietest_daemon.domain.lifecycle import CANCELLED, COMPLETED, FAILED
+from nietest_daemon.domain.lifecycle import Status
 from nietest_daemon.programs import export, report
 from nietest_daemon.store import SQLiteStore
 from nietest_daemon.testing import task_documents as taskdocs
@@ -67,12 +67,12 @@ def build(store: SQLiteStore, task_id: str) -> None:
         if kind < 45:
             store.start_subtask(sid)
             store.record_job(sid, f"{i:08x}-0000-4000-8000-000000000000", sub["seed"])
-            store.finish_subtask(sid, COMPLETED, result=f"https://oss.example.com/picture/{i:08x}.webp")
+            store.finish_subtask(sid, Status.COMPLETED, result=f"https://oss.example.com/picture/{i:08x}.webp")
         elif kind < 49:
             store.start_subtask(sid)
-            store.finish_subtask(sid, FAILED, error=f"refused by moderation (ILLEGAL_IMAGE): score 0.9{i % 10}")
+            store.finish_subtask(sid, Status.FAILED, error=f"refused by moderation (ILLEGAL_IMAGE): score 0.9{i % 10}")
         else:
-            store.finish_subtask(sid, CANCELLED, error="task cancelled")
+            store.finish_subtask(sid, Status.CANCELLED, error="task cancelled")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                     timeout=300,
                 ),
             )
-        if task["status"] != "processing":
+        if task["status"] != Status.PROCESSING:
             outcome = timed(
                 "Store.retry_subtasks of the 4 000 failed (one transaction)", lambda: store.retry_subtasks(task_id)
             )

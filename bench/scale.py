@@ -32,7 +32,7 @@ from pathlib import Path
 from bench.pipeline import FakeAPI, daemon, status_kib, submit, worker_pids
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.coordination.scheduler import Scheduler
-from nietest_daemon.domain.lifecycle import TERMINAL
+from nietest_daemon.domain.lifecycle import TERMINAL, Status
 from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.store import open_store_for
 from nietest_daemon.testing import task_documents as taskdocs
@@ -163,7 +163,7 @@ def main() -> int:
         r.throughput >= 0.8 * base.throughput
         and r.longest_idle_while_waiting <= 5
         and r.broker_bytes_per_waiting <= 200
-        and r.status == "completed"
+        and r.status == Status.COMPLETED
         and max(r.worker_hwm_mib) <= 1.2 * max(base.worker_hwm_mib)
         for r in results
     )

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench.pipeline import FakeAPI, daemon, submit, task_file
 from nietest_daemon.core.settings import Settings
-from nietest_daemon.domain.lifecycle import TERMINAL
+from nietest_daemon.domain.lifecycle import TERMINAL, Status
 from nietest_daemon.programs.daemon import control_proxy
 from nietest_daemon.store import open_store_for
 from nietest_daemon.testing.waiting import wait_for
@@ -61,7 +61,7 @@ def run_once(
         lambda: (t := store.get_task(task_id)) and t["status"] in TERMINAL and t, 300, "the task to end", interval=0.2
     )
     store.close()
-    assert task["status"] == "completed", task
+    assert task["status"] == Status.COMPLETED, task
     return (task["completed_at"] - task["created_at"]).total_seconds(), handed
 
 

@@ -1,47 +1,13 @@
-"""Seed compatibility: `python -m nietest_daemon.start_dramatiq {master|subtask|subtask_ops|all}`.
+"""`python -m nietest_daemon.start_dramatiq {master|subtask|subtask_ops|all} [-p N] [-t M]`.
 
-Runs the daemon for the named queues with the given counts; the other queues get no processes.
-`all` runs master, subtask and subtask_ops (master_ops keeps its configured count).
+The name is the seed's (its workers were started this way, and scripts/start_dramatiq_workers.sh
+still runs it): a contract kept as is, although what it starts is the nietest daemon
+(supervisord), not Dramatiq. The program is nietest_daemon/programs/seed_compat.py.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
-CHOICES = {
-    "master": ["master"],
-    "subtask": ["subtask"],
-    "subtask_ops": ["subtask_ops"],
-    "all": ["master", "subtask", "subtask_ops"],
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m nietest_daemon.start_dramatiq",
-        description="Run the nietest daemon for these queues only (seed-compatible entry point).",
-    )
-    parser.add_argument("queue", choices=sorted(CHOICES), help="which queue's workers to run")
-    parser.add_argument("--processes", "-p", type=int, metavar="N", help="worker processes per queue")
-    parser.add_argument("--threads", "-t", type=int, metavar="M", help="threads per worker process")
-    args = parser.parse_args(argv)
-
-    for key in ("master", "subtask", "subtask_ops"):
-        upper = key.upper()
-        if key not in CHOICES[args.queue]:
-            os.environ[f"NIETEST_{upper}_PROCESSES"] = "0"
-            continue
-        if args.processes is not None:
-            os.environ[f"NIETEST_{upper}_PROCESSES"] = str(args.processes)
-        if args.threads is not None:
-            os.environ[f"NIETEST_{upper}_THREADS"] = str(args.threads)
-    # Imported after the environment is set: the CLI reads the settings from it.
-    from nietest_daemon.programs.cli import run
-
-    return run(["daemon"])
-
+from nietest_daemon.programs.seed_compat import main
 
 if __name__ == "__main__":
     sys.exit(main())

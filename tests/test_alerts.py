@@ -7,27 +7,50 @@ test_alerts_e2e.py.
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
 import sys
 import time
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import clean_env, wait_for
 
+from nietest_daemon.coordination.events import FailureRun, QueueRecovered, WorkerUnresponsive
 from nietest_daemon.core.redaction import set_secrets
 from nietest_daemon.core.settings import load
-from nietest_daemon.programs import alerts
-from nietest_daemon.programs.alerts import Alert, Engine, ExitLog, Marker, render_log_line
+from nietest_daemon.domain.process_state import ProcessState
+from nietest_daemon.programs.alerts.engine import BROKER_GRACE_SECONDS, Engine
+from nietest_daemon.programs.alerts.inputs import (
+    BrokerPing,
+    FromBroker,
+    Input,
+    ListenerRestart,
+    ProcessSnapshot,
+    SupervisorEvent,
+)
+from nietest_daemon.programs.alerts.kinds import AlertKind
+from nietest_daemon.programs.alerts.listener import Listener
+from nietest_daemon.programs.alerts.records import Alert, Item
+from nietest_daemon.programs.alerts.render import log_tail, render_log_line
+from nietest_daemon.programs.alerts.supervisor_log import MARKER_NAME, ExitLog, Marker
+from nietest_daemon.testing.daemon import clean_env
+from nietest_daemon.testing.waiting import wait_for
 
 HOME = "/tmp/nt-unit-alerts"
 
 
 def make_engine(
-    sent: list[Alert], *, statuses: dict[str, list[str]] | None = None, log_lines: list[str] | None = None, **env: str
+    sent: list[Alert],
+    *,
+    statuses: dict[str, list[str]] | None = None,
+    log_lines: list[str] | None = None,
+    recycle_marks: set[tuple[str, int]] | None = None,
+    **env: str,
 ) -> Engine:
     settings = load(
         {
@@ -40,6 +63,7 @@ def make_engine(
         }
     )
     statuses = statuses or {}
+    marks = recycle_marks if recycle_marks is not None else set()
 
     def exit_status(name: str, wall: float) -> str | None:
         queue = statuses.get(name)
@@ -49,6 +73,7 @@ def make_engine(
         settings,
         sent.append,
         exit_status=exit_status,
+        is_recycle=lambda proc, pid: (proc.name, pid) in marks,
         read_log=lambda proc: log_lines or [],
         own_group="alerts",
     )
@@ -68,7 +93,7 @@ def event(engine: Engine, clock: Clock, state: str, name: str, group: str | None
     group = group or name.rsplit("_", 1)[0]
     fields = {"processname": name, "groupname": group, **extra}
     payload = " ".join(f"{k}:{v}" for k, v in fields.items())
-    engine.handle_event(f"PROCESS_STATE_{state}", payload, clock.mono, clock.wall)
+    engine.handle(SupervisorEvent(f"PROCESS_STATE_{state}", payload, clock.mono, clock.wall))
 
 
 def start(engine: Engine, clock: Clock, name: str, pid: int) -> None:
@@ -199,10 +224,8 @@ def test_failure_run_and_recovery_from_streak_events() -> None:
     sent: list[Alert] = []
     engine, clock = make_engine(sent, NIETEST_ALERT_COALESCE_SECONDS="0"), Clock()
     errors = ["ILLEGAL_IMAGE: moderation"] * 3 + ["HTTP 502 from the API"] * 2
-    engine.handle_streak(
-        {"kind": "failure_run", "queue": "nietest_subtask", "failures": 5, "errors": errors, "at": 1}, clock.mono
-    )
-    engine.handle_streak({"kind": "recovered", "queue": "nietest_subtask", "failures": 9, "at": 2}, clock.mono)
+    engine.handle(FromBroker(FailureRun("nietest_subtask", 5, tuple(errors), 1), clock.mono))
+    engine.handle(FromBroker(QueueRecovered("nietest_subtask", 9, 2), clock.mono))
     assert [a.kind for a in sent] == ["failure_run", "queue_recovered"]
     run, recovered = sent
     assert run.queue == "nietest_subtask" and run.severity == "critical"
@@ -214,16 +237,16 @@ def test_failure_run_and_recovery_from_streak_events() -> None:
 def test_broker_outage_is_reported_once_after_the_grace_then_its_end() -> None:
     sent: list[Alert] = []
     engine, clock = make_engine(sent, NIETEST_ALERT_COALESCE_SECONDS="0"), Clock()
-    engine.handle_broker(False, "ConnectionError: refused", clock.mono, clock.wall)
+    engine.handle(BrokerPing(False, "ConnectionError: refused", clock.mono, clock.wall))
     clock.advance(3)
-    engine.handle_broker(True, None, clock.mono, clock.wall)  # a blip: nothing
+    engine.handle(BrokerPing(True, None, clock.mono, clock.wall))  # a blip: nothing
     for _ in range(30):
-        engine.handle_broker(False, "ConnectionError: refused", clock.mono, clock.wall)
+        engine.handle(BrokerPing(False, "ConnectionError: refused", clock.mono, clock.wall))
         clock.advance(1)
         engine.tick(clock.mono)
     assert [a.kind for a in sent] == ["broker_down"]
     assert "refused" in sent[0].content
-    engine.handle_broker(True, None, clock.mono, clock.wall)
+    engine.handle(BrokerPing(True, None, clock.mono, clock.wall))
     engine.tick(clock.mono)
     assert [a.kind for a in sent] == ["broker_down", "broker_up"]
     assert "after 30s unreachable" in sent[1].content
@@ -236,7 +259,7 @@ def test_snapshot_gives_the_run_time_of_processes_started_before_the_listener() 
         {"group": "subtask", "name": "subtask_00", "statename": "RUNNING", "pid": 42, "start": clock.wall - 3600},
         {"group": "alerts", "name": "alerts", "statename": "RUNNING", "pid": 7, "start": clock.wall - 1},
     ]
-    engine.handle_snapshot(infos, clock.mono, clock.mono, clock.wall)
+    engine.handle(ProcessSnapshot(infos, clock.mono, clock.mono, clock.wall))
     assert "alerts:alerts" not in engine.procs
     event(engine, clock, "EXITED", "subtask_00", from_state="RUNNING", expected=0, pid=42)
     assert "after running 1h00m" in sent[0].content
@@ -251,8 +274,8 @@ def test_a_worker_killed_for_silence_is_one_unresponsive_alert_in_place_of_its_r
     event(engine, clock, "STARTING", "subtask_00", from_state="EXITED", tries=0)
     clock.advance(1)
     event(engine, clock, "RUNNING", "subtask_00", from_state="STARTING", pid=12)
-    watchdog = {"process": "subtask:subtask_00", "pid": 11, "silent_seconds": 31.2, "queue": "nietest_subtask"}
-    engine.handle_watchdog({"kind": "unresponsive", **watchdog}, clock.mono)
+    report = WorkerUnresponsive("nietest_subtask", "subtask:subtask_00", 11, 31.2, "host-a", clock.wall)
+    engine.handle(FromBroker(report, clock.mono))
     clock.advance(30)
     engine.tick(clock.mono)
     assert [a.kind for a in sent] == ["unresponsive"]
@@ -265,7 +288,11 @@ def test_a_worker_killed_for_silence_is_one_unresponsive_alert_in_place_of_its_r
 def test_a_recycle_is_no_crash_and_is_alerted_only_when_it_comes_again_within_the_window() -> None:
     sent: list[Alert] = []
     statuses = {"subtask_00": ["exit status 75; not expected"] * 4}
-    engine, clock = make_engine(sent, statuses=statuses, NIETEST_ALERT_COALESCE_SECONDS="0"), Clock()
+    marks = {("subtask_00", pid) for pid in (11, 12, 13, 14)}  # each left its recycle mark before exiting
+    engine, clock = (
+        make_engine(sent, statuses=statuses, recycle_marks=marks, NIETEST_ALERT_COALESCE_SECONDS="0"),
+        Clock(),
+    )
     start(engine, clock, "subtask_00", 11)
     for pid in (12, 13, 14):  # three recycles 70 s apart (window 60 s): none alerted, no crash loop
         clock.advance(70)
@@ -284,10 +311,167 @@ def test_secrets_in_streak_errors_are_redacted() -> None:
         sent: list[Alert] = []
         engine, clock = make_engine(sent, NIETEST_ALERT_COALESCE_SECONDS="0"), Clock()
         errors = ["failed with tok-Unit-SECRET-99 at redis://u:hunter2@h/0"] * 5
-        engine.handle_streak({"kind": "failure_run", "queue": "q", "failures": 5, "errors": errors}, clock.mono)
+        engine.handle(FromBroker(FailureRun("q", 5, tuple(errors), 0.0), clock.mono))
         assert "tok-Unit-SECRET-99" not in sent[0].content and "hunter2" not in sent[0].content
     finally:
         set_secrets([])
+
+
+def test_exit_status_75_without_a_recycle_mark_is_a_plain_restart() -> None:
+    """A recycle is known from the worker's mark, not from its exit status."""
+    sent: list[Alert] = []
+    statuses = {"subtask_00": ["exit status 75"], "subtask_01": ["terminated by SIGKILL"]}
+    marks = {("subtask_01", 21)}  # a mark says recycle, whatever the status
+    engine, clock = (
+        make_engine(sent, statuses=statuses, recycle_marks=marks, NIETEST_ALERT_COALESCE_SECONDS="0"),
+        Clock(),
+    )
+    start(engine, clock, "subtask_00", 20)
+    start(engine, clock, "subtask_01", 21)
+    clock.advance(100)
+    event(engine, clock, "EXITED", "subtask_00", from_state="RUNNING", expected=0, pid=20)
+    event(engine, clock, "EXITED", "subtask_01", from_state="RUNNING", expected=0, pid=21)
+    assert [(a.kind, a.subjects) for a in sent] == [("restart", ["subtask:subtask_00"])]
+    assert "exit status 75 after running" in sent[0].content
+    assert (
+        list(engine.procs["subtask:subtask_01"].recycles) == [clock.mono]
+        and not engine.procs["subtask:subtask_01"].exits
+    )
+
+
+def test_the_recycle_mark_is_looked_up_for_a_worker_exit_with_the_broker_reachable_only() -> None:
+    asked: list[tuple[str, int]] = []
+    settings_env = {"NIETEST_HOME": HOME, "NIETEST_ALERT_COALESCE_SECONDS": "0"}
+    engine = Engine(load(settings_env), [].append, is_recycle=lambda proc, pid: asked.append((proc.key, pid)) or False)
+    clock = Clock()
+    event(engine, clock, "EXITED", "broker", group="broker", from_state="RUNNING", expected=0, pid=5)  # not a worker
+    event(engine, clock, "EXITED", "subtask_00", from_state="RUNNING", expected=1, pid=6)  # asked for
+    event(engine, clock, "BACKOFF", "subtask_00", from_state="STARTING")  # died while starting: no pid
+    event(engine, clock, "EXITED", "subtask_00", from_state="RUNNING", expected=0, pid=7)
+    assert asked == [("subtask:subtask_00", 7)]
+    engine.handle(BrokerPing(False, "ConnectionError: refused", clock.mono, clock.wall))
+    event(engine, clock, "EXITED", "subtask_00", from_state="RUNNING", expected=0, pid=8)  # no worker could mark
+    assert asked == [("subtask:subtask_00", 7)]
+
+
+# --- the kinds -------------------------------------------------------------------------------------
+
+
+def test_alert_kinds_carry_severity_titles_and_the_send_order() -> None:
+    order = list(AlertKind)
+    for problem, recovery in (
+        (AlertKind.CRASH_LOOP, AlertKind.PROCESS_RECOVERED),
+        (AlertKind.FATAL, AlertKind.PROCESS_RECOVERED),
+        (AlertKind.FAILURE_RUN, AlertKind.QUEUE_RECOVERED),
+        (AlertKind.BROKER_DOWN, AlertKind.BROKER_UP),
+    ):
+        assert order.index(problem) < order.index(recovery)
+        assert recovery.severity == "success" and problem.severity == "critical"
+    assert AlertKind.RESTART.card_title(["subtask:subtask_00"], workers=True) == "Worker restarted: subtask:subtask_00"
+    assert AlertKind.RESTART.card_title(["a:a", "b:b"], workers=False) == "2 process restarts"
+    assert AlertKind.FAILURE_RUN.card_title(["q", "q", "r"], workers=False) == "Runs of failed subtasks on 2 queues"
+    for kind in AlertKind:  # every template formats
+        assert "{" not in kind.card_title(["x:y"], workers=True) + kind.card_title(["x:y", "z:w"], workers=True)
+
+
+def test_kinds_due_together_go_out_in_the_enums_order() -> None:
+    sent: list[Alert] = []
+    engine = make_engine(sent)
+    for kind in reversed(AlertKind):
+        engine._add(Item(kind, None, "s", lambda: "text"), 1000.0)
+    engine.tick(1000.0 + 10)
+    assert [a.kind for a in sent] == list(AlertKind)
+
+
+# --- one entry for every input: Engine.handle ------------------------------------------------------
+
+
+def _inputs(clock: Clock) -> dict[str, tuple[Input, Callable[[Engine, list[Alert]], bool]]]:
+    """One input of every kind, and what shows that the engine took it."""
+    mono, wall = clock.mono, clock.wall
+    snapshot = [{"group": "subtask", "name": "subtask_03", "statename": "RUNNING", "pid": 43, "start": wall - 60}]
+    return {
+        "supervisor event": (
+            SupervisorEvent(
+                "PROCESS_STATE_FATAL", "processname:master_00 groupname:master from_state:BACKOFF", mono, wall
+            ),
+            lambda engine, sent: [a.kind for a in sent] == ["fatal"] and engine.events == 1,
+        ),
+        "broker ping": (
+            BrokerPing(False, "ConnectionError: refused", mono - BROKER_GRACE_SECONDS, wall - BROKER_GRACE_SECONDS),
+            lambda engine, sent: [a.kind for a in sent] == ["broker_down"] and "refused" in sent[0].content,
+        ),
+        "snapshot": (
+            ProcessSnapshot(snapshot, mono, mono, wall),
+            lambda engine, sent: (
+                (p := engine.procs["subtask:subtask_03"]).state is ProcessState.RUNNING
+                and p.pid == 43
+                and p.spawned_at == mono - 60
+            ),
+        ),
+        "watchdog report": (
+            FromBroker(WorkerUnresponsive("nietest_subtask", "subtask:subtask_02", 42, 40.0, "h", wall), mono),
+            lambda engine, sent: [a.kind for a in sent] == ["unresponsive"] and "(pid 42)" in sent[0].content,
+        ),
+        "failure run": (
+            FromBroker(FailureRun("nietest_subtask", 5, ("boom",) * 5, wall), mono),
+            lambda engine, sent: [a.kind for a in sent] == ["failure_run"] and "5× boom" in sent[0].content,
+        ),
+        "queue recovered": (
+            FromBroker(QueueRecovered("nietest_subtask", 7, wall), mono),
+            lambda engine, sent: [a.kind for a in sent] == ["queue_recovered"],
+        ),
+        "listener restart": (
+            ListenerRestart(pid=77, started_at=wall - 30, restarts=1, mono=mono),
+            lambda engine, sent: (
+                [a.kind for a in sent] == ["listener_restart"] and "(pid 77, up since" in sent[0].content
+            ),
+        ),
+    }
+
+
+def test_the_inputs_cover_every_kind() -> None:
+    inputs = [i for i, _ in _inputs(Clock()).values()]
+    assert {type(i) for i in inputs} == set(typing.get_args(Input))
+    reported = typing.get_args(typing.get_type_hints(FromBroker)["event"])
+    assert {type(i.event) for i in inputs if isinstance(i, FromBroker)} == set(reported)
+
+
+@pytest.mark.parametrize("name", list(_inputs(Clock())))
+def test_engine_handle_takes_each_kind_of_input(name: str) -> None:
+    sent: list[Alert] = []
+    engine, clock = make_engine(sent, NIETEST_ALERT_COALESCE_SECONDS="0"), Clock()
+    given, took = _inputs(clock)[name]
+    engine.handle(given)
+    engine.tick(clock.mono)
+    assert took(engine, sent), (name, [(a.kind, a.content) for a in sent])
+
+
+def test_the_shutdown_drain_hands_every_kind_of_input_to_the_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain once knew only three kinds: a listener stopped right after its start dropped the
+    report of its predecessor's unclean end (and the broker and snapshot inputs) without a word."""
+    monkeypatch.delenv("SUPERVISOR_SERVER_URL", raising=False)
+    settings = load({"NIETEST_HOME": str(tmp_path), "NIETEST_ALERT_COALESCE_SECONDS": "10"})
+    listener = Listener(settings, io.BytesIO(), -1)
+    try:
+        sent: list[Alert] = []
+        handled: list[Input] = []
+        engine = listener.engine
+        engine.send = sent.append  # not the Feishu client, nor the process's metrics
+        real_handle = engine.handle
+        monkeypatch.setattr(engine, "handle", lambda event: (handled.append(event), real_handle(event)))
+        inputs = [i for i, _ in _inputs(Clock()).values()]
+        for given in inputs:
+            listener.inbox.put(given)
+        listener.drain()
+        engine.flush_all()
+    finally:
+        listener.redis.close()
+    assert handled == inputs and listener.inbox.empty()
+    assert {a.kind for a in sent} == {"fatal", "unresponsive", "failure_run", "queue_recovered", "listener_restart"}
+    assert engine.procs["subtask:subtask_03"].pid == 43 and engine.broker_down_since is not None
 
 
 # --- supervisord's log, process logs, the marker -------------------------------------------------
@@ -337,7 +521,7 @@ def test_log_lines_show_event_texts_and_never_secrets(tmp_path: Path) -> None:
         )
         path = tmp_path / "w.log"
         path.write_text("".join(json.dumps({**record, "event": f"line {i}"}) + "\n" for i in range(40)))
-        tail = alerts.log_tail(path, lines=5)
+        tail = log_tail(path, lines=5)
         assert [line.split(" ")[3] for line in tail] == ["35", "36", "37", "38", "39"]
     finally:
         set_secrets([])
@@ -418,7 +602,7 @@ def test_stdout_carries_nothing_but_the_protocol(listener_home: Path) -> None:
     kinds = [r.get("kind") for r in records if r["event"] == "alert"]
     assert kinds == ["restart", "fatal"]
     assert any(r["event"] == "feishu webhook not configured; message logged only" for r in records)
-    assert not (listener_home / "run" / alerts.MARKER_NAME).exists()  # a clean stop removes the marker
+    assert not (listener_home / "run" / MARKER_NAME).exists()  # a clean stop removes the marker
 
 
 def test_listener_exits_cleanly_when_supervisord_goes_away(listener_home: Path) -> None:
@@ -435,7 +619,7 @@ def test_listener_exits_cleanly_when_supervisord_goes_away(listener_home: Path) 
     proc.stdin.close()
     assert proc.wait(20) == 0
     assert proc.stdout.read() == b""
-    wait_for(lambda: not (listener_home / "run" / alerts.MARKER_NAME).exists(), 5)
+    wait_for(lambda: not (listener_home / "run" / MARKER_NAME).exists(), 5)
 
 
 def test_unparsable_header_makes_the_listener_exit_for_a_restart(listener_home: Path) -> None:
@@ -449,7 +633,7 @@ def test_unparsable_header_makes_the_listener_exit_for_a_restart(listener_home: 
     )
     assert proc.returncode != 0 and proc.stdout == b"READY\n"
     assert "listener protocol error" in proc.stderr.decode()
-    assert (listener_home / "run" / alerts.MARKER_NAME).exists()  # the next one will report the restart
+    assert (listener_home / "run" / MARKER_NAME).exists()  # the next one will report the restart
 
 
 def test_alerts_command_is_documented() -> None:

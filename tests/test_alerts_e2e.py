@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, Daemon, clean_env, wait_for
 
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.internals.supervisor import control_proxy
+from nietest_daemon.testing.daemon import ROOT, Daemon, clean_env
 from nietest_daemon.testing.fake_feishu import FakeFeishu, Hang, Received
+from nietest_daemon.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 import test_pipeline_e2e as shared
-from conftest import Daemon
 
 from nietest_daemon.clients.nieta import MAX_BODY_BYTES
 from nietest_daemon.internals.dramatiq_redis import queue_stats
 from nietest_daemon.pipeline.subtasks import POLL_ERROR_RETRIES
 from nietest_daemon.store import Store
+from nietest_daemon.testing.daemon import Daemon
 from nietest_daemon.testing.fake_nieta import FakeNieta
 
 pytestmark = pytest.mark.e2e

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, Daemon, wait_for
 
 from nietest_daemon.internals.dramatiq_redis import (
     ack_set_key,
@@ -32,6 +31,8 @@ from nietest_daemon.internals.dramatiq_redis import (
     delay_queue_name,
     queue_key,
 )
+from nietest_daemon.testing.daemon import ROOT, Daemon
+from nietest_daemon.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -285,13 +286,71 @@ def test_garbage_is_dead_lettered_or_failed_and_the_worker_goes_on(daemon: Daemo
     wait_for(lambda: all(any(s.startswith(t) for s in daemon.done()) for t in tokens), 10, what="all done")
 
 
+#: The garbage of test_logs_stay_json: the biggest and the least decodable of cases_for's messages.
+LOG_GARBAGE = {"not UTF-8", "huge, not JSON", "huge, valid, unknown id", "huge, unknown actor"}
+
+
+def line_kinds(record: dict[str, Any]) -> set[str]:
+    """What kind of hard line a log record is, of those test_logs_stay_json must have seen."""
+    kinds = set()
+    if record["event"] == "bad message dead-lettered" and "not UTF-8" in record.get("reason", ""):
+        kinds.add("dead letter of a body not UTF-8")
+    if record.get("truncated") is True:
+        kinds.add("line cut to the cap")
+    if "exception" in record:
+        kinds.add("exception")
+    if record["logger"] == "stdout":
+        kinds.add("stray print")
+    return kinds
+
+
 def test_logs_stay_json(daemon: Daemon) -> None:
-    """After all the garbage (multi-MB bodies, invalid UTF-8): every line is JSON, with its keys, ≤ 16 KiB."""
+    """Garbage on every queue (multi-MB bodies, invalid UTF-8, a multi-MB id), then an actor logging
+    40 KB lines and one printing and raising: every line of every log is JSON, with its keys, ≤ 16 KiB.
+
+    The test makes all of it itself, so it checks the same whether it runs alone or after the others.
+    """
+    daemon.wait_running()
+    r = daemon.redis
+    garbage: dict[str, list[Case]] = {}
+    for key in QUEUES:
+        queue = daemon.settings.queue(key).name
+        garbage[key] = [case for case in cases_for(key, queue) if case.name in LOG_GARBAGE]
+        for case in garbage[key]:
+            assert case.body is not None
+            with r.pipeline(transaction=True) as pipe:
+                pipe.hset(bodies_key(queue), case.redis_id, case.body)
+                pipe.rpush(queue_key(queue), case.redis_id)
+                pipe.execute()
+        daemon.send(key, "chatter", 2, 40_000)
+        daemon.send(key, "leak", "redis://:hunter2@example.invalid:6379/0")
+    wanted = {"dead letter of a body not UTF-8", "line cut to the cap", "exception", "stray print"}
+
+    def missing() -> list[str]:
+        """Per queue: the garbage without its log line, and the kinds of line not written yet."""
+        left = []
+        for key, cases in garbage.items():
+            lines = worker_lines(daemon, key)
+            left += [f"{key}: {case.name}: no log line" for case in cases if not log_line_for(case, lines)]
+            seen = set().union(*map(line_kinds, lines))
+            left += [f"{key}: no {kind}" for kind in sorted(wanted - seen)]
+        return left
+
+    try:
+        wait_for(lambda: not missing(), 30, what="every queue's worker has logged its garbage")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nstill: {missing()}") from None
+
+    checked: dict[str, int] = {}
     for path in daemon.log_files():
         for n, line in enumerate(complete_lines(path), 1):
             record = json.loads(line)
             assert record.keys() >= REQUIRED_KEYS, f"{path.name}:{n} {line[:200]}"
             assert len(line.encode()) <= 16 * 1024, f"{path.name}:{n} is {len(line.encode())} bytes"
+            for kind in line_kinds(record) | {"any"}:
+                checked[kind] = checked.get(kind, 0) + 1
+    print(f"checked {checked['any']} lines in {len(daemon.log_files())} files: {dict(sorted(checked.items()))}")
+    assert wanted <= checked.keys()
 
 
 def test_a_worker_thread_that_dies_is_logged_with_its_exception() -> None:

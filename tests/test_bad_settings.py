@@ -17,10 +17,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import NIETEST, clean_env, pids_of_home
 
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.core.settings import SettingsError
+from nietest_daemon.testing.daemon import NIETEST, clean_env, pids_of_home
 
 SECRET = "s3cr3t-Zq81x"  # planted in every wrong value that carries a secret; must never be echoed
 LONG = "/" + "r" * 120  # a run dir whose socket path cannot fit in sockaddr_un

@@ -27,7 +27,6 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import NIETEST, PrivateValkey, clean_env
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -46,6 +45,8 @@ from nietest_daemon.internals.dramatiq_redis import queue_stats
 from nietest_daemon.programs import task_commands
 from nietest_daemon.store import open_store_for
 from nietest_daemon.testing import task_documents as taskdocs
+from nietest_daemon.testing.daemon import NIETEST, clean_env
+from nietest_daemon.testing.valkey import PrivateValkey
 
 TOKEN = "tok-bad-tasks-0123456789"
 CHARACTER = "5f3c1e2a-8b7d-4c6e-9a1f-2d3b4c5e6f70"

@@ -13,7 +13,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Daemon, clean_env, pids_of_home, wait_for
+
+from nietest_daemon.testing.daemon import ROOT, Daemon, clean_env, pids_of_home
+from nietest_daemon.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

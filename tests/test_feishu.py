@@ -24,7 +24,8 @@ import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from nietest_daemon.clients.feishu import MAX_BODY_BYTES, FeishuClient, RateLimiter, build_card, fit_card, sign
+from nietest_daemon.clients.feishu import MAX_BODY_BYTES, FeishuClient, build_card, fit_card, sign
+from nietest_daemon.coordination.rate_limit import RateLimiter
 from nietest_daemon.testing.fake_feishu import FakeFeishu, Hang, Reply
 
 SECRET = "test-secret-Zq8vX2"

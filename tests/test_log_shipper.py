@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Daemon, wait_for
 
 from nietest_daemon.core.logs import MAX_LINE_BYTES
+from nietest_daemon.testing.daemon import ROOT, Daemon
+from nietest_daemon.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

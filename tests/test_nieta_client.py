@@ -15,9 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 
 from nietest_daemon.clients.nieta import (
     LUMINA_ELEMENT_UUID,
+    JobState,
     JobStatus,
     NietaClient,
     NietaError,
@@ -323,31 +325,36 @@ def test_create_with_unparsable_2xx_body_is_a_final_error(
 @pytest.mark.parametrize(
     ("rule", "state", "error", "raw"),
     [
-        (None, "success", None, "SUCCESS"),
-        (Rule("failure", error="CUDA out of memory"), "failure", "CUDA out of memory", "FAILURE"),
-        (Rule("failure", error="bad prompt", error_field="error"), "failure", "bad prompt", "FAILURE"),
-        (Rule("status", task_status="FAILED", error="x1"), "failure", "x1", "FAILED"),
-        (Rule("status", task_status="ERROR"), "failure", "image job failed (ERROR)", "ERROR"),
-        (Rule("status", task_status="RUNNING"), "pending", None, "RUNNING"),
-        (Rule("status", task_status="QUEUING"), "pending", None, "QUEUING"),
-        (Rule("never"), "pending", None, "PENDING"),
-        (Rule("illegal_image"), "moderated", "image refused by moderation (ILLEGAL_IMAGE)", "ILLEGAL_IMAGE"),
-        (Rule("illegal_image", error="nsfw"), "moderated", "nsfw", "ILLEGAL_IMAGE"),
-        (Rule("timeout", error="worker lost"), "timeout", "worker lost", "TIMEOUT"),
-        (Rule("no_url"), "success", None, "SUCCESS"),
-        (Rule("status", task_status="MELTED", error="boom"), "failure", "unknown task_status 'MELTED': boom", "MELTED"),
+        (None, JobState.SUCCESS, None, "SUCCESS"),
+        (Rule("failure", error="CUDA out of memory"), JobState.FAILURE, "CUDA out of memory", "FAILURE"),
+        (Rule("failure", error="bad prompt", error_field="error"), JobState.FAILURE, "bad prompt", "FAILURE"),
+        (Rule("status", task_status="FAILED", error="x1"), JobState.FAILURE, "x1", "FAILED"),
+        (Rule("status", task_status="ERROR"), JobState.FAILURE, "image job failed (ERROR)", "ERROR"),
+        (Rule("status", task_status="RUNNING"), JobState.PENDING, None, "RUNNING"),
+        (Rule("status", task_status="QUEUING"), JobState.PENDING, None, "QUEUING"),
+        (Rule("never"), JobState.PENDING, None, "PENDING"),
+        (Rule("illegal_image"), JobState.MODERATED, "image refused by moderation (ILLEGAL_IMAGE)", "ILLEGAL_IMAGE"),
+        (Rule("illegal_image", error="nsfw"), JobState.MODERATED, "nsfw", "ILLEGAL_IMAGE"),
+        (Rule("timeout", error="worker lost"), JobState.TIMEOUT, "worker lost", "TIMEOUT"),
+        (Rule("no_url"), JobState.SUCCESS, None, "SUCCESS"),
+        (
+            Rule("status", task_status="MELTED", error="boom"),
+            JobState.FAILURE,
+            "unknown task_status 'MELTED': boom",
+            "MELTED",
+        ),
     ],
 )
 def test_status_table(
-    api: FakeNieta, client: NietaClient, rule: Rule | None, state: str, error: str | None, raw: str
+    api: FakeNieta, client: NietaClient, rule: Rule | None, state: JobState, error: str | None, raw: str
 ) -> None:
     if rule is not None:
         api.add(rule)
     lumina = raw == "SUCCESS"  # exercise the ops host too
     job_uuid = client.create_job(subtask(is_lumina=lumina))
     status = client.poll_job(job_uuid, lumina)
-    assert (status.state, status.error, status.raw_status) == (state, error, raw)
-    assert status.done == (state != "pending")
+    assert (status.state, status.error, status.raw_status) == (state, error, raw) and status.state is state
+    assert status.done == (state != JobState.PENDING)
     if rule is None:
         assert status.url == f"{api.ops_url}/_image/{job_uuid}.png"
     else:
@@ -360,20 +367,20 @@ def test_status_table(
 def test_job_becomes_success_after_the_generation_time(sleeps: Sleeps) -> None:
     with FakeNieta(generation_time=0.3) as api, NietaClient(TOKEN, api.url, api.ops_url, sleep=sleeps) as client:
         job_uuid = client.create_job(subtask())
-        assert client.poll_job(job_uuid, False) == JobStatus("pending", raw_status="PENDING")
+        assert client.poll_job(job_uuid, False) == JobStatus(JobState.PENDING, raw_status="PENDING")
         time.sleep(0.35)
-        assert client.poll_job(job_uuid, False).state == "success"
+        assert client.poll_job(job_uuid, False).state == JobState.SUCCESS
 
 
 def test_parse_job_status_edge_cases() -> None:
     artifacts = [{"status": "FAILURE", "err_msg": "nsfw detected"}, "junk", {"url": ""}, {"url": "https://x/1.png"}]
     assert parse_job_status({"task_status": "SUCCESS", "artifacts": artifacts}).url == "https://x/1.png"
     failed = parse_job_status({"task_status": "failure", "error": "e1", "err_msg": "e2", "artifacts": artifacts})
-    assert (failed.state, failed.error) == ("failure", "e1; e2; nsfw detected")
+    assert (failed.state, failed.error) == (JobState.FAILURE, "e1; e2; nsfw detected")
     missing = parse_job_status({"code": 500, "message": "oops"})
-    assert missing.state == "failure" and missing.raw_status is None and "oops" in missing.error
+    assert missing.state == JobState.FAILURE and missing.raw_status is None and "oops" in missing.error
     odd = parse_job_status({"task_status": 7, "artifacts": "not a list", "error": {"code": 3}})
-    assert (odd.state, odd.raw_status, odd.error) == ("failure", "7", "unknown task_status '7': {\"code\": 3}")
+    assert (odd.state, odd.raw_status, odd.error) == (JobState.FAILURE, "7", "unknown task_status '7': {\"code\": 3}")
 
 
 @pytest.mark.parametrize(
@@ -404,7 +411,7 @@ def test_poll_of_an_unknown_job_is_final(api: FakeNieta, client: NietaClient) ->
         assert (info.value.retryable, info.value.status_code) == (False, 404)
     with pytest.raises(NietaError, match="task not found"):
         client.poll_job(job_uuid, True)  # jobs belong to the host that created them
-    assert client.poll_job(job_uuid, False).state == "success"
+    assert client.poll_job(job_uuid, False).state == JobState.SUCCESS
     with pytest.raises(NietaError, match="invalid job uuid"):
         client.poll_job("", False)
 
@@ -427,7 +434,7 @@ def test_lone_surrogates_in_api_text_become_replacement_characters(api: FakeNiet
     body = '{"task_status": "FAIL\\udfffURE", "err_msg": "GPU \\ud800 melted", "artifacts": [{"error": "\\udc80"}]}'
     api.add_rule("raw", endpoint="poll", body=body, times=1)
     status = client.poll_job(job_uuid, False)
-    assert status.state == "failure" and status.raw_status == "FAIL\ufffdURE"
+    assert status.state == JobState.FAILURE and status.raw_status == "FAIL\ufffdURE"
     assert status.error == "unknown task_status 'FAIL\ufffdURE': GPU \ufffd melted; \ufffd"
     api.add_rule("http", endpoint="poll", status=400, body='{"message": "bad \\ud800 request"}', times=1)
     with pytest.raises(NietaError) as info:
@@ -468,7 +475,7 @@ def test_poll_is_retried_too(api: FakeNieta, client: NietaClient) -> None:
     job_uuid = client.create_job(subtask())
     api.add_rule("http_500", endpoint="poll", times=1)
     api.add_rule("drop", endpoint="poll", times=1)
-    assert client.poll_job(job_uuid, False).state == "success"
+    assert client.poll_job(job_uuid, False).state == JobState.SUCCESS
     assert [r.status for r in api.requests_to("poll")] == [500, None, 200]
 
 
@@ -592,19 +599,22 @@ def test_token_never_appears_in_errors_or_logs(
         Rule("raw", body=echo),
         Rule("html", status=403, body=f"<html><body>{echo}</body></html>"),
     ]
-    for rule in rules:
+    with structlog.testing.capture_logs() as events:
+        for rule in rules:
+            api.clear_rules()
+            api.add(rule)
+            with pytest.raises(NietaError) as info:
+                client.create_job(subtask())
+            assert_no_token(info.value)
+            assert "***" in str(info.value)
         api.clear_rules()
-        api.add(rule)
-        with pytest.raises(NietaError) as info:
-            client.create_job(subtask())
-        assert_no_token(info.value)
-        assert "***" in str(info.value)
-    api.clear_rules()
-    api.add_rule("failure", error=echo)
-    status = client.poll_job(client.create_job(subtask()), False)
-    assert status.state == "failure" and TOKEN not in status.error and "is not allowed" in status.error
-    assert caplog.records, "the retries should have been logged"
-    for record in caplog.records:
+        api.add_rule("failure", error=echo)
+        status = client.poll_job(client.create_job(subtask()), False)
+    assert status.state == JobState.FAILURE and TOKEN not in status.error and "is not allowed" in status.error
+    retries = [e for e in events if e["event"] == "nieta request failed, retrying"]
+    assert retries and all("is not allowed" in e["error"] for e in retries), "the retries should have been logged"
+    assert TOKEN not in json.dumps(events, default=str)
+    for record in caplog.records:  # the standard library's records (httpx)
         assert TOKEN not in record.getMessage()
         assert TOKEN not in json.dumps({k: str(v) for k, v in record.__dict__.items()})
     assert TOKEN not in repr(client)
@@ -683,7 +693,7 @@ def test_fake_scripting_by_nth_and_marker() -> None:
             for _ in range(2):
                 job = client.create_job(subtask(prompts=[{"type": "freetext", "value": "st-9", "weight": 1}]))
                 last = client.poll_job(job, False)
-        assert last.state == "success"  # the failure rule applied once only
+        assert last.state == JobState.SUCCESS  # the failure rule applied once only
         assert api.created_count("st-9") == 2 and api.created_count("st-2") == 0
         assert api.created_counts(r"st-\d+") == {"st-1": 1, "st-9": 2}
         assert api.duplicates(r"st-\d+") == {"st-9": 2}
@@ -713,7 +723,7 @@ def test_fake_runs_standalone() -> None:
         with httpx.Client(trust_env=False) as http:
             http.post(f"{ready['url']}/_fake/rules", json={"action": "illegal_image"})
             with NietaClient(ready["token"], ready["url"], ready["ops_url"]) as client:
-                assert client.poll_job(client.create_job(subtask()), False).state == "moderated"
+                assert client.poll_job(client.create_job(subtask()), False).state == JobState.MODERATED
             stats = http.get(f"{ready['url']}/_fake/stats").json()
             counts = http.get(f"{ready['url']}/_fake/created_counts").json()
         assert stats["jobs"] == 2 and stats["by_endpoint"] == {"create": 2, "poll": 1}

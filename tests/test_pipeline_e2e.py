@@ -25,7 +25,6 @@ from typing import Any
 
 import dramatiq
 import pytest
-from conftest import ROOT, Daemon, wait_for
 
 from nietest_daemon.clients.nieta import LUMINA_ELEMENT_UUID
 from nietest_daemon.coordination import keys
@@ -35,8 +34,10 @@ from nietest_daemon.internals.dramatiq_redis import queue_stats
 from nietest_daemon.pipeline.subtasks import CREATE_INTERRUPTED
 from nietest_daemon.store import Store, open_store_for
 from nietest_daemon.testing import task_documents as taskdocs
+from nietest_daemon.testing.daemon import ROOT, Daemon
 from nietest_daemon.testing.fake_feishu import FakeFeishu
 from nietest_daemon.testing.fake_nieta import FakeNieta, Recorded
+from nietest_daemon.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -454,11 +455,25 @@ def test_job_pending_past_the_budget_and_repeated_timeouts_fail(
 
 
 def test_cancel_during_a_run_stops_new_jobs(daemon: Daemon, store: Store, api: FakeNieta, hook: FakeFeishu) -> None:
+    """The cancel lands with jobs in flight and subtasks waiting for a slot, by construction.
+
+    The first MAX_JOBS jobs finish at once; the next MAX_JOBS never do, so they hold every slot
+    while the rest wait. Their polls are answered slowly (a polling budget of about 14 s instead
+    of 2.4 s), so the cancel always finds them running.
+    """
     markers = [f"cx-{i:02d}" for i in range(12)]
-    api.add_rule("slow", marker="cx-", generation_time=1.5)
+    api.add_rule("slow", marker="cx-", generation_time=0.3, times=MAX_JOBS)
+    api.add_rule("never", marker="cx-")
+    api.add_rule("delay", endpoint="poll", marker="cx-", delay=1.0)
     task_id = submit(daemon, marker_task("cancel me", markers))
-    # The cap lets 3 jobs run; the 9 others wait for a slot.
-    wait_for(lambda: sum(api.created_counts(r"cx-\d\d").values()) >= MAX_JOBS, 20, what="first jobs created")
+
+    def hanging() -> set[str]:
+        """The jobs that never finish, once all of them are created and the daemon polls each."""
+        jobs = [j for j in api.jobs if re.search(r"cx-\d\d", j.text) and j.outcome and j.outcome.action == "never"]
+        polled = {j.uuid for j in jobs if j.polls >= 1}
+        return polled if len(jobs) == MAX_JOBS and len(polled) == MAX_JOBS else set()
+
+    running = wait_for(hanging, 30, what="the first jobs done, the next ones running")
     assert store.get_task(task_id)["status"] == "processing"
     result = daemon.run("cancel", task_id)
     cancelled_at = time.time()
@@ -472,19 +487,21 @@ def test_cancel_during_a_run_stops_new_jobs(daemon: Daemon, store: Store, api: F
     # an instant later; none may come after that.
     late = [round(r.time - cancelled_at, 3) for r in creates if r.time > cancelled_at + 0.5]
     assert late == [], late
-    assert len(creates) < len(markers)
+    # The waiting subtasks never got a job: the hanging ones kept the slots until the cancel.
+    assert len(creates) == 2 * MAX_JOBS
     assert api.duplicates(r"cx-\d\d") == {}
 
     subs = store.list_subtasks(task_id)
     counts = Counter(s["status"] for s in subs)
-    assert counts["failed"] == 0 and counts["pending"] == 0 and counts["processing"] == 0
-    assert counts["cancelled"] >= len(markers) - len(creates)
+    assert counts == {"completed": MAX_JOBS, "cancelled": len(markers) - MAX_JOBS}, counts
     assert_counters_match(store, task_id)
-    # running jobs are not polled further once their subtask is cancelled
-    for sub in subs:
-        if sub["status"] == "cancelled" and sub["job_uuid"]:
-            polls = [r.time for r in api.requests_to("poll") if r.job_uuid == sub["job_uuid"]]
-            assert all(t <= sub["completed_at"].timestamp() + 0.5 for t in polls)
+    # Running jobs are not polled further once their subtask is cancelled.
+    cut_short = [s for s in subs if s["status"] == "cancelled" and s["job_uuid"]]
+    assert {s["job_uuid"] for s in cut_short} == running
+    for sub in cut_short:
+        assert sub["error"] == "task cancelled while its image job ran", sub["error"]
+        polls = [r.time for r in api.requests_to("poll") if r.job_uuid == sub["job_uuid"]]
+        assert all(t <= sub["completed_at"].timestamp() + 0.5 for t in polls)
     titles = [t.split("] ")[1] for t in notices(hook, task_id)]
     assert titles == ["Task submitted", "Task cancelled"]
     # Every slot came back, and no cancelled subtask is left waiting for one.

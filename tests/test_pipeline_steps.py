@@ -21,14 +21,13 @@ import dramatiq
 import dramatiq.broker
 import pytest
 import redis
-from conftest import PrivateValkey, wait_for
 from dramatiq.middleware import CurrentMessage
 
 from nietest_daemon.clients.feishu import SendResult
 from nietest_daemon.clients.nieta import NietaClient
 from nietest_daemon.coordination import keys, markers, streaks
 from nietest_daemon.core import settings as settings_module
-from nietest_daemon.domain.lifecycle import CANCELLED, COMPLETED, FAILED, PENDING, PROCESSING
+from nietest_daemon.domain.lifecycle import Status
 from nietest_daemon.domain.subtask import Lane, Subtask
 from nietest_daemon.internals.dramatiq_redis import bodies_key, delay_queue_name, queue_key
 from nietest_daemon.pipeline import context as context_module
@@ -41,6 +40,8 @@ from nietest_daemon.pipeline.subtasks import CREATE_INTERRUPTED, MAX_ATTEMPTS, f
 from nietest_daemon.pipeline.sweep import sweep
 from nietest_daemon.pipeline.task_steps import cancel_task
 from nietest_daemon.testing.fake_nieta import FakeNieta
+from nietest_daemon.testing.valkey import PrivateValkey
+from nietest_daemon.testing.waiting import wait_for
 
 # --- the pipeline in this process ------------------------------------------------------------------
 
@@ -68,7 +69,7 @@ class Pipeline:
         if queue:
             task = self.ctx.store.get_task(task_id)
             assert task is not None
-            queue_task(self.ctx, task, self.ctx.store.list_subtasks(task_id, status=PENDING))
+            queue_task(self.ctx, task, self.ctx.store.list_subtasks(task_id, status=Status.PENDING))
         return ids
 
     def messages(self, *, delayed: bool = False) -> list[tuple[str, str]]:
@@ -99,27 +100,36 @@ def subtask(pipe: Pipeline, subtask_id: str) -> Subtask:
     return Subtask.from_doc(doc)
 
 
-@pytest.fixture
-def pipe(valkey: PrivateValkey, short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pipeline]:
-    server = valkey
+@pytest.fixture(scope="module")
+def _module_api() -> Iterator[FakeNieta]:
     with FakeNieta(generation_time=0.0) as api:
-        env = {
-            "NIETEST_HOME": str(short_tmp),
-            "BROKER_REDIS_URL": server.url,
-            "NIETEST_MAX_JOBS": "1",
-            **api.env(),
-        }
-        settings = settings_module.load(env)
-        monkeypatch.setattr(dramatiq.broker, "global_broker", dramatiq.broker.global_broker)
-        broker = build_broker(settings)
-        ctx = build_context(settings)
-        # No client retries: a transient error surfaces at once as a retryable NietaError.
-        ctx.nieta = NietaClient(api.token, api.url, api.ops_url, max_retries=0)
-        monkeypatch.setattr(context_module, "_context", ctx)
-        yield Pipeline(ctx, broker, api)
-        ctx.nieta.close()
-        ctx.store.close()
-        broker.close()
+        yield api
+
+
+@pytest.fixture
+def pipe(
+    valkey: PrivateValkey, short_tmp: Path, monkeypatch: pytest.MonkeyPatch, _module_api: FakeNieta
+) -> Iterator[Pipeline]:
+    server = valkey
+    api = _module_api
+    api.reset()  # one fake API for the module (stopping a server costs ~50 ms), emptied for each test
+    env = {
+        "NIETEST_HOME": str(short_tmp),
+        "BROKER_REDIS_URL": server.url,
+        "NIETEST_MAX_JOBS": "1",
+        **api.env(),
+    }
+    settings = settings_module.load(env)
+    monkeypatch.setattr(dramatiq.broker, "global_broker", dramatiq.broker.global_broker)
+    broker = build_broker(settings)
+    ctx = build_context(settings)
+    # No client retries: a transient error surfaces at once as a retryable NietaError.
+    ctx.nieta = NietaClient(api.token, api.url, api.ops_url, max_retries=0)
+    monkeypatch.setattr(context_module, "_context", ctx)
+    yield Pipeline(ctx, broker, api)
+    ctx.nieta.close()
+    ctx.store.close()
+    broker.close()
 
 
 @pytest.fixture
@@ -142,7 +152,7 @@ def test_only_admitted_subtasks_get_a_message_and_a_finished_one_admits_the_next
     assert pipe.messages(delayed=True) == [("poll_subtask", a)]
     assert len(pipe.api.requests_to("create")) == 1
 
-    finish(pipe.ctx, subtask(pipe, a), COMPLETED, result="http://x/a.png")
+    finish(pipe.ctx, subtask(pipe, a), Status.COMPLETED, result="http://x/a.png")
     assert pipe.woken() == [b]
     assert holders(pipe) == [b]  # admitted before its run starts
     assert waiting(pipe) == 1
@@ -153,8 +163,8 @@ def test_a_subtask_cancelled_while_it_waited_hands_its_admission_on(pipe: Pipeli
     pipe.clear()
     run_subtask(a)
     # b is cancelled while it waits (store only: its place in the line stays).
-    assert pipe.ctx.store.finish_subtask(b, CANCELLED).changed
-    finish(pipe.ctx, subtask(pipe, a), COMPLETED, result="http://x/a.png")
+    assert pipe.ctx.store.finish_subtask(b, Status.CANCELLED).changed
+    finish(pipe.ctx, subtask(pipe, a), Status.COMPLETED, result="http://x/a.png")
     assert pipe.woken() == [b]
     pipe.clear()
     run_subtask(b)  # the admission reaches a cancelled subtask ...
@@ -209,7 +219,7 @@ def test_a_poll_of_a_finished_subtask_frees_its_slot_for_the_next(pipe: Pipeline
     pipe.clear()
     run_subtask(a)
     # a ends by another path (a cancel seen by the store) while it still holds the slot.
-    assert pipe.ctx.store.finish_subtask(a, CANCELLED).changed
+    assert pipe.ctx.store.finish_subtask(a, Status.CANCELLED).changed
     pipe.clear()
     poll_subtask(a)
     assert pipe.woken() == [b]
@@ -220,7 +230,7 @@ def test_a_redelivered_master_rebuilds_the_same_line(pipe: Pipeline) -> None:
     a, b, c = pipe.add_task("t", 3)
     task = pipe.ctx.store.get_task("t")
     assert task is not None
-    queue_task(pipe.ctx, task, pipe.ctx.store.list_subtasks("t", status=PENDING))  # again
+    queue_task(pipe.ctx, task, pipe.ctx.store.list_subtasks("t", status=Status.PENDING))  # again
     assert holders(pipe) == [a] and waiting(pipe) == 2  # a (admitted) is not queued twice
 
 
@@ -291,7 +301,7 @@ def test_any_poll_copy_may_end_a_subtask_and_it_is_counted_once(pipe: Pipeline) 
         with running_as(pipe, "poll_subtask", a):
             poll_subtask(a)
     task = pipe.ctx.store.get_task("t")
-    assert task is not None and task["status"] == COMPLETED and task["completed_images"] == 1
+    assert task is not None and task["status"] == Status.COMPLETED and task["completed_images"] == 1
     assert len(pipe.api.requests_to("poll")) == 1 and holders(pipe) == []
     assert not pipe.ctx.redis.exists(keys.poll_chain(a), keys.creating(a), keys.create_sent(a))  # nothing left
 
@@ -306,7 +316,7 @@ def test_a_run_that_finds_another_creating_comes_back_later(pipe: Pipeline) -> N
     pipe.ctx.redis.delete(keys.creating(a))
     run_subtask(a)
     sub = pipe.ctx.store.get_subtask(a)
-    assert sub["status"] == PROCESSING and sub["job_uuid"] and sub["seed"]
+    assert sub["status"] == Status.PROCESSING and sub["job_uuid"] and sub["seed"]
     assert pipe.ctx.redis.get(keys.creating(a)) is None
 
 
@@ -322,8 +332,8 @@ def test_no_job_is_created_for_a_task_cancelled_before_the_create(pipe: Pipeline
     pipe.ctx.store.start_subtask = start_then_cancel  # type: ignore[method-assign]
     run_subtask(a)
     assert pipe.api.requests_to("create") == []
-    assert pipe.ctx.store.get_subtask(a)["status"] == CANCELLED
-    assert pipe.ctx.store.get_task("t")["status"] == "cancelled"
+    assert pipe.ctx.store.get_subtask(a)["status"] == Status.CANCELLED
+    assert pipe.ctx.store.get_task("t")["status"] == Status.CANCELLED
     assert pipe.ctx.schedulers[Lane.STANDARD].in_flight() == 0
 
 
@@ -336,12 +346,24 @@ def test_the_sweep_resumes_or_fails_subtasks_stuck_in_processing(pipe: Pipeline)
     for _ in range(MAX_ATTEMPTS):
         store.start_subtask(exhausted)
     store.start_subtask(fresh)
-    assert sweep(pipe.ctx, older_than_seconds=3600) == {"resumed": 0, "failed": 0, "finalised": 0, "requeued": 0}
+    assert sweep(pipe.ctx, older_than_seconds=3600) == {
+        "resumed": 0,
+        "failed": 0,
+        "finalised": 0,
+        "requeued": 0,
+        "repaired": 0,
+    }
 
     # a cutoff a second ahead: every processing subtask counts as stuck
-    assert sweep(pipe.ctx, older_than_seconds=-1) == {"resumed": 3, "failed": 1, "finalised": 0, "requeued": 0}
+    assert sweep(pipe.ctx, older_than_seconds=-1) == {
+        "resumed": 3,
+        "failed": 1,
+        "finalised": 0,
+        "requeued": 0,
+        "repaired": 0,
+    }
     assert pipe.messages() == sorted([("poll_subtask", polled), ("run_subtask", unstarted), ("run_subtask", fresh)])
-    assert store.get_subtask(exhausted)["status"] == "failed"
+    assert store.get_subtask(exhausted)["status"] == Status.FAILED
     assert "given up by the sweep" in store.get_subtask(exhausted)["error"]
     assert store.get_subtask(unstarted)["attempts"] == 2  # the resumption counts as an attempt
 
@@ -349,17 +371,14 @@ def test_the_sweep_resumes_or_fails_subtasks_stuck_in_processing(pipe: Pipeline)
 def test_the_sweep_finalises_a_task_whose_finaliser_died(pipe: Pipeline) -> None:
     (a,) = pipe.add_task("t", 1)
     store = pipe.ctx.store
-    assert store.finish_subtask(a, COMPLETED, result="http://x/a.png").finalised
+    assert store.finish_subtask(a, Status.COMPLETED, result="http://x/a.png").finalised
     # As if the finaliser had died after counting (MongoStore's two writes): counters complete,
     # the task still processing.
-    with store._tx() as conn:
-        task = store._read(conn, "tasks", "t")
-        task.update(status=PROCESSING, completed_at=None)
-        store._write_task(conn, task)
+    store.set_task_fields("t", status=Status.PROCESSING, completed_at=None)
     master = pipe.ctx.settings.queue("master").name
     pipe.ctx.redis.delete(queue_key(master), bodies_key(master))
     assert sweep(pipe.ctx)["finalised"] == 1
-    assert store.get_task("t")["status"] == "completed"
+    assert store.get_task("t")["status"] == Status.COMPLETED
     notices = [json.loads(m) for m in pipe.ctx.redis.hvals(bodies_key(master))]
     assert [(m["actor_name"], m["args"]) for m in notices] == [("send_notice", ["t", "completed"])]
     assert sweep(pipe.ctx)["finalised"] == 0  # once
@@ -370,7 +389,7 @@ def test_the_sweep_enqueues_a_final_notice_its_finaliser_never_sent(pipe: Pipeli
     leaves no message to redeliver: the sweep sends the notice of a task that ended 1-60 minutes ago."""
     (a,) = pipe.add_task("t", 1)
     store = pipe.ctx.store
-    assert store.finish_subtask(a, COMPLETED, result="http://x/a.png").finalised  # no notice enqueued
+    assert store.finish_subtask(a, Status.COMPLETED, result="http://x/a.png").finalised  # no notice enqueued
     master = pipe.ctx.settings.queue("master").name
 
     def notices() -> list[tuple[str, list[str]]]:
@@ -378,10 +397,7 @@ def test_the_sweep_enqueues_a_final_notice_its_finaliser_never_sent(pipe: Pipeli
 
     sweep(pipe.ctx)
     assert notices() == []  # it ended less than a minute ago: its finaliser may still be at it
-    with store._tx() as conn:
-        task = store._read(conn, "tasks", "t")
-        task.update(completed_at=task["completed_at"] - timedelta(minutes=5))
-        store._write_task(conn, task)
+    store.set_task_fields("t", completed_at=store.get_task("t")["completed_at"] - timedelta(minutes=5))
     sweep(pipe.ctx)
     assert notices() == [("send_notice", ["t", "completed"])]
     sweep(pipe.ctx)
@@ -398,12 +414,12 @@ def test_a_create_of_a_live_process_is_waited_for_and_a_dead_ones_is_never_repea
     client.set(keys.alive("otherhost:42:cafe0123"), "1", ex=60)
     run_subtask(a)
     assert pipe.messages(delayed=True) == [("run_subtask", a)]  # looks again later
-    assert pipe.ctx.store.get_subtask(a)["status"] == PROCESSING and pipe.api.jobs == []
+    assert pipe.ctx.store.get_subtask(a)["status"] == Status.PROCESSING and pipe.api.jobs == []
 
     client.delete(keys.alive("otherhost:42:cafe0123"))  # that process died
     run_subtask(a)
     sub = pipe.ctx.store.get_subtask(a)
-    assert sub["status"] == "failed" and sub["error"] == CREATE_INTERRUPTED
+    assert sub["status"] == Status.FAILED and sub["error"] == CREATE_INTERRUPTED
     assert pipe.api.jobs == []  # no second create
 
 
@@ -428,14 +444,14 @@ def test_a_run_of_failures_is_reported_once_and_its_end_once(client: redis.Redis
     assert streaks.record(client, q, False, "x" * 1000, threshold=3) == 4  # no second event for the same run
     events = streaks.drain_events(client)
     assert len(events) == 1
-    assert events[0]["kind"] == "failure_run" and events[0]["queue"] == q and events[0]["failures"] == 3
-    assert events[0]["errors"] == ["error 3", "error 2", "error 1"]  # newest first
+    assert events[0].KIND == "failure_run" and events[0].queue == q and events[0].failures == 3
+    assert events[0].errors == ("error 3", "error 2", "error 1")  # newest first
     current = streaks.current(client, q)
     assert current["failures"] == 4 and current["errors"][0] == "x" * streaks.MAX_ERROR_CHARS
 
     assert streaks.record(client, q, True, threshold=3) == 0
     events = streaks.drain_events(client)
-    assert [(e["kind"], e["failures"]) for e in events] == [("recovered", 4)]
+    assert [(e.KIND, e.failures) for e in events] == [("recovered", 4)]
     assert streaks.current(client, q) == {"queue": q, "failures": 0, "errors": []}
     assert streaks.drain_events(client) == []  # drained
 
@@ -453,10 +469,10 @@ def test_streaks_are_per_queue_and_safe_from_many_threads(client: redis.Redis) -
     assert streaks.current(client, "a")["failures"] == 100
     assert streaks.current(client, "b")["failures"] == 100
     events = streaks.drain_events(client)
-    assert sorted((e["kind"], e["queue"]) for e in events) == [("failure_run", "a"), ("failure_run", "b")]
+    assert sorted((e.KIND, e.queue) for e in events) == [("failure_run", "a"), ("failure_run", "b")]
     streaks.record(client, "a", True, threshold=100)
     assert streaks.current(client, "b")["failures"] == 100  # a's success does not end b's run
-    assert [e["queue"] for e in streaks.drain_events(client)] == ["a"]
+    assert [e.queue for e in streaks.drain_events(client)] == ["a"]
 
 
 def test_the_sweep_runs_once_per_round_however_many_sweepers(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -490,16 +506,16 @@ def test_retry_runs_only_the_failed_subtasks_through_the_job_slots(pipe: Pipelin
 
     a, b, c = pipe.add_task("t", 3, queue=False)
     store, client = pipe.ctx.store, pipe.ctx.redis
-    for sid, status in ((a, COMPLETED), (b, "failed"), (c, "failed")):
+    for sid, status in ((a, Status.COMPLETED), (b, Status.FAILED), (c, Status.FAILED)):
         finish(pipe.ctx, subtask(pipe, sid), status, result="http://x/a.png" if sid == a else None, error="boom")
-    assert store.get_task("t")["status"] == COMPLETED and master_notices(pipe) == [["t", "partially_completed"]]
+    assert store.get_task("t")["status"] == Status.COMPLETED and master_notices(pipe) == [["t", "partially_completed"]]
     client.set(keys.create_sent(b), "deadhost:1:feed")  # b's create died in doubt: it failed, never paid twice
     client.sadd(keys.timeouts(c), "job-c")
 
     result = retry_task(pipe.ctx, "t")
     assert result.outcome.reopened and result.outcome.round == 2 and result.outcome.reset == 2
     task = store.get_task("t")
-    assert task["status"] == PROCESSING and (task["failed_images"], task["processed_images"]) == (0, 1)
+    assert task["status"] == Status.PROCESSING and (task["failed_images"], task["processed_images"]) == (0, 1)
     assert not client.exists(keys.create_sent(b), keys.timeouts(c), keys.notice_final_queued("t", 2))
     assert client.exists(keys.notice_final_queued("t"))  # round 1's stays: each round has its own
     assert client.get(keys.poll_chain(b)) == markers.RETRIED_CHAIN.encode()  # no older poll may act
@@ -511,9 +527,9 @@ def test_retry_runs_only_the_failed_subtasks_through_the_job_slots(pipe: Pipelin
     assert store.get_subtask(b)["error_history"][0]["error"] == "boom"
 
     # Round 2 ends with its own final notice (the round's number rides along from round 2 on).
-    finish(pipe.ctx, subtask(pipe, b), COMPLETED, result="http://x/b.png")
-    finish(pipe.ctx, subtask(pipe, c), COMPLETED, result="http://x/c.png")
-    assert store.get_task("t")["status"] == COMPLETED and store.get_task("t")["completed_images"] == 3
+    finish(pipe.ctx, subtask(pipe, b), Status.COMPLETED, result="http://x/b.png")
+    finish(pipe.ctx, subtask(pipe, c), Status.COMPLETED, result="http://x/c.png")
+    assert store.get_task("t")["status"] == Status.COMPLETED and store.get_task("t")["completed_images"] == 3
     assert master_notices(pipe) == [["t", "completed", 2], ["t", "partially_completed"]]
     assert keys.notice("t", "completed", 2) != keys.notice("t", "completed")
     assert client.exists(keys.notice_final_queued("t", 2))
@@ -525,12 +541,12 @@ def test_retry_refusals(pipe: Pipeline) -> None:
     with pytest.raises(RetryRefused, match="no task nope"):
         retry_task(pipe.ctx, "nope")
     a, b = pipe.add_task("t", 2)
-    finish(pipe.ctx, subtask(pipe, a), "failed", error="boom")
+    finish(pipe.ctx, subtask(pipe, a), Status.FAILED, error="boom")
     with pytest.raises(RetryRefused, match=r"task t is still running \(processing\): retry it once it has finished$"):
         retry_task(pipe.ctx, "t")
-    finish(pipe.ctx, subtask(pipe, b), COMPLETED, result="http://x/b.png")
+    finish(pipe.ctx, subtask(pipe, b), Status.COMPLETED, result="http://x/b.png")
     with pytest.raises(RetryRefused, match="has no cancelled subtasks to run again"):
-        retry_task(pipe.ctx, "t", ["cancelled"])
+        retry_task(pipe.ctx, "t", [Status.CANCELLED])
     # A task whose master failed half-way through the expansion has fewer subtasks than images.
     pipe.ctx.store.create_task({"id": "half", "name": "half", "total_images": 3})
     pipe.ctx.store.insert_subtasks("half", [{"id": "half:0", "variable_indices": [0]}])
@@ -558,8 +574,8 @@ def test_a_retry_interrupted_before_it_queued_is_finished_by_the_sweep_or_a_seco
     from nietest_daemon.pipeline.retry import RetryRefused, retry_task
 
     a, b = pipe.add_task("t", 2, queue=False)
-    finish(pipe.ctx, subtask(pipe, a), "failed", error="boom")
-    finish(pipe.ctx, subtask(pipe, b), COMPLETED, result="http://x/b.png")
+    finish(pipe.ctx, subtask(pipe, a), Status.FAILED, error="boom")
+    finish(pipe.ctx, subtask(pipe, b), Status.COMPLETED, result="http://x/b.png")
     # As if `nietest retry` had died after the store update, before it queued anything.
     assert pipe.ctx.store.retry_subtasks("t").reopened
     assert pipe.woken() == [] and waiting(pipe) == 0
@@ -575,10 +591,7 @@ def test_a_retry_interrupted_before_it_queued_is_finished_by_the_sweep_or_a_seco
 def _set_completed_at(pipe: Pipeline, task_id: str, ago: timedelta) -> None:
     """Move the end of a finished task into the past."""
     store = pipe.ctx.store
-    with store._tx() as conn:
-        task = store._read(conn, "tasks", task_id)
-        task.update(completed_at=task["completed_at"] - ago)
-        store._write_task(conn, task)
+    store.set_task_fields(task_id, completed_at=store.get_task(task_id)["completed_at"] - ago)
 
 
 def test_a_second_retry_of_a_task_is_refused_while_the_first_holds_its_lock(
@@ -591,18 +604,18 @@ def test_a_second_retry_of_a_task_is_refused_while_the_first_holds_its_lock(
 
     a, b, c = pipe.add_task("t", 3, queue=False)
     store, client = pipe.ctx.store, pipe.ctx.redis
-    finish(pipe.ctx, subtask(pipe, a), FAILED, error="boom")
-    finish(pipe.ctx, subtask(pipe, b), CANCELLED, error="task cancelled")
+    finish(pipe.ctx, subtask(pipe, a), Status.FAILED, error="boom")
+    finish(pipe.ctx, subtask(pipe, b), Status.CANCELLED, error="task cancelled")
     client.set(keys.create_sent(b), "deadhost:1:feed")
-    assert store.finish_subtask(c, COMPLETED, result="http://x/c.png").finalised  # its notice never enqueued
+    assert store.finish_subtask(c, Status.COMPLETED, result="http://x/c.png").finalised  # its notice never enqueued
     before = master_notices(pipe)
 
     # Held by another `nietest retry` (the lock is in the broker: any process): refused, nothing touched.
     client.set(keys.retry_lock("t"), "another-retry", ex=60)
     with pytest.raises(RetryRefused, match="another retry of task t is in progress"):
-        retry_task(pipe.ctx, "t", [CANCELLED])
+        retry_task(pipe.ctx, "t", [Status.CANCELLED])
     assert master_notices(pipe) == before and client.exists(keys.create_sent(b))
-    assert not client.exists(keys.poll_chain(b)) and store.get_subtask(b)["status"] == CANCELLED
+    assert not client.exists(keys.poll_chain(b)) and store.get_subtask(b)["status"] == Status.CANCELLED
     assert client.get(keys.retry_lock("t")) == b"another-retry"  # not ours: left alone
     client.delete(keys.retry_lock("t"))
 
@@ -610,19 +623,19 @@ def test_a_second_retry_of_a_task_is_refused_while_the_first_holds_its_lock(
     refusals: list[str] = []
     real = store.retry_subtasks
 
-    def half_way(task_id: str, statuses: Any = (FAILED,)) -> Any:
+    def half_way(task_id: str, statuses: Any = (Status.FAILED,)) -> Any:
         with pytest.raises(RetryRefused) as refused:
-            retry_task(pipe.ctx, "t", [CANCELLED])
+            retry_task(pipe.ctx, "t", [Status.CANCELLED])
         refusals.append(str(refused.value))
         return real(task_id, statuses)
 
     monkeypatch.setattr(store, "retry_subtasks", half_way)
-    result = retry_task(pipe.ctx, "t", [FAILED])
+    result = retry_task(pipe.ctx, "t", [Status.FAILED])
     assert refusals == ["another retry of task t is in progress; try again once it has finished"]
     assert result.outcome.reopened and result.outcome.reset == 1
-    assert store.get_subtask(b)["status"] == CANCELLED and client.exists(keys.create_sent(b))
+    assert store.get_subtask(b)["status"] == Status.CANCELLED and client.exists(keys.create_sent(b))
     task = store.get_task("t")
-    assert (task["status"], task["cancelled_images"], task["completed_images"]) == (PROCESSING, 1, 1)
+    assert (task["status"], task["cancelled_images"], task["completed_images"]) == (Status.PROCESSING, 1, 1)
     assert store.recount("t")["cancelled_images"] == 1
     assert not client.exists(keys.retry_lock("t"))  # released at the end
 
@@ -648,7 +661,7 @@ def test_a_stale_poll_of_the_ended_round_does_not_act_after_a_retry(pipe: Pipeli
     run_subtask(a)
     first = pipe.ctx.redis.get(keys.poll_chain(a))
     assert first is not None
-    finish(pipe.ctx, subtask(pipe, a), FAILED, error="boom")  # its poll chain goes with it
+    finish(pipe.ctx, subtask(pipe, a), Status.FAILED, error="boom")  # its poll chain goes with it
     assert not pipe.ctx.redis.exists(keys.poll_chain(a))
     retry_task(pipe.ctx, "t")
     assert pipe.woken() == [a] and holders(pipe) == [a]  # admitted once, through the job slots
@@ -671,13 +684,13 @@ def test_each_round_has_its_own_final_notice_marker(pipe: Pipeline) -> None:
 
     a, b = pipe.add_task("t", 2, queue=False)
     store = pipe.ctx.store
-    store.finish_subtask(a, COMPLETED, result="http://x/a.png")
-    ended = store.finish_subtask(b, FAILED, error="boom")  # finalised; the notice not enqueued yet
+    store.finish_subtask(a, Status.COMPLETED, result="http://x/a.png")
+    ended = store.finish_subtask(b, Status.FAILED, error="boom")  # finalised; the notice not enqueued yet
     assert ended.finalised and ended.task is not None
     retry_task(pipe.ctx, "t")
     assert master_notices(pipe) == [["t", "partially_completed"]]  # made up for by the retry
     notices.task_finished(pipe.ctx, ended.task)  # the slow finaliser of round 1, at last
-    assert store.finish_subtask(b, COMPLETED, result="http://x/b.png").finalised  # round 2's dies here
+    assert store.finish_subtask(b, Status.COMPLETED, result="http://x/b.png").finalised  # round 2's dies here
     assert len(master_notices(pipe)) == 2  # round 1's, twice (posted once: `deliver`'s marker)
 
     notices.ensure_final(pipe.ctx, "t", 1)  # a stale message of round 1
@@ -698,7 +711,7 @@ def test_a_retry_makes_up_for_the_ending_rounds_notice_only_if_it_ended_lately(p
     client = pipe.ctx.redis
     for task_id, ago in (("old", timedelta(days=8)), ("hour", timedelta(minutes=61)), ("new", timedelta(minutes=5))):
         (sid,) = pipe.add_task(task_id, 1, queue=False)
-        finish(pipe.ctx, subtask(pipe, sid), FAILED, error="boom")  # its notice enqueued
+        finish(pipe.ctx, subtask(pipe, sid), Status.FAILED, error="boom")  # its notice enqueued
         _set_completed_at(pipe, task_id, ago)
     for task_id in ("old", "new"):  # their markers expired (or their finaliser died before its enqueue)
         client.delete(keys.notice_final_queued(task_id))
@@ -722,7 +735,7 @@ def test_a_late_final_notice_shows_its_own_round(pipe: Pipeline, monkeypatch: py
 
     monkeypatch.setattr(pipe.ctx.notifier, "send_card", send_card)
     a, b, c = pipe.add_task("t", 3, queue=False)
-    for sid, status in ((a, COMPLETED), (b, FAILED), (c, FAILED)):
+    for sid, status in ((a, Status.COMPLETED), (b, Status.FAILED), (c, Status.FAILED)):
         finish(pipe.ctx, subtask(pipe, sid), status, result="http://x/a.png" if sid == a else None, error="boom")
     master = pipe.ctx.settings.queue("master").name
     [message] = [json.loads(m) for m in pipe.ctx.redis.hvals(bodies_key(master))]

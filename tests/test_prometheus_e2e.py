@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_files import RULES_FILE, alert_rules, dashboard_queries, metric_names
 
 from bench.pipeline import task_file
+from nietest_daemon.testing.daemon import Daemon
 from nietest_daemon.testing.fake_feishu import FakeFeishu
 from nietest_daemon.testing.fake_nieta import FakeNieta
+from nietest_daemon.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from test_results import Dom, store_task, task_document
 
-from nietest_daemon.domain.lifecycle import CANCELLED, COMPLETED, FAILED
+from nietest_daemon.domain.lifecycle import Status
 from nietest_daemon.programs import report
 from nietest_daemon.store import SQLiteStore
 
@@ -189,14 +189,15 @@ def page(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> dict[st
     styles = [HOSTILE[0], HOSTILE[1] + HOSTILE[2], "watercolor " + HOSTILE[3]]
     ids = store_task(store, "t", task_document(styles, ["1:1", "3:4"], [False, True], name="sweep " + HOSTILE[1]))
     # Polish varies fastest: the even subtasks make the first (open) grid, the odd ones the second.
-    plan = [COMPLETED, COMPLETED, FAILED, CANCELLED, COMPLETED, None, COMPLETED, FAILED, CANCELLED, COMPLETED, None]
-    plan.append(COMPLETED)
+    ok, failed, cancelled = Status.COMPLETED, Status.FAILED, Status.CANCELLED
+    plan = [ok, ok, failed, cancelled, ok, None, ok, failed, cancelled, ok, None]
+    plan.append(ok)
     for i, (sid, status) in enumerate(zip(ids, plan, strict=True)):
         if status is None:
             continue
         store.start_subtask(sid)
-        result = f"{image_server}/img/{i}.png" if status == COMPLETED else None
-        error = f"moderation said no: {HOSTILE[0] if i < 6 else HOSTILE[1]}" if status == FAILED else None
+        result = f"{image_server}/img/{i}.png" if status == Status.COMPLETED else None
+        error = f"moderation said no: {HOSTILE[0] if i < 6 else HOSTILE[1]}" if status == Status.FAILED else None
         store.finish_subtask(sid, status, result=result, error=error)
     path = tmp / "report.html"
     report.write_report(store, "t", path, rows="style", cols="ratio")
@@ -227,9 +228,9 @@ def test_the_report_in_chromium_has_every_cell_and_runs_no_script(page: dict[str
     dom = Dom(dumped)
     expected = page["expected"]
     assert dom.count("td", "cell") == 12
-    assert dom.count("img") == expected[COMPLETED] == dom.count("td", "completed") == 6
-    assert dom.count("td", "failed") == expected[FAILED] == 2
-    assert dom.count("td", "cancelled") == expected[CANCELLED] == 2
+    assert dom.count("img") == expected[Status.COMPLETED] == dom.count("td", "completed") == 6
+    assert dom.count("td", "failed") == expected[Status.FAILED] == 2
+    assert dom.count("td", "cancelled") == expected[Status.CANCELLED] == 2
     assert dom.count("td", "pending") == 2
     assert all(a.get("loading") == "lazy" for t, a in dom.elements if t == "img")
     # No script ran: the title is the task's name as text, nothing was added or set.

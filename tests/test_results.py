@@ -20,7 +20,7 @@ import pytest
 
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.domain import taskspec
-from nietest_daemon.domain.lifecycle import CANCELLED, COMPLETED, FAILED, PROCESSING
+from nietest_daemon.domain.lifecycle import Status
 from nietest_daemon.programs import cli, export, report, task_commands
 from nietest_daemon.store import SQLiteStore, Store
 from nietest_daemon.store.results import ResultsError
@@ -61,8 +61,8 @@ def finish_all(store: Store, ids: list[str], outcome: Any) -> Counter[str]:
             continue
         store.start_subtask(sid)
         store.record_job(sid, f"job-{i}", 100 + i)
-        result = f"https://images.example/{i}.png?a=1&b=2" if status == COMPLETED else None
-        error = f"GPU on fire {i}: {HOSTILE}" if status == FAILED else None
+        result = f"https://images.example/{i}.png?a=1&b=2" if status == Status.COMPLETED else None
+        error = f"GPU on fire {i}: {HOSTILE}" if status == Status.FAILED else None
         store.finish_subtask(sid, status, result=result, error=error)
         ended[status] += 1
     return ended
@@ -96,7 +96,7 @@ class Dom(HTMLParser):
 
 
 def outcome_of(i: int) -> str | None:
-    return [COMPLETED, COMPLETED, FAILED, CANCELLED, None, COMPLETED][i % 6]
+    return [Status.COMPLETED, Status.COMPLETED, Status.FAILED, Status.CANCELLED, None, Status.COMPLETED][i % 6]
 
 
 # --- report -------------------------------------------------------------------------------------------
@@ -113,13 +113,13 @@ def test_report_shows_every_cell_and_escapes_every_value(store: Store, tmp_path:
     # Rows: style, columns: ratio (the first two dimensions); one grid per value of polish.
     assert dom.count("details", "block") == 2
     assert dom.count("td", "cell") == 12
-    assert dom.count("img") == ended[COMPLETED] == dom.count("td", "completed")
-    assert dom.count("td", "failed") == ended[FAILED]
-    assert dom.count("td", "cancelled") == ended[CANCELLED]
+    assert dom.count("img") == ended[Status.COMPLETED] == dom.count("td", "completed")
+    assert dom.count("td", "failed") == ended[Status.FAILED]
+    assert dom.count("td", "cancelled") == ended[Status.CANCELLED]
     assert dom.count("td", "pending") == 2  # never started
     assert all(a.get("loading") == "lazy" for t, a in dom.elements if t == "img")
     links = [a["href"] for t, a in dom.elements if t == "a" and a.get("href", "").startswith("https://")]
-    assert len(links) == ended[COMPLETED] and "https://images.example/0.png?a=1&b=2" in links
+    assert len(links) == ended[Status.COMPLETED] and "https://images.example/0.png?a=1&b=2" in links
     # Nothing the task holds became markup: no script, no handler, no element from a prompt.
     assert dom.count("script") == 0 and "<script>" not in page
     assert not any(name.startswith("on") for _, attrs in dom.elements for name in attrs)
@@ -134,7 +134,7 @@ def test_report_shows_every_cell_and_escapes_every_value(store: Store, tmp_path:
 
 def test_report_axes_blocks_and_unknown_variables(store: Store, tmp_path: Path, monkeypatch) -> None:
     ids = store_task(store, "t2", task_document(["a", "b", "c"], ["1:1", "3:4", "16:9"], [False, True]))
-    finish_all(store, ids, lambda i: COMPLETED)
+    finish_all(store, ids, lambda i: Status.COMPLETED)
     path = tmp_path / "r.html"
     report.write_report(store, "t2", path, rows="Polish", cols="style")
     dom = Dom(path.read_text())
@@ -164,7 +164,7 @@ def test_report_of_a_task_without_variables_and_with_one(store: Store, tmp_path:
     doc["ratio"] = taskdocs.fixed_param("ratio", "1:1")
     doc["use_polish"] = taskdocs.fixed_param("use_polish", False)
     [sid] = store_task(store, "t0", doc)
-    store.finish_subtask(sid, COMPLETED, result="https://images.example/one.png")
+    store.finish_subtask(sid, Status.COMPLETED, result="https://images.example/one.png")
     assert report.write_report(store, "t0", tmp_path / "a.html") == 1
     with pytest.raises(ResultsError, match="no variables"):
         report.write_report(store, "t0", tmp_path / "a.html", cols="style")
@@ -178,10 +178,10 @@ def test_report_of_a_task_without_variables_and_with_one(store: Store, tmp_path:
 
 def test_report_shows_the_latest_attempt_and_the_earlier_errors(store: Store, tmp_path: Path) -> None:
     ids = store_task(store, "t", task_document(["a", "b"], ["1:1"], [False]))
-    store.finish_subtask(ids[0], FAILED, error="first failure")
-    store.finish_subtask(ids[1], COMPLETED, result="https://images.example/b.png")
+    store.finish_subtask(ids[0], Status.FAILED, error="first failure")
+    store.finish_subtask(ids[1], Status.COMPLETED, result="https://images.example/b.png")
     assert store.retry_subtasks("t").reopened
-    store.finish_subtask(ids[0], COMPLETED, result="https://images.example/a2.png")
+    store.finish_subtask(ids[0], Status.COMPLETED, result="https://images.example/a2.png")
     path = tmp_path / "r.html"
     report.write_report(store, "t", path)
     dom = Dom(path.read_text())
@@ -242,20 +242,22 @@ def test_export_csv_is_rfc_4180_and_round_trips(store: Store) -> None:
         assert row["error"] == (sub["error"] or "")
         assert row["seed"] == str(sub["seed"])
         assert json.loads(row["variable_indices"]) == sub["variable_indices"]
-        if sub["status"] == COMPLETED:
+        if sub["status"] == Status.COMPLETED:
             assert row["started_at"] and row["completed_at"] and float(row["duration_seconds"]) >= 0
         assert row["attempt"] == "1" and row["earlier_errors"] == ""
 
 
 def test_export_jsonl_header_describes_the_task(store: Store) -> None:
     ids = store_task(store, "t", task_document(["a", TRICKY], ["1:1"], [True]))
-    store.finish_subtask(ids[0], FAILED, error="bad")
-    store.finish_subtask(ids[1], COMPLETED, result="https://images.example/1.png")
+    store.finish_subtask(ids[0], Status.FAILED, error="bad")
+    store.finish_subtask(ids[1], Status.COMPLETED, result="https://images.example/1.png")
     store.retry_subtasks("t")
     out = io.StringIO()
     assert export.export(store, "t", "jsonl", out) == 2
     header, *rows = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert header["task"]["id"] == "t" and header["task"]["status"] == PROCESSING and header["task"]["round"] == 2
+    assert (
+        header["task"]["id"] == "t" and header["task"]["status"] == Status.PROCESSING and header["task"]["round"] == 2
+    )
     assert [v["column"] for v in header["variables"]] == ["style", "Ratio", "Polish"]
     assert header["variables"][0]["values"] == ["a", TRICKY]
     assert header["columns"][0] == "subtask_id" and list(rows[0]) == header["columns"]
@@ -287,7 +289,7 @@ def test_paging_a_tasks_subtasks_needs_no_sort(store: Store) -> None:
     subtasks again for each page."""
     assert isinstance(store, SQLiteStore)
     ids = store_task(store, "t", task_document([f"s{i}" for i in range(5)], ["1:1"], [False]))
-    conn = store._conn()
+    conn = store.connection()
     statements: list[str] = []
     conn.set_trace_callback(statements.append)
     try:
@@ -325,7 +327,7 @@ def test_tasks_lists_newest_first_with_filters(store: Store, tmp_path: Path, cap
     for i in range(6):
         ids = store_task(store, f"task{i}", task_document(["a", "b"], ["1:1"], [False], name=f"campaign {i}"))
         if i % 2:
-            finish_all(store, ids, lambda j: [COMPLETED, FAILED][j])
+            finish_all(store, ids, lambda j: [Status.COMPLETED, Status.FAILED][j])
         time.sleep(0.002)  # distinct creation times
     settings = settings_module.load({"NIETEST_HOME": str(tmp_path)})
     store.close()
@@ -335,14 +337,14 @@ def test_tasks_lists_newest_first_with_filters(store: Store, tmp_path: Path, cap
     listed = json.loads(capsys.readouterr().out)
     assert [t["id"] for t in listed] == ["task5", "task4", "task3", "task2"]
     five = listed[0]
-    assert five["status"] == COMPLETED and five["partially_completed"] is True
+    assert five["status"] == Status.COMPLETED and five["partially_completed"] is True
     assert (five["completed_images"], five["failed_images"], five["total_images"], five["priority"]) == (1, 1, 2, 2)
     assert five["progress"] == 100.0 and five["round"] == 1 and 0 <= five["age_seconds"] < 60
-    assert task_commands.tasks(settings, status=PROCESSING, limit=20, as_json=False) == 0
+    assert task_commands.tasks(settings, status=Status.PROCESSING, limit=20, as_json=False) == 0
     text = capsys.readouterr().out.splitlines()
     assert text[0].startswith("ID") and [line.split()[0] for line in text[1:]] == ["task4", "task2", "task0"]
     assert "campaign 4" in text[1] and "0/2" in text[1]
-    assert task_commands.tasks(settings, status=CANCELLED, limit=20, as_json=False) == 0
+    assert task_commands.tasks(settings, status=Status.CANCELLED, limit=20, as_json=False) == 0
     assert capsys.readouterr().out.strip() == "no tasks cancelled"
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["tasks", "--limit", "0"])
@@ -359,8 +361,8 @@ def test_tasks_is_fast_with_thousands_of_tasks(tmp_path: Path) -> None:
         store.mark_task_running(f"t{i:05d}")
     started = time.monotonic()
     newest = store.list_tasks(limit=20)
-    running = store.list_tasks(limit=20, status=PROCESSING)
-    several = store.list_tasks(limit=20, status=[PROCESSING, COMPLETED])
+    running = store.list_tasks(limit=20, status=Status.PROCESSING)
+    several = store.list_tasks(limit=20, status=[Status.PROCESSING, Status.COMPLETED])
     took = time.monotonic() - started
     store.close()
     assert [t["id"] for t in newest][:2] == ["t02999", "t02998"]

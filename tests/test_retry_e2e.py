@@ -15,13 +15,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, wait_for
 from test_pipeline_e2e import assert_counters_match, daemon_env, marker_task, notices, submit, subtasks_by_marker
 from test_results import Dom
 
 from nietest_daemon.store import Store, open_store_for
+from nietest_daemon.testing.daemon import Daemon
 from nietest_daemon.testing.fake_feishu import FakeFeishu
 from nietest_daemon.testing.fake_nieta import FakeNieta
+from nietest_daemon.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

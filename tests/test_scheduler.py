@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from conftest import PrivateValkey
 
 from nietest_daemon.coordination import keys, streaks
 from nietest_daemon.coordination.connection import run_scripts
 from nietest_daemon.coordination.scheduler import Scheduler
+from nietest_daemon.testing.valkey import PrivateValkey
 
 
 class Clock:

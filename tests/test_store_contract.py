@@ -5,14 +5,18 @@
 `MongoStore` runs on `mongomock.MongoClient().db`: mongomock stands in because no MongoDB
 server can run on our machines. mongomock executes each operation in Python and is *not*
 atomic per operation (its `find_one_and_update` is a find, then an update by `_id` that drops
-the filter), so the Mongo store runs on `AtomicDatabase`, a thin proxy that holds one lock for
-the duration of every single collection call. That restores exactly what a MongoDB server
-guarantees -- each single-document operation is atomic -- and nothing more: any correctness
-the store needs beyond that (ordering between its operations) is still exercised by the races.
+the filter), so the Mongo store runs on `testing.mongo_faults.FaultyDatabase`, a thin proxy that
+holds one lock for the duration of every single collection call. That restores exactly what a
+MongoDB server guarantees -- each single-document operation is atomic -- and nothing more: any
+correctness the store needs beyond that (ordering between its operations) is still exercised by
+the races. The same proxy fails a chosen write (as a failover or a killed process would leave it)
+and runs two operations' calls in a chosen order (`Turns`), for the cases a server can produce
+and mongomock never does.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import random
 import sys
@@ -25,22 +29,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import bson
 import mongomock
 import pytest
+import store_race
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pymongo.errors import AutoReconnect
 
-from nietest_daemon.domain.lifecycle import (
-    CANCELLED,
-    COMPLETED,
-    FAILED,
-    PENDING,
-    PROCESSING,
-    STATUSES,
-    TERMINAL,
-    final_task_status,
-    is_partial,
-)
+from nietest_daemon.domain.lifecycle import STATUSES, TERMINAL, Status, final_task_status, is_partial
 from nietest_daemon.store import (
     DuplicateTaskError,
     FinishOutcome,
@@ -51,71 +48,43 @@ from nietest_daemon.store import (
     utcnow,
 )
 from nietest_daemon.store import base as store_base
+from nietest_daemon.store.base import iso_text
 from nietest_daemon.store.mongo import MongoStore
+from nietest_daemon.store.sqlite import HISTORY_ENTRY_SQL
+from nietest_daemon.testing.mongo_faults import Call, FaultyDatabase, Turns, interleavings
 
 COUNTER_FIELDS = ("processed_images", "completed_images", "failed_images", "cancelled_images")
 
 
-# --- mongomock made atomic per operation -------------------------------------------------------------
-
-
-class AtomicCollection:
-    """Proxy of a mongomock collection: every method call runs under one lock, as on a server."""
-
-    def __init__(self, collection: Any, lock: threading.RLock) -> None:
-        self._collection = collection
-        self._lock = lock
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._collection, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            with self._lock:
-                return attr(*args, **kwargs)
-
-        return call
-
-
-class AtomicDatabase:
-    """Proxy of a mongomock database handing out `AtomicCollection`s sharing one lock."""
-
-    def __init__(self, db: Any) -> None:
-        self._db = db
-        self._lock = threading.RLock()
-
-    def __getitem__(self, name: str) -> AtomicCollection:
-        return AtomicCollection(self._db[name], self._lock)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._db, name)
-
-
 # --- fixtures ------------------------------------------------------------------------------------------
 
-StoreFactory = Callable[[], Store]
+
+class StoreFactory:
+    """Handles on one shared store (several handles = several clients of one database). `kind`
+    names the store; `db` is the Mongo store's `FaultyDatabase` (None for SQLite)."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind = kind
+        self.opened: list[Store] = []
+        self.db = FaultyDatabase(mongomock.MongoClient().db) if kind == "mongo" else None
+        self._data_dir = tmp_path / "data"
+
+    def __call__(self) -> Store:
+        if self.db is None:
+            handle: Store = SQLiteStore(self._data_dir)
+        else:
+            handle = MongoStore(self.db, task_collection="tasks", subtask_collection="subtasks")  # type: ignore[arg-type]
+        if not self.opened:
+            handle.prepare()  # as the daemon does at start, once
+        self.opened.append(handle)
+        return handle
 
 
 @pytest.fixture(params=["sqlite", "mongo"])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
-    """Factory of handles on one shared store (several handles = several clients of one database)."""
-    opened: list[Store] = []
-    if request.param == "sqlite":
-
-        def make() -> Store:
-            opened.append(SQLiteStore(tmp_path / "data"))
-            return opened[-1]
-
-    else:
-        db = AtomicDatabase(mongomock.MongoClient().db)
-
-        def make() -> Store:
-            opened.append(MongoStore(db, task_collection="tasks", subtask_collection="subtasks"))  # type: ignore[arg-type]
-            return opened[-1]
-
-    yield make
-    for s in opened:
+    factory = StoreFactory(request.param, tmp_path)
+    yield factory
+    for s in factory.opened:
         s.close()
 
 
@@ -176,7 +145,7 @@ def test_create_and_get_task(store: Store) -> None:
     assert "status" not in doc  # the caller's dict is not modified
     task = store.get_task("t1")
     assert task is not None
-    assert task["id"] == "t1" and task["name"] == "campaign t1" and task["status"] == PENDING
+    assert task["id"] == "t1" and task["name"] == "campaign t1" and task["status"] == Status.PENDING
     assert task["total_images"] == 4 and task["progress"] == 0.0
     assert all(task[k] == 0 for k in COUNTER_FIELDS)
     assert task["prompts"] == doc["prompts"] and task["variables_map"] == doc["variables_map"]
@@ -204,8 +173,9 @@ def test_list_tasks_newest_first_and_by_status(store: Store) -> None:
     assert [t["id"] for t in store.list_tasks()] == ["t4", "t3", "t2", "t1", "t0"]
     assert [t["id"] for t in store.list_tasks(limit=2)] == ["t4", "t3"]
     assert store.mark_task_running("t1")
-    assert [t["id"] for t in store.list_tasks(status=PROCESSING)] == ["t1"]
-    assert [t["id"] for t in store.list_tasks(status=[PROCESSING, PENDING], limit=3)] == ["t4", "t3", "t2"]
+    assert [t["id"] for t in store.list_tasks(status=Status.PROCESSING)] == ["t1"]
+    active = [Status.PROCESSING, Status.PENDING]
+    assert [t["id"] for t in store.list_tasks(status=active, limit=3)] == ["t4", "t3", "t2"]
 
 
 def test_count_tasks_by_status(store: Store) -> None:
@@ -214,14 +184,19 @@ def test_count_tasks_by_status(store: Store) -> None:
         store.create_task(task_doc(f"t{i}", 1))
     store.mark_task_running("t1")
     store.fail_task("t2", "broken")
-    assert store.count_tasks() == {**dict.fromkeys(STATUSES, 0), PENDING: 2, PROCESSING: 1, FAILED: 1}
+    assert store.count_tasks() == {
+        **dict.fromkeys(STATUSES, 0),
+        Status.PENDING: 2,
+        Status.PROCESSING: 1,
+        Status.FAILED: 1,
+    }
 
 
 def test_mark_task_running_once(store: Store) -> None:
     store.create_task(task_doc("t", 1))
     assert store.mark_task_running("t") is True
     task = store.get_task("t")
-    assert task["status"] == PROCESSING  # type: ignore[index]
+    assert task["status"] == Status.PROCESSING  # type: ignore[index]
     assert_aware_utc(task["started_at"])  # type: ignore[index]
     assert store.mark_task_running("t") is False
     assert store.get_task("t")["started_at"] == task["started_at"]  # type: ignore[index]
@@ -237,10 +212,10 @@ def test_insert_subtasks_is_idempotent(store: Store) -> None:
     assert store.insert_subtasks("t", docs[:5]) == 5
     assert store.insert_subtasks("t", docs[:5]) == 0
     assert store.insert_subtasks("t", docs[3:]) == 2  # 3 and 4 present, 5 and 6 new
-    assert store.count_subtasks("t") == {**dict.fromkeys(STATUSES, 0), PENDING: 7}
+    assert store.count_subtasks("t") == {**dict.fromkeys(STATUSES, 0), Status.PENDING: 7}
     sub = store.get_subtask("t-00006")
     assert sub is not None
-    assert sub["task_id"] == "t" and sub["status"] == PENDING and sub["variable_indices"] == [6]
+    assert sub["task_id"] == "t" and sub["status"] == Status.PENDING and sub["variable_indices"] == [6]
     assert sub["job_uuid"] is None and sub["poll_count"] == 0 and sub["attempts"] == 0
     assert sub["result"] is None and sub["error"] is None and sub["width"] == 1024
     assert_aware_utc(sub["created_at"])
@@ -254,7 +229,7 @@ def test_insert_thousands_of_subtasks(store: Store) -> None:
     assert store.insert_subtasks("big", sub_docs("big", 5000)) == 5000
     assert store.insert_subtasks("big", iter(sub_docs("big", 5000))) == 0
     assert time.monotonic() - started < 10
-    assert store.count_subtasks("big")[PENDING] == 5000
+    assert store.count_subtasks("big")[Status.PENDING] == 5000
 
 
 def test_list_subtasks(store: Store) -> None:
@@ -262,25 +237,31 @@ def test_list_subtasks(store: Store) -> None:
     make_task(store, "other", 2)
     assert [s["id"] for s in store.list_subtasks("t")] == ids
     assert [s["id"] for s in store.list_subtasks("t", limit=2)] == ids[:2]
-    store.finish_subtask(ids[1], COMPLETED)
+    store.finish_subtask(ids[1], Status.COMPLETED)
     store.start_subtask(ids[3])
-    assert [s["id"] for s in store.list_subtasks("t", status=PENDING)] == [ids[0], ids[2], ids[4], ids[5]]
-    assert [s["id"] for s in store.list_subtasks("t", status=[COMPLETED, PROCESSING])] == [ids[1], ids[3]]
-    assert store.count_subtasks("t") == {PENDING: 4, PROCESSING: 1, COMPLETED: 1, FAILED: 0, CANCELLED: 0}
+    assert [s["id"] for s in store.list_subtasks("t", status=Status.PENDING)] == [ids[0], ids[2], ids[4], ids[5]]
+    assert [s["id"] for s in store.list_subtasks("t", status=[Status.COMPLETED, Status.PROCESSING])] == [ids[1], ids[3]]
+    assert store.count_subtasks("t") == {
+        Status.PENDING: 4,
+        Status.PROCESSING: 1,
+        Status.COMPLETED: 1,
+        Status.FAILED: 0,
+        Status.CANCELLED: 0,
+    }
 
 
 def test_start_subtask(store: Store) -> None:
     (sid,) = make_task(store, "t", 1)
     first = store.start_subtask(sid)
-    assert first is not None and first["status"] == PROCESSING and first["attempts"] == 1
+    assert first is not None and first["status"] == Status.PROCESSING and first["attempts"] == 1
     assert_aware_utc(first["started_at"])
     time.sleep(0.003)
     again = store.start_subtask(sid)  # a redelivery
     assert again is not None and again["attempts"] == 2
     assert again["started_at"] == first["started_at"] and again["updated_at"] > first["updated_at"]
-    store.finish_subtask(sid, FAILED, error="boom")
+    store.finish_subtask(sid, Status.FAILED, error="boom")
     assert store.start_subtask(sid) is None
-    assert store.get_subtask(sid)["status"] == FAILED  # type: ignore[index]
+    assert store.get_subtask(sid)["status"] == Status.FAILED  # type: ignore[index]
     assert store.start_subtask("missing") is None
 
 
@@ -348,14 +329,14 @@ def test_record_poll(store: Store) -> None:
 
 def test_finish_changes_counters_once(store: Store) -> None:
     ids = make_task(store, "t", 4)
-    first = store.finish_subtask(ids[0], COMPLETED, result="https://img/0.png")
+    first = store.finish_subtask(ids[0], Status.COMPLETED, result="https://img/0.png")
     assert isinstance(first, FinishOutcome)
-    assert first.changed and not first.finalised and first.status == COMPLETED and first.task_id == "t"
+    assert first.changed and not first.finalised and first.status == Status.COMPLETED and first.task_id == "t"
     assert first.task is None  # only the finish that finalises reads the whole task document
-    again = store.finish_subtask(ids[0], FAILED, error="late duplicate")
-    assert again is not None and not again.changed and not again.finalised and again.status == COMPLETED
+    again = store.finish_subtask(ids[0], Status.FAILED, error="late duplicate")
+    assert again is not None and not again.changed and not again.finalised and again.status == Status.COMPLETED
     sub = store.get_subtask(ids[0])
-    assert sub["status"] == COMPLETED and sub["result"] == "https://img/0.png" and sub["error"] is None  # type: ignore[index]
+    assert sub["status"] == Status.COMPLETED and sub["result"] == "https://img/0.png" and sub["error"] is None  # type: ignore[index]
     assert_aware_utc(sub["completed_at"])  # type: ignore[index]
     task = store.get_task("t")
     assert counters(task) == {  # type: ignore[arg-type]
@@ -365,10 +346,10 @@ def test_finish_changes_counters_once(store: Store) -> None:
         "failed_images": 0,
         "cancelled_images": 0,
     }
-    assert task["progress"] == 25.0 and task["status"] == PENDING  # type: ignore[index]
-    assert store.finish_subtask("missing", COMPLETED) is None
+    assert task["progress"] == 25.0 and task["status"] == Status.PENDING  # type: ignore[index]
+    assert store.finish_subtask("missing", Status.COMPLETED) is None
     with pytest.raises(ValueError, match="terminal"):
-        store.finish_subtask(ids[1], PROCESSING)
+        store.finish_subtask(ids[1], Status.PROCESSING)
 
 
 def test_counters_equal_recount(store: Store) -> None:
@@ -382,14 +363,18 @@ def test_counters_equal_recount(store: Store) -> None:
         elif op < 0.4:
             store.record_poll(sid)
         else:
-            store.finish_subtask(sid, rng.choice([COMPLETED, FAILED, CANCELLED]), result="u")
+            store.finish_subtask(sid, rng.choice([Status.COMPLETED, Status.FAILED, Status.CANCELLED]), result="u")
         task = store.get_task("t")
         recount = store.recount("t")
         assert counters(task) == {k: recount[k] for k in counters(task)}  # type: ignore[arg-type]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(st.tuples(st.integers(0, 5), st.sampled_from([COMPLETED, FAILED, CANCELLED])), max_size=20))
+@given(
+    ops=st.lists(
+        st.tuples(st.integers(0, 5), st.sampled_from([Status.COMPLETED, Status.FAILED, Status.CANCELLED])), max_size=20
+    )
+)
 def test_finish_sequences_property(make_store: StoreFactory, ops: list[tuple[int, str]]) -> None:
     """Any sequence of finishes, repeats included: counters = recount, finalised at most once, iff all terminal."""
     s = make_store()
@@ -419,7 +404,9 @@ def race_finish(make_store: StoreFactory, task_id: str, ids: list[str], workers:
             rng.shuffle(order)
             barrier.wait()
             for sid in order:
-                outcome = handle.finish_subtask(sid, rng.choice([COMPLETED, COMPLETED, FAILED]), result=f"r{seed}")
+                outcome = handle.finish_subtask(
+                    sid, rng.choice([Status.COMPLETED, Status.COMPLETED, Status.FAILED]), result=f"r{seed}"
+                )
                 assert outcome is not None
                 with lock:
                     outcomes.append(outcome)
@@ -454,27 +441,7 @@ def test_exactly_once_finalisation_under_threads(make_store: StoreFactory) -> No
     assert task["status"] == finalisers[0].task_status == final_task_status(task)[0]
     assert_aware_utc(task["completed_at"])
     wins = Counter(o.status for o in changed)
-    assert wins[COMPLETED] == task["completed_images"] and wins[FAILED] == task["failed_images"]
-
-
-def _process_worker(data_dir: str, ids: list[str], seed: int, barrier: Any, results: Any) -> None:
-    """One process of the SQLite multi-process race: its own store, every subtask, its own order."""
-    handle = SQLiteStore(data_dir)
-    rng = random.Random(seed)
-    order = ids[:]
-    rng.shuffle(order)
-    changed: list[str] = []
-    finalised: list[str | None] = []
-    barrier.wait()
-    for sid in order:
-        outcome = handle.finish_subtask(sid, COMPLETED if rng.random() < 0.7 else FAILED)
-        assert outcome is not None
-        if outcome.changed:
-            changed.append(sid)
-        if outcome.finalised:
-            finalised.append(outcome.task_status)
-    handle.close()
-    results.put((changed, finalised))
+    assert wins[Status.COMPLETED] == task["completed_images"] and wins[Status.FAILED] == task["failed_images"]
 
 
 def test_sqlite_exactly_once_across_processes(tmp_path: Path) -> None:
@@ -484,7 +451,8 @@ def test_sqlite_exactly_once_across_processes(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(4)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_process_worker, args=(str(data_dir), ids, i, barrier, results)) for i in range(4)]
+    args = [(str(data_dir), ids, i, barrier, results) for i in range(4)]
+    procs = [ctx.Process(target=store_race.finish_every_subtask, args=a) for a in args]
     for p in procs:
         p.start()
     collected = [results.get(timeout=60) for _ in procs]
@@ -504,7 +472,7 @@ def test_sqlite_exactly_once_across_processes(tmp_path: Path) -> None:
 
 
 def _forked_finish(handle: SQLiteStore, subtask_id: str) -> None:
-    outcome = handle.finish_subtask(subtask_id, COMPLETED)
+    outcome = handle.finish_subtask(subtask_id, Status.COMPLETED)
     handle.close()
     raise SystemExit(0 if outcome is not None and outcome.changed else 1)
 
@@ -517,8 +485,8 @@ def test_sqlite_store_opened_before_a_fork(tmp_path: Path) -> None:
     child.start()
     child.join(30)
     assert child.exitcode == 0
-    assert s.finish_subtask(ids[1], FAILED).finalised  # type: ignore[union-attr]
-    assert s.get_task("f")["status"] == COMPLETED  # type: ignore[index]
+    assert s.finish_subtask(ids[1], Status.FAILED).finalised  # type: ignore[union-attr]
+    assert s.get_task("f")["status"] == Status.COMPLETED  # type: ignore[index]
     s.close()
 
 
@@ -528,17 +496,17 @@ def test_sqlite_store_opened_before_a_fork(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("statuses", "expected", "partial"),
     [
-        ([COMPLETED, COMPLETED, COMPLETED], COMPLETED, False),
-        ([COMPLETED, FAILED, COMPLETED], COMPLETED, True),
-        ([FAILED, FAILED, FAILED], FAILED, False),
-        ([FAILED, CANCELLED, COMPLETED], CANCELLED, False),
+        ([Status.COMPLETED, Status.COMPLETED, Status.COMPLETED], Status.COMPLETED, False),
+        ([Status.COMPLETED, Status.FAILED, Status.COMPLETED], Status.COMPLETED, True),
+        ([Status.FAILED, Status.FAILED, Status.FAILED], Status.FAILED, False),
+        ([Status.FAILED, Status.CANCELLED, Status.COMPLETED], Status.CANCELLED, False),
     ],
 )
 def test_task_status_rules(store: Store, statuses: list[str], expected: str, partial: bool) -> None:
     ids = make_task(store, "t", len(statuses))
     store.mark_task_running("t")
     outcomes = [
-        store.finish_subtask(sid, status, error=None if status == COMPLETED else "x")
+        store.finish_subtask(sid, status, error=None if status == Status.COMPLETED else "x")
         for sid, status in zip(ids, statuses, strict=True)
     ]
     assert [bool(o and o.finalised) for o in outcomes] == [False] * (len(ids) - 1) + [True]
@@ -550,29 +518,29 @@ def test_task_status_rules(store: Store, statuses: list[str], expected: str, par
     if partial:
         assert task["error"] == "partially completed: 1 of 3 images failed"
         assert is_partial(task)
-    elif expected == COMPLETED:
+    elif expected == Status.COMPLETED:
         assert task["error"] is None
     assert store.finalise_task("t") is None  # already final: never twice
 
 
 def test_final_task_status_function() -> None:
     base = {"total_images": 4, "completed_images": 0, "failed_images": 0, "cancelled_images": 0}
-    assert final_task_status({**base, "completed_images": 4}) == (COMPLETED, None)
-    assert final_task_status({**base, "completed_images": 4, "cancel_requested": True})[0] == COMPLETED
-    assert final_task_status({**base, "completed_images": 3, "cancelled_images": 1})[0] == CANCELLED
-    assert final_task_status({**base, "failed_images": 4, "cancel_requested": True})[0] == CANCELLED
-    assert final_task_status({**base, "failed_images": 4})[0] == FAILED
+    assert final_task_status({**base, "completed_images": 4}) == (Status.COMPLETED, None)
+    assert final_task_status({**base, "completed_images": 4, "cancel_requested": True})[0] == Status.COMPLETED
+    assert final_task_status({**base, "completed_images": 3, "cancelled_images": 1})[0] == Status.CANCELLED
+    assert final_task_status({**base, "failed_images": 4, "cancel_requested": True})[0] == Status.CANCELLED
+    assert final_task_status({**base, "failed_images": 4})[0] == Status.FAILED
     assert final_task_status({**base, "completed_images": 1, "failed_images": 3}) == (
-        COMPLETED,
+        Status.COMPLETED,
         "partially completed: 3 of 4 images failed",
     )
 
 
 def test_finalise_task_repairs_a_complete_task(store: Store) -> None:
     ids = make_task(store, "t", 2)
-    store.finish_subtask(ids[0], COMPLETED)
+    store.finish_subtask(ids[0], Status.COMPLETED)
     assert store.finalise_task("t") is None  # not complete yet
-    assert store.finish_subtask(ids[1], COMPLETED).finalised  # type: ignore[union-attr]
+    assert store.finish_subtask(ids[1], Status.COMPLETED).finalised  # type: ignore[union-attr]
     assert store.finalise_task("t") is None
     assert store.finalise_task("missing") is None
 
@@ -583,20 +551,26 @@ def test_finalise_task_repairs_a_complete_task(store: Store) -> None:
 def test_cancel_moves_pending_to_cancelled_and_finalises_when_all_terminal(store: Store) -> None:
     ids = make_task(store, "t", 6)
     store.mark_task_running("t")
-    store.finish_subtask(ids[0], COMPLETED)
+    store.finish_subtask(ids[0], Status.COMPLETED)
     store.start_subtask(ids[1])  # running: its job is not polled further, finished by its actor
     assert store.is_cancel_requested("t") is False
     assert store.request_cancel("t") == 4
     assert store.is_cancel_requested("t") is True
-    assert store.count_subtasks("t") == {PENDING: 0, PROCESSING: 1, COMPLETED: 1, FAILED: 0, CANCELLED: 4}
+    assert store.count_subtasks("t") == {
+        Status.PENDING: 0,
+        Status.PROCESSING: 1,
+        Status.COMPLETED: 1,
+        Status.FAILED: 0,
+        Status.CANCELLED: 4,
+    }
     task = store.get_task("t")
-    assert task["status"] == PROCESSING and task["cancelled_images"] == 4 and task["processed_images"] == 5  # type: ignore[index]
+    assert task["status"] == Status.PROCESSING and task["cancelled_images"] == 4 and task["processed_images"] == 5  # type: ignore[index]
     assert store.request_cancel("t") == 0  # idempotent
     assert store.start_subtask(ids[2]) is None  # cancelled is terminal
-    last = store.finish_subtask(ids[1], CANCELLED)
-    assert last is not None and last.changed and last.finalised and last.task_status == CANCELLED
+    last = store.finish_subtask(ids[1], Status.CANCELLED)
+    assert last is not None and last.changed and last.finalised and last.task_status == Status.CANCELLED
     task = store.get_task("t")
-    assert task["status"] == CANCELLED and task["completed_images"] == 1  # type: ignore[index]
+    assert task["status"] == Status.CANCELLED and task["completed_images"] == 1  # type: ignore[index]
     recount = store.recount("t")
     assert counters(task) == {k: recount[k] for k in counters(task)}  # type: ignore[arg-type]
 
@@ -604,8 +578,8 @@ def test_cancel_moves_pending_to_cancelled_and_finalises_when_all_terminal(store
 def test_cancel_of_all_pending_finalises_in_the_cancel_call(store: Store) -> None:
     make_task(store, "t", 3)
     outcome = store.cancel_task("t")
-    assert outcome.found and outcome.cancelled == 3 and outcome.finalised and outcome.task_status == CANCELLED
-    assert store.get_task("t")["status"] == CANCELLED  # type: ignore[index]
+    assert outcome.found and outcome.cancelled == 3 and outcome.finalised and outcome.task_status == Status.CANCELLED
+    assert store.get_task("t")["status"] == Status.CANCELLED  # type: ignore[index]
     again = store.cancel_task("t")
     assert again.cancelled == 0 and not again.finalised
 
@@ -613,14 +587,14 @@ def test_cancel_of_all_pending_finalises_in_the_cancel_call(store: Store) -> Non
 def test_cancel_before_expansion(store: Store) -> None:
     store.create_task(task_doc("t", 2))
     outcome = store.cancel_task("t")
-    assert outcome.finalised and outcome.cancelled == 0 and outcome.task_status == CANCELLED
+    assert outcome.finalised and outcome.cancelled == 0 and outcome.task_status == Status.CANCELLED
     # The master expands late, then sees the flag and cancels again: counted, never finalised twice.
     assert store.insert_subtasks("t", sub_docs("t", 2)) == 2
     assert store.is_cancel_requested("t")
     late = store.cancel_task("t")
     assert late.cancelled == 2 and not late.finalised
     task = store.get_task("t")
-    assert task["status"] == CANCELLED and task["cancelled_images"] == 2  # type: ignore[index]
+    assert task["status"] == Status.CANCELLED and task["cancelled_images"] == 2  # type: ignore[index]
     assert store.request_cancel("missing") == 0
     assert store.cancel_task("missing").found is False
     assert store.is_cancel_requested("missing") is False
@@ -638,7 +612,7 @@ def test_cancel_racing_finishers(make_store: StoreFactory) -> None:
         random.Random(seed).shuffle(order)
         barrier.wait()
         for sid in order:
-            o = handle.finish_subtask(sid, COMPLETED)
+            o = handle.finish_subtask(sid, Status.COMPLETED)
             if o and o.finalised:
                 finalisers.append(o.task_status)
 
@@ -676,7 +650,7 @@ def test_find_stale_subtasks(store: Store) -> None:
     time.sleep(0.005)
     store.record_poll(ids[1])  # progress: no longer stale, and now the most recently updated
     store.start_subtask(ids[3])
-    store.finish_subtask(ids[3], COMPLETED)
+    store.finish_subtask(ids[3], Status.COMPLETED)
     stale = store.find_stale_subtasks(cut, limit=10)
     assert [s["id"] for s in stale] == [ids[0]]
     assert_aware_utc(stale[0]["updated_at"])
@@ -720,28 +694,19 @@ def test_open_store_picks_sqlite_or_mongo(tmp_path: Path, monkeypatch: pytest.Mo
 def test_sqlite_is_wal_and_survives_reopen(tmp_path: Path) -> None:
     s = SQLiteStore(tmp_path)
     make_task(s, "t", 2)
-    assert s._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert s.connection().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     s.close()
     with pytest.raises(store_base.StoreError):
         s.get_task("t")
     with SQLiteStore(tmp_path) as again:
-        assert again.count_subtasks("t")[PENDING] == 2
-
-
-def test_mongo_indexes() -> None:
-    db = mongomock.MongoClient().db
-    MongoStore(db)
-    sub_keys = [list(ix["key"]) for ix in db.subtasks.index_information().values()]
-    task_keys = [list(ix["key"]) for ix in db.tasks.index_information().values()]
-    assert [("task_id", 1), ("status", 1)] in sub_keys
-    assert [("status", 1), ("created_at", -1)] in task_keys
+        assert again.count_subtasks("t")[Status.PENDING] == 2
 
 
 def test_fail_task_is_conditional(store) -> None:
     store.create_task({"id": "tf1", "name": "t", "total_images": 2})
     assert store.fail_task("tf1", "master crashed: boom") is True
     task = store.get_task("tf1")
-    assert task["status"] == "failed" and task["error"] == "master crashed: boom" and task["completed_at"]
+    assert task["status"] == Status.FAILED and task["error"] == "master crashed: boom" and task["completed_at"]
     assert store.fail_task("tf1", "again") is False
     assert store.get_task("tf1")["error"] == "master crashed: boom"
     assert store.fail_task("missing", "x") is False
@@ -752,17 +717,17 @@ def test_sqlite_file_from_before_task_state(tmp_path: Path) -> None:
     `task_state` table existed) opens with those counters, and its tasks finish and finalise."""
     s = SQLiteStore(tmp_path)
     ids = make_task(s, "t", 3)
-    s._conn().execute("DROP TABLE task_state")  # the file as an earlier version left it
-    s._conn().execute(
+    s.connection().execute("DROP TABLE task_state")  # the file as an earlier version left it
+    s.connection().execute(
         "UPDATE tasks SET status = ?, doc = json_set(doc, '$.status', ?, '$.processed_images', 1,"
         " '$.completed_images', 1, '$.progress', 33.33, '$.cancel_requested', json('false')) WHERE id = 't'",
-        (PROCESSING, PROCESSING),
+        (Status.PROCESSING, Status.PROCESSING),
     )
-    s._conn().execute("UPDATE subtasks SET status = ? WHERE id = ?", (COMPLETED, ids[0]))
+    s.connection().execute("UPDATE subtasks SET status = ? WHERE id = ?", (Status.COMPLETED, ids[0]))
     s.close()
     with SQLiteStore(tmp_path) as again:
         task = again.get_task("t")
-        assert task is not None and task["status"] == PROCESSING and task["progress"] == 33.33
+        assert task is not None and task["status"] == Status.PROCESSING and task["progress"] == 33.33
         assert counters(task) == {
             "total_images": 3,
             "processed_images": 1,
@@ -771,11 +736,13 @@ def test_sqlite_file_from_before_task_state(tmp_path: Path) -> None:
             "cancelled_images": 0,
         }
         assert not again.is_cancel_requested("t")
-        assert again.finish_subtask(ids[1], COMPLETED, result="https://img/1.png").finalised is False  # type: ignore[union-attr]
-        last = again.finish_subtask(ids[2], FAILED, error="boom")
+        assert again.finish_subtask(ids[1], Status.COMPLETED, result="https://img/1.png").finalised is False  # type: ignore[union-attr]
+        last = again.finish_subtask(ids[2], Status.FAILED, error="boom")
         assert last is not None and last.finalised and last.task is not None
         assert (
-            last.task["status"] == COMPLETED and last.task["completed_images"] == 2 and last.task["progress"] == 100.0
+            last.task["status"] == Status.COMPLETED
+            and last.task["completed_images"] == 2
+            and last.task["progress"] == 100.0
         )
         assert again.list_tasks()[0]["processed_images"] == 3
 
@@ -783,11 +750,11 @@ def test_sqlite_file_from_before_task_state(tmp_path: Path) -> None:
 def test_get_subtask_for_work_reads_the_subtask_and_its_tasks_cancel_flag(store: Store) -> None:
     ids = make_task(store, "t", 2)
     sub, cancel = store.get_subtask_for_work(ids[0])
-    assert sub is not None and sub["id"] == ids[0] and sub["status"] == PENDING and cancel is False
+    assert sub is not None and sub["id"] == ids[0] and sub["status"] == Status.PENDING and cancel is False
     assert store.start_subtask(ids[0]) is not None
     store.cancel_task("t")  # cancels the pending one; the processing one is left to its worker
     sub, cancel = store.get_subtask_for_work(ids[0])
-    assert sub is not None and sub["status"] == PROCESSING and cancel is True
+    assert sub is not None and sub["status"] == Status.PROCESSING and cancel is True
     assert store.get_subtask_for_work("missing") == (None, False)
 
 
@@ -799,11 +766,11 @@ def finished_task(store: Store, task_id: str, outcomes: list[str]) -> list[str]:
     ids = make_task(store, task_id, len(outcomes))
     store.mark_task_running(task_id)
     for i, (sid, status) in enumerate(zip(ids, outcomes, strict=True)):
-        if status != CANCELLED:
+        if status != Status.CANCELLED:
             store.start_subtask(sid)
             store.record_job(sid, f"job-{i}", 1000 + i)
-        result = f"https://img/{i}.png" if status == COMPLETED else None
-        store.finish_subtask(sid, status, result=result, error=None if status == COMPLETED else f"boom {i}")
+        result = f"https://img/{i}.png" if status == Status.COMPLETED else None
+        store.finish_subtask(sid, status, result=result, error=None if status == Status.COMPLETED else f"boom {i}")
     return ids
 
 
@@ -814,18 +781,70 @@ def test_new_documents_start_in_round_1(store: Store) -> None:
     assert sub is not None and sub["round"] == 1 and sub["error_history"] == []
 
 
+@pytest.mark.parametrize("round_value", ["missing", 1, 3, 0, -2, True, 2.5, "2"])
+@pytest.mark.parametrize("ended", [Status.FAILED, Status.CANCELLED])
+def test_the_sql_history_entry_is_the_python_one(tmp_path: Path, round_value: object, ended: Status) -> None:
+    """SQLite builds a retry's `error_history` entry in SQL (`HISTORY_ENTRY_SQL`), MongoDB in Python
+    (`history_entry`): both from `HISTORY_FIELDS`, and equal field by field, odd rounds included."""
+    s = SQLiteStore(tmp_path)
+    (sid,) = finished_task(s, "t", [ended])
+    conn = s.connection()
+    if round_value == "missing":  # a document written before rounds existed
+        conn.execute("UPDATE subtasks SET doc = json_remove(doc, '$.round') WHERE id = ?", (sid,))
+    else:
+        conn.execute(
+            "UPDATE subtasks SET doc = json_set(doc, '$.round', json(?)) WHERE id = ?", (json.dumps(round_value), sid)
+        )
+    sub = s.get_subtask(sid)
+    assert sub is not None
+    (text,) = conn.execute(f"SELECT {HISTORY_ENTRY_SQL} FROM subtasks WHERE id = ?", (sid,)).fetchone()
+    in_sql, in_python = json.loads(text), store_base.history_entry(sub)
+    assert list(in_sql) == list(in_python) == list(store_base.HISTORY_FIELDS)
+    for key in store_base.HISTORY_FIELDS:
+        assert (key, in_sql[key]) == (key, in_python[key])
+    expected_round = round_value if type(round_value) is int and round_value > 0 else 1
+    assert in_python["status"] == ended and in_python["round"] == expected_round
+    if ended == Status.FAILED:  # it ran: every field has a value
+        assert all(value is not None for value in in_python.values()), in_python
+    s.close()
+
+
+def test_statuses_are_stored_and_shown_as_their_text(tmp_path: Path) -> None:
+    """A `Status` is a str: stored, sent as JSON or BSON and printed, it is the plain word."""
+    s = SQLiteStore(tmp_path)
+    (sid,) = finished_task(s, "t", [Status.FAILED])
+    row = s.connection().execute(
+        "SELECT status, typeof(status), json_extract(doc, '$.status') FROM subtasks WHERE id = ?", (sid,)
+    )
+    assert row.fetchone() == ("failed", "text", "failed")
+    assert type(s.get_subtask(sid)["status"]) is str  # type: ignore[index]
+    s.close()
+    assert json.dumps({Status.FAILED: [Status.CANCELLED]}) == '{"failed": ["cancelled"]}'
+    assert json.dumps({"s": Status.PENDING}, indent=1) == '{\n "s": "pending"\n}'
+    assert bson.decode(bson.encode({"status": Status.FAILED})) == {"status": "failed"}
+    assert f"{Status.PROCESSING} {Status.COMPLETED!s}" == "processing completed"
+    with pytest.raises(ValueError, match=r"got \['completed'\]"):  # the text, not the member's repr
+        store_base.check_retryable([Status.COMPLETED])
+    with pytest.raises(ValueError, match=r"got 'pending'$"):
+        store_base.check_terminal(Status.PENDING)
+
+
 def test_retry_runs_failed_subtasks_again_with_exact_counters(store: Store) -> None:
-    ids = finished_task(store, "t", [COMPLETED, FAILED, COMPLETED, FAILED, CANCELLED, COMPLETED])
+    ids = finished_task(
+        store,
+        "t",
+        [Status.COMPLETED, Status.FAILED, Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.COMPLETED],
+    )
     before = store.get_task("t")
-    assert before is not None and before["status"] == CANCELLED and before["processed_images"] == 6
+    assert before is not None and before["status"] == Status.CANCELLED and before["processed_images"] == 6
     done_before = {sid: store.get_subtask(sid) for sid in (ids[0], ids[2], ids[5])}
 
-    outcome = store.retry_subtasks("t", [FAILED])
+    outcome = store.retry_subtasks("t", [Status.FAILED])
     assert outcome.found and outcome.reopened and outcome.reset == 2 and outcome.round == 2
-    assert outcome.status == CANCELLED  # as the call found it
+    assert outcome.status == Status.CANCELLED  # as the call found it
     task = store.get_task("t")
-    assert task is not None and outcome.task is not None and outcome.task["status"] == PROCESSING
-    assert task["status"] == PROCESSING and task["round"] == 2
+    assert task is not None and outcome.task is not None and outcome.task["status"] == Status.PROCESSING
+    assert task["status"] == Status.PROCESSING and task["round"] == 2
     assert counters(task) == {
         "total_images": 6,
         "processed_images": 4,
@@ -837,7 +856,7 @@ def test_retry_runs_failed_subtasks_again_with_exact_counters(store: Store) -> N
     assert counters(task) == {**store.recount("t")}
     for i in (1, 3):
         sub = store.get_subtask(ids[i])
-        assert sub is not None and sub["status"] == PENDING and sub["round"] == 2
+        assert sub is not None and sub["status"] == Status.PENDING and sub["round"] == 2
         assert (sub["job_uuid"], sub["result"], sub["error"], sub["attempts"], sub["poll_count"]) == (
             None,
             None,
@@ -848,28 +867,28 @@ def test_retry_runs_failed_subtasks_again_with_exact_counters(store: Store) -> N
         assert sub["started_at"] is None and sub["completed_at"] is None
         assert sub["seed"] == 1000 + i  # the same image is made again
         [entry] = sub["error_history"]
-        assert entry["round"] == 1 and entry["status"] == FAILED and entry["error"] == f"boom {i}"
+        assert entry["round"] == 1 and entry["status"] == Status.FAILED and entry["error"] == f"boom {i}"
         assert entry["job_uuid"] == f"job-{i}" and entry["seed"] == 1000 + i
         assert isinstance(entry["completed_at"], str) and entry["completed_at"].startswith("20")
     for sid, doc in done_before.items():  # nothing else runs again
         assert store.get_subtask(sid) == doc
-    assert store.get_subtask(ids[4])["status"] == CANCELLED  # type: ignore[index]
+    assert store.get_subtask(ids[4])["status"] == Status.CANCELLED  # type: ignore[index]
 
     # Refused while the task runs; the round's subtasks finish and count as usual.
-    assert store.retry_subtasks("t", [FAILED, CANCELLED]).reopened is False
-    assert store.finish_subtask(ids[1], COMPLETED, result="https://img/1b.png").finalised is False  # type: ignore[union-attr]
-    last = store.finish_subtask(ids[3], FAILED, error="boom again")
+    assert store.retry_subtasks("t", [Status.FAILED, Status.CANCELLED]).reopened is False
+    assert store.finish_subtask(ids[1], Status.COMPLETED, result="https://img/1b.png").finalised is False  # type: ignore[union-attr]
+    last = store.finish_subtask(ids[3], Status.FAILED, error="boom again")
     assert last is not None and last.finalised and last.task is not None and last.task["round"] == 2
-    assert last.task["status"] == CANCELLED  # one image is still cancelled
+    assert last.task["status"] == Status.CANCELLED  # one image is still cancelled
 
     # Round 3: the cancelled one and the one that failed again.
-    outcome = store.retry_subtasks("t", [CANCELLED, FAILED])
+    outcome = store.retry_subtasks("t", [Status.CANCELLED, Status.FAILED])
     assert outcome.reopened and outcome.reset == 2 and outcome.round == 3
     assert [e["error"] for e in store.get_subtask(ids[3])["error_history"]] == ["boom 3", "boom again"]  # type: ignore[index]
-    assert [e["status"] for e in store.get_subtask(ids[4])["error_history"]] == [CANCELLED]  # type: ignore[index]
-    store.finish_subtask(ids[3], COMPLETED, result="https://img/3c.png")
-    last = store.finish_subtask(ids[4], COMPLETED, result="https://img/4c.png")
-    assert last is not None and last.finalised and last.task_status == COMPLETED
+    assert [e["status"] for e in store.get_subtask(ids[4])["error_history"]] == [Status.CANCELLED]  # type: ignore[index]
+    store.finish_subtask(ids[3], Status.COMPLETED, result="https://img/3c.png")
+    last = store.finish_subtask(ids[4], Status.COMPLETED, result="https://img/4c.png")
+    assert last is not None and last.finalised and last.task_status == Status.COMPLETED
     task = store.get_task("t")
     assert task is not None and task["error"] is None and task["progress"] == 100.0 and task["round"] == 3
     assert (
@@ -889,18 +908,18 @@ def test_retry_refusals(store: Store) -> None:
     assert store.retry_subtasks("missing").found is False
     ids = make_task(store, "t", 2)
     pending = store.retry_subtasks("t")
-    assert pending.found and not pending.reopened and pending.status == PENDING
+    assert pending.found and not pending.reopened and pending.status == Status.PENDING
     store.mark_task_running("t")
-    store.finish_subtask(ids[0], FAILED, error="x")
+    store.finish_subtask(ids[0], Status.FAILED, error="x")
     running = store.retry_subtasks("t")
-    assert not running.reopened and running.status == PROCESSING and running.reset == 0
-    assert store.get_subtask(ids[0])["status"] == FAILED  # type: ignore[index]
-    store.finish_subtask(ids[1], COMPLETED)
-    nothing = store.retry_subtasks("t", [CANCELLED])  # no cancelled subtask: nothing changes
+    assert not running.reopened and running.status == Status.PROCESSING and running.reset == 0
+    assert store.get_subtask(ids[0])["status"] == Status.FAILED  # type: ignore[index]
+    store.finish_subtask(ids[1], Status.COMPLETED)
+    nothing = store.retry_subtasks("t", [Status.CANCELLED])  # no cancelled subtask: nothing changes
     assert nothing.found and not nothing.reopened and nothing.reset == 0
-    assert store.get_task("t")["status"] == COMPLETED and store.get_task("t")["round"] == 1  # type: ignore[index]
+    assert store.get_task("t")["status"] == Status.COMPLETED and store.get_task("t")["round"] == 1  # type: ignore[index]
     with pytest.raises(ValueError, match="failed"):
-        store.retry_subtasks("t", [COMPLETED])
+        store.retry_subtasks("t", [Status.COMPLETED])
     with pytest.raises(ValueError):
         store.retry_subtasks("t", [])
 
@@ -908,10 +927,10 @@ def test_retry_refusals(store: Store) -> None:
 def test_retry_cancelled_subtasks_of_a_cancelled_task_clears_the_cancel(store: Store) -> None:
     ids = make_task(store, "t", 3)
     store.mark_task_running("t")
-    store.finish_subtask(ids[0], COMPLETED)
+    store.finish_subtask(ids[0], Status.COMPLETED)
     assert store.cancel_task("t").finalised
     assert store.is_cancel_requested("t")
-    outcome = store.retry_subtasks("t", [CANCELLED])
+    outcome = store.retry_subtasks("t", [Status.CANCELLED])
     assert outcome.reopened and outcome.reset == 2
     assert not store.is_cancel_requested("t")  # else the pipeline would cancel them at once
     task = store.get_task("t")
@@ -920,7 +939,7 @@ def test_retry_cancelled_subtasks_of_a_cancelled_task_clears_the_cancel(store: S
 
 def test_concurrent_retries_reopen_the_task_once(make_store: StoreFactory) -> None:
     store = make_store()
-    finished_task(store, "t", [FAILED] * 40 + [COMPLETED] * 10)
+    finished_task(store, "t", [Status.FAILED] * 40 + [Status.COMPLETED] * 10)
     handles = [make_store() for _ in range(4)]
     barrier = threading.Barrier(len(handles))
     outcomes = []
@@ -938,31 +957,22 @@ def test_concurrent_retries_reopen_the_task_once(make_store: StoreFactory) -> No
     assert sum(o.reopened for o in outcomes) == 1
     assert sum(o.reset for o in outcomes) == 40  # each subtask moved once
     task = store.get_task("t")
-    assert task is not None and task["round"] == 2 and task["status"] == PROCESSING
+    assert task is not None and task["round"] == 2 and task["status"] == Status.PROCESSING
     assert counters(task) == {**store.recount("t")}
-    assert all(len(s["error_history"]) == 1 for s in store.list_subtasks("t", status=PENDING))
+    assert all(len(s["error_history"]) == 1 for s in store.list_subtasks("t", status=Status.PENDING))
 
 
-def test_mongo_retry_interrupted_after_the_subtasks_is_finished_by_the_next_call(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """With MongoDB the subtasks move one by one before the task: a process that dies in between
-    leaves them pending under a finished task, and running the retry again goes on from there."""
-    store = MongoStore(AtomicDatabase(mongomock.MongoClient().db))  # type: ignore[arg-type]
-    ids = finished_task(store, "t", [FAILED, FAILED, COMPLETED])
-
-    class Died(Exception):
-        pass
-
-    def die(*args: Any, **kwargs: Any) -> Any:
-        raise Died
-
-    with monkeypatch.context() as patch:
-        patch.setattr(store.tasks, "find_one_and_update", die)
-        with pytest.raises(Died):
-            store.retry_subtasks("t")
-    assert store.get_task("t")["status"] == COMPLETED  # type: ignore[index]
-    assert store.count_subtasks("t")[PENDING] == 2
+def test_mongo_retry_interrupted_after_the_subtasks_is_finished_by_the_next_call() -> None:
+    """With MongoDB the subtasks move before the task: a process that dies in between leaves them
+    pending under a finished task, and running the retry again goes on from there."""
+    db = FaultyDatabase(mongomock.MongoClient().db)
+    store = MongoStore(db)  # type: ignore[arg-type]
+    ids = finished_task(store, "t", [Status.FAILED, Status.FAILED, Status.COMPLETED])
+    db.fail(lambda call: call.collection == "tasks" and call.method == "find_one_and_update", AutoReconnect("died"))
+    with pytest.raises(AutoReconnect):
+        store.retry_subtasks("t")
+    assert store.get_task("t")["status"] == Status.COMPLETED  # type: ignore[index]
+    assert store.count_subtasks("t")[Status.PENDING] == 2
     outcome = store.retry_subtasks("t")
     assert outcome.reopened and outcome.reset == 0 and outcome.round == 2
     task = store.get_task("t")
@@ -976,15 +986,226 @@ def test_iter_subtasks_pages_through_a_task_in_id_order(store: Store) -> None:
     assert [s["id"] for s in store.iter_subtasks("t", batch=1000)] == ids
     assert [s["id"] for s in store.iter_subtasks("t", batch=2345)] == ids
     assert [s["id"] for s in store.list_subtasks("t", limit=3, after=ids[10])] == ids[11:14]
-    store.finish_subtask(ids[5], FAILED, error="x")
-    store.finish_subtask(ids[2000], FAILED, error="y")
-    assert [s["id"] for s in store.iter_subtasks("t", status=FAILED, batch=1)] == [ids[5], ids[2000]]
+    store.finish_subtask(ids[5], Status.FAILED, error="x")
+    store.finish_subtask(ids[2000], Status.FAILED, error="y")
+    assert [s["id"] for s in store.iter_subtasks("t", status=Status.FAILED, batch=1)] == [ids[5], ids[2000]]
     assert list(store.iter_subtasks("missing")) == []
 
 
-def test_the_mongo_store_pages_a_tasks_subtasks_along_an_index() -> None:
-    """`iter_subtasks` asks for a task's subtasks in `_id` order, a page at a time: the (task_id, _id)
-    index serves each page without sorting the task's subtasks again (SQLite: tests/test_results.py)."""
-    store = MongoStore(mongomock.MongoClient().db)
-    keys = [info["key"] for info in store.subtasks.index_information().values()]
-    assert [("task_id", 1), ("_id", 1)] in keys
+# --- lost increments, exact retries ---------------------------------------------------------------------
+
+
+def is_task_increment(call: Call) -> bool:
+    """The Mongo store's write that counts finished subtasks on their task."""
+    return call.collection == "tasks" and isinstance(call.update, dict) and "$inc" in call.update
+
+
+def lose_the_count(make_store: StoreFactory, store: Store, subtask_id: str, status: Status) -> None:
+    """Leave the subtask terminal but uncounted, as a finisher that died (or lost its connection for
+    good) between its two writes leaves it with MongoDB. SQLite's finish is one transaction and
+    cannot be cut in two: there the test writes the subtask's row itself."""
+    if make_store.db is not None:
+        make_store.db.fail(is_task_increment, AutoReconnect("connection lost between the finish's two writes"))
+        with pytest.raises(AutoReconnect):
+            store.finish_subtask(subtask_id, status)
+        return
+    assert isinstance(store, SQLiteStore)
+    now = iso_text(utcnow())
+    store.connection().execute(
+        "UPDATE subtasks SET status = ?, updated_at = ?, doc = json_set(doc, '$.status', ?, '$.updated_at', ?,"
+        " '$.completed_at', ?) WHERE id = ?",
+        (status, now, status, now, now, subtask_id),
+    )
+
+
+def assert_exact(store: Store, task_id: str) -> dict[str, Any]:
+    """The task's counters are its subtasks' recount; the task."""
+    task = store.get_task(task_id)
+    assert task is not None
+    recount = store.recount(task_id)
+    assert {k: task[k] for k in COUNTER_FIELDS} == {k: recount[k] for k in COUNTER_FIELDS}, (task_id, task["status"])
+    return task
+
+
+def test_prepare_can_run_again(make_store: StoreFactory) -> None:
+    """The daemon prepares the store at every start (the factory did once already)."""
+    store = make_store()
+    store.prepare()
+    make_task(store, "t", 2)
+    assert [s["id"] for s in store.list_subtasks("t")] == sub_ids("t", 2)
+
+
+def test_a_lost_increment_is_repaired_once_the_grace_has_passed(make_store: StoreFactory) -> None:
+    """A finish whose `$inc` never landed leaves its task `processing` for ever unless repaired:
+    the repair pass sets the counters to the recount and finalises the task, once, but only once
+    no subtask of the task has moved within the grace (a finisher may be between its two writes)."""
+    store = make_store()
+    ids = make_task(store, "t", 4)
+    store.mark_task_running("t")
+    store.finish_subtask(ids[0], Status.COMPLETED, result="https://img/0.png")
+    store.finish_subtask(ids[1], Status.COMPLETED, result="https://img/1.png")
+    store.finish_subtask(ids[2], Status.COMPLETED, result="https://img/2.png")
+    time.sleep(0.005)
+    cut = utcnow()
+    time.sleep(0.005)
+    lose_the_count(make_store, store, ids[3], Status.FAILED)
+    assert store.get_subtask(ids[3])["status"] == Status.FAILED  # type: ignore[index]
+    again = store.finish_subtask(ids[3], Status.FAILED)  # the redelivered message: nothing to count
+    assert again is not None and not again.changed
+    task = store.get_task("t")
+    assert task is not None and task["status"] == Status.PROCESSING and task["processed_images"] == 3
+    assert store.finalise_task("t") is None  # its counters are short: nothing else would end it
+
+    # The task was last counted before `cut`, its last subtask moved after it: within the grace.
+    assert store.repair_counts(cut) == []
+    assert store.repair_counts(cut - timedelta(hours=1)) == []
+    [repair] = store.repair_counts(utcnow() + timedelta(seconds=1))
+    assert repair.task_id == "t" and repair.finalised and repair.task_status == Status.COMPLETED
+    assert repair.before["processed_images"] == 3 and repair.before["failed_images"] == 0
+    assert repair.after == {"processed_images": 4, "completed_images": 3, "failed_images": 1, "cancelled_images": 0}
+    assert repair.task is not None and repair.task["status"] == Status.COMPLETED and is_partial(repair.task)
+    task = assert_exact(store, "t")
+    assert task["status"] == Status.COMPLETED and task["progress"] == 100.0
+    assert task["error"] == "partially completed: 1 of 4 images failed"
+    assert_aware_utc(task["completed_at"])
+    assert store.repair_counts(utcnow() + timedelta(seconds=1)) == []  # once
+    assert store.finalise_task("t") is None
+
+
+def test_the_repair_waits_for_a_task_with_work_left(make_store: StoreFactory) -> None:
+    """Short counters with a subtask still pending or processing: the task is not done, so its
+    counters are left to the finishes to come (the last of them does not finalise: the repair does,
+    after it). Exact counters and finished tasks are never touched."""
+    store = make_store()
+    ids = make_task(store, "t", 3)
+    store.mark_task_running("t")
+    lose_the_count(make_store, store, ids[0], Status.COMPLETED)
+    store.start_subtask(ids[1])
+    later = utcnow() + timedelta(seconds=1)
+    assert store.repair_counts(later) == []
+    store.finish_subtask(ids[1], Status.COMPLETED)
+    assert store.repair_counts(utcnow() + timedelta(seconds=1)) == []  # ids[2] still pending
+    last = store.finish_subtask(ids[2], Status.CANCELLED)
+    assert last is not None and last.changed and not last.finalised
+    [repair] = store.repair_counts(utcnow() + timedelta(seconds=1))
+    assert repair.finalised and repair.task_status == Status.CANCELLED
+    assert_exact(store, "t")
+
+    exact = make_task(store, "u", 2)
+    store.mark_task_running("u")
+    store.finish_subtask(exact[0], Status.COMPLETED)
+    finished = make_task(store, "v", 1)
+    store.finish_subtask(finished[0], Status.COMPLETED)
+    assert store.repair_counts(utcnow() + timedelta(seconds=1)) == []
+    assert store.get_task("u")["status"] == Status.PROCESSING  # type: ignore[index]
+
+
+def test_retry_is_refused_while_a_subtask_is_processing(store: Store) -> None:
+    """A task failed by its master can still have a subtask processing: its finish may be between
+    its two writes, so the retry waits until it has ended, changing nothing meanwhile."""
+    ids = make_task(store, "t", 3)
+    store.mark_task_running("t")
+    store.finish_subtask(ids[0], Status.FAILED, error="boom")
+    store.start_subtask(ids[1])
+    store.finish_subtask(ids[2], Status.COMPLETED)
+    assert store.fail_task("t", "master crashed")
+    refused = store.retry_subtasks("t")
+    assert refused.found and not refused.reopened and refused.reset == 0
+    assert refused.status == Status.FAILED and refused.processing == 1
+    assert store.get_subtask(ids[0])["status"] == Status.FAILED  # type: ignore[index]
+    store.finish_subtask(ids[1], Status.FAILED, error="late")
+    outcome = store.retry_subtasks("t")
+    assert outcome.reopened and outcome.reset == 2 and outcome.processing == 0
+    task = assert_exact(store, "t")
+    assert task["status"] == Status.PROCESSING and task["processed_images"] == 1 and task["failed_images"] == 0
+
+
+def test_retry_moves_exactly_and_counts_by_difference(store: Store) -> None:
+    """The retry takes off the counters exactly the subtasks it moved: a count that was already
+    short stays short by as much (the repair pass, not the retry, puts it right), never reset."""
+    ids = finished_task(store, "t", [Status.FAILED, Status.CANCELLED, Status.COMPLETED, Status.FAILED])
+    before = store.get_task("t")
+    assert before is not None
+    outcome = store.retry_subtasks("t", [Status.FAILED, Status.CANCELLED])
+    assert outcome.reopened and outcome.reset == 3
+    task = assert_exact(store, "t")
+    assert task["processed_images"] == before["processed_images"] - 3
+    assert (task["failed_images"], task["cancelled_images"], task["completed_images"]) == (0, 0, 1)
+    assert task["progress"] == 25.0
+    for sid in (ids[0], ids[1], ids[3]):
+        store.finish_subtask(sid, Status.COMPLETED)
+    assert assert_exact(store, "t")["status"] == Status.COMPLETED
+
+
+def _interleaving_case(store: Store, task_id: str, target: str) -> tuple[str, Status]:
+    """A finished task for the finisher-and-retry races: the subtask a finisher ends meanwhile,
+    and how. `processing`: a task failed by its master with one subtask still running, which
+    ends failed (so the retry may take it too); `retried`: a stale message ends a failed subtask,
+    which only moves if the retry made it pending first."""
+    outcomes = [Status.COMPLETED, Status.FAILED, Status.FAILED, Status.FAILED]
+    if target == "processing":
+        ids = make_task(store, task_id, 4)
+        store.mark_task_running(task_id)
+        store.finish_subtask(ids[0], Status.COMPLETED)
+        store.finish_subtask(ids[1], Status.FAILED, error="boom")
+        store.finish_subtask(ids[3], Status.FAILED, error="boom")
+        store.start_subtask(ids[2])
+        assert store.fail_task(task_id, "master crashed")
+        return ids[2], Status.FAILED
+    ids = finished_task(store, task_id, outcomes)
+    return ids[1], Status.COMPLETED
+
+
+@pytest.mark.parametrize("target", ["processing", "retried"])
+def test_a_finisher_and_a_retry_in_every_order(make_store: StoreFactory, target: str) -> None:
+    """Every interleaving of one finish's writes with a retry's (MongoDB: each collection call is a
+    step; SQLite: each operation is one transaction, so the two orders). After each, the counters
+    equal the recount; then the round runs to its end and is finalised exactly once, exactly."""
+    store = make_store()
+    db = make_store.db
+    wanted = [Status.FAILED]
+
+    def steps(run: Callable[[], Any]) -> int:
+        if db is None:
+            run()
+            return 1
+        since = len(db.calls)
+        run()
+        return len(db.calls) - since
+
+    # The steps of each, alone, before and after the other: enough turns for every order.
+    sid, ends = _interleaving_case(store, "solo-1", target)
+    finish_first = steps(lambda: store.finish_subtask(sid, ends))
+    retry_second = steps(lambda: store.retry_subtasks("solo-1", wanted))
+    sid, ends = _interleaving_case(store, "solo-2", target)
+    retry_first = steps(lambda: store.retry_subtasks("solo-2", wanted))
+    finish_second = steps(lambda: store.finish_subtask(sid, ends))
+    orders = list(interleavings(retry=max(retry_first, retry_second), finish=max(finish_first, finish_second)))
+    assert len(orders) > 1
+    for n, order in enumerate(orders):
+        task_id = f"o{n}"
+        sid, ends = _interleaving_case(store, task_id, target)
+        work = {
+            "retry": lambda task_id=task_id: store.retry_subtasks(task_id, wanted),
+            "finish": lambda sid=sid, ends=ends: store.finish_subtask(sid, ends),
+        }
+        if db is None:
+            for name in order:
+                work[name]()
+        else:
+            db.turns = Turns(order)
+            try:
+                db.turns.run(**work)
+            finally:
+                db.turns = None
+        assert_exact(store, task_id)
+        finalised = 0
+        for sub in store.list_subtasks(task_id, status=[Status.PENDING, Status.PROCESSING]):
+            outcome = store.finish_subtask(sub["id"], Status.COMPLETED)
+            finalised += bool(outcome and outcome.finalised)
+        task = assert_exact(store, task_id)
+        assert task["status"] in TERMINAL, (order, task["status"])
+        assert finalised == (1 if task["round"] == 2 else 0), order
+        if db is not None:  # mongomock reads every document for every query: keep the collections small
+            db.db.tasks.delete_many({})
+            db.db.subtasks.delete_many({})

@@ -17,10 +17,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import Daemon, wait_for
 from supervisor.states import ProcessStates, SupervisorStates
 
 from nietest_daemon.internals.supervisor import SystemdNotifier
+from nietest_daemon.testing.daemon import Daemon
+from nietest_daemon.testing.waiting import wait_for
 
 
 class FakeSystemd:

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, PrivateValkey, wait_for
 
 from nietest_daemon.domain.lifecycle import TERMINAL
 from nietest_daemon.store import open_store_for
 from nietest_daemon.testing import task_documents as taskdocs
+from nietest_daemon.testing.daemon import Daemon
 from nietest_daemon.testing.fake_nieta import FakeNieta
+from nietest_daemon.testing.valkey import PrivateValkey
+from nietest_daemon.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

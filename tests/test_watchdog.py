@@ -22,7 +22,6 @@ from typing import Any
 import dramatiq
 import dramatiq.broker
 import pytest
-from conftest import Daemon, PrivateValkey, wait_for
 
 from bench.pipeline import task_file
 from nietest_daemon.coordination import counters, keys, lifelines
@@ -39,7 +38,10 @@ from nietest_daemon.pipeline.middleware.in_hand import InHand
 from nietest_daemon.programs.watchdog import Watchdog
 from nietest_daemon.programs.worker import RECYCLE_MIN_SECONDS, Recycling, resident_bytes
 from nietest_daemon.store import open_store_for
+from nietest_daemon.testing.daemon import Daemon
 from nietest_daemon.testing.fake_nieta import FakeNieta
+from nietest_daemon.testing.valkey import PrivateValkey
+from nietest_daemon.testing.waiting import wait_for
 
 HOST = "host-a"
 
@@ -170,11 +172,11 @@ def test_a_silent_worker_is_killed_once_and_reported(
     assert watchdog.count_restart("subtask_ops", "subtask_ops_00", 13) == "hang"
     assert watchdog.count_restart("subtask", "subtask_00", 10) == "crash"
     events = lifelines.drain_events(client)
-    assert [(e["process"], e["pid"], e["queue"]) for e in events] == [
-        ("subtask:subtask_01", 11, settings.queue("subtask").name),
-        ("subtask_ops:subtask_ops_00", 13, settings.queue("subtask_ops").name),
+    assert [(e.process, e.pid, e.queue, e.host) for e in events] == [
+        ("subtask:subtask_01", 11, settings.queue("subtask").name, HOST),
+        ("subtask_ops:subtask_ops_00", 13, settings.queue("subtask_ops").name, HOST),
     ]
-    assert events[0]["silent_seconds"] == pytest.approx(hang + 1, abs=0.2)
+    assert events[0].silent_seconds == pytest.approx(hang + 1, abs=0.2)
     # After the broker was out of reach, silence counts again from the first check that reads it.
     watchdog.watching_since = None
     infos.append(info("subtask_02", 16, now - 600))

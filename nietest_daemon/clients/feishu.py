@@ -8,9 +8,9 @@ never takes longer than `deadline` seconds (plus one HTTP phase timeout at worst
 - Any body `code` other than 0 is a failure, even on HTTP 200. Rate limits (HTTP 429, codes 9499 and
   11232) and server errors (5xx, transport errors, timeouts) are retried with backoff; signature,
   IP and keyword errors (19021, 19022, 19024) are configuration errors: never retried, logged as such.
-- `RateLimiter` keeps each webhook under 5 requests a second and 100 a minute across every process
-  sharing one Redis (a sliding-window log in a sorted set, updated by one Lua script and timed by the
-  Redis server's clock); without Redis, or while Redis fails, an in-process limiter stands in.
+- Each webhook stays under 5 requests a second and 100 a minute across every process sharing one
+  Redis (`coordination.rate_limit.RateLimiter`); without Redis, or while Redis fails, an in-process
+  limiter stands in.
 - Bodies stay under 20 KB: the card content is cut, and the card says so.
 - No webhook: the message is only logged. An undelivered message is logged with its content.
   The webhook URL and the secret never appear in a log line or in a `SendResult`.
@@ -28,8 +28,6 @@ import logging
 import socket
 import threading
 import time
-import uuid
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from queue import Empty, Full, Queue
@@ -38,14 +36,14 @@ from typing import Any, Literal
 import httpx
 import redis
 
-from nietest_daemon.coordination import keys
 from nietest_daemon.coordination.keys import FEISHU_RATE_LIMIT_PREFIX
-from nietest_daemon.core.backoff import SPREAD, jittered, parse_retry_after
+from nietest_daemon.coordination.rate_limit import RateLimiter
+from nietest_daemon.core.backoff import SPREAD, parse_retry_after
 from nietest_daemon.core.backoff import backoff as backoff_delay
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.redaction import add_secrets, redact
 
-log = get_logger("nietest.feishu")
+log = get_logger(__name__)
 
 Severity = Literal["info", "warning", "critical", "success"]
 
@@ -67,7 +65,6 @@ CONFIG_ERROR_CODES: dict[int, str] = {
     19024: "the message does not contain any of the bot's keywords",
 }
 
-REDIS_RETRY_AFTER = 30.0  # seconds the limiter stays local after a Redis failure
 MAX_RETRY_AFTER = 10.0  # a longer Retry-After / x-ogw-ratelimit-reset is waited this long at most
 
 
@@ -190,9 +187,9 @@ def fit_card(
         note = f"\n\n… *(message truncated: {len(text) - cut} of {len(text)} characters not shown)*"
         return build_card(title, text[:cut] + note, severity, fields=fields, host=host, queue=queue)
 
-    body = make(None)
-    if len(encode_body(body)) <= limit:
-        return body, False
+    whole = make(None)
+    if len(encode_body(whole)) <= limit:
+        return whole, False
     body = _largest_fit(make, len(text), limit)
     if body is None:  # the fields alone are too big: drop them
         fields = None
@@ -210,124 +207,6 @@ def _largest_fit(make: Callable[[int], dict[str, Any]], length: int, limit: int)
         else:
             high = mid - 1
     return make(low) if low >= 0 else None
-
-
-# --- rate limiting -------------------------------------------------------------------------------
-
-# KEYS[1]: the sorted set of this webhook's recent requests (score = Redis server time in ms).
-# ARGV: per_second, per_minute, second window ms, minute window ms, unique member suffix.
-# Returns 0 when a slot was taken, else how many ms to wait before one may be free.
-_ACQUIRE_LUA = """
-if redis.replicate_commands then pcall(redis.replicate_commands) end
-local key = KEYS[1]
-local per_sec, per_min = tonumber(ARGV[1]), tonumber(ARGV[2])
-local sec_ms, min_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - min_ms)
-local total = redis.call('ZCARD', key)
-if total >= per_min then
-  local e = redis.call('ZRANGE', key, total - per_min, total - per_min, 'WITHSCORES')
-  return math.max(1, tonumber(e[2]) + min_ms - now)
-end
-local recent = redis.call('ZCOUNT', key, '(' .. (now - sec_ms), '+inf')
-if recent >= per_sec then
-  local e = redis.call('ZRANGE', key, total - per_sec, total - per_sec, 'WITHSCORES')
-  return math.max(1, tonumber(e[2]) + sec_ms - now)
-end
-redis.call('ZADD', key, now, now .. '-' .. ARGV[5])
-redis.call('PEXPIRE', key, min_ms + 1000)
-return 0
-"""
-
-
-class _LocalWindows:
-    """The in-process sliding-window log, shared by every limiter of this process."""
-
-    lock = threading.Lock()
-    logs: dict[str, deque[float]] = {}
-
-
-class RateLimiter:
-    """At most `per_second` requests a second and `per_minute` a minute per webhook.
-
-    With a Redis client the count is shared by every process using that Redis; the key is
-    `{key_prefix}:{sha256(url)[:24]}`, never the URL. `slack` widens both windows a little so that
-    network jitter cannot make the receiver count one request too many.
-    """
-
-    def __init__(
-        self,
-        redis_client: redis.Redis | None,
-        key_prefix: str = FEISHU_RATE_LIMIT_PREFIX,
-        *,
-        per_second: int = 5,
-        per_minute: int = 100,
-        slack: float = 0.1,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self.redis = redis_client
-        self.key_prefix = key_prefix
-        self.per_second = per_second
-        self.per_minute = per_minute
-        self.second_window = 1.0 + slack
-        self.minute_window = 60.0 + slack
-        self.clock = clock
-        self.sleep = sleep
-        self._script = redis_client.register_script(_ACQUIRE_LUA) if redis_client is not None else None
-        self._redis_down_until = float("-inf")
-
-    def key_for(self, webhook_url: str) -> str:
-        """The Redis key (and local key) of one webhook: a hash, never the URL."""
-        return keys.feishu_rate_limit(hashlib.sha256(webhook_url.encode()).hexdigest()[:24], self.key_prefix)
-
-    def acquire(self, webhook_url: str, timeout: float) -> bool:
-        """Take a slot for one request, waiting up to `timeout` seconds; False if none came in time."""
-        key = self.key_for(webhook_url)
-        deadline = self.clock() + max(0.0, timeout)
-        while True:
-            wait = self._try_redis(key)
-            if wait is None:
-                wait = self._try_local(key)
-            if wait <= 0:
-                return True
-            remaining = deadline - self.clock()
-            if wait > remaining:
-                return False
-            self.sleep(wait + jittered(0.02, (0.0, 1.0)))  # up to 20 ms more: waiters do not wake together
-
-    def _try_redis(self, key: str) -> float | None:
-        """0 if a slot was taken, else seconds to wait; None when Redis is absent or failing."""
-        if self._script is None or self.clock() < self._redis_down_until:
-            return None
-        args = [self.per_second, self.per_minute, int(self.second_window * 1000), int(self.minute_window * 1000)]
-        try:
-            wait_ms = int(self._script(keys=[key], args=[*args, uuid.uuid4().hex[:12]]))
-        except (redis.RedisError, OSError) as exc:
-            # Do not ask a failing Redis again for a while: each try can cost its client's retries.
-            self._redis_down_until = self.clock() + REDIS_RETRY_AFTER
-            log.warning(
-                "feishu rate limiter: redis unavailable, limiting this process only",
-                error=redact(repr(exc))[:300],
-                retry_in=REDIS_RETRY_AFTER,
-            )
-            return None
-        return wait_ms / 1000.0
-
-    def _try_local(self, key: str) -> float:
-        now = self.clock()
-        with _LocalWindows.lock:
-            stamps = _LocalWindows.logs.setdefault(key, deque())
-            while stamps and stamps[0] <= now - self.minute_window:
-                stamps.popleft()
-            if len(stamps) >= self.per_minute:
-                return max(0.001, stamps[len(stamps) - self.per_minute] + self.minute_window - now)
-            recent = sum(1 for s in stamps if s > now - self.second_window)
-            if recent >= self.per_second:
-                return max(0.001, stamps[len(stamps) - self.per_second] + self.second_window - now)
-            stamps.append(now)
-            return 0.0
 
 
 # --- the client ----------------------------------------------------------------------------------

@@ -10,23 +10,24 @@ token never appears in an exception message or a log line.
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import logging
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httpx
 
 from nietest_daemon.core.backoff import EQUAL, backoff, parse_retry_after
+from nietest_daemon.core.logs import get_logger
+from nietest_daemon.core.loopback import is_loopback
 from nietest_daemon.core.redaction import add_secrets, redact
 from nietest_daemon.domain.images import SeedError, choose_seed, ratio_to_size
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: The element every Lumina job gets appended to its prompts.
 LUMINA_ELEMENT_UUID = "b5edccfe-46a2-4a14-a8ff-f4d430343805"
@@ -40,10 +41,6 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_MESSAGE_CHARS = 500
 #: API error text kept in a JobStatus at most (verbatim below that).
 MAX_JOB_ERROR_CHARS = 2000
-
-PENDING_STATUSES = frozenset({"PENDING", "RUNNING", "QUEUING"})
-FAILURE_STATUSES = frozenset({"FAILURE", "FAILED", "ERROR"})
-JOB_STATES = ("pending", "success", "failure", "moderated", "timeout")
 
 _UUID_KEYS = ("uuid", "task_uuid", "id", "task_id")
 _BARE_UUID = re.compile(r"[0-9a-fA-F]{8}(-?[0-9a-fA-F]{4}){3}-?[0-9a-fA-F]{12}")
@@ -82,15 +79,40 @@ class NietaError(Exception):
         return self.message
 
 
+class JobState(StrEnum):
+    """Where an image job stands, as one poll reads the API's `task_status` (`STATE_OF_TASK_STATUS`)."""
+
+    PENDING = "pending"  # not done: poll again
+    SUCCESS = "success"  # done: the image is the first artifact with a url
+    FAILURE = "failure"  # failed; also any task_status this client does not know
+    MODERATED = "moderated"  # ILLEGAL_IMAGE: refused by moderation, final
+    TIMEOUT = "timeout"  # the API gave up on the job: a new one may be created
+
+
+#: The API's `task_status` values (any case) and the state each one means; any other one is a
+#: failure that keeps the raw status in its error.
+STATE_OF_TASK_STATUS: dict[str, JobState] = {
+    "PENDING": JobState.PENDING,
+    "RUNNING": JobState.PENDING,
+    "QUEUING": JobState.PENDING,
+    "SUCCESS": JobState.SUCCESS,
+    "FAILURE": JobState.FAILURE,
+    "FAILED": JobState.FAILURE,
+    "ERROR": JobState.FAILURE,
+    "ILLEGAL_IMAGE": JobState.MODERATED,
+    "TIMEOUT": JobState.TIMEOUT,
+}
+
+
 @dataclass(frozen=True)
 class JobStatus:
     """One poll's view of an image job.
 
-    `state`: pending | success | failure | moderated | timeout. `url`: the image (success only;
-    None on a success without any artifact url). `error`: the API's text. `raw_status`: `task_status`.
+    `state`: see JobState. `url`: the image (success only; None on a success without any artifact
+    url). `error`: the API's text. `raw_status`: `task_status`.
     """
 
-    state: str
+    state: JobState
     url: str | None = None
     error: str | None = None
     raw_status: str | None = None
@@ -98,7 +120,7 @@ class JobStatus:
     @property
     def done(self) -> bool:
         """The job will not change any more (anything but pending)."""
-        return self.state != "pending"
+        return self.state != JobState.PENDING
 
 
 # --- request bodies ------------------------------------------------------------------------------
@@ -319,36 +341,24 @@ def parse_job_status(data: Mapping[str, Any]) -> JobStatus:
     """Map an artifact/task answer onto a JobStatus."""
     raw = data.get("task_status")
     raw_status = _valid_text(raw) if isinstance(raw, str) else (None if raw is None else _excerpt(str(raw), 100))
-    status = (raw_status or "").strip().upper()
+    state = STATE_OF_TASK_STATUS.get((raw_status or "").strip().upper())
     error = _job_error(data)
-    if status in PENDING_STATUSES:
-        return JobStatus("pending", raw_status=raw_status)
-    if status == "SUCCESS":
-        return JobStatus("success", url=_first_url(data), error=error, raw_status=raw_status)
-    if status in FAILURE_STATUSES:
-        return JobStatus("failure", error=error or f"image job failed ({raw_status})", raw_status=raw_status)
-    if status == "ILLEGAL_IMAGE":
-        return JobStatus(
-            "moderated", error=error or "image refused by moderation (ILLEGAL_IMAGE)", raw_status=raw_status
-        )
-    if status == "TIMEOUT":
-        return JobStatus("timeout", error=error or "the image API timed out the job (TIMEOUT)", raw_status=raw_status)
+    if state is JobState.PENDING:
+        return JobStatus(state, raw_status=raw_status)
+    if state is JobState.SUCCESS:
+        return JobStatus(state, url=_first_url(data), error=error, raw_status=raw_status)
+    if state is JobState.FAILURE:
+        return JobStatus(state, error=error or f"image job failed ({raw_status})", raw_status=raw_status)
+    if state is JobState.MODERATED:
+        return JobStatus(state, error=error or "image refused by moderation (ILLEGAL_IMAGE)", raw_status=raw_status)
+    if state is JobState.TIMEOUT:
+        return JobStatus(state, error=error or "the image API timed out the job (TIMEOUT)", raw_status=raw_status)
     unknown = f"unknown task_status {raw_status!r}" if raw_status is not None else "answer without task_status"
     if error:
         unknown = f"{unknown}: {error}"
     elif raw_status is None:
         unknown = f"{unknown}: {_excerpt(json.dumps(data, ensure_ascii=False, default=repr), 200)}"
-    return JobStatus("failure", error=unknown, raw_status=raw_status)
-
-
-def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return JobStatus(JobState.FAILURE, error=unknown, raw_status=raw_status)
 
 
 # --- the client --------------------------------------------------------------------------------------
@@ -408,7 +418,8 @@ class NietaClient:
         self._observe = observe
         if trust_env is None:
             # Proxy variables must not divert traffic meant for a local (test) server.
-            trust_env = not (_is_loopback(self.api_base_url) and _is_loopback(self.ops_api_base_url))
+            hosts = (urlsplit(url).hostname or "" for url in (self.api_base_url, self.ops_api_base_url))
+            trust_env = not all(is_loopback(host) for host in hosts)
         self._http = httpx.Client(
             headers=self.headers,
             timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=read_timeout),
@@ -578,14 +589,17 @@ class NietaClient:
                 if notes:
                     error.message = f"{error.message} ({'; '.join(notes)})"
                     error.args = (error.message,)
-                log.warning("nieta request gave up", extra={"call": what, "attempts": attempt + 1, "error": str(error)})
+                log.warning("nieta request gave up", call=what, attempts=attempt + 1, error=str(error))
                 raise error
             delay = self._backoff(attempt)
             if retry_after is not None:
                 delay = max(delay, retry_after)
             log.info(
                 "nieta request failed, retrying",
-                extra={"call": what, "attempt": attempt + 1, "delay_s": round(delay, 3), "error": str(error)},
+                call=what,
+                attempt=attempt + 1,
+                delay_s=round(delay, 3),
+                error=str(error),
             )
             self._sleep(delay)
             attempt += 1

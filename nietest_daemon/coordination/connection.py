@@ -1,4 +1,5 @@
-"""The Redis connection every nietest process opens to the broker, and waiting for it to answer."""
+"""The Redis connection every nietest process opens to the broker: opening it, waiting for it to
+answer, telling an outage from other errors, and the one loader of the Lua scripts run on it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import redis
@@ -19,15 +21,33 @@ from nietest_daemon.core.settings import Settings
 
 log = get_logger(__name__)
 
+#: The folder of Lua scripts beside the modules that run them (package data: it ships in the wheel).
+LUA_DIR = "lua"
+
 
 def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
     return redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, health_check_interval=30, **kwargs)
 
 
-def lua_script(text: str) -> Script:
-    """A Lua script defined once at import, run with EVALSHA (loaded on first use) on the client
-    each call passes: `script(keys=..., args=..., client=client)`, or `ScriptCall(...).run(client)`."""
-    return Script(None, text.encode())  # type: ignore[arg-type]  # bytes: no client needed for its SHA
+#: The errors of a broker that cannot be reached (down, restarting, the network): nobody's fault
+#: but the outage's, so a message that failed on one is not failed for it.
+BROKER_OUTAGE_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
+
+
+def broker_unreachable(exc: BaseException | None) -> bool:
+    """Whether `exc` (an actor's exception, say) means the broker could not be reached."""
+    return isinstance(exc, BROKER_OUTAGE_ERRORS)
+
+
+def lua_script(module: str, name: str) -> Script:
+    """The Lua script in `lua/<module>_<name>.lua` beside `module` (pass `__name__`), loaded once
+    at import; e.g. `lua_script("nietest_daemon.coordination.scheduler", "admit")` is
+    coordination/lua/scheduler_admit.lua. Each call runs it with EVALSHA (the server loads it on
+    the first NOSCRIPT) on the client the call passes: `script(keys=..., args=..., client=client)`,
+    or `ScriptCall(...).run(client)`, or several calls in one round trip with `run_scripts`."""
+    package, _, stem = module.rpartition(".")
+    text = resources.files(package).joinpath(LUA_DIR, f"{stem}_{name}.lua").read_bytes()
+    return Script(None, text)  # type: ignore[arg-type]  # bytes: no client needed for its SHA
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,11 @@ def run_scripts(client: redis.Redis, *calls: ScriptCall) -> list[Any]:
         elif isinstance(result, Exception):
             raise result
     return results
+
+
+def as_text(reply: object) -> str:
+    """A string reply (bytes from a client without `decode_responses`) as text."""
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
 
 
 def drain_json_list(client: redis.Redis, key: str, limit: int) -> list[Any]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -31,10 +32,12 @@ import redis
 
 from nietest_daemon.coordination import keys
 from nietest_daemon.coordination.connection import ScriptCall, lua_script
+from nietest_daemon.coordination.events import RecycleMark
 from nietest_daemon.coordination.lifelines import member
+from nietest_daemon.domain.lifecycle import Status
 
 APIS = ("standard", "lumina")
-OUTCOMES = ("completed", "failed", "cancelled")
+OUTCOMES: tuple[Status, ...] = (Status.COMPLETED, Status.FAILED, Status.CANCELLED)  # a subtask's end
 FAILURE_REASONS = ("moderation", "api_failure", "timeout", "transport", "interrupted", "other")
 ENDPOINTS = ("create", "poll")
 CODE_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error")  # error: no HTTP answer (timeout, connection)
@@ -171,13 +174,7 @@ class Increments:
             self._add(field, amount)
 
 
-_ADD = """
-for i = 1, #ARGV, 2 do
-  redis.call("hincrbyfloat", KEYS[1], ARGV[i], ARGV[i + 1])
-end
-return 0
-"""
-_ADD_SCRIPT = lua_script(_ADD)
+_ADD_SCRIPT = lua_script(__name__, "add")  # lua/counters_add.lua
 
 
 def add_call(host: str, increments: Increments) -> ScriptCall:
@@ -243,14 +240,23 @@ TALLY = Tally()
 
 
 # --- restart reasons ----------------------------------------------------------------------------
+#: How long a recycle mark lives. Its readers (the watchdog's count of the exit, the alerts
+#: listener's rule) look at it when supervisord reports the exit, within a second or so.
 RECYCLE_MARK_SECONDS = 300
 
 
-def mark_recycling(client: redis.Redis, host: str, process: str, pid: int) -> None:
-    """A worker about to exit to be recycled says so, for the watchdog's count of its exit."""
-    client.set(keys.recycling(host, member(process, pid)), 1, ex=RECYCLE_MARK_SECONDS)
+def mark_recycling(client: redis.Redis, host: str, process: str, pid: int, *, reason: str = "") -> None:
+    """A worker about to exit to be recycled says so (a `RecycleMark`), before it exits.
+
+    Read, never taken: the watchdog and the alerts listener both hear the exit, in either order,
+    and both read the mark; it expires after RECYCLE_MARK_SECONDS. Its key names the process
+    and its pid, so no later process of that name reads it as its own.
+    """
+    mark = RecycleMark(host=host, process=process, pid=pid, reason=reason, at=time.time())
+    client.set(keys.recycling(host, member(process, pid)), mark.to_json(), ex=RECYCLE_MARK_SECONDS)
 
 
-def take_recycling(client: redis.Redis, host: str, process: str, pid: int) -> bool:
-    """Whether that exit was a recycle (and forget the mark)."""
-    return bool(client.getdel(keys.recycling(host, member(process, pid))))
+def recycle_mark(client: redis.Redis, host: str, process: str, pid: int) -> RecycleMark | None:
+    """The mark of that process's exit, None if it left none (ValueError if the value is no mark)."""
+    raw = client.get(keys.recycling(host, member(process, pid)))
+    return None if raw is None else RecycleMark.from_json(raw)

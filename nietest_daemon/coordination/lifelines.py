@@ -9,15 +9,14 @@ kills a worker silent for NIETEST_HANG_SECONDS and reports it here for the alert
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import redis
 
 from nietest_daemon.coordination import keys
 from nietest_daemon.coordination.connection import drain_json_list
+from nietest_daemon.coordination.events import WorkerUnresponsive, decode_each
 
 BEAT_SECONDS = 1.0
 MAX_EVENTS = 1000
@@ -35,7 +34,7 @@ def last_beats(client: redis.Redis, host: str, members: Sequence[str]) -> list[f
     """The last beat (unix time) of each member, None for one that never beat."""
     if not members:
         return []
-    return [None if score is None else float(score) for score in client.zmscore(keys.lifelines(host), members)]
+    return [None if score is None else float(score) for score in client.zmscore(keys.lifelines(host), list(members))]
 
 
 def forget(client: redis.Redis, host: str, *members: str) -> None:
@@ -44,13 +43,15 @@ def forget(client: redis.Redis, host: str, *members: str) -> None:
         client.zrem(keys.lifelines(host), *members)
 
 
-def report_unresponsive(client: redis.Redis, event: dict[str, Any]) -> None:
+def report_unresponsive(client: redis.Redis, event: WorkerUnresponsive) -> None:
     """Tell the alerts listener that the watchdog killed a silent worker."""
     with client.pipeline(transaction=False) as pipe:
-        pipe.rpush(keys.WATCHDOG_EVENTS, json.dumps(event))
+        pipe.rpush(keys.WATCHDOG_EVENTS, event.to_json())
         pipe.ltrim(keys.WATCHDOG_EVENTS, -MAX_EVENTS, -1)
         pipe.execute()
 
 
-def drain_events(client: redis.Redis, limit: int = MAX_EVENTS) -> list[dict[str, Any]]:
-    return drain_json_list(client, keys.WATCHDOG_EVENTS, limit)
+def drain_events(client: redis.Redis, limit: int = MAX_EVENTS) -> list[WorkerUnresponsive]:
+    """Take (and remove) the pending reports, oldest first; one that is not a report is logged and skipped."""
+    items = drain_json_list(client, keys.WATCHDOG_EVENTS, limit)
+    return decode_each(WorkerUnresponsive.from_dict, items, "unknown watchdog event")

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import redis
 
 from nietest_daemon.coordination import keys
-from nietest_daemon.coordination.connection import ScriptCall, lua_script
+from nietest_daemon.coordination.connection import ScriptCall, as_text, lua_script
 
 CHAIN_TTL_SECONDS = 86400
 CREATING_LOCK_SECONDS = 180  # longer than one create call with all the client's retries
@@ -42,7 +42,7 @@ def is_current_poll(client: redis.Redis, subtask_id: str, message_id: str | None
     if message_id is None:
         return True
     current = client.get(keys.poll_chain(subtask_id))
-    return current is None or current.decode() == message_id
+    return current is None or as_text(current) == message_id
 
 
 # --- the creating lock and the create-sent marker -------------------------------------------------
@@ -52,28 +52,8 @@ LOCKED_AND_CLAIMED = 1  # this message may create the job
 LOCKED_IN_DOUBT = 2  # locked, but an earlier create's outcome is unknown (its marker is there)
 BUSY = 0  # another message holds the lock: it is creating the job now
 
-# KEYS: creating lock, create-sent marker. ARGV: owner, lock TTL, process token, marker TTL.
-_BEGIN_CREATE = lua_script(
-    """
-local holder = redis.call("get", KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
-redis.call("set", KEYS[1], ARGV[1], "EX", ARGV[2])
-if redis.call("set", KEYS[2], ARGV[3], "NX", "EX", ARGV[4]) then return 1 end
-return 2
-"""
-)
-
-
-# KEYS: creating lock, create-sent marker, poll chain. ARGV: owner, clear the marker (1/0),
-# poll message id ("": none), chain TTL.
-_END_CREATE = lua_script(
-    """
-if ARGV[2] == "1" then redis.call("del", KEYS[2]) end
-if ARGV[3] ~= "" then redis.call("set", KEYS[3], ARGV[3], "EX", ARGV[4]) end
-if redis.call("get", KEYS[1]) == ARGV[1] then return redis.call("del", KEYS[1]) end
-return 0
-""",
-)
+_BEGIN_CREATE = lua_script(__name__, "begin_create")  # lua/markers_begin_create.lua
+_END_CREATE = lua_script(__name__, "end_create")  # lua/markers_end_create.lua
 
 
 def begin_create_call(subtask_id: str, owner: str) -> ScriptCall:
@@ -107,7 +87,7 @@ def end_create(
 def create_sender_alive(client: redis.Redis, subtask_id: str) -> bool:
     """The process that claimed the subtask's create-sent marker is still alive (its create may finish)."""
     holder = client.get(keys.create_sent(subtask_id))
-    return holder is not None and bool(client.exists(keys.alive(holder.decode())))
+    return holder is not None and bool(client.exists(keys.alive(as_text(holder))))
 
 
 def clear_create_sent(client: redis.Redis, subtask_id: str) -> None:
@@ -116,7 +96,7 @@ def clear_create_sent(client: redis.Redis, subtask_id: str) -> None:
 
 # --- the end of a subtask -------------------------------------------------------------------------
 
-_FORGET = lua_script('return redis.call("del", unpack(KEYS))')
+_FORGET = lua_script(__name__, "forget")  # lua/markers_forget.lua
 
 
 def forget_markers_call(subtask_id: str) -> ScriptCall:
@@ -153,13 +133,7 @@ def forget_all(client: redis.Redis, subtask_ids: Iterable[str], *, batch: int = 
 
 RETRY_LOCK_SECONDS = 300  # far longer than a retry takes (50 000 subtasks: seconds)
 
-# KEYS: the lock. ARGV: the token it was taken with.
-_RELEASE_LOCK = lua_script(
-    """
-if redis.call("get", KEYS[1]) == ARGV[1] then return redis.call("del", KEYS[1]) end
-return 0
-"""
-)
+_RELEASE_LOCK = lua_script(__name__, "release_lock")  # lua/markers_release_lock.lua
 
 
 def take_retry_lock(client: redis.Redis, task_id: str, *, ttl: int = RETRY_LOCK_SECONDS) -> str | None:

@@ -29,94 +29,16 @@ from dataclasses import dataclass
 import redis
 
 from nietest_daemon.coordination import keys
-from nietest_daemon.coordination.connection import ScriptCall, lua_script
+from nietest_daemon.coordination.connection import ScriptCall, as_text, lua_script
 
 #: Ids pushed per command (a Lua `unpack` and one round trip stay small).
 PUSH_BATCH = 1000
 
-# KEYS: tasks, weights, clock, ready list. ARGV: task, weight, "front"|"back", ids...
-_ADD = """
-local ids = {}
-for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
-if #ids > 0 then
-  if ARGV[3] == "front" then
-    for i = #ids, 1, -1 do redis.call("lpush", KEYS[4], ids[i]) end
-  else
-    redis.call("rpush", KEYS[4], unpack(ids))
-  end
-end
-if redis.call("llen", KEYS[4]) > 0 then
-  if not redis.call("zscore", KEYS[1], ARGV[1]) then
-    redis.call("zadd", KEYS[1], tonumber(redis.call("get", KEYS[3]) or "0"), ARGV[1])
-  end
-  redis.call("hset", KEYS[2], ARGV[1], ARGV[2])
-end
-return redis.call("llen", KEYS[4])
-"""
-
-# KEYS: holders, tasks, weights, clock. ARGV: cap, now, lease expiry, ready prefix, limit (0: none),
-# a holder to release first ("": none).
-_ADMIT = """
-if ARGV[6] ~= "" then redis.call("zrem", KEYS[1], ARGV[6]) end
-redis.call("zremrangebyscore", KEYS[1], "-inf", ARGV[2])
-local free = tonumber(ARGV[1]) - redis.call("zcard", KEYS[1])
-local limit = tonumber(ARGV[5])
-if limit > 0 and limit < free then free = limit end
-local admitted = {}
-while free > 0 do
-  local head = redis.call("zrange", KEYS[2], 0, 0, "WITHSCORES")
-  if #head == 0 then break end
-  local task, pass = head[1], tonumber(head[2])
-  local ready = ARGV[4] .. task
-  local id = redis.call("lpop", ready)
-  if id then
-    redis.call("zadd", KEYS[1], ARGV[3], id)
-    redis.call("set", KEYS[4], head[2])
-    admitted[#admitted + 1] = id
-    free = free - 1
-  end
-  if redis.call("llen", ready) == 0 then
-    redis.call("zrem", KEYS[2], task)
-    redis.call("hdel", KEYS[3], task)
-  elseif id then
-    local weight = tonumber(redis.call("hget", KEYS[3], task) or "1")
-    redis.call("zadd", KEYS[2], pass + 1 / weight, task)
-  end
-end
-return admitted
-"""
-
-# KEYS: holders. ARGV: member, cap, now, lease expiry. 1: it holds a slot (renewed or taken).
-_HOLD = """
-redis.call("zremrangebyscore", KEYS[1], "-inf", ARGV[3])
-if redis.call("zscore", KEYS[1], ARGV[1]) or redis.call("zcard", KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call("zadd", KEYS[1], ARGV[4], ARGV[1])
-  return 1
-end
-return 0
-"""
-
-# KEYS: holders, tasks, weights, ready list. ARGV: task, holder prefix ("<task>:").
-# Returns {ready entries dropped, holders dropped}.
-_CANCEL = """
-local dropped = redis.call("llen", KEYS[4])
-redis.call("del", KEYS[4])
-redis.call("zrem", KEYS[2], ARGV[1])
-redis.call("hdel", KEYS[3], ARGV[1])
-local released = 0
-local prefix = ARGV[2]
-for _, member in ipairs(redis.call("zrange", KEYS[1], 0, -1)) do
-  if string.sub(member, 1, #prefix) == prefix then
-    redis.call("zrem", KEYS[1], member)
-    released = released + 1
-  end
-end
-return {dropped, released}
-"""
-
-
-_ADMIT_SCRIPT = lua_script(_ADMIT)
-_HOLD_SCRIPT = lua_script(_HOLD)
+# The scripts, in lua/scheduler_<name>.lua (their KEYS and ARGV are described there).
+_ADD_SCRIPT = lua_script(__name__, "add")
+_ADMIT_SCRIPT = lua_script(__name__, "admit")
+_HOLD_SCRIPT = lua_script(__name__, "hold")
+_CANCEL_SCRIPT = lua_script(__name__, "cancel")
 
 
 @dataclass(frozen=True)
@@ -153,8 +75,6 @@ class Scheduler:
         self.holders = keys.slot_holders(api)
         self.tasks = keys.sched_tasks(api)
         self.weights = keys.sched_weights(api)
-        self._add = client.register_script(_ADD)
-        self._cancel = client.register_script(_CANCEL)
 
     # --- waiting ---------------------------------------------------------------------------------
 
@@ -164,21 +84,25 @@ class Scheduler:
         ready = keys.sched_ready(self.api, task_id)
         key_list = [self.tasks, self.weights, keys.sched_clock(self.api), ready]
         where = "front" if front else "back"
+
+        def push(batch: list[str]) -> int:
+            return int(ScriptCall(_ADD_SCRIPT, key_list, [task_id, weight, where, *batch]).run(self.client))
+
         waiting = 0
         batch: list[str] = []
         for subtask_id in subtask_ids:
             batch.append(subtask_id)
             if len(batch) >= PUSH_BATCH:
-                waiting = int(self._add(keys=key_list, args=[task_id, weight, where, *batch]))
+                waiting = push(batch)
                 batch = []
         if batch or not waiting:
-            waiting = int(self._add(keys=key_list, args=[task_id, weight, where, *batch]))
+            waiting = push(batch)
         return waiting
 
     def replace(self, task_id: str, subtask_ids: Iterable[str], weight: int = 1) -> int:
         """Make `subtask_ids` the task's whole ready list (a re-expansion, a repair): idempotent,
         unlike `add`. Subtasks that hold a slot now are left out. How many wait now."""
-        held = {h.decode() for h in self.client.zrange(self.holders, 0, -1)}
+        held = {as_text(h) for h in self.client.zrange(self.holders, 0, -1)}
         self.client.delete(keys.sched_ready(self.api, task_id))
         return self.add(task_id, (i for i in subtask_ids if i not in held), weight)
 
@@ -198,10 +122,11 @@ class Scheduler:
     def cancel(self, task_id: str) -> tuple[int, int]:
         """Drop a task's waiting subtasks and free its slots, in one step: (ready entries dropped,
         slots freed). The caller then calls `admit` to hand the freed slots on."""
-        dropped, released = self._cancel(
-            keys=[self.holders, self.tasks, self.weights, keys.sched_ready(self.api, task_id)],
-            args=[task_id, f"{task_id}:"],
-        )
+        dropped, released = ScriptCall(
+            _CANCEL_SCRIPT,
+            [self.holders, self.tasks, self.weights, keys.sched_ready(self.api, task_id)],
+            [task_id, f"{task_id}:"],
+        ).run(self.client)
         return int(dropped), int(released)
 
     # --- holding -----------------------------------------------------------------------------------
@@ -231,7 +156,7 @@ class Scheduler:
 
     @staticmethod
     def admitted_ids(result: Sequence[bytes | str]) -> list[str]:
-        return [m.decode() if isinstance(m, bytes) else m for m in result]
+        return [as_text(m) for m in result]
 
     # --- looking -----------------------------------------------------------------------------------
 
@@ -239,7 +164,7 @@ class Scheduler:
         return int(self.client.zcount(self.holders, self.clock(), "+inf"))
 
     def active_tasks(self) -> list[str]:
-        return [t.decode() for t in self.client.zrange(self.tasks, 0, -1)]
+        return [as_text(t) for t in self.client.zrange(self.tasks, 0, -1)]
 
     def waiting(self) -> int:
         """Subtasks waiting for a slot, over every active task (one LLEN per active task)."""
@@ -254,7 +179,7 @@ class Scheduler:
     def shares(self, task_ids: Sequence[str] = ()) -> list[TaskShare]:
         """Weight, waiting and holding counts of the active tasks (and of `task_ids`, active or not)."""
         tasks = list(dict.fromkeys([*self.active_tasks(), *task_ids]))
-        holders = [h.decode() for h in self.client.zrangebyscore(self.holders, self.clock(), "+inf")]
+        holders = [as_text(h) for h in self.client.zrangebyscore(self.holders, self.clock(), "+inf")]
         with self.client.pipeline(transaction=False) as pipe:
             for task_id in tasks:
                 pipe.llen(keys.sched_ready(self.api, task_id))

@@ -10,6 +10,7 @@ Keys (namespace `nietest:streak`):
   nietest:streak:<queue>          hash: failures, last_failure_at, last_success_at
   nietest:streak:<queue>:errors   list: latest error texts of the current run (newest first, 100 max)
   nietest:streak:events           list: JSON events {kind: "failure_run"|"recovered", queue, failures, errors, at}
+                                  (coordination/events.py: FailureRun, QueueRecovered)
 """
 
 from __future__ import annotations
@@ -21,39 +22,13 @@ import redis
 
 from nietest_daemon.coordination import keys
 from nietest_daemon.coordination.connection import ScriptCall, drain_json_list, lua_script
+from nietest_daemon.coordination.events import StreakEvent, decode_each, streak_event_from_dict
 
 EVENTS_KEY = keys.STREAK_EVENTS
 MAX_EVENTS = 1000
 MAX_ERROR_CHARS = 300
 
-_RECORD = """
-local key, errs, events = KEYS[1], KEYS[2], KEYS[3]
-local ok, err, threshold, now, queue, max_events = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
-if ok == "1" then
-  local n = tonumber(redis.call("hget", key, "failures") or "0")
-  redis.call("hset", key, "failures", 0, "last_success_at", now)
-  if n >= threshold then
-    redis.call("rpush", events, cjson.encode({kind="recovered", queue=queue, failures=n, at=tonumber(now)}))
-    redis.call("ltrim", events, -tonumber(max_events), -1)
-  end
-  redis.call("del", errs)
-  return 0
-end
-local n = redis.call("hincrby", key, "failures", 1)
-redis.call("hset", key, "last_failure_at", now)
-redis.call("lpush", errs, err)
-redis.call("ltrim", errs, 0, 99)
-if n == threshold then
-  local errors = redis.call("lrange", errs, 0, 99)
-  redis.call("rpush", events, cjson.encode({kind="failure_run", queue=queue, failures=n, errors=errors,
-                                             at=tonumber(now)}))
-  redis.call("ltrim", events, -tonumber(max_events), -1)
-end
-return n
-"""
-
-
-_RECORD_SCRIPT = lua_script(_RECORD)
+_RECORD_SCRIPT = lua_script(__name__, "record")  # lua/streaks_record.lua
 
 
 def _keys(queue: str) -> list[str]:
@@ -80,6 +55,6 @@ def current(client: redis.Redis, queue: str) -> dict[str, Any]:
     return {"queue": queue, "failures": int(failures or 0), "errors": errors}
 
 
-def drain_events(client: redis.Redis, limit: int = MAX_EVENTS) -> list[dict[str, Any]]:
-    """Take (and remove) the pending run events, oldest first."""
-    return drain_json_list(client, EVENTS_KEY, limit)
+def drain_events(client: redis.Redis, limit: int = MAX_EVENTS) -> list[StreakEvent]:
+    """Take (and remove) the pending run events, oldest first; one of no known kind is logged and skipped."""
+    return decode_each(streak_event_from_dict, drain_json_list(client, EVENTS_KEY, limit), "unknown streak event")

@@ -9,6 +9,14 @@ redactor of core.redaction), and no line exceeds 16 KiB.
 
 `configure()` uses only the standard library, structlog and core.redaction (standard library
 only), so the entry point calls it before importing anything else: even an import error reaches the log file as JSON.
+
+Logger names, one scheme: every nietest module logs through `get_logger(__name__)`, so a line's
+`logger` is the module that wrote it (e.g. `nietest_daemon.pipeline.middleware.task_tracker`).
+Libraries keep their own names (`dramatiq.worker`, `httpx`). The other names are deliberate and
+name where a line comes from rather than which module wrote it: `valkey` (programs/embedded_broker.py
+relays valkey-server's own lines), `supervisord` (its main log, rendered by internals/supervisor.py),
+`stdout` and `stderr` (stray writes, captured here) and `nietest` (uncaught exceptions, from the
+hooks installed here).
 """
 
 from __future__ import annotations

@@ -17,22 +17,35 @@ becomes, in this order of precedence:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import Any
 
-PENDING = "pending"
-PROCESSING = "processing"
-COMPLETED = "completed"
-FAILED = "failed"
-CANCELLED = "cancelled"
-STATUSES: tuple[str, ...] = (PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED)
-ACTIVE: tuple[str, ...] = (PENDING, PROCESSING)
-TERMINAL: frozenset[str] = frozenset({COMPLETED, FAILED, CANCELLED})
+
+class Status(StrEnum):
+    """A task's or a subtask's status; the stored text is the value.
+
+    One enum for both: they share the five statuses and their rules (`TERMINAL`, `ACTIVE`), and
+    the front end reads both with the same names. A member is a `str` equal to its value, so
+    documents, SQL parameters and JSON carry the same text as before; a document read back from a
+    store holds the plain string, which compares equal to its member.
+    """
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+STATUSES: tuple[Status, ...] = tuple(Status)
+ACTIVE: tuple[Status, ...] = (Status.PENDING, Status.PROCESSING)
+TERMINAL: frozenset[Status] = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
 
 #: The counter each terminal subtask status increments on its task.
-COUNTER_OF: dict[str, str] = {
-    COMPLETED: "completed_images",
-    FAILED: "failed_images",
-    CANCELLED: "cancelled_images",
+COUNTER_OF: dict[Status, str] = {
+    Status.COMPLETED: "completed_images",
+    Status.FAILED: "failed_images",
+    Status.CANCELLED: "cancelled_images",
 }
 COUNTERS: tuple[str, ...] = ("processed_images", "completed_images", "failed_images", "cancelled_images")
 
@@ -53,22 +66,22 @@ def is_done(task: Mapping[str, Any]) -> bool:
     return total > 0 and done_count(task) >= total
 
 
-def final_task_status(task: Mapping[str, Any]) -> tuple[str, str | None]:
+def final_task_status(task: Mapping[str, Any]) -> tuple[Status, str | None]:
     """The status (and error note) a task whose subtasks are all terminal ends in; see the module doc."""
     total = int(task.get("total_images") or 0)
     completed = int(task.get("completed_images") or 0)
     failed = int(task.get("failed_images") or 0)
     if total > 0 and completed >= total:
-        return COMPLETED, None
+        return Status.COMPLETED, None
     if task.get("cancel_requested") or int(task.get("cancelled_images") or 0) > 0:
-        return CANCELLED, task.get("error")
+        return Status.CANCELLED, task.get("error")
     if completed == 0:
-        return FAILED, task.get("error") or f"all {failed} images failed"
-    return COMPLETED, f"partially completed: {failed} of {total} images failed"
+        return Status.FAILED, task.get("error") or f"all {failed} images failed"
+    return Status.COMPLETED, f"partially completed: {failed} of {total} images failed"
 
 
 def is_partial(task: Mapping[str, Any]) -> bool:
     """A finished task that completed some but not all of its images (and was not cancelled)."""
-    return task.get("status") == COMPLETED and int(task.get("completed_images") or 0) < int(
+    return task.get("status") == Status.COMPLETED and int(task.get("completed_images") or 0) < int(
         task.get("total_images") or 0
     )

@@ -29,6 +29,7 @@ from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff, current_millis, dq_name, q_name, xq_name
 from dramatiq.errors import ActorNotFound, ConnectionClosed
 
+from nietest_daemon.coordination.connection import as_text, lua_script
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.internals.message_checks import arguments_problem, envelope_problem
 
@@ -99,18 +100,8 @@ def requeue(broker: RedisBroker, queue_name: str, messages: list[Any]) -> list[s
     return ids
 
 
-#: Removes from an ack set (KEYS[1]) the ids with no body in the queue's hash (KEYS[2]); returns them.
-#: One script, so an id acked by a worker thread meanwhile is never mistaken for one without a body.
-_RELEASE_ORPHANS = """
-local released = {}
-for _, id in ipairs(redis.call("smembers", KEYS[1])) do
-    if redis.call("hexists", KEYS[2], id) == 0 then
-        redis.call("srem", KEYS[1], id)
-        table.insert(released, id)
-    end
-end
-return released
-"""
+#: Takes the ids without a body off an ack set; lua/dramatiq_redis_release_orphans.lua says how.
+_RELEASE_ORPHANS = lua_script(__name__, "release_orphans")
 
 
 def _preview(data: bytes) -> str:
@@ -182,7 +173,7 @@ class NietestRedisConsumer(_RedisConsumer):
         """Take the ids without a body off this worker's ack set (atomically), one log line each."""
         acks = ack_set_key(self.broker.broker_id, self.queue_name, self.broker.namespace)
         bodies = bodies_key(self.queue_name, self.broker.namespace)
-        for redis_id in self.broker.scripts["release_orphans"](keys=[acks, bodies]):
+        for redis_id in _RELEASE_ORPHANS(keys=[acks, bodies], client=self.broker.client):
             log.error("message id without a body dropped", queue=self.queue_name, redis_message_id=redis_id.decode())
 
     def _reject(self, data: bytes, reason: str, fields: dict[str, Any]) -> None:
@@ -190,7 +181,9 @@ class NietestRedisConsumer(_RedisConsumer):
         options = fields.get("options")
         claimed = options.get("redis_message_id") if isinstance(options, dict) else None
         redis_id = self._held_id(data, claimed if isinstance(claimed, str) else None)
-        about = {k: fields[k][:200] for k in ("message_id", "actor_name") if k in fields and isinstance(fields[k], str)}
+        about: dict[str, str] = {
+            k: fields[k][:200] for k in ("message_id", "actor_name") if k in fields and isinstance(fields[k], str)
+        }
         if "actor_name" in about:
             about["actor"] = about.pop("actor_name")
         if redis_id is None:
@@ -248,7 +241,6 @@ class NietestRedisBroker(RedisBroker):
         super().__init__(**kwargs)
         self._consuming: set[str] = set()
         self._identity = ""
-        self.scripts["release_orphans"] = self.client.register_script(_RELEASE_ORPHANS)
 
     def name_process(self, identity: str) -> None:
         """Make this worker's broker ids start with `identity` (`process_identity`), before it
@@ -308,7 +300,7 @@ class NietestRedisBroker(RedisBroker):
         would run twice.
         """
         beats = heartbeats_key(self.namespace)
-        dead = [m.decode() for m in self.client.zrange(beats, 0, -1) if m.decode().startswith(identity)]
+        dead = [m for m in map(as_text, self.client.zrange(beats, 0, -1)) if m.startswith(identity)]
         if not dead:
             return 0
         queues = [name for queue in queue_names for name in (queue, delay_queue_name(queue))]

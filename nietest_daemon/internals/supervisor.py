@@ -38,6 +38,7 @@ from supervisor.states import ProcessStates, SupervisorStates, getProcessStateDe
 from supervisor.xmlrpc import SupervisorTransport, UnixStreamHTTPConnection
 
 from nietest_daemon.core.logs import iso_timestamp
+from nietest_daemon.domain.process_state import ProcessState
 
 #: supervisord's log line for an exit (supervisor/process.py: "exited: %s (%s)"), e.g.
 #: "exited: subtask_00 (terminated by SIGKILL; not expected)".
@@ -127,8 +128,8 @@ class SystemdNotifier:
     def update(self, supervisor: Any) -> None:
         expected = [p for g in supervisor.process_groups.values() for p in g.processes.values() if p.config.autostart]
         states = Counter(getProcessStateDescription(p.get_state()) for p in expected)
-        status = f"{states.get('RUNNING', 0)} of {len(expected)} processes RUNNING" + "".join(
-            f", {n} {state}" for state, n in sorted(states.items()) if state != "RUNNING"
+        status = f"{states.get(ProcessState.RUNNING, 0)} of {len(expected)} processes RUNNING" + "".join(
+            f", {n} {state}" for state, n in sorted(states.items()) if state != ProcessState.RUNNING
         )
         if status != self.status:
             self.status = status

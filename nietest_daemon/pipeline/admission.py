@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from nietest_daemon.coordination.connection import ScriptCall, run_scripts
-from nietest_daemon.domain.lifecycle import PENDING
+from nietest_daemon.domain.lifecycle import Status
 from nietest_daemon.domain.subtask import Lane, Subtask
 from nietest_daemon.pipeline.context import Context
 from nietest_daemon.pipeline.messages import send_run
@@ -75,7 +75,7 @@ def repair(ctx: Context, task: Mapping[str, Any]) -> bool:
     (an admission whose run message was lost with its process, a ready list lost with the broker).
     True when it had to."""
     task_id = task["id"]
-    pending = ctx.store.count_subtasks(task_id).get(PENDING, 0)
+    pending = ctx.store.count_subtasks(task_id).get(Status.PENDING, 0)
     if not pending:
         return False
     accounted = 0
@@ -86,5 +86,5 @@ def repair(ctx: Context, task: Mapping[str, Any]) -> bool:
             accounted += mine.ready + mine.holding
     if accounted >= pending:
         return False
-    queue_task(ctx, task, ctx.store.list_subtasks(task_id, status=PENDING))
+    queue_task(ctx, task, ctx.store.list_subtasks(task_id, status=Status.PENDING))
     return True

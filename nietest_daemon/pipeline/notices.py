@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from nietest_daemon.coordination import keys
 from nietest_daemon.core.logs import get_logger
-from nietest_daemon.domain.lifecycle import CANCELLED, COMPLETED, FAILED, is_partial
+from nietest_daemon.domain.lifecycle import TERMINAL, Status, is_partial
 from nietest_daemon.pipeline.messages import SEND_NOTICE, enqueue, owner_of_current_message
 from nietest_daemon.store.base import round_of, utcnow
 
@@ -50,9 +50,12 @@ TITLES = {
 
 
 def final_event(task: dict[str, Any]) -> str:
-    if task.get("status") == COMPLETED:
-        return "partially_completed" if is_partial(task) else "completed"
-    return {FAILED: "failed", CANCELLED: "cancelled"}.get(task.get("status"), "completed")
+    status = task.get("status")
+    if status == Status.FAILED:
+        return "failed"
+    if status == Status.CANCELLED:
+        return "cancelled"
+    return "partially_completed" if is_partial(task) else "completed"
 
 
 def snapshot_of(task: Mapping[str, Any]) -> dict[str, Any]:
@@ -89,7 +92,7 @@ def ensure_final(ctx: Context, task_id: str, round: int) -> None:
     if ctx.redis.exists(keys.notice_final_queued(task_id, round)):
         return
     task = ctx.store.get_task(task_id)
-    if task is not None and task.get("status") in (COMPLETED, FAILED, CANCELLED) and round_of(task) == round:
+    if task is not None and task.get("status") in TERMINAL and round_of(task) == round:
         log.warning("final task notice was never enqueued; enqueuing it now", task_id=task_id, round=round)
         task_finished(ctx, task)
 

@@ -9,19 +9,23 @@ an order that leaves every crash finishable:
    TTL), before anything else; a second retry of the task meanwhile is refused. With MongoDB, two
    retries with different status sets must not interleave (`Store.retry_subtasks`). The lock is
    released at the end by its token (compare-and-delete), so an expired one never frees another's;
-1. refuse unless the task is finished, was fully expanded and has something to run again;
+1. refuse unless the task is finished, was fully expanded, has no subtask still processing (a
+   task failed by its master can have some: their finishes, which may be half-way, come first)
+   and has something to run again;
 2. `notices.next_round`: the ending round's final notice is enqueued if it never was and the
    round ended within the last hour (each round has its own markers: nothing is dropped);
 3. `markers.forget_all`: the chosen subtasks' broker markers go (a failed create's create-sent
    marker above all: the retry pays for a new job on purpose), their poll chains superseded;
 4. `Store.retry_subtasks`: the subtasks back to pending (their last attempt kept in
-   `error_history`), the task back to processing as round N + 1 with exact counters;
+   `error_history`), the counters less exactly what moved, the task back to processing as round
+   N + 1;
 5. `admission.queue_task`: the task's pending subtasks wait for job slots; admitted ones get run
    messages.
 
 A crash before 4 changed nothing visible: run the retry again (within `RETRY_LOCK_SECONDS`, 300 s,
 it is refused while the dead retry's lock lasts). With MongoDB, a crash within 4
-leaves some subtasks pending and the task finished: running the retry again finishes it (SQLite
+leaves some subtasks pending and the task finished, its counters perhaps short: running the retry
+again finishes it, and the sweep's repair pass puts the counters right at the round's end (SQLite
 does 4 in one transaction). A crash between 4 and 5 leaves a running task whose pending subtasks
 wait in no line: the sweep's `admission.repair` queues them within a minute, and so does a second
 `nietest retry` (refused, as the task runs, after that same repair).
@@ -35,7 +39,7 @@ from dataclasses import dataclass, field
 
 from nietest_daemon.coordination import markers
 from nietest_daemon.core.logs import get_logger
-from nietest_daemon.domain.lifecycle import ACTIVE, FAILED, PENDING, PROCESSING
+from nietest_daemon.domain.lifecycle import ACTIVE, Status
 from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.pipeline import admission, notices
 from nietest_daemon.pipeline.context import Context
@@ -72,20 +76,29 @@ def retry_lock(ctx: Context, task_id: str) -> Iterator[None]:
             log.warning("the retry lock expired before the retry ended", task_id=task_id)
 
 
-def retry_task(ctx: Context, task_id: str, statuses: Iterable[str] = (FAILED,)) -> RetryResult:
+def still_processing(task_id: str, n: int) -> str:
+    """Why a retry of a finished task with subtasks still processing is refused, for the command line."""
+    return (
+        f"task {task_id} has {n} subtask{'s' if n != 1 else ''} still processing: retry it once "
+        f"{'they have' if n != 1 else 'it has'} ended (the sweep ends a stuck one within minutes; "
+        f"`nietest status {task_id}` shows them)"
+    )
+
+
+def retry_task(ctx: Context, task_id: str, statuses: Iterable[str] = (Status.FAILED,)) -> RetryResult:
     """Run the task's subtasks in `statuses` again as new image jobs; RetryRefused says why not."""
     wanted = check_retryable(statuses)
     with retry_lock(ctx, task_id):
         return _retry(ctx, task_id, wanted)
 
 
-def _retry(ctx: Context, task_id: str, wanted: list[str]) -> RetryResult:
+def _retry(ctx: Context, task_id: str, wanted: list[Status]) -> RetryResult:
     store = ctx.store
     task = store.get_task(task_id)
     if task is None:
         raise RetryRefused(f"no task {task_id}")
     if task["status"] in ACTIVE:
-        repaired = task["status"] == PROCESSING and admission.repair(ctx, task)
+        repaired = task["status"] == Status.PROCESSING and admission.repair(ctx, task)
         note = "; its pending subtasks, left out of line by an interrupted retry, were queued" if repaired else ""
         raise RetryRefused(
             f"task {task_id} is still running ({task['status']}): retry it once it has finished{note}",
@@ -98,17 +111,21 @@ def _retry(ctx: Context, task_id: str, wanted: list[str]) -> RetryResult:
             f"task {task_id} has {sum(counts.values())} of its {total} subtasks (its expansion failed: "
             f"{task.get('error') or 'unknown error'}); submit it again"
         )
-    if not any(counts[s] for s in (*wanted, PENDING, PROCESSING)):
+    if counts[Status.PROCESSING]:
+        raise RetryRefused(still_processing(task_id, counts[Status.PROCESSING]))
+    if not any(counts[s] for s in (*wanted, Status.PENDING)):
         raise RetryRefused(f"task {task_id} ({task['status']}) has no {' or '.join(wanted)} subtasks to run again")
 
     notices.next_round(ctx, task)
     markers.forget_all(ctx.redis, (doc["id"] for doc in store.iter_subtasks(task_id, status=wanted)))
     outcome = store.retry_subtasks(task_id, wanted)
+    if outcome.processing:
+        raise RetryRefused(still_processing(task_id, outcome.processing))
     if not outcome.reopened or outcome.task is None:
         if outcome.status in ACTIVE:  # reopened meanwhile (a retry that did not take the lock)
             raise RetryRefused(f"task {task_id} is running again already ({outcome.status})")
         raise RetryRefused(f"task {task_id} has no {' or '.join(wanted)} subtasks to run again")
-    waiting = admission.queue_task(ctx, outcome.task, store.iter_subtasks(task_id, status=PENDING))
+    waiting = admission.queue_task(ctx, outcome.task, store.iter_subtasks(task_id, status=Status.PENDING))
     log.info(
         "task retried",
         task_id=task_id,

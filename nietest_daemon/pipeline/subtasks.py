@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nietest_daemon.clients.nieta import NietaError
+from nietest_daemon.clients.nieta import JobState, NietaError
 from nietest_daemon.coordination import counters, markers, streaks
 from nietest_daemon.coordination.connection import run_scripts
 from nietest_daemon.core.backoff import SPREAD, backoff
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.domain.images import choose_seed
-from nietest_daemon.domain.lifecycle import CANCELLED, COMPLETED, FAILED, TERMINAL
+from nietest_daemon.domain.lifecycle import TERMINAL, Status
 from nietest_daemon.domain.subtask import Lane, Subtask
 from nietest_daemon.pipeline import notices
 from nietest_daemon.pipeline.admission import give_back, release_slot
@@ -60,7 +60,7 @@ MAX_ATTEMPTS = 8  # starts of one subtask (redeliveries, sweeps) before it is gi
 def finish(
     ctx: Context,
     sub: Subtask,
-    status: str,
+    status: Status,
     *,
     result: str | None = None,
     error: str | None = None,
@@ -73,10 +73,10 @@ def finish(
     # One round trip frees the slot, drops the subtask's markers, records the queue's failure streak
     # and counts the end in the metrics.
     also = [markers.forget_markers_call(sub.id)]
-    if counted and status in (COMPLETED, FAILED):
+    if counted and status in (Status.COMPLETED, Status.FAILED):
         also.append(
             streaks.record_outcome_call(
-                ctx.queue_of(sub.lane), status == COMPLETED, error, threshold=ctx.settings.alert_failure_streak
+                ctx.queue_of(sub.lane), status == Status.COMPLETED, error, threshold=ctx.settings.alert_failure_streak
             )
         )
     if counted:
@@ -89,12 +89,12 @@ def finish(
         notices.task_finished(ctx, outcome.task)
 
 
-def _finish_increments(sub: Subtask, status: str, reason: str) -> counters.Increments:
+def _finish_increments(sub: Subtask, status: Status, reason: str) -> counters.Increments:
     assert reason in counters.FAILURE_REASONS, reason
     inc = counters.Increments()
     api = sub.lane.value
     inc.count(counters.SUBTASKS_FINISHED, api=api, outcome=status)
-    if status == FAILED:
+    if status == Status.FAILED:
         inc.count(counters.SUBTASK_FAILURES, api=api, reason=reason)
     if sub.job_uuid and sub.started_at is not None:  # a job was created: its time to the end
         seconds = (utcnow() - sub.started_at).total_seconds()
@@ -125,7 +125,7 @@ def _active_subtask(ctx: Context, subtask_id: str, *, cancelled: str) -> Subtask
         notices.ensure_final(ctx, sub.task_id, round_of(doc))
         return None
     if cancel_requested:
-        finish(ctx, sub, CANCELLED, error=cancelled)
+        finish(ctx, sub, Status.CANCELLED, error=cancelled)
         return None
     return sub
 
@@ -145,7 +145,7 @@ def run_subtask(subtask_id: str, errors: int = 0) -> None:
         finish(
             ctx,
             sub,
-            FAILED,
+            Status.FAILED,
             error=f"given up after {sub.attempts} attempts to start the image job",
             reason="interrupted",
         )
@@ -201,10 +201,10 @@ def _create_job(ctx: Context, subtask_id: str, lane: Lane, errors: int, run: Cre
     # above ran first) is left to us, so look again now that it is processing: a cancelled task
     # pays for no new job.
     if ctx.store.is_cancel_requested(sub.task_id):
-        finish(ctx, sub, CANCELLED, error="task cancelled")
+        finish(ctx, sub, Status.CANCELLED, error="task cancelled")
         return
     if ctx.nieta is None:
-        finish(ctx, sub, FAILED, error="NIETA_XTOKEN is not set on the workers")
+        finish(ctx, sub, Status.FAILED, error="NIETA_XTOKEN is not set on the workers")
         return
     # The API has no idempotency key: a create whose process died before its uuid was stored may
     # have made a job nobody can find. Creating another would pay twice, so such a subtask fails
@@ -214,7 +214,7 @@ def _create_job(ctx: Context, subtask_id: str, lane: Lane, errors: int, run: Cre
         if markers.create_sender_alive(ctx.redis, subtask_id):
             send_run(ctx, subtask_id, lane, delay=CREATING_RECHECK_SECONDS, errors=errors)
             return
-        finish(ctx, sub, FAILED, error=CREATE_INTERRUPTED, reason="interrupted")
+        finish(ctx, sub, Status.FAILED, error=CREATE_INTERRUPTED, reason="interrupted")
         return
     seed = sub.seed or choose_seed(None)
     run.in_doubt = True  # from here until the API's answer is known or stored
@@ -233,7 +233,7 @@ def _create_job(ctx: Context, subtask_id: str, lane: Lane, errors: int, run: Cre
             release_slot(ctx, subtask_id, lane)
             send_run(ctx, subtask_id, lane, delay=delay, errors=errors + 1)
             return
-        finish(ctx, sub, FAILED, error=f"could not create the image job: {exc}", reason=_error_reason(exc))
+        finish(ctx, sub, Status.FAILED, error=f"could not create the image job: {exc}", reason=_error_reason(exc))
         return
     recorded = ctx.store.record_job(subtask_id, job_uuid, seed)
     run.in_doubt = False  # a death before the marker goes (with the lock) is as one before this line
@@ -275,7 +275,7 @@ def poll_subtask(subtask_id: str, errors: int = 0, no_url: int = 0) -> None:
             send_run(ctx, subtask_id, lane)
         return
     if ctx.nieta is None:
-        finish(ctx, sub, FAILED, error="NIETA_XTOKEN is not set on the workers")
+        finish(ctx, sub, Status.FAILED, error="NIETA_XTOKEN is not set on the workers")
         return
     max_polls, interval = ctx.polling(lane)
     try:
@@ -287,10 +287,12 @@ def poll_subtask(subtask_id: str, errors: int = 0, no_url: int = 0) -> None:
             delay = max(exc.retry_after or 0.0, backoff(errors, base=interval, cap=60.0))
             schedule_poll(ctx, subtask_id, lane, delay=delay, renew=True, errors=errors + 1, no_url=no_url)
             return
-        finish(ctx, sub, FAILED, error=f"could not poll image job {sub.job_uuid}: {exc}", reason=_error_reason(exc))
+        finish(
+            ctx, sub, Status.FAILED, error=f"could not poll image job {sub.job_uuid}: {exc}", reason=_error_reason(exc)
+        )
         return
 
-    if status.state == "pending":
+    if status.state == JobState.PENDING:
         if superseded():
             return
         polls = ctx.store.record_poll(subtask_id)
@@ -298,32 +300,36 @@ def poll_subtask(subtask_id: str, errors: int = 0, no_url: int = 0) -> None:
             finish(
                 ctx,
                 sub,
-                FAILED,
+                Status.FAILED,
                 error=f"image job {sub.job_uuid} still {status.raw_status or 'pending'} after {polls} polls "
                 f"over {_waited(sub, polls * interval):.1f} s (polling budget {max_polls} x {interval:g} s)",
                 reason="timeout",
             )
             return
         schedule_poll(ctx, subtask_id, lane, delay=interval, renew=True)
-    elif status.state == "success" and status.url:
-        finish(ctx, sub, COMPLETED, result=status.url)
-    elif status.state == "success":
+    elif status.state == JobState.SUCCESS and status.url:
+        finish(ctx, sub, Status.COMPLETED, result=status.url)
+    elif status.state == JobState.SUCCESS:
         if no_url:
             finish(
-                ctx, sub, FAILED, error=f"image job {sub.job_uuid} succeeded without an image url", reason="api_failure"
+                ctx,
+                sub,
+                Status.FAILED,
+                error=f"image job {sub.job_uuid} succeeded without an image url",
+                reason="api_failure",
             )
         elif not superseded():
             schedule_poll(ctx, subtask_id, lane, delay=interval, no_url=1)
-    elif status.state == "moderated":
+    elif status.state == JobState.MODERATED:
         error = f"refused by moderation (ILLEGAL_IMAGE): {status.error or ''}".rstrip(": ")
-        finish(ctx, sub, FAILED, error=error, reason="moderation")
-    elif status.state == "timeout":
+        finish(ctx, sub, Status.FAILED, error=error, reason="moderation")
+    elif status.state == JobState.TIMEOUT:
         # Counted in the broker per job uuid (a redelivered poll of the same job counts it once), not
         # in the message: a swept or redelivered subtask must not earn a fresh budget.
         timed_out = markers.count_timeout(ctx.redis, subtask_id, sub.job_uuid)
         if timed_out > TIMEOUT_RESUBMITS:
             error = f"the API timed the job out (TIMEOUT) {timed_out} times: {status.error or ''}".rstrip(": ")
-            finish(ctx, sub, FAILED, error=error, reason="timeout")
+            finish(ctx, sub, Status.FAILED, error=error, reason="timeout")
             return
         log.warning(
             "the API timed the job out; creating a new one",
@@ -334,8 +340,14 @@ def poll_subtask(subtask_id: str, errors: int = 0, no_url: int = 0) -> None:
         if ctx.store.clear_job(subtask_id, sub.job_uuid):
             markers.clear_create_sent(ctx.redis, subtask_id)  # left over if its creator died after storing the uuid
             send_run(ctx, subtask_id, lane)
-    else:
-        finish(ctx, sub, FAILED, error=status.error or f"image job failed ({status.raw_status})", reason="api_failure")
+    else:  # JobState.FAILURE
+        finish(
+            ctx,
+            sub,
+            Status.FAILED,
+            error=status.error or f"image job failed ({status.raw_status})",
+            reason="api_failure",
+        )
 
 
 def _waited(sub: Subtask, nominal: float) -> float:

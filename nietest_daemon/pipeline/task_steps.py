@@ -9,7 +9,7 @@ import redis
 from nietest_daemon.coordination import counters
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.domain import taskspec
-from nietest_daemon.domain.lifecycle import CANCELLED, PENDING, TERMINAL
+from nietest_daemon.domain.lifecycle import TERMINAL, Status
 from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.pipeline import admission, notices
 from nietest_daemon.pipeline.admission import queue_task
@@ -51,7 +51,9 @@ def process_task(task_id: str) -> None:
         notices.task_submitted(ctx, ctx.store.get_task(task_id) or doc)
     # The pending subtasks wait in the broker for a slot, fairly shared with the other tasks; only
     # admitted ones get a run message. Idempotent: a redelivered master rebuilds the same lines.
-    waiting = queue_task(ctx, ctx.store.get_task(task_id) or doc, ctx.store.list_subtasks(task_id, status=PENDING))
+    waiting = queue_task(
+        ctx, ctx.store.get_task(task_id) or doc, ctx.store.list_subtasks(task_id, status=Status.PENDING)
+    )
     log.info(
         "task expanded",
         task_id=task_id,
@@ -74,7 +76,7 @@ def cancel_task(ctx: Context, task_id: str) -> CancelOutcome:
         # (they differ only in a task that makes `is_lumina` a variable).
         inc = counters.Increments()
         api = Lane.of(outcome.task or ctx.store.get_task(task_id) or {}).value
-        inc.count(counters.SUBTASKS_FINISHED, outcome.cancelled, api=api, outcome=CANCELLED)
+        inc.count(counters.SUBTASKS_FINISHED, outcome.cancelled, api=api, outcome=Status.CANCELLED)
         try:
             counters.add_call(ctx.host, inc).run(ctx.redis)
         except redis.RedisError as exc:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from dataclasses import dataclass
 
 from nietest_daemon.core import settings as settings_module
-from nietest_daemon.core.settings import QUEUE_KEYS, SettingsError
+from nietest_daemon.core.settings import QUEUE_KEYS, Settings, SettingsError
 from nietest_daemon.domain.lifecycle import STATUSES
 
 DESCRIPTION = """\
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "task's status, counters, progress and its errors grouped by text.",
     )
     status.add_argument("task_id", nargs="?", metavar="TASK_ID", help="a task id printed by `nietest submit`")
-    status.add_argument("--json", action="store_true", help="print one JSON document")
+    status.add_argument("--json", action="store_true", dest="as_json", help="print one JSON document")
     submit = sub.add_parser(
         "submit",
         help="validate a task file, store it and enqueue it; prints the task id",
@@ -115,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the most recent tasks, newest first: id, status, progress, completed/total, "
         "failed and cancelled images, priority, age and name. A status marked * is a partial completion.",
     )
-    tasks.add_argument("--status", choices=STATUSES, help="only tasks in this status")
+    tasks.add_argument("--status", choices=[s.value for s in STATUSES], help="only tasks in this status")
     tasks.add_argument("--limit", type=_positive, default=20, metavar="N", help="at most N tasks (default 20)")
-    tasks.add_argument("--json", action="store_true", help="print one JSON list")
+    tasks.add_argument("--json", action="store_true", dest="as_json", help="print one JSON list")
     report = sub.add_parser(
         "report",
         help="write a task's images as an HTML matrix along two of its variables",
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "csv: RFC 4180 (CRLF line ends); jsonl: the header line is an object describing the task and columns.",
     )
     export.add_argument("task_id", metavar="TASK_ID")
-    export.add_argument("--format", choices=("csv", "jsonl"), required=True, help="csv or jsonl")
+    export.add_argument("--format", choices=("csv", "jsonl"), required=True, dest="fmt", help="csv or jsonl")
     return parser
 
 
@@ -165,6 +167,53 @@ def _positive(text: str) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class Command:
+    """How one command runs: `function(settings, *positional, **keywords)`, each argument read from
+    the parsed command line by its name. `target` is "<module>:<function>" in nietest_daemon.programs;
+    the module is imported only when its command runs."""
+
+    target: str
+    positional: tuple[str, ...] = ()
+    keywords: tuple[str, ...] = ()
+
+    def run(self, settings: Settings, args: argparse.Namespace) -> int:
+        module_name, function_name = self.target.split(":")
+        module = importlib.import_module(f"nietest_daemon.programs.{module_name}")
+        function = getattr(module, function_name)
+        positional = [getattr(args, name) for name in self.positional]
+        keywords = {name: getattr(args, name) for name in self.keywords}
+        return int(function(settings, *positional, **keywords))
+
+
+# Each command imports only its own program: `nietest --help`, `ctl` and `status` stay quick
+# (importing the pipeline and Dramatiq costs about 1 s; `python -X importtime` shows it).
+COMMANDS: dict[str, Command] = {
+    "daemon": Command("daemon:run"),
+    "worker": Command("worker:run", ("queue",)),
+    "broker": Command("embedded_broker:run"),
+    "alerts": Command("alerts:run"),
+    "watchdog": Command("watchdog:run"),
+    "metrics": Command("metrics:run"),
+    "ctl": Command("daemon:ctl", ("args",)),
+    "status": Command("overview:run", keywords=("as_json",)),
+    "submit": Command("task_commands:submit", ("task_file",), ("wait",)),
+    "cancel": Command("task_commands:cancel", ("task_id",)),
+    "tasks": Command("task_commands:tasks", keywords=("status", "limit", "as_json")),
+    "report": Command("report:run", ("task_id",), ("output", "rows", "cols")),
+    "retry": Command("task_commands:retry", ("task_id",), ("failed", "cancelled")),
+    "export": Command("export:run", ("task_id",), ("fmt",)),
+}
+#: `nietest status TASK_ID`: that task, rather than the daemon.
+TASK_STATUS = Command("task_commands:status", ("task_id",), ("as_json",))
+
+
+def command_of(args: argparse.Namespace) -> Command:
+    if args.command == "status" and args.task_id:
+        return TASK_STATUS
+    return COMMANDS[args.command]
+
+
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -174,67 +223,4 @@ def run(argv: list[str]) -> int:
     except SettingsError as exc:
         print(f"nietest: configuration error: {exc}", file=sys.stderr)
         return 2
-
-    # Each command imports only its own program: `nietest --help`, `ctl` and `status` stay quick
-    # (importing the pipeline and Dramatiq costs about 1 s; `python -X importtime` shows it).
-    if args.command == "daemon":
-        from nietest_daemon.programs import daemon
-
-        return daemon.run(settings)
-    if args.command == "ctl":
-        from nietest_daemon.programs import daemon
-
-        return daemon.ctl(settings, args.args)
-    if args.command == "worker":
-        from nietest_daemon.programs import worker
-
-        return worker.run(settings, args.queue)
-    if args.command == "alerts":
-        from nietest_daemon.programs import alerts
-
-        return alerts.run(settings)
-    if args.command == "watchdog":
-        from nietest_daemon.programs import watchdog
-
-        return watchdog.run(settings)
-    if args.command == "metrics":
-        from nietest_daemon.programs import metrics
-
-        return metrics.run(settings)
-    if args.command == "broker":
-        from nietest_daemon.programs import embedded_broker
-
-        return embedded_broker.run(settings)
-    if args.command == "status" and args.task_id:
-        from nietest_daemon.programs import task_commands
-
-        return task_commands.status(settings, args.task_id, as_json=args.json)
-    if args.command == "status":
-        from nietest_daemon.programs import overview
-
-        return overview.run(settings, as_json=args.json)
-    if args.command == "submit":
-        from nietest_daemon.programs import task_commands
-
-        return task_commands.submit(settings, args.task_file, wait=args.wait)
-    if args.command == "cancel":
-        from nietest_daemon.programs import task_commands
-
-        return task_commands.cancel(settings, args.task_id)
-    if args.command == "tasks":
-        from nietest_daemon.programs import task_commands
-
-        return task_commands.tasks(settings, status=args.status, limit=args.limit, as_json=args.json)
-    if args.command == "retry":
-        from nietest_daemon.programs import task_commands
-
-        return task_commands.retry(settings, args.task_id, failed=args.failed, cancelled=args.cancelled)
-    if args.command == "report":
-        from nietest_daemon.programs import report
-
-        return report.run(settings, args.task_id, output=args.output, rows=args.rows, cols=args.cols)
-    if args.command == "export":
-        from nietest_daemon.programs import export
-
-        return export.run(settings, args.task_id, fmt=args.format)
-    raise AssertionError(args.command)
+    return command_of(args).run(settings, args)

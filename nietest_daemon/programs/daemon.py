@@ -17,6 +17,7 @@ import xmlrpc.client
 from pathlib import Path
 
 from nietest_daemon.core.logs import iso_timestamp
+from nietest_daemon.core.redaction import redact
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.internals import supervisor as supervisor_internals
 
@@ -72,7 +73,7 @@ def _start_line(settings: Settings) -> str:
             "timestamp": iso_timestamp(),
             "level": "info",
             "event": "daemon starting",
-            "logger": "nietest.daemon",
+            "logger": __name__,
             "pid": os.getpid(),
             "process": "daemon",
             "broker": settings.broker_description,
@@ -100,6 +101,14 @@ def run(settings: Settings) -> int:
     settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.run_dir.chmod(0o700)
     print(_start_line(settings), flush=True)
+    from nietest_daemon.store import prepare_store_for  # here: `ctl` and `status` import this module
+
+    try:  # the store's indexes (MongoDB), built here once rather than by every process that opens it
+        prepare_store_for(settings)
+    except Exception as exc:  # unreachable, or a user who may not build indexes: say so, start nothing
+        problem = redact(f"{type(exc).__name__}: {exc}")[:500]
+        print(f"nietest: could not prepare the store ({settings.store_description}): {problem}", file=sys.stderr)
+        return 1
     os.chdir(settings.data_dir)
     argv = [sys.executable, "-m", "nietest_daemon.programs.supervisord", "-n", "-c", str(config_path())]
     os.execve(sys.executable, argv, environment(settings))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hmac
 import http.client
-import ipaddress
 import itertools
 import json
 import socket
@@ -47,21 +46,22 @@ from nietest_daemon.coordination import counters
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.coordination.scheduler import Scheduler
 from nietest_daemon.core.logs import get_logger
+from nietest_daemon.core.loopback import is_loopback
 from nietest_daemon.core.redaction import redact, set_secrets
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.core.stopping import install_stop_signals
+from nietest_daemon.domain import process_state
 from nietest_daemon.domain.lifecycle import STATUSES
+from nietest_daemon.domain.process_state import ProcessState
 from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.internals.dramatiq_redis import queue_stats
-from nietest_daemon.programs.alerts import SEVERITY as ALERT_SEVERITY
+from nietest_daemon.programs.alerts.kinds import AlertKind
 from nietest_daemon.programs.daemon import control_proxy
 from nietest_daemon.store import Store, open_store_for
 
 log = get_logger(__name__)
 
 QUEUE_STATES = ("ready", "delayed", "in_progress", "dead")
-#: Not failing: BACKOFF and EXITED pass as supervisord restarts a process; only giving up is.
-FAILING_STATES = frozenset({"FATAL", "UNKNOWN"})
 REQUEST_TIMEOUT_SECONDS = 5.0  # per read of a request: a client that stalls is dropped
 PROBE_TIMEOUT_SECONDS = 2.0  # per read of supervisord, the broker, the store
 ANSWER_DEADLINE_SECONDS = 15.0  # an answer not computed by then is a 503
@@ -76,7 +76,7 @@ _ZERO_FILLED: tuple[tuple[counters.Family, dict[str, tuple[str, ...]]], ...] = (
         {"api": counters.APIS, "endpoint": counters.ENDPOINTS, "code_class": counters.CODE_CLASSES},
     ),
     (counters.FEISHU_MESSAGES, {"bot": counters.BOTS, "outcome": counters.FEISHU_OUTCOMES}),
-    (counters.ALERTS, {"kind": tuple(ALERT_SEVERITY)}),
+    (counters.ALERTS, {"kind": tuple(kind.value for kind in AlertKind)}),
     (counters.IMAGE_JOB_SECONDS, {"api": counters.APIS}),
     (counters.API_REQUEST_SECONDS, {"api": counters.APIS, "endpoint": counters.ENDPOINTS}),
 )
@@ -154,7 +154,7 @@ class NietestCollector(Collector):
 
     def _processes(self, infos: list[dict[str, Any]]) -> Iterator[Metric]:
         labels = ["program", "process"]
-        up = [([i["group"], i["name"]], i["statename"] == "RUNNING") for i in infos]
+        up = [([i["group"], i["name"]], i["statename"] == ProcessState.RUNNING) for i in infos]
         start = [([i["group"], i["name"]], i["start"]) for i in infos if i["start"]]
         yield _gauge("nietest_process_up", "1 while the supervised process is RUNNING.", labels, up)
         yield _gauge(
@@ -277,7 +277,8 @@ class Endpoints:
         failing = [
             {"process": f"{i['group']}:{i['name']}", "state": i["statename"]}
             for i in infos
-            if i["statename"] in FAILING_STATES
+            # Not failing: BACKOFF and EXITED pass as supervisord restarts a process; only giving up is.
+            if i["statename"] in process_state.FAILING
         ]
         return _json(503 if failing else 200, {"healthy": not failing, "failing": failing})
 
@@ -294,7 +295,7 @@ class Endpoints:
             not_ready.append({"component": "supervisord", "error": "does not answer"})
         else:
             for info in self.probe.workers(infos):
-                if info["statename"] != "RUNNING":
+                if info["statename"] != ProcessState.RUNNING:
                     not_ready.append(
                         {
                             "component": "worker",
@@ -372,7 +373,7 @@ def run(settings: Settings) -> int:
     if settings.metrics_addr is None:
         log.info("metrics off: NIETEST_METRICS_ADDR is empty")
         return 0
-    if not settings.metrics_token and not _is_loopback(settings.metrics_addr[0]):
+    if not settings.metrics_token and not is_loopback(settings.metrics_addr[0]):
         log.warning(
             "metrics endpoints bound beyond loopback without NIETEST_METRICS_TOKEN: anyone who reaches "
             "the port can read them",
@@ -400,10 +401,3 @@ def run(settings: Settings) -> int:
         server.server_close()
         addr_file.unlink(missing_ok=True)
     return 0
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"

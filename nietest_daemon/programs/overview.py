@@ -14,6 +14,7 @@ from nietest_daemon.coordination import lifelines
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.coordination.scheduler import Scheduler
 from nietest_daemon.core.settings import Settings
+from nietest_daemon.domain.process_state import ProcessState
 from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.internals.dramatiq_redis import queue_stats
 from nietest_daemon.programs.daemon import control_proxy
@@ -33,7 +34,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         report["daemon"] = {"running": True, "pid": proxy.supervisor.getPID()}
         now = time.time()
         for info in proxy.supervisor.getAllProcessInfo():
-            running = info["statename"] == "RUNNING"
+            running = info["statename"] == ProcessState.RUNNING
             report["processes"].append(
                 {
                     "name": f"{info['group']}:{info['name']}",

@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.domain import taskspec
-from nietest_daemon.domain.lifecycle import CANCELLED, COMPLETED, FAILED, PENDING, PROCESSING, STATUSES
+from nietest_daemon.domain.lifecycle import STATUSES, Status
 from nietest_daemon.domain.taskspec import Dimension
 from nietest_daemon.store import Store
 from nietest_daemon.store.base import round_of
@@ -151,7 +151,7 @@ def _history_html(sub: Mapping[str, Any]) -> str:
 
 def render_cell(sub: Mapping[str, Any], values: Sequence[str]) -> str:
     """One cell: `values` are the labels of the subtask's variable values (unescaped)."""
-    status = sub.get("status") if sub.get("status") in STATUSES else PENDING
+    status = sub.get("status") if sub.get("status") in STATUSES else Status.PENDING
     # Short labels only: a prompt can be 10 000 characters, and a cell is repeated 50 000 times
     # (the headers' titles hold the whole values).
     shown = esc(" · ".join(short(v, 24) for v in values))
@@ -164,7 +164,7 @@ def render_cell(sub: Mapping[str, Any], values: Sequence[str]) -> str:
         meta_parts.append(f"attempt {attempt}")
     meta = f'<div class="meta">{" · ".join(meta_parts)}</div>' if meta_parts else ""
     earlier = _history_html(sub)
-    if status == COMPLETED:
+    if status == Status.COMPLETED:
         url = safe_url(sub.get("result"))
         width, height = sub.get("width"), sub.get("height")
         thumb_h = THUMB_WIDTH
@@ -180,7 +180,7 @@ def render_cell(sub: Mapping[str, Any], values: Sequence[str]) -> str:
                 f'height="{thumb_h}"></a>'
             )
         return f'<td class="cell completed">{body}{meta}{caption}{earlier}</td>'
-    if status == FAILED:
+    if status == Status.FAILED:
         error = esc(short(str(sub.get("error") or "failed (no error text)"), ERROR_CHARS))
         return (
             f'<td class="cell failed"><div class="state">failed</div>'
@@ -219,7 +219,7 @@ class Report:
             self.counts[status] += 1
             if history(sub):
                 self.retried += 1
-            if status == COMPLETED:
+            if status == Status.COMPLETED:
                 took = seconds_between(sub.get("started_at"), sub.get("completed_at"))
                 if took is not None:
                     self.image_seconds.append(took)
@@ -391,7 +391,7 @@ def _facts_table(rows: Sequence[tuple[str, str]]) -> str:
 
 
 def _tally(counts: Counter[str]) -> str:
-    order = (COMPLETED, FAILED, CANCELLED, PROCESSING, PENDING, "missing")
+    order = (Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.PROCESSING, Status.PENDING, "missing")
     shown = [f"{counts[s]} {s}" for s in order if counts.get(s)]
     return esc(f"({', '.join(shown)})") if shown else ""
 

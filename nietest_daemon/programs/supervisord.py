@@ -1,4 +1,4 @@
-"""supervisord, as `nietest daemon` runs it: supervisor's own main with two small changes.
+"""supervisord, as `nietest daemon` runs it: supervisor's own main with three small changes.
 
 `nietest daemon` execs `python -m nietest_daemon.programs.supervisord -n -c etc/supervisord.conf`.
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.domain import taskspec
-from nietest_daemon.domain.lifecycle import CANCELLED, COMPLETED, FAILED, TERMINAL, is_partial
+from nietest_daemon.domain.lifecycle import TERMINAL, Status, is_partial
 from nietest_daemon.store.base import round_of
 
 MAX_TASK_FILE_BYTES = 20 * 1024 * 1024
@@ -95,7 +95,7 @@ def _wait(store: Any, task_id: str) -> int:
         print(_bar(task), end="", file=sys.stderr, flush=True)
         if task["status"] in TERMINAL:
             print(file=sys.stderr)
-            return 0 if task["status"] == COMPLETED and not is_partial(task) else 1
+            return 0 if task["status"] == Status.COMPLETED and not is_partial(task) else 1
         time.sleep(0.5)
 
 
@@ -106,7 +106,7 @@ def task_report(settings: Settings, task_id: str) -> dict[str, Any] | None:
     task = store.get_task(task_id)
     if task is None:
         return None
-    failed = store.list_subtasks(task_id, status="failed")
+    failed = store.list_subtasks(task_id, status=Status.FAILED)
     errors = Counter((sub.get("error") or "unknown error")[:200] for sub in failed)
     return {
         "id": task_id,
@@ -240,7 +240,9 @@ def retry(settings: Settings, task_id: str, *, failed: bool, cancelled: bool) ->
     from nietest_daemon.pipeline.context import context
     from nietest_daemon.pipeline.retry import RetryRefused, retry_task
 
-    statuses = [s for s, wanted in ((FAILED, failed), (CANCELLED, cancelled)) if wanted] or [FAILED]
+    statuses = [s for s, wanted in ((Status.FAILED, failed), (Status.CANCELLED, cancelled)) if wanted] or [
+        Status.FAILED
+    ]
     broker = _broker(settings)
     try:
         broker.client.ping()  # before anything changes: the retried subtasks need the broker to run

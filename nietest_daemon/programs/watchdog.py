@@ -41,10 +41,12 @@ import redis
 
 from nietest_daemon.clients.supervisor_events import open_protocol_streams, parse_tokens, serve_protocol
 from nietest_daemon.coordination import counters, lifelines
+from nietest_daemon.coordination.events import WorkerUnresponsive
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.redaction import set_secrets
 from nietest_daemon.core.settings import QUEUE_KEYS, Settings
 from nietest_daemon.core.stopping import install_stop_signals
+from nietest_daemon.domain.process_state import ProcessState
 from nietest_daemon.internals.dramatiq_redis import NietestRedisBroker, process_identity
 from nietest_daemon.internals.supervisor import control_proxy
 from nietest_daemon.pipeline.broker import build_broker
@@ -95,9 +97,11 @@ class Watchdog:
             hung = self.hung.pop(member, None) is not None
         try:
             recycled = (
-                not hung and group in self.queues and counters.take_recycling(self.broker.client, self.host, name, pid)
+                not hung
+                and group in self.queues
+                and counters.recycle_mark(self.broker.client, self.host, name, pid) is not None
             )
-        except (redis.RedisError, OSError):
+        except (redis.RedisError, OSError, ValueError):
             recycled = False
         reason = "hang" if hung else "recycle" if recycled else "crash"
         return reason if self.count(group, name, reason) else None
@@ -142,7 +146,9 @@ class Watchdog:
     def check(self, infos: list[dict[str, Any]], now: float) -> list[str]:
         """Kill the RUNNING workers silent for longer than NIETEST_HANG_SECONDS (`infos`:
         supervisord's getAllProcessInfo()); the `group:name` of each one killed."""
-        workers = [i for i in infos if i["group"] in self.queues and i["statename"] == "RUNNING" and i["pid"]]
+        workers = [
+            i for i in infos if i["group"] in self.queues and i["statename"] == ProcessState.RUNNING and i["pid"]
+        ]
         members = [lifelines.member(i["name"], i["pid"]) for i in workers]
         beats = lifelines.last_beats(self.broker.client, self.host, members)
         if self.watching_since is None:
@@ -177,15 +183,14 @@ class Watchdog:
             self.kill(key)
         lifelines.report_unresponsive(
             self.broker.client,
-            {
-                "kind": "unresponsive",
-                "queue": self.queues[info["group"]],
-                "process": key,
-                "pid": info["pid"],
-                "silent_seconds": round(silent, 1),
-                "host": self.host,
-                "at": time.time(),
-            },
+            WorkerUnresponsive(
+                queue=self.queues[info["group"]],
+                process=key,
+                pid=info["pid"],
+                silent_seconds=round(silent, 1),
+                host=self.host,
+                at=time.time(),
+            ),
         )
 
 

@@ -218,8 +218,8 @@ def run(settings: Settings, queue_key: str) -> int:
             )
     counters.TALLY.flush(broker.client, host)
     if recycling.reason:
-        try:  # the watchdog counts this exit as a recycle, not a crash
-            counters.mark_recycling(broker.client, host, process_name, os.getpid())
+        try:  # the watchdog and the alerts listener tell this exit from a crash by its mark
+            counters.mark_recycling(broker.client, host, process_name, os.getpid(), reason=recycling.reason)
         except (redis.RedisError, OSError) as exc:
             log.warning("could not mark this exit as a recycle", error=str(exc))
     log.info(

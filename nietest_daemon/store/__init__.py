@@ -13,6 +13,7 @@ from nietest_daemon.store.base import (
     Doc,
     DuplicateTaskError,
     FinishOutcome,
+    RepairOutcome,
     Store,
     StoreError,
     UnknownSubtaskError,
@@ -27,6 +28,7 @@ __all__ = [
     "Doc",
     "DuplicateTaskError",
     "FinishOutcome",
+    "RepairOutcome",
     "SQLiteStore",
     "Store",
     "StoreError",
@@ -34,6 +36,7 @@ __all__ = [
     "as_utc",
     "open_store",
     "open_store_for",
+    "prepare_store_for",
     "utcnow",
 ]
 
@@ -95,3 +98,13 @@ def open_store_for(settings: Settings, timeout_seconds: float | None = None) -> 
         subtask_collection=settings.subtask_collection,
         timeout_seconds=timeout_seconds,
     )
+
+
+def prepare_store_for(settings: Settings) -> None:
+    """Open the store the settings name, `prepare` it (MongoDB: build its indexes) and close it: the
+    daemon's first step, before any worker opens the store. Raises whatever the store raises."""
+    store = open_store_for(settings)
+    try:
+        store.prepare()
+    finally:
+        store.close()

@@ -12,13 +12,25 @@ compares against it.
 A subtask leaves a non-terminal state exactly once, through `finish_subtask`; only the call
 that actually moved it increments the task's counters, and the call whose increment brings
 `completed + failed + cancelled` to `total_images` finalises the task, once, with the status
-`domain.status.final_task_status` decides.
+`domain.lifecycle.final_task_status` decides.
+
+Where moving the subtask and counting it are two writes (MongoDB), a process that dies between
+them leaves the subtask terminal and uncounted: the task's counters fall short and nobody
+finalises it. `repair_counts`, run by the periodic sweep, finds such a task once it has been
+still for a grace period, sets its counters to the recount and finalises it, once. Every store
+implements it (in SQLite it never finds anything: its finish is one transaction). Counters may
+fall short of the truth and be repaired; no operation of a store may make them run ahead of it,
+which would finalise a task with subtasks still to run.
 
 A finished task can be run again (`retry_subtasks`: `nietest retry`): its failed and/or cancelled
 subtasks go back to `pending`, each keeping what its last attempt left (`error`, job, seed, times)
-as one more entry of its `error_history`, and the task goes back to `processing` with its
-counters recomputed from its subtasks and its `round` (1 at submit) one higher. The task notices
-of a round are told apart by that number.
+as one more entry of its `error_history`, the counters lose exactly the subtasks moved (never a
+recount, which a finish landing half-way would make wrong), and the task goes back to
+`processing` with its `round` (1 at submit) one higher. The task notices of a round are told
+apart by that number. A retry is refused while any subtask of the task is still processing.
+
+`prepare` builds what the store's queries need (MongoDB's indexes): the daemon calls it once at
+start; no command or worker does, so that a user who may only read can run the reading commands.
 
 `request_cancel` / `cancel_task` finalise a task that has no subtask at all (the master has
 not expanded it yet) as `cancelled` straight away. The master must therefore insert its
@@ -32,19 +44,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Self
-
-if TYPE_CHECKING:
-    pass
+from typing import Any, Self
 
 from nietest_daemon.domain.lifecycle import (
-    CANCELLED,
     COUNTER_OF,
     COUNTERS,
-    FAILED,
-    PENDING,
-    PROCESSING,
     TERMINAL,
+    Status,
     is_partial,
     progress_of,
 )
@@ -62,7 +68,7 @@ SUBTASK_FIELDS: tuple[str, ...] = (
     "result", "error", "created_at", "updated_at", "started_at", "completed_at", "round", "error_history",
 )  # fmt: skip
 #: The subtask statuses `retry_subtasks` runs again.
-RETRYABLE: frozenset[str] = frozenset({FAILED, CANCELLED})
+RETRYABLE: frozenset[Status] = frozenset({Status.FAILED, Status.CANCELLED})
 TIME_FIELDS: tuple[str, ...] = ("created_at", "updated_at", "started_at", "completed_at", "cancel_requested_at")
 
 
@@ -100,10 +106,10 @@ class FinishOutcome:
 
     subtask_id: str
     task_id: str
-    status: str
+    status: Status
     changed: bool
     finalised: bool = False
-    task_status: str | None = None
+    task_status: Status | None = None
     task: Doc | None = None
 
     @property
@@ -117,17 +123,34 @@ class RetryOutcome:
     """What one `retry_subtasks` call did.
 
     `found`: the task exists. `status`: its status as this call found it (an active one means the
-    call was refused and changed nothing). `reset`: subtasks this call moved back to pending.
-    `reopened`: this call moved the task back to `processing`, as round `round`, and `task` is
-    then its document. A task without anything to run again stays as it was (`reopened` false).
+    call was refused and changed nothing). `processing`: subtasks of the task still processing
+    (not 0: the call was refused and changed nothing). `reset`: subtasks this call moved back to
+    pending. `reopened`: this call moved the task back to `processing`, as round `round`, and
+    `task` is then its document. A task without anything to run again stays as it was
+    (`reopened` false).
     """
 
     task_id: str
     found: bool
-    status: str | None = None
+    status: Status | None = None
     reset: int = 0
     reopened: bool = False
     round: int | None = None
+    task: Doc | None = None
+    processing: int = 0
+
+
+@dataclass(frozen=True)
+class RepairOutcome:
+    """One task whose counters `repair_counts` set to the recount: `before` and `after` them
+    (`COUNTERS`); `finalised`: this call also finalised the task (`task_status`, `task`: its
+    document), and its caller, only it, sends the final notice."""
+
+    task_id: str
+    before: dict[str, int]
+    after: dict[str, int]
+    finalised: bool = False
+    task_status: Status | None = None
     task: Doc | None = None
 
 
@@ -139,7 +162,7 @@ class CancelOutcome:
     found: bool
     cancelled: int = 0
     finalised: bool = False
-    task_status: str | None = None
+    task_status: Status | None = None
     task: Doc | None = None
 
 
@@ -171,7 +194,7 @@ def new_task_doc(doc: Mapping[str, Any], now: datetime) -> Doc:
     task.update(doc)
     task.update(
         id=str(doc["id"]),
-        status=PENDING,
+        status=Status.PENDING,
         created_at=now,
         updated_at=now,
         started_at=None,
@@ -196,7 +219,7 @@ def new_subtask_doc(task_id: str, doc: Mapping[str, Any], now: datetime) -> Doc:
     sub.update(
         id=str(doc["id"]),
         task_id=task_id,
-        status=PENDING,
+        status=Status.PENDING,
         job_uuid=None,
         poll_count=0,
         attempts=0,
@@ -221,22 +244,18 @@ def round_of(doc: Mapping[str, Any]) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
 
 
+#: What a subtask's last attempt leaves in its `error_history` when it runs again: these fields of
+#: the subtask, each under its own name; `round` read as `round_of` reads it, times as ISO-8601
+#: text. The one definition of an entry: `history_entry` builds it in Python (MongoDB),
+#: `store.sqlite.HISTORY_ENTRY_SQL` in SQL from the same names.
+HISTORY_FIELDS: tuple[str, ...] = ("round", "status", "error", "job_uuid", "seed", "started_at", "completed_at")
+
+
 def history_entry(sub: Mapping[str, Any]) -> Doc:
-    """What a subtask's last attempt leaves in its `error_history` when it runs again; times as
-    ISO-8601 text in both stores. Keep in step with `SQLiteStore`'s `_HISTORY_ENTRY` (SQL)."""
-
-    def iso(value: Any) -> Any:
-        return iso_text(value) if isinstance(value, datetime) else value
-
-    return {
-        "round": round_of(sub),
-        "status": sub.get("status"),
-        "error": sub.get("error"),
-        "job_uuid": sub.get("job_uuid"),
-        "seed": sub.get("seed"),
-        "started_at": iso(sub.get("started_at")),
-        "completed_at": iso(sub.get("completed_at")),
-    }
+    """The `error_history` entry of the subtask's last attempt (`HISTORY_FIELDS`)."""
+    entry = {key: sub.get(key) for key in HISTORY_FIELDS}
+    entry["round"] = round_of(sub)
+    return {key: iso_text(value) if isinstance(value, datetime) else value for key, value in entry.items()}
 
 
 def counters_of(counts: Mapping[str, int]) -> dict[str, int]:
@@ -245,15 +264,14 @@ def counters_of(counts: Mapping[str, int]) -> dict[str, int]:
     return {"processed_images": sum(terminal.values()), **terminal}
 
 
-def reopened_fields(task: Mapping[str, Any], counts: Mapping[str, int], new_round: int, now: datetime) -> Doc:
-    """The fields a retry sets on a finished task it runs again: processing as `new_round`, its
-    counters those of its subtasks (`counts`: subtasks per status), no end, no error, no cancel."""
-    counters = counters_of(counts)
+def reopened_fields(task: Mapping[str, Any], new_round: int, now: datetime) -> Doc:
+    """The fields a retry sets on a finished task it runs again (`task`: its counters once the
+    moved subtasks were taken off): processing as `new_round`, progress from those counters, no
+    end, no error, no cancel. The counters themselves are not set: a finish may land meanwhile."""
     return {
-        "status": PROCESSING,
+        "status": Status.PROCESSING,
         "round": new_round,
-        **counters,
-        "progress": progress_of(counters["processed_images"], int(task.get("total_images") or 0)),
+        "progress": progress_of(max(0, int(task.get("processed_images") or 0)), int(task.get("total_images") or 0)),
         "completed_at": None,
         "error": None,
         "cancel_requested": False,
@@ -262,17 +280,37 @@ def reopened_fields(task: Mapping[str, Any], counts: Mapping[str, int], new_roun
     }
 
 
-def check_retryable(statuses: Iterable[str]) -> list[str]:
+def moved_deltas(status: Status, moved: int) -> dict[str, int]:
+    """The counter changes of `moved` subtasks leaving the terminal `status` (a retry): `$inc` values."""
+    return {"processed_images": -moved, COUNTER_OF[status]: -moved}
+
+
+def is_short(task: Mapping[str, Any], counts: Mapping[str, int]) -> bool:
+    """The task's counters count fewer finished subtasks than its subtasks say (`counts`: per
+    status): a finish whose increment was lost."""
+    return int(task.get("processed_images") or 0) < counters_of(counts)["processed_images"]
+
+
+#: How long a task and its subtasks must have been still before `repair_counts` touches it (the
+#: sweep's default): far longer than a finish can stay between its two writes (pymongo gives up on
+#: a write after its server selection timeout, 10 s, and one retry), and not so long that a task
+#: waits noticeably for its end.
+REPAIR_GRACE_SECONDS = 300.0
+
+
+def check_retryable(statuses: Iterable[str]) -> list[Status]:
     """The statuses a retry runs again, sorted; ValueError unless they are some of `RETRYABLE`."""
-    wanted = sorted(set(statuses))
+    wanted = sorted({str(status) for status in statuses})
     if not wanted or not set(wanted) <= RETRYABLE:
         raise ValueError(f"retry takes {' and/or '.join(sorted(RETRYABLE))} subtasks, got {wanted!r}")
-    return wanted
+    return [Status(status) for status in wanted]
 
 
-def _check_terminal(status: str) -> None:
+def check_terminal(status: str) -> Status:
+    """`status` as a terminal Status; ValueError unless it is one (what `finish_subtask` takes)."""
     if status not in TERMINAL:
-        raise ValueError(f"finish_subtask needs a terminal status ({', '.join(sorted(TERMINAL))}), got {status!r}")
+        raise ValueError(f"finish_subtask needs a terminal status ({', '.join(sorted(TERMINAL))}), got {str(status)!r}")
+    return Status(status)
 
 
 def _statuses(status: str | Iterable[str] | None) -> list[str] | None:
@@ -373,26 +411,29 @@ class Store(ABC):
 
     @abstractmethod
     def finish_subtask(
-        self, subtask_id: str, status: str, *, result: str | None = None, error: str | None = None
+        self, subtask_id: str, status: Status, *, result: str | None = None, error: str | None = None
     ) -> FinishOutcome | None:
         """The one move of a subtask to a terminal state, counted and finalising exactly once; None if unknown."""
 
     @abstractmethod
-    def retry_subtasks(self, task_id: str, statuses: Iterable[str] = (FAILED,)) -> RetryOutcome:
+    def retry_subtasks(self, task_id: str, statuses: Iterable[str] = (Status.FAILED,)) -> RetryOutcome:
         """Run a finished task's subtasks in `statuses` (failed and/or cancelled) again.
 
-        Refused (nothing changed) unless the task is terminal. Each such subtask goes back to
-        pending: its last attempt appended to `error_history`, then `error`, `result`, `job_uuid`,
-        `poll_count`, `attempts`, `started_at` and `completed_at` reset (the seed stays), `round`
-        the task's new round. Then, if any subtask is pending (this call's, or those a call that
-        died half-way left), the task goes back to processing as round `round + 1`, in one
-        conditional update: counters recomputed from its subtasks, `completed_at`, `error` and the
-        cancel request cleared. A repeated call finishes what an interrupted one began.
+        Refused (nothing changed) unless the task is terminal, and while any of its subtasks is
+        still processing (`RetryOutcome.processing`: its finish may be between its two writes).
+        Each such subtask goes back to pending: its last attempt appended to `error_history`,
+        then `error`, `result`, `job_uuid`, `poll_count`, `attempts`, `started_at` and
+        `completed_at` reset (the seed stays), `round` the task's new round; the counters lose
+        exactly the subtasks moved (deltas, never a recount: a finish landing meanwhile counts
+        as it should). Then, if any subtask is pending (this call's, or those a call that died
+        half-way left), the task goes back to processing as round `round + 1`, in one
+        conditional update: `completed_at`, `error` and the cancel request cleared. A repeated
+        call finishes what an interrupted one began; an interrupted one can leave the counters
+        short (never ahead), which `repair_counts` puts right at the round's end.
 
         Concurrent calls for one task must be serialised by the caller (`pipeline.retry` holds the
-        task's retry lock in the broker). With MongoDB, two calls with different status sets can
-        interleave: one that found the task finished goes on moving its subtasks to pending after
-        the other reopened it and recounted its counters, which then count those subtasks wrong.
+        task's retry lock in the broker): with MongoDB, one could reopen the task while the other
+        still moves subtasks under the round it read.
         """
 
     @abstractmethod
@@ -410,12 +451,31 @@ class Store(ABC):
         return sub, sub is not None and self.is_cancel_requested(sub["task_id"])
 
     @abstractmethod
-    def finalise_task(self, task_id: str) -> str | None:
+    def finalise_task(self, task_id: str) -> Status | None:
         """Finalise a task whose counters are complete but which is not terminal yet; the status if this call did."""
 
     @abstractmethod
     def find_stale_subtasks(self, older_than: datetime, limit: int = 100) -> list[Doc]:
         """Processing subtasks whose updated_at is before `older_than`, oldest first."""
+
+    @abstractmethod
+    def repair_counts(self, older_than: datetime) -> list[RepairOutcome]:
+        """Put right the counters of tasks a lost increment left short; the tasks it repaired.
+
+        A task qualifies when it is `processing`, none of its subtasks is pending or processing,
+        its counters count fewer finished subtasks than its subtasks do, and neither it nor any
+        of its subtasks has changed since `older_than` (the grace, `REPAIR_GRACE_SECONDS` in the
+        sweep: a finish between its two writes has moved its subtask and not yet counted it, and
+        must not be counted twice). Its counters are then set to the recount by a compare-and-set
+        on the counters read (a change meanwhile leaves it to the next pass), and the task is
+        finalised if complete, at most once with any concurrent finaliser: the caller sends the
+        final notice of each `finalised` outcome.
+        """
+
+    @abstractmethod
+    def prepare(self) -> None:
+        """Build what the store's queries need (MongoDB: its indexes); safe to repeat. Called by the
+        daemon at start, and by nothing else: other commands and workers only open the store."""
 
     @abstractmethod
     def close(self) -> None:

@@ -1,14 +1,26 @@
 """`MongoStore`: MongoDB through pymongo, used when `MONGO_URI` or `MONGO_HOST` is set.
 
 It uses only plain single-document atomic operations (`insert_one`, `insert_many(ordered=False)`,
-`find_one_and_update` / `update_one` with filters and `$set` / `$inc` / `$max`; `find` and a
-`$group` aggregate for reads), so what the mongomock contract suite checks is what a MongoDB
-server guarantees. `_id` is the document's `id` (which is stored too).
+`find_one_and_update` / `update_one` / `update_many` / an unordered `bulk_write` of `UpdateOne`s,
+with filters and `$set` / `$inc` / `$max` / `$push`; `find` and a `$group` aggregate for reads),
+so what the mongomock contract suite checks is what a MongoDB server guarantees. No
+multi-document transaction: mongomock has no sessions, so such code could run in no test here.
+`_id` is the document's `id` (which is stored too).
 
-Known limit: moving the subtask and incrementing the task are two atomic single-document
-writes; a process killed between the two loses that one increment (the subtask is terminal but
-not counted). `recount` detects it; `finalise_task` finalises a task whose counters are complete
-but whose finaliser died.
+A finish is exactly-once by its first write: the subtask leaves its active status by one
+conditional update, which only one caller wins; only that caller `$inc`s the task, and the caller
+whose increment completes the counters finalises the task by another conditional update (from an
+active status). Moving the subtask and counting it are two writes, though: a process killed
+between them (a SIGKILL, an OOM kill, a failover longer than pymongo's one retry) leaves the
+subtask terminal and the counters one short. Nothing would then finalise the task;
+`repair_counts`, from the periodic sweep, does, once the task has been still for a grace period.
+Every write here that counts is ordered so that a cut leaves the counters short, never ahead:
+cancel moves its subtasks before it counts them, retry takes them off the counters before it
+moves them.
+
+Indexes (`INDEXES`) are built by `prepare`, which only the daemon calls at start: opening the
+store builds nothing, so a user who may only read can run the reading commands, and an upgrade
+that adds an index blocks one process, not all.
 """
 
 from __future__ import annotations
@@ -18,7 +30,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import pymongo
-from pymongo import ReturnDocument
+from pymongo import ReturnDocument, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
 if TYPE_CHECKING:
@@ -27,33 +39,35 @@ if TYPE_CHECKING:
 
 from nietest_daemon.domain.lifecycle import (
     ACTIVE,
-    CANCELLED,
     COUNTER_OF,
     COUNTERS,
-    FAILED,
-    PENDING,
-    PROCESSING,
     STATUSES,
     TERMINAL,
+    Status,
     final_task_status,
     is_done,
     progress_of,
 )
 from nietest_daemon.store.base import (
+    HISTORY_FIELDS,
     TIME_FIELDS,
     CancelOutcome,
     Doc,
     DuplicateTaskError,
     FinishOutcome,
+    RepairOutcome,
     RetryOutcome,
     Store,
     StoreError,
     UnknownSubtaskError,
-    _check_terminal,
     _statuses,
     as_utc,
     check_retryable,
+    check_terminal,
+    counters_of,
     history_entry,
+    is_short,
+    moved_deltas,
     new_subtask_doc,
     new_task_doc,
     reopened_fields,
@@ -70,6 +84,33 @@ _TASK_COUNTER_FIELDS: tuple[str, ...] = (
     "cancel_requested",
     "error",
 )
+
+
+IndexKeys = tuple[tuple[str, int], ...]
+
+#: The indexes `prepare` builds, by collection (`tasks`, `subtasks`: whatever names the settings
+#: give them). Each query of this module is served by one of them, its sort included: equality
+#: fields first, then the sort, then ranges (tests/test_store_indexes.py records every query and
+#: checks it). Ascending keys: a sort on them backwards (newest first) reads the index backwards.
+INDEXES: dict[str, tuple[IndexKeys, ...]] = {
+    "tasks": (
+        (("created_at", 1), ("_id", 1)),  # list_tasks: newest first
+        (("status", 1), ("created_at", 1), ("_id", 1)),  # list_tasks of some statuses; count_tasks
+        (("status", 1), ("updated_at", 1), ("_id", 1)),  # repair_counts: processing tasks still since a time
+    ),
+    "subtasks": (
+        (("task_id", 1), ("status", 1), ("_id", 1)),  # a task's subtasks of some statuses by id; counts
+        (("task_id", 1), ("_id", 1)),  # a task's subtasks by id, every status (report, export)
+        (("task_id", 1), ("updated_at", 1)),  # repair_counts: has a subtask of the task moved lately?
+        (("status", 1), ("updated_at", 1), ("_id", 1)),  # find_stale_subtasks
+    ),
+}
+#: Indexes earlier versions built, which those above serve better: `prepare` drops them once the
+#: new ones exist (they would only cost every write).
+RETIRED_INDEXES: dict[str, tuple[str, ...]] = {
+    "tasks": ("status_1_created_at_-1", "created_at_-1"),
+    "subtasks": ("task_id_1_status_1", "status_1_updated_at_1"),
+}
 
 
 def _to_bson(value: datetime) -> datetime:
@@ -105,18 +146,21 @@ class MongoStore(Store):
         task_collection: str = "tasks",
         subtask_collection: str = "subtasks",
         client: pymongo.MongoClient[Any] | None = None,
-        create_indexes: bool = True,
     ) -> None:
         self.db = db
         self.tasks: Collection[Any] = db[task_collection]
         self.subtasks: Collection[Any] = db[subtask_collection]
         self._client = client
-        if create_indexes:
-            self._ensure_index(self.subtasks, [("task_id", 1), ("status", 1)])
-            self._ensure_index(self.subtasks, [("task_id", 1), ("_id", 1)])  # a task's subtasks by id, paged
-            self._ensure_index(self.subtasks, [("status", 1), ("updated_at", 1)])
-            self._ensure_index(self.tasks, [("status", 1), ("created_at", -1)])
-            self._ensure_index(self.tasks, [("created_at", -1)])
+
+    def prepare(self) -> None:
+        """Build `INDEXES` (each returns at once when it exists), then drop `RETIRED_INDEXES`."""
+        for role, collection in (("tasks", self.tasks), ("subtasks", self.subtasks)):
+            for keys in INDEXES[role]:
+                self._ensure_index(collection, list(keys))
+            present = set(collection.index_information())
+            for name in RETIRED_INDEXES[role]:
+                if name in present:
+                    collection.drop_index(name)
 
     @staticmethod
     def _ensure_index(collection: Collection[Any], keys: list[tuple[str, int]]) -> None:
@@ -180,14 +224,14 @@ class MongoStore(Store):
         now = _to_bson(utcnow())
         res = self.tasks.update_one(
             {"_id": task_id, "status": {"$in": list(ACTIVE)}},
-            {"$set": {"status": FAILED, "error": error, "updated_at": now, "completed_at": now}},
+            {"$set": {"status": Status.FAILED, "error": error, "updated_at": now, "completed_at": now}},
         )
         return bool(res.modified_count)
 
     def mark_task_running(self, task_id: str) -> bool:
         now = _to_bson(utcnow())
         res = self.tasks.update_one(
-            {"_id": task_id, "status": PENDING}, {"$set": {"status": PROCESSING, "updated_at": now}}
+            {"_id": task_id, "status": Status.PENDING}, {"$set": {"status": Status.PROCESSING, "updated_at": now}}
         )
         if res.modified_count:
             self.tasks.update_one({"_id": task_id, "started_at": None}, {"$set": {"started_at": now}})
@@ -244,7 +288,7 @@ class MongoStore(Store):
         return [d for d in map(_from_mongo, cursor) if d is not None]
 
     def count_subtasks(self, task_id: str) -> dict[str, int]:
-        counts = dict.fromkeys(STATUSES, 0)
+        counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
         for row in self.subtasks.aggregate(
             [{"$match": {"task_id": task_id}}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}]
         ):
@@ -255,7 +299,7 @@ class MongoStore(Store):
         now = _to_bson(utcnow())
         doc = self.subtasks.find_one_and_update(
             {"_id": subtask_id, "status": {"$in": list(ACTIVE)}},
-            {"$set": {"status": PROCESSING, "updated_at": now}, "$inc": {"attempts": 1}},
+            {"$set": {"status": Status.PROCESSING, "updated_at": now}, "$inc": {"attempts": 1}},
             return_document=ReturnDocument.AFTER,
         )
         if doc is None:
@@ -299,7 +343,7 @@ class MongoStore(Store):
 
     # --- the finish path -----------------------------------------------------------------------------
 
-    def _try_finalise(self, task: Mapping[str, Any], now: datetime) -> tuple[str | None, Doc | None]:
+    def _try_finalise(self, task: Mapping[str, Any], now: datetime) -> tuple[Status | None, Doc | None]:
         """Conditionally finalise a complete task from a non-terminal state: at most one caller wins."""
         if task.get("status") in TERMINAL or not is_done(task):
             return None, None
@@ -315,10 +359,28 @@ class MongoStore(Store):
         )
         return (status, _from_mongo(doc)) if doc is not None else (None, None)
 
+    def _count_finished(self, task_id: str, status: Status, n: int, now: datetime) -> tuple[Status | None, Doc | None]:
+        """Count `n` subtasks this caller moved to the terminal `status` on their task (the finish's
+        second write), then finalise the task if that completed it: what `_try_finalise` returns."""
+        task = self.tasks.find_one_and_update(
+            {"_id": task_id},
+            {"$inc": {"processed_images": n, COUNTER_OF[status]: n}, "$set": {"updated_at": _to_bson(now)}},
+            projection=dict.fromkeys(_TASK_COUNTER_FIELDS, 1),
+            return_document=ReturnDocument.AFTER,
+        )
+        if task is None:
+            return None, None
+        progress = progress_of(int(task["processed_images"]), int(task.get("total_images") or 0))
+        if progress > float(task.get("progress") or 0.0):
+            # $max: concurrent finishers may land in any order, progress only ever goes up.
+            self.tasks.update_one({"_id": task_id}, {"$max": {"progress": progress}})
+            task["progress"] = progress
+        return self._try_finalise(task, now)
+
     def finish_subtask(
-        self, subtask_id: str, status: str, *, result: str | None = None, error: str | None = None
+        self, subtask_id: str, status: Status, *, result: str | None = None, error: str | None = None
     ) -> FinishOutcome | None:
-        _check_terminal(status)
+        status = check_terminal(status)
         now = utcnow()
         changes: Doc = {"status": status, "updated_at": _to_bson(now), "completed_at": _to_bson(now)}
         if result is not None:
@@ -335,22 +397,9 @@ class MongoStore(Store):
             current = self.subtasks.find_one({"_id": subtask_id}, {"task_id": 1, "status": 1})
             if current is None:
                 return None
-            return FinishOutcome(subtask_id, current["task_id"], current["status"], changed=False)
+            return FinishOutcome(subtask_id, current["task_id"], Status(current["status"]), changed=False)
         task_id = before["task_id"]
-        task = self.tasks.find_one_and_update(
-            {"_id": task_id},
-            {"$inc": {"processed_images": 1, COUNTER_OF[status]: 1}, "$set": {"updated_at": _to_bson(now)}},
-            projection=dict.fromkeys(_TASK_COUNTER_FIELDS, 1),
-            return_document=ReturnDocument.AFTER,
-        )
-        if task is None:
-            return FinishOutcome(subtask_id, task_id, status, changed=True)
-        progress = progress_of(int(task["processed_images"]), int(task.get("total_images") or 0))
-        if progress > float(task.get("progress") or 0.0):
-            # $max: concurrent finishers may land in any order, progress only ever goes up.
-            self.tasks.update_one({"_id": task_id}, {"$max": {"progress": progress}})
-            task["progress"] = progress
-        final, final_doc = self._try_finalise(task, now)
+        final, final_doc = self._count_finished(task_id, status, 1, now)
         return FinishOutcome(
             subtask_id,
             task_id,
@@ -361,109 +410,182 @@ class MongoStore(Store):
             task=final_doc,
         )
 
-    def finalise_task(self, task_id: str) -> str | None:
+    def finalise_task(self, task_id: str) -> Status | None:
         task = self.tasks.find_one({"_id": task_id})
         if task is None:
             return None
         return self._try_finalise(task, utcnow())[0]
 
     def cancel_task(self, task_id: str, *, chunk: int = 1000) -> CancelOutcome:
+        """A thousand pending subtasks at a time: one `update_many` (only those still pending move),
+        then one `$inc` of what it moved. A process that dies between the two leaves the counters
+        short: `repair_counts` puts them right."""
         now = _to_bson(utcnow())
         res = self.tasks.update_one({"_id": task_id}, {"$set": {"cancel_requested": True, "updated_at": now}})
         if not res.matched_count:
             return CancelOutcome(task_id, found=False)
         self.tasks.update_one({"_id": task_id, "cancel_requested_at": None}, {"$set": {"cancel_requested_at": now}})
         cancelled, finalised, final_status, final_task = 0, False, None, None
+        expanded = False
         while True:
             pending = [
                 d["_id"]
-                for d in self.subtasks.find({"task_id": task_id, "status": PENDING}, {"_id": 1})
+                for d in self.subtasks.find({"task_id": task_id, "status": Status.PENDING}, {"_id": 1})
                 .sort("_id", 1)
                 .limit(chunk)
             ]
+            expanded = expanded or bool(pending)
             if not pending:
                 break
-            for subtask_id in pending:
-                outcome = self.finish_subtask(subtask_id, CANCELLED)
-                if outcome and outcome.changed:
-                    cancelled += 1
-                if outcome and outcome.finalised:
-                    finalised, final_status, final_task = True, outcome.task_status, outcome.task
-        if self.subtasks.find_one({"task_id": task_id}, {"_id": 1}) is None:
+            stamp = utcnow()
+            moved = self.subtasks.update_many(
+                {"_id": {"$in": pending}, "status": Status.PENDING},
+                {"$set": {"status": Status.CANCELLED, "updated_at": _to_bson(stamp), "completed_at": _to_bson(stamp)}},
+            ).modified_count
+            if moved:
+                cancelled += moved
+                final, doc = self._count_finished(task_id, Status.CANCELLED, moved, stamp)
+                if final is not None:
+                    finalised, final_status, final_task = True, final, doc
+            if len(pending) < chunk:
+                break
+        if not expanded and self.subtasks.find_one({"task_id": task_id}, {"_id": 1}) is None:
             # Nothing expanded yet: the task has no subtask, so cancelling it ends it now.
-            stamp = _to_bson(utcnow())
+            stamp_bson = _to_bson(utcnow())
             doc = self.tasks.find_one_and_update(
                 {"_id": task_id, "status": {"$in": list(ACTIVE)}},
-                {"$set": {"status": CANCELLED, "completed_at": stamp, "updated_at": stamp}},
+                {"$set": {"status": Status.CANCELLED, "completed_at": stamp_bson, "updated_at": stamp_bson}},
                 return_document=ReturnDocument.AFTER,
             )
             if doc is not None:
-                finalised, final_status, final_task = True, CANCELLED, _from_mongo(doc)
+                finalised, final_status, final_task = True, Status.CANCELLED, _from_mongo(doc)
         return CancelOutcome(task_id, True, cancelled, finalised, final_status, final_task)
 
-    def retry_subtasks(self, task_id: str, statuses: Iterable[str] = (FAILED,), *, attempts: int = 20) -> RetryOutcome:
+    def retry_subtasks(
+        self, task_id: str, statuses: Iterable[str] = (Status.FAILED,), *, chunk: int = 1000, attempts: int = 5
+    ) -> RetryOutcome:
         wanted = check_retryable(statuses)
         task = self.tasks.find_one({"_id": task_id}, {"status": 1, "round": 1})
         if task is None:
             return RetryOutcome(task_id, found=False)
-        if task["status"] not in TERMINAL:
-            return RetryOutcome(task_id, found=True, status=task["status"])
+        was = Status(task["status"])
+        if was not in TERMINAL:
+            return RetryOutcome(task_id, found=True, status=was)
+        processing = self.subtasks.count_documents({"task_id": task_id, "status": Status.PROCESSING})
+        if processing:
+            return RetryOutcome(task_id, found=True, status=was, processing=processing)
+        # 1. The subtasks back to pending, a thousand at a time, each chunk taken off the counters
+        # first (`_move_back`). The task is terminal meanwhile, so nothing else moves its subtasks
+        # or finalises it; a process that dies here leaves some subtasks pending, the task
+        # terminal and its counters short, and the next call goes on from there.
         new_round = round_of(task) + 1
-        # 1. Each subtask back to pending, one conditional single-document update each: only while it
-        # is still in a retried status, so two retries never both move it. The task is terminal
-        # meanwhile, so nothing else moves its subtasks or finalises it; a process that dies here
-        # leaves some subtasks pending and the task terminal, and the next call goes on from there.
+        fields = dict.fromkeys(HISTORY_FIELDS, 1)
         reset = 0
-        now = _to_bson(utcnow())
-        fields = {"status": 1, "error": 1, "job_uuid": 1, "seed": 1, "started_at": 1, "completed_at": 1, "round": 1}
-        for sub in self.subtasks.find({"task_id": task_id, "status": {"$in": wanted}}, fields).sort("_id", 1):
-            res = self.subtasks.update_one(
-                {"_id": sub["_id"], "status": {"$in": wanted}},
-                {
-                    "$set": {
-                        "status": PENDING,
-                        "round": new_round,
-                        "error": None,
-                        "result": None,
-                        "job_uuid": None,
-                        "poll_count": 0,
-                        "attempts": 0,
-                        "started_at": None,
-                        "completed_at": None,
-                        "updated_at": now,
-                    },
-                    "$push": {"error_history": history_entry(sub)},
-                },
-            )
-            reset += res.modified_count
-        # 2. The task back to processing, its counters recounted from its subtasks: a
-        # compare-and-set on the status, round and counters read, so a concurrent change (another
-        # retry, a late finish) makes it look again rather than overwrite.
+        for status in wanted:
+            after: str | None = None
+            while True:
+                query: Doc = {"task_id": task_id, "status": status}
+                if after is not None:
+                    query["_id"] = {"$gt": after}
+                page = list(self.subtasks.find(query, fields).sort("_id", 1).limit(chunk))
+                if page:
+                    reset += self._move_back(task_id, status, page, new_round)
+                    after = page[-1]["_id"]
+                if len(page) < chunk:
+                    break
+        # 2. The task back to processing if anything is pending (this call's subtasks, or those of
+        # a call that died half-way): a compare-and-set on the status and round read, so that two
+        # calls never both reopen it. Its counters are left alone: a finish may land at any time.
         for _ in range(attempts):
-            current = self.tasks.find_one({"_id": task_id}, dict.fromkeys(("status", "round", *COUNTERS), 1))
+            current = self.tasks.find_one(
+                {"_id": task_id}, {"status": 1, "round": 1, "total_images": 1, "processed_images": 1}
+            )
             if current is None:
                 return RetryOutcome(task_id, found=False)
             if current["status"] not in TERMINAL:
-                return RetryOutcome(task_id, found=True, status=current["status"], reset=reset)
-            counts = self.count_subtasks(task_id)
-            if not counts[PENDING] and not counts[PROCESSING]:
-                return RetryOutcome(task_id, found=True, status=current["status"], reset=reset)
-            full = self.tasks.find_one({"_id": task_id}, {"total_images": 1}) or {}
-            new_round = round_of(current) + 1
-            changes = reopened_fields(full, counts, new_round, utcnow())
+                return RetryOutcome(task_id, found=True, status=Status(current["status"]), reset=reset)
+            if self.subtasks.find_one({"task_id": task_id, "status": Status.PENDING}, {"_id": 1}) is None:
+                return RetryOutcome(task_id, found=True, status=was, reset=reset)
+            reopen_round = round_of(current) + 1
+            changes = reopened_fields(current, reopen_round, utcnow())
             changes["updated_at"] = _to_bson(changes["updated_at"])
-            match: Doc = {"_id": task_id, "status": current["status"], "round": current.get("round")}
-            match.update({name: current.get(name) for name in COUNTERS})
-            doc = self.tasks.find_one_and_update(match, {"$set": changes}, return_document=ReturnDocument.AFTER)
+            doc = self.tasks.find_one_and_update(
+                {"_id": task_id, "status": current["status"], "round": current.get("round")},
+                {"$set": changes},
+                return_document=ReturnDocument.AFTER,
+            )
             if doc is not None:
-                return RetryOutcome(
-                    task_id, True, current["status"], reset, reopened=True, round=new_round, task=_from_mongo(doc)
-                )
+                return RetryOutcome(task_id, True, was, reset, reopened=True, round=reopen_round, task=_from_mongo(doc))
         raise StoreError(f"task {task_id!r} kept changing while it was reopened; run the retry again")
+
+    def _move_back(self, task_id: str, status: Status, page: list[Doc], new_round: int) -> int:
+        """Move these subtasks (read in the terminal `status`) back to pending; how many moved.
+
+        The counters lose them first, the move follows (one unordered bulk write: each subtask's
+        own `error_history` entry, each update conditional on its status), and what did not move
+        is given back: cut anywhere, the counters are short of the truth, never ahead of it."""
+        self.tasks.update_one({"_id": task_id}, {"$inc": moved_deltas(status, len(page))})
+        now = _to_bson(utcnow())
+        reset: Doc = {
+            "status": Status.PENDING,
+            "round": new_round,
+            "error": None,
+            "result": None,
+            "job_uuid": None,
+            "poll_count": 0,
+            "attempts": 0,
+            "started_at": None,
+            "completed_at": None,
+            "updated_at": now,
+        }
+        moves = [
+            UpdateOne(
+                {"_id": sub["_id"], "status": status}, {"$set": reset, "$push": {"error_history": history_entry(sub)}}
+            )
+            for sub in page
+        ]
+        moved = int(self.subtasks.bulk_write(moves, ordered=False).modified_count)
+        if moved < len(page):  # some were moved meanwhile (a retry that did not take the lock)
+            self.tasks.update_one({"_id": task_id}, {"$inc": moved_deltas(status, moved - len(page))})
+        return moved
+
+    def repair_counts(self, older_than: datetime) -> list[RepairOutcome]:
+        cutoff = _to_bson(older_than)
+        repaired: list[RepairOutcome] = []
+        candidates = list(
+            self.tasks.find(
+                {"status": Status.PROCESSING, "updated_at": {"$lt": cutoff}},
+                {"total_images": 1, **dict.fromkeys(COUNTERS, 1)},
+            ).sort([("updated_at", 1), ("_id", 1)])
+        )
+        for task in candidates:
+            task_id = task["_id"]
+            if self.subtasks.find_one({"task_id": task_id, "status": {"$in": list(ACTIVE)}}, {"_id": 1}):
+                continue  # work left: its finishes count it
+            counts = self.count_subtasks(task_id)
+            if not is_short(task, counts):
+                continue
+            if self.subtasks.find_one({"task_id": task_id, "updated_at": {"$gte": cutoff}}, {"_id": 1}):
+                continue  # a subtask moved within the grace: its finisher may not have counted it yet
+            now = utcnow()
+            after = counters_of(counts)
+            progress = progress_of(after["processed_images"], int(task.get("total_images") or 0))
+            doc = self.tasks.find_one_and_update(
+                {"_id": task_id, "status": Status.PROCESSING, **{name: task.get(name) for name in COUNTERS}},
+                {"$set": {**after, "progress": progress, "updated_at": _to_bson(now)}},
+                projection=dict.fromkeys(_TASK_COUNTER_FIELDS, 1),
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is None:
+                continue  # changed meanwhile: the next pass looks again
+            final, final_doc = self._try_finalise(doc, now)
+            before = {name: int(task.get(name) or 0) for name in COUNTERS}
+            repaired.append(RepairOutcome(task_id, before, after, final is not None, final, final_doc))
+        return repaired
 
     def find_stale_subtasks(self, older_than: datetime, limit: int = 100) -> list[Doc]:
         cursor = (
-            self.subtasks.find({"status": PROCESSING, "updated_at": {"$lt": _to_bson(older_than)}})
+            self.subtasks.find({"status": Status.PROCESSING, "updated_at": {"$lt": _to_bson(older_than)}})
             .sort([("updated_at", 1), ("_id", 1)])
             .limit(int(limit))
         )

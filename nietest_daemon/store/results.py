@@ -7,7 +7,7 @@ dimension. Subtasks are read with `Store.iter_subtasks`, a page at a time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -55,11 +55,12 @@ def describe(dim: Dimension) -> str:
 
 def find_dimension(dimensions: Sequence[Dimension], name: str, option: str) -> Dimension:
     """The dimension `name` designates: its variable name, its variable id, or its index."""
-    for matches in (
+    rules: tuple[Callable[[Dimension], bool], ...] = (
         lambda d: d.variable_name == name,
         lambda d: d.variable_id == name,
         lambda d: name.isdigit() and d.index == int(name),
-    ):
+    )
+    for matches in rules:
         found = [d for d in dimensions if matches(d)]
         if len(found) == 1:
             return found[0]
@@ -98,7 +99,7 @@ def seconds_between(start: Any, end: Any) -> float | None:
     return None
 
 
-def history(sub: Mapping[str, Any]) -> list[dict[str, Any]]:
+def history(sub: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The subtask's earlier attempts (oldest first): what each retry left of the one before."""
     found = sub.get("error_history")
     return [h for h in found if isinstance(h, Mapping)] if isinstance(found, list) else []

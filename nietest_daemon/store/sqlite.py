@@ -2,7 +2,15 @@
 
 Safe for many worker processes and threads at once: one connection per thread, `BEGIN IMMEDIATE`
 around every read-modify-write, a busy timeout instead of failing on a held lock. Moving a subtask
-and counting it on its task happen in one transaction.
+and counting it on its task happen in one transaction, and so do a cancel's chunk of subtasks and
+their count, and a whole retry (its moves, the counters lost by exactly what moved, the reopened
+task): a process that dies anywhere leaves all of it or nothing, so `repair_counts` never finds a
+task to repair here (it is implemented all the same: the contract asks it of every store).
+
+The schema and its indexes are made when the file is opened (`CREATE ... IF NOT EXISTS`: nothing
+to do once made; the file belongs to the daemon's user, so no privilege can be missing, and an
+index a new version adds is built once, by the first process to open the file, under the write
+lock): `prepare` has nothing left to do.
 
 Two things keep the write lock short, so that ten threads finishing subtasks do not queue on it:
 - the threads of one process take turns on a mutex before `BEGIN IMMEDIATE`, and only one of them
@@ -15,6 +23,8 @@ Two things keep the write lock short, so that ten threads finishing subtasks do 
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import os
 import sqlite3
@@ -24,36 +34,38 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from nietest_daemon.domain.lifecycle import (
-    CANCELLED,
     COUNTER_OF,
     COUNTERS,
-    FAILED,
-    PENDING,
-    PROCESSING,
     STATUSES,
     TERMINAL,
+    Status,
     final_task_status,
     is_done,
     progress_of,
 )
 from nietest_daemon.store.base import (
+    HISTORY_FIELDS,
     TIME_FIELDS,
     CancelOutcome,
     Doc,
     DuplicateTaskError,
     FinishOutcome,
+    RepairOutcome,
     RetryOutcome,
     Store,
     StoreError,
     UnknownSubtaskError,
-    _check_terminal,
     _statuses,
     as_utc,
     check_retryable,
+    check_terminal,
+    counters_of,
+    is_short,
     iso_text,
+    moved_deltas,
     new_subtask_doc,
     new_task_doc,
     reopened_fields,
@@ -69,25 +81,44 @@ _STATE_COLUMNS = ", ".join(_STATE_FIELDS)
 _STATE_SELECT = ", ".join(f"s.{name}" for name in _STATE_FIELDS)  # from task_state joined as `s`
 _STATE_PLACEHOLDERS = ", ".join("?" * len(_STATE_FIELDS))
 _TERMINAL_SQL = ", ".join(f"'{status}'" for status in sorted(TERMINAL))
-#: `base.history_entry` in SQL, over a subtask row (times are ISO text in the document already).
-_HISTORY_ENTRY = (
-    "json_object('round', coalesce(json_extract(doc, '$.round'), 1), 'status', status,"
-    " 'error', json_extract(doc, '$.error'), 'job_uuid', json_extract(doc, '$.job_uuid'),"
-    " 'seed', json_extract(doc, '$.seed'), 'started_at', json_extract(doc, '$.started_at'),"
-    " 'completed_at', json_extract(doc, '$.completed_at'))"
-)
+_Row = TypeVar("_Row")
+
+
+def _history_entry_sql() -> str:
+    """`base.history_entry` as an SQL expression over a subtask row: a json_object of the fields
+    `base.HISTORY_FIELDS` names, each read from the row's document. `round` is read as `round_of`
+    reads it (a positive integer, else 1); times are ISO text in the document already."""
+
+    def value(key: str) -> str:
+        path = f"json_extract(doc, '$.{key}')"
+        if key == "round":
+            return f"CASE WHEN json_type(doc, '$.round') = 'integer' AND {path} > 0 THEN {path} ELSE 1 END"
+        return path
+
+    pairs = ", ".join(f"'{key}', {value(key)}" for key in HISTORY_FIELDS)
+    return f"json_object({pairs})"
+
+
+#: An `error_history` entry as SQL, from the one definition of its fields (`base.HISTORY_FIELDS`).
+HISTORY_ENTRY_SQL = _history_entry_sql()
 
 _SQLITE_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, status TEXT NOT NULL, created_at TEXT NOT NULL,"
     " doc TEXT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS tasks_status_created ON tasks (status, created_at)",
-    "CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at)",
+    # Each query is served by one index, its ORDER BY included (tests/test_store_indexes.py): a
+    # query of several statuses runs once per status and the pages are merged (`_merged`).
+    "CREATE INDEX IF NOT EXISTS tasks_status_created_id ON tasks (status, created_at, id)",
+    "CREATE INDEX IF NOT EXISTS tasks_created_id ON tasks (created_at, id)",
+    "DROP INDEX IF EXISTS tasks_status_created",  # what earlier versions built instead
+    "DROP INDEX IF EXISTS tasks_created",
     "CREATE TABLE IF NOT EXISTS subtasks (id TEXT PRIMARY KEY, task_id TEXT NOT NULL, status TEXT NOT NULL,"
     " updated_at TEXT NOT NULL, doc TEXT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS subtasks_task_status ON subtasks (task_id, status)",
+    "CREATE INDEX IF NOT EXISTS subtasks_task_status_id ON subtasks (task_id, status, id)",
     # A task's subtasks in id order, a page at a time (`iter_subtasks`: report, export), with no sort.
     "CREATE INDEX IF NOT EXISTS subtasks_task_id ON subtasks (task_id, id)",
-    "CREATE INDEX IF NOT EXISTS subtasks_status_updated ON subtasks (status, updated_at)",
+    "CREATE INDEX IF NOT EXISTS subtasks_status_updated_id ON subtasks (status, updated_at, id)",
+    "DROP INDEX IF EXISTS subtasks_task_status",
+    "DROP INDEX IF EXISTS subtasks_status_updated",
     "CREATE TABLE IF NOT EXISTS task_state (task_id TEXT PRIMARY KEY, total_images INTEGER NOT NULL,"
     " processed_images INTEGER NOT NULL, completed_images INTEGER NOT NULL, failed_images INTEGER NOT NULL,"
     " cancelled_images INTEGER NOT NULL, progress REAL NOT NULL, cancel_requested INTEGER NOT NULL,"
@@ -100,6 +131,24 @@ _SQLITE_SCHEMA = (
     " coalesce(json_extract(doc, '$.cancel_requested'), 0), coalesce(json_extract(doc, '$.updated_at'), created_at),"
     " id FROM tasks WHERE id NOT IN (SELECT task_id FROM task_state)",
 )
+
+
+def _merged(
+    pages: Iterable[list[_Row]], limit: int | None, key: Callable[[_Row], tuple[str, str]], *, newest_first: bool
+) -> list[_Row]:
+    """The rows of one query per status, each page in the order of `key` (a time or an id, then
+    the id), merged into one list in that order, each id once, at most `limit` of them."""
+    merged = heapq.merge(*pages, key=key, reverse=newest_first)
+    unique = (next(rows) for _, rows in itertools.groupby(merged, key=lambda row: key(row)[1]))
+    return list(itertools.islice(unique, limit))
+
+
+def _task_order(row: tuple[Any, ...]) -> tuple[str, str]:
+    return row[0], row[1]  # created_at, id
+
+
+def _subtask_order(doc: Doc) -> tuple[str, str]:
+    return doc["id"], doc["id"]
 
 
 def _json_default(value: object) -> object:
@@ -311,30 +360,32 @@ class SQLiteStore(Store):
         return self._read_task(self._conn(), task_id)
 
     def count_tasks(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATUSES, 0)
+        counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
         for status, n in self._conn().execute("SELECT status, COUNT(*) FROM tasks GROUP BY status"):
             counts[status] = n
         return counts
 
     def list_tasks(self, limit: int = 20, status: str | Iterable[str] | None = None) -> list[Doc]:
         wanted = _statuses(status)
-        sql = f"SELECT t.doc, {_STATE_SELECT} FROM tasks t"
-        sql += " LEFT JOIN task_state s ON s.task_id = t.id"
-        args: list[Any] = []
-        if wanted is not None:
-            sql += f" WHERE status IN ({','.join('?' * len(wanted))})"
-            args += wanted
-        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        rows = self._conn().execute(sql, (*args, int(limit))).fetchall()
-        return [self._with_state(r[0], r[1:]) for r in rows]
+        sql = (
+            f"SELECT t.created_at, t.id, t.doc, {_STATE_SELECT} FROM tasks t LEFT JOIN task_state s ON s.task_id = t.id"
+        )
+        order = " ORDER BY t.created_at DESC, t.id DESC LIMIT ?"
+        conn = self._conn()
+        if wanted is None:
+            rows = conn.execute(sql + order, (int(limit),)).fetchall()
+        else:
+            pages = [conn.execute(sql + " WHERE t.status = ?" + order, (s, int(limit))).fetchall() for s in wanted]
+            rows = _merged(pages, int(limit), _task_order, newest_first=True)
+        return [self._with_state(r[2], r[3:]) for r in rows]
 
     def mark_task_running(self, task_id: str) -> bool:
         with self._tx() as conn:
             task = self._read_task(conn, task_id)
-            if task is None or task["status"] != PENDING:
+            if task is None or task["status"] != Status.PENDING:
                 return False
             now = utcnow()
-            task.update(status=PROCESSING, updated_at=now)
+            task.update(status=Status.PROCESSING, updated_at=now)
             if task.get("started_at") is None:
                 task["started_at"] = now
             self._write_task(conn, task)
@@ -351,7 +402,7 @@ class SQLiteStore(Store):
             if task is None or task["status"] in TERMINAL:
                 return False
             now = utcnow()
-            task.update(status=FAILED, error=error, updated_at=now, completed_at=now)
+            task.update(status=Status.FAILED, error=error, updated_at=now, completed_at=now)
             self._write_task(conn, task)
             return True
 
@@ -405,21 +456,22 @@ class SQLiteStore(Store):
         after: str | None = None,
     ) -> list[Doc]:
         wanted = _statuses(status)
-        sql, args = "SELECT doc FROM subtasks WHERE task_id = ?", [task_id]
-        if wanted is not None:
-            sql += f" AND status IN ({','.join('?' * len(wanted))})"
-            args += wanted
+        sql = "SELECT doc FROM subtasks WHERE task_id = ?"
+        args: list[Any] = [task_id]
         if after is not None:
             sql += " AND id > ?"
             args.append(after)
-        sql += " ORDER BY id"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(int(limit))
-        return [_loads(r[0]) for r in self._conn().execute(sql, args).fetchall()]
+        tail = " ORDER BY id" + (" LIMIT ?" if limit is not None else "")
+        bound = [int(limit)] if limit is not None else []
+        conn = self._conn()
+        if wanted is None:
+            return [_loads(r[0]) for r in conn.execute(sql + tail, [*args, *bound])]
+        sql += " AND status = ?"
+        pages = [[_loads(r[0]) for r in conn.execute(sql + tail, [*args, s, *bound])] for s in wanted]
+        return _merged(pages, limit, _subtask_order, newest_first=False)
 
     def count_subtasks(self, task_id: str) -> dict[str, int]:
-        counts = dict.fromkeys(STATUSES, 0)
+        counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
         rows = self._conn().execute(
             "SELECT status, COUNT(*) FROM subtasks WHERE task_id = ? GROUP BY status", (task_id,)
         )
@@ -437,7 +489,7 @@ class SQLiteStore(Store):
             " '$.status', :processing, '$.attempts', coalesce(json_extract(doc, '$.attempts'), 0) + 1,"
             " '$.updated_at', :now, '$.started_at', coalesce(json_extract(doc, '$.started_at'), :now))"
             f" WHERE id = :id AND status NOT IN ({_TERMINAL_SQL}) RETURNING doc",
-            {"processing": PROCESSING, "now": now, "id": subtask_id},
+            {"processing": Status.PROCESSING, "now": now, "id": subtask_id},
         )
         return _loads(rows[0][0]) if rows else None
 
@@ -477,7 +529,7 @@ class SQLiteStore(Store):
     # --- the finish path -----------------------------------------------------------------------------
 
     @staticmethod
-    def _finalise_in_tx(task: Doc, now: datetime) -> str | None:
+    def _finalise_in_tx(task: Doc, now: datetime) -> Status | None:
         """Finalise `task` (already read in this transaction) if it is complete and not terminal yet."""
         if task["status"] in TERMINAL or not is_done(task):
             return None
@@ -492,7 +544,7 @@ class SQLiteStore(Store):
         self,
         conn: sqlite3.Connection,
         subtask_id: str,
-        status: str,
+        status: Status,
         result: str | None,
         error: str | None,
         views: dict[str, Doc],
@@ -504,7 +556,7 @@ class SQLiteStore(Store):
         if sub is None:
             return None
         if sub["status"] in TERMINAL:
-            return FinishOutcome(subtask_id, sub["task_id"], sub["status"], changed=False)
+            return FinishOutcome(subtask_id, sub["task_id"], Status(sub["status"]), changed=False)
         now = utcnow()
         sub.update(status=status, updated_at=now, completed_at=now)
         if result is not None:
@@ -542,16 +594,15 @@ class SQLiteStore(Store):
             cls._write_counters(conn, view)
 
     def finish_subtask(
-        self, subtask_id: str, status: str, *, result: str | None = None, error: str | None = None
+        self, subtask_id: str, status: Status, *, result: str | None = None, error: str | None = None
     ) -> FinishOutcome | None:
-        _check_terminal(status)
         views: dict[str, Doc] = {}
         with self._tx() as conn:
-            outcome = self._finish_in_tx(conn, subtask_id, status, result, error, views)
+            outcome = self._finish_in_tx(conn, subtask_id, check_terminal(status), result, error, views)
             self._write_views(conn, views)
         return outcome
 
-    def finalise_task(self, task_id: str) -> str | None:
+    def finalise_task(self, task_id: str) -> Status | None:
         with self._tx() as conn:
             task = self._read_task(conn, task_id)
             if task is None:
@@ -578,11 +629,11 @@ class SQLiteStore(Store):
                     r[0]
                     for r in conn.execute(
                         "SELECT id FROM subtasks WHERE task_id = ? AND status = ? ORDER BY id LIMIT ?",
-                        (task_id, PENDING, chunk),
+                        (task_id, Status.PENDING, chunk),
                     )
                 ]
                 for subtask_id in ids:
-                    outcome = self._finish_in_tx(conn, subtask_id, CANCELLED, None, None, views)
+                    outcome = self._finish_in_tx(conn, subtask_id, Status.CANCELLED, None, None, views)
                     if outcome and outcome.changed:
                         cancelled += 1
                     if outcome and outcome.finalised:
@@ -594,59 +645,138 @@ class SQLiteStore(Store):
                     task = self._read_task(conn, task_id)
                     if not has_any and task is not None and task["status"] not in TERMINAL:
                         now = utcnow()
-                        task.update(status=CANCELLED, completed_at=now, updated_at=now)
+                        task.update(status=Status.CANCELLED, completed_at=now, updated_at=now)
                         self._write_task(conn, task)
-                        finalised, final_status, final_task = True, CANCELLED, task
+                        finalised, final_status, final_task = True, Status.CANCELLED, task
                     break
         return CancelOutcome(task_id, True, cancelled, finalised, final_status, final_task)
 
-    def retry_subtasks(self, task_id: str, statuses: Iterable[str] = (FAILED,)) -> RetryOutcome:
+    def retry_subtasks(self, task_id: str, statuses: Iterable[str] = (Status.FAILED,)) -> RetryOutcome:
         wanted = check_retryable(statuses)
         # One transaction: the subtasks and the task move together, so nothing is half done.
         with self._tx() as conn:
             task = self._read_task(conn, task_id)
             if task is None:
                 return RetryOutcome(task_id, found=False)
-            if task["status"] not in TERMINAL:
-                return RetryOutcome(task_id, found=True, status=task["status"])
+            was = Status(task["status"])
+            if was not in TERMINAL:
+                return RetryOutcome(task_id, found=True, status=was)
+            counts = self._count_in_tx(conn, task_id)
+            if counts[Status.PROCESSING]:
+                return RetryOutcome(task_id, found=True, status=was, processing=counts[Status.PROCESSING])
             new_round = round_of(task) + 1
             now = utcnow()
-            stamp = iso_text(now)
-            before = conn.total_changes
-            conn.execute(
-                "UPDATE subtasks SET status = :pending, updated_at = :now, doc = json_set(doc, '$.error_history',"
-                f" json_insert(coalesce(json_extract(doc, '$.error_history'), json('[]')), '$[#]', {_HISTORY_ENTRY}),"
-                " '$.status', :pending, '$.round', :round, '$.error', NULL, '$.result', NULL, '$.job_uuid', NULL,"
-                " '$.poll_count', 0, '$.attempts', 0, '$.started_at', NULL, '$.completed_at', NULL,"
-                " '$.updated_at', :now)"
-                f" WHERE task_id = :task AND status IN ({', '.join(f':s{i}' for i in range(len(wanted)))})",
-                {
-                    "pending": PENDING,
-                    "now": stamp,
-                    "round": new_round,
-                    "task": task_id,
-                    **{f"s{i}": status for i, status in enumerate(wanted)},
-                },
-            )
-            reset = conn.total_changes - before
-            counts = dict.fromkeys(STATUSES, 0)
-            for status, n in conn.execute(
-                "SELECT status, COUNT(*) FROM subtasks WHERE task_id = ? GROUP BY status", (task_id,)
-            ):
-                counts[status] = n
-            if not counts[PENDING] and not counts[PROCESSING]:
-                return RetryOutcome(task_id, found=True, status=task["status"])
-            was = task["status"]
-            task.update(reopened_fields(task, counts, new_round, now))
+            reset = 0
+            for status in wanted:
+                before = conn.total_changes
+                conn.execute(
+                    "UPDATE subtasks SET status = :pending, updated_at = :now, doc = json_set(doc,"
+                    " '$.error_history', json_insert(coalesce(json_extract(doc, '$.error_history'), json('[]')),"
+                    f" '$[#]', {HISTORY_ENTRY_SQL}),"
+                    " '$.status', :pending, '$.round', :round, '$.error', NULL, '$.result', NULL, '$.job_uuid', NULL,"
+                    " '$.poll_count', 0, '$.attempts', 0, '$.started_at', NULL, '$.completed_at', NULL,"
+                    " '$.updated_at', :now) WHERE task_id = :task AND status = :status",
+                    {
+                        "pending": Status.PENDING,
+                        "now": iso_text(now),
+                        "round": new_round,
+                        "task": task_id,
+                        "status": status,
+                    },
+                )
+                moved = conn.total_changes - before
+                for name, delta in moved_deltas(status, moved).items():
+                    task[name] = int(task.get(name) or 0) + delta
+                reset += moved
+            if not reset and not counts[Status.PENDING]:
+                return RetryOutcome(task_id, found=True, status=was)
+            task.update(reopened_fields(task, new_round, now))
             self._write_task(conn, task)
             return RetryOutcome(task_id, True, was, reset, reopened=True, round=new_round, task=task)
+
+    @staticmethod
+    def _count_in_tx(conn: sqlite3.Connection, task_id: str) -> dict[str, int]:
+        counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
+        for status, n in conn.execute(
+            "SELECT status, COUNT(*) FROM subtasks WHERE task_id = ? GROUP BY status", (task_id,)
+        ):
+            counts[status] = n
+        return counts
+
+    def repair_counts(self, older_than: datetime) -> list[RepairOutcome]:
+        cutoff = iso_text(older_than)
+        candidates = self._conn().execute(
+            "SELECT t.id FROM tasks t JOIN task_state s ON s.task_id = t.id WHERE t.status = ? AND s.updated_at < ?",
+            (Status.PROCESSING, cutoff),
+        )
+        repaired: list[RepairOutcome] = []
+        for (task_id,) in candidates.fetchall():
+            busy = self._conn().execute(
+                "SELECT 1 FROM subtasks WHERE task_id = ? AND status IN (?, ?) LIMIT 1",
+                (task_id, Status.PENDING, Status.PROCESSING),
+            )
+            if busy.fetchone() is not None:  # work left (a task waiting in line): no write lock taken
+                continue
+            with self._tx() as conn:
+                outcome = self._repair_in_tx(conn, task_id, cutoff)
+            if outcome is not None:
+                repaired.append(outcome)
+        return repaired
+
+    def _repair_in_tx(self, conn: sqlite3.Connection, task_id: str, cutoff: str) -> RepairOutcome | None:
+        """`repair_counts` of one task, its conditions read again inside the write transaction."""
+        view = self._read_counters(conn, task_id)
+        if view is None or view["status"] != Status.PROCESSING or iso_text(view["updated_at"]) >= cutoff:
+            return None
+        counts = self._count_in_tx(conn, task_id)
+        if counts[Status.PENDING] or counts[Status.PROCESSING] or not is_short(view, counts):
+            return None
+        moved_lately = conn.execute(
+            "SELECT 1 FROM subtasks WHERE task_id = ? AND updated_at >= ? LIMIT 1", (task_id, cutoff)
+        ).fetchone()
+        if moved_lately:
+            return None
+        before = {name: int(view.get(name) or 0) for name in COUNTERS}
+        after = counters_of(counts)
+        now = utcnow()
+        view.update(after, progress=progress_of(after["processed_images"], int(view["total_images"])), updated_at=now)
+        self._write_counters(conn, view)
+        task = self._read_task(conn, task_id)
+        final = self._finalise_in_tx(task, now) if task is not None else None
+        if task is not None and final is not None:
+            self._write_task(conn, task)
+        return RepairOutcome(task_id, before, after, final is not None, final, task if final is not None else None)
+
+    def prepare(self) -> None:
+        """Nothing to do: opening the file made its schema and indexes (see the module's docstring)."""
 
     def find_stale_subtasks(self, older_than: datetime, limit: int = 100) -> list[Doc]:
         rows = self._conn().execute(
             "SELECT doc FROM subtasks WHERE status = ? AND updated_at < ? ORDER BY updated_at, id LIMIT ?",
-            (PROCESSING, iso_text(older_than), int(limit)),
+            (Status.PROCESSING, iso_text(older_than), int(limit)),
         )
         return [_loads(r[0]) for r in rows]
+
+    # --- a seam for tests ----------------------------------------------------------------------------
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection (autocommit): what a test uses to look at the file (pragmas,
+        query plans, a trace of the statements the store runs) or to leave it as an earlier version
+        of the store or a crash would. A write through it bypasses every rule of the store."""
+        return self._conn()
+
+    def set_task_fields(self, task_id: str, **fields: Any) -> Doc:
+        """Overwrite fields of a stored task as given, in one write transaction; the task after.
+
+        A test's way to put a task in a state no operation of the store makes (a finaliser that
+        died after counting, an end an hour ago): no rule of the store is applied."""
+        with self._tx() as conn:
+            task = self._read_task(conn, task_id)
+            if task is None:
+                raise LookupError(f"no task {task_id!r}")
+            task.update(fields)
+            self._write_task(conn, task)
+            return task
 
     def close(self) -> None:
         with self._lock:

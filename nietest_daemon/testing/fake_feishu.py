@@ -146,7 +146,7 @@ class FakeFeishu:
         server.daemon_threads = True
         server.block_on_close = False  # hanging handlers must not hold up stop()
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="fake-feishu", daemon=True)
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.01,), name="fake-feishu", daemon=True)
         self._thread.start()
         return self
 

@@ -12,9 +12,8 @@ In a test::
         assert api.created_count("st-7") == 1
         print(api.stats())
 
-or import the `fake_nieta` fixture (`from nietest_daemon.testing.fake_nieta import fake_nieta`). The standard host is
-`api.url`, the Lumina host `api.ops_url` (the same server under `/ops`; jobs belong to the host
-that created them). As a separate process, for benchmarks::
+The standard host is `api.url`, the Lumina host `api.ops_url` (the same server under `/ops`; jobs
+belong to the host that created them). As a separate process, for benchmarks::
 
     python -m nietest_daemon.testing.fake_nieta --port 8089 --latency 0.05 --latency-jitter 0.2 --generation-time 2.0 \
         --rule '{"action": "failure", "marker": "x"}'
@@ -60,7 +59,6 @@ import threading
 import time
 import uuid as uuid_module
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -333,7 +331,7 @@ class FakeNieta:
         self._server = _Server((self.host, self.port), self)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-nieta", daemon=True
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, name="fake-nieta", daemon=True
         )
         self._thread.start()
         return self
@@ -611,10 +609,10 @@ class FakeNieta:
         if action == "huge":
             status = rule.status or 200
             with self._lock:
-                content = self._huge_cache.get(rule.size)
-                if content is None:
-                    content = self._huge_cache[rule.size] = b'{"uuid": "' + b"x" * rule.size + b'"}'
-            handler.send(status, content)
+                huge = self._huge_cache.get(rule.size)
+                if huge is None:
+                    huge = self._huge_cache[rule.size] = b'{"uuid": "' + b"x" * rule.size + b'"}'
+            handler.send(status, huge)
             return status
         if action == "wrong_type":
             status = rule.status or 200
@@ -698,6 +696,7 @@ class FakeNieta:
             return {**base, "task_status": "SUCCESS", "artifacts": [{**image, "url": f"{host}/_image/{job.uuid}.png"}]}
         if action == "no_url":
             return {**base, "task_status": "SUCCESS", "artifacts": [image]}
+        assert rule is not None  # the other outcomes come from a rule
         if action == "failure":
             return {
                 **base,
@@ -752,19 +751,6 @@ class FakeNieta:
             handler.send(400, _dumps({"message": str(exc)}))
             return
         handler.send(200, _dumps(result))
-
-
-try:  # the fixture, for test modules: `from nietest_daemon.testing.fake_nieta import fake_nieta`
-    import pytest
-except ImportError:  # pragma: no cover - standalone use without pytest
-    pytest = None  # type: ignore[assignment]
-else:
-
-    @pytest.fixture
-    def fake_nieta() -> Iterator[FakeNieta]:
-        """A running fake with default settings; stopped after the test."""
-        with FakeNieta() as api:
-            yield api
 
 
 # --- standalone ------------------------------------------------------------------------------------

@@ -9,14 +9,14 @@ import time
 from typing import Any
 
 import dramatiq
-import redis
 from dramatiq.middleware import Retries
 
+from nietest_daemon.coordination.connection import BROKER_OUTAGE_ERRORS, broker_unreachable
 from nietest_daemon.core.backoff import backoff
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.pipeline.messages import ids_of
 
-log = get_logger("nietest_daemon.tracker")
+log = get_logger(__name__)
 
 #: Retries of a message whose actor failed on a broker connection error (about 14 minutes in all).
 BROKER_ERROR_RETRIES = 20
@@ -27,7 +27,7 @@ BROKER_ENQUEUE_PATIENCE_SECONDS = 600.0
 class BrokerAwareRetries(Retries):
     def after_process_message(self, broker: dramatiq.Broker, message: Any, *, result=None, exception=None) -> None:
         attempts = message.options.get("broker_error_retries", 0)
-        if not isinstance(exception, redis.ConnectionError | redis.TimeoutError) or attempts >= BROKER_ERROR_RETRIES:
+        if not broker_unreachable(exception) or attempts >= BROKER_ERROR_RETRIES:
             super().after_process_message(broker, message, result=result, exception=exception)
             return
         message.options["broker_error_retries"] = attempts + 1
@@ -47,7 +47,7 @@ class BrokerAwareRetries(Retries):
             try:
                 broker.enqueue(message, delay=delay)
                 return
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except BROKER_OUTAGE_ERRORS as exc:
                 if time.monotonic() >= deadline:
                     log.error("broker unreachable; message dead-lettered", error=str(exc), **ids_of(message))
                     message.fail()

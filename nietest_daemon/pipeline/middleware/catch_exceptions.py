@@ -9,18 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 import dramatiq
-import redis
 from dramatiq.middleware import Middleware
 
+from nietest_daemon.coordination.connection import broker_unreachable
 from nietest_daemon.core.logs import get_logger
-from nietest_daemon.domain.lifecycle import FAILED
+from nietest_daemon.domain.lifecycle import Status
 from nietest_daemon.domain.subtask import Subtask
 from nietest_daemon.pipeline import notices
 from nietest_daemon.pipeline.context import context
 from nietest_daemon.pipeline.messages import PROCESS_TASK, ids_of
 from nietest_daemon.pipeline.subtasks import finish
 
-log = get_logger("nietest_daemon.tracker")
+log = get_logger(__name__)
 
 
 class CatchExceptions(Middleware):
@@ -28,7 +28,7 @@ class CatchExceptions(Middleware):
         if exception is None or not message.failed:
             return
         ids = ids_of(message)
-        if isinstance(exception, redis.ConnectionError | redis.TimeoutError):
+        if broker_unreachable(exception):
             # The broker blinked: not the subtask's fault. It stays processing and the sweep resumes it.
             log.warning("broker unreachable during the message; left for the sweep", error=str(exception), **ids)
             return
@@ -38,7 +38,7 @@ class CatchExceptions(Middleware):
             if "subtask_id" in ids:
                 doc = ctx.store.get_subtask(ids["subtask_id"])
                 if doc is not None:
-                    finish(ctx, Subtask.from_doc(doc), FAILED, error=f"unexpected error: {error}")
+                    finish(ctx, Subtask.from_doc(doc), Status.FAILED, error=f"unexpected error: {error}")
             elif "task_id" in ids and message.actor_name == PROCESS_TASK:
                 task_id = ids["task_id"]
                 if ctx.store.fail_task(task_id, f"unexpected error: {error}"):

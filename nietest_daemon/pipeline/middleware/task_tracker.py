@@ -16,7 +16,7 @@ from dramatiq.middleware import Middleware
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.pipeline.messages import ids_of
 
-log = get_logger("nietest_daemon.tracker")
+log = get_logger(__name__)
 
 
 class TaskTracker(Middleware):

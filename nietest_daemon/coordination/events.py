@@ -1,0 +1,215 @@
+"""The events that cross processes through the broker: one typed record and one JSON form each.
+
+- `WorkerUnresponsive`: the watchdog killed a worker that gave no sign of life
+  (programs/watchdog.py pushes it on a list, coordination/lifelines.py; the alerts listener
+  drains it).
+- `FailureRun` / `QueueRecovered`: a queue's run of failed subtasks began / ended (pushed by the
+  Lua script of coordination/streaks.py, whose JSON these match; the alerts listener drains them).
+- `RecycleMark`: a worker about to exit to be recycled says so (programs/worker.py), under a key
+  of its own per process and pid with a TTL (coordination/counters.py). The watchdog and the
+  alerts listener both read it; neither deletes it.
+
+Every JSON object names its `kind`. `from_dict`/`from_json` raise ValueError for anything that
+is not a complete event of their kind.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, TypeVar
+
+from nietest_daemon.core.logs import get_logger
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+
+def _decode(kind: str, data: object, build: Callable[[Mapping[str, Any]], T]) -> T:
+    """`build(data)` if `data` is an object of `kind`; ValueError otherwise (a field missing or mistyped)."""
+    if not isinstance(data, Mapping) or data.get("kind") != kind:
+        raise ValueError(f"not a {kind!r} event: {str(data)[:200]}")
+    try:
+        return build(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"malformed {kind!r} event ({type(exc).__name__}: {exc}): {str(data)[:200]}") from exc
+
+
+def _loads(text: str | bytes) -> object:
+    return json.loads(text)  # a JSONDecodeError is a ValueError
+
+
+@dataclass(frozen=True)
+class WorkerUnresponsive:
+    """The watchdog killed worker `process` (pid `pid`) after `silent_seconds` without a sign of life."""
+
+    KIND: ClassVar[str] = "unresponsive"
+
+    queue: str  # the queue's name, e.g. nietest_subtask
+    process: str  # group:name, as supervisorctl names it
+    pid: int
+    silent_seconds: float
+    host: str
+    at: float  # unix time of the kill
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.KIND, **asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: object) -> WorkerUnresponsive:
+        return _decode(
+            cls.KIND,
+            data,
+            lambda d: cls(
+                queue=str(d["queue"]),
+                process=str(d["process"]),
+                pid=int(d["pid"]),
+                silent_seconds=float(d["silent_seconds"]),
+                host=str(d["host"]),
+                at=float(d["at"]),
+            ),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> WorkerUnresponsive:
+        return cls.from_dict(_loads(text))
+
+
+@dataclass(frozen=True)
+class FailureRun:
+    """`failures` consecutive subtasks of `queue` failed (the alert threshold); `errors`: the latest, newest first."""
+
+    KIND: ClassVar[str] = "failure_run"
+
+    queue: str
+    failures: int
+    errors: tuple[str, ...]
+    at: float  # unix time
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.KIND,
+            "queue": self.queue,
+            "failures": self.failures,
+            "errors": list(self.errors),
+            "at": self.at,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: object) -> FailureRun:
+        # Lua's cjson writes an empty table as {}: no errors either way.
+        return _decode(
+            cls.KIND,
+            data,
+            lambda d: cls(
+                queue=str(d["queue"]),
+                failures=int(d["failures"]),
+                errors=tuple(str(e) for e in d["errors"] or ()),
+                at=float(d["at"]),
+            ),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> FailureRun:
+        return cls.from_dict(_loads(text))
+
+
+@dataclass(frozen=True)
+class QueueRecovered:
+    """A subtask of `queue` succeeded after a run of `failures` failures that had been reported."""
+
+    KIND: ClassVar[str] = "recovered"
+
+    queue: str
+    failures: int
+    at: float  # unix time
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.KIND, **asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: object) -> QueueRecovered:
+        return _decode(
+            cls.KIND,
+            data,
+            lambda d: cls(queue=str(d["queue"]), failures=int(d["failures"]), at=float(d["at"])),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> QueueRecovered:
+        return cls.from_dict(_loads(text))
+
+
+#: What coordination/streaks.py reports.
+StreakEvent = FailureRun | QueueRecovered
+
+
+def streak_event_from_dict(data: object) -> StreakEvent:
+    """A `FailureRun` or a `QueueRecovered`, by its `kind`; ValueError for anything else."""
+    kind = data.get("kind") if isinstance(data, Mapping) else None
+    if kind == QueueRecovered.KIND:
+        return QueueRecovered.from_dict(data)
+    return FailureRun.from_dict(data)
+
+
+def streak_event_from_json(text: str | bytes) -> StreakEvent:
+    return streak_event_from_dict(_loads(text))
+
+
+@dataclass(frozen=True)
+class RecycleMark:
+    """Worker `process` (pid `pid`) on `host` exits to be recycled, for `reason` (its limit)."""
+
+    KIND: ClassVar[str] = "recycle"
+
+    host: str
+    process: str  # supervisord's process name, e.g. subtask_00
+    pid: int
+    reason: str
+    at: float  # unix time of the mark
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.KIND, **asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: object) -> RecycleMark:
+        return _decode(
+            cls.KIND,
+            data,
+            lambda d: cls(
+                host=str(d["host"]),
+                process=str(d["process"]),
+                pid=int(d["pid"]),
+                reason=str(d["reason"]),
+                at=float(d["at"]),
+            ),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RecycleMark:
+        return cls.from_dict(_loads(text))
+
+
+def decode_each(decode: Callable[[object], T], items: Iterable[object], what: str) -> list[T]:
+    """`decode` of each item; one that is not a valid event is logged (`what`) and skipped."""
+    decoded: list[T] = []
+    for item in items:
+        try:
+            decoded.append(decode(item))
+        except ValueError as exc:
+            log.warning(what, error=str(exc))
+    return decoded
