@@ -5,7 +5,7 @@ and the APIs misbehave.
 
 Two runs of the same two tasks (priorities 1 and 3, submitted together, each of standard and
 Lumina subtasks mixed, sharing the job slots) on a real `nietest daemon`
-(embedded valkey broker, SQLite store), against nietest_daemon/testing/fake_nieta.py and two
+(embedded valkey broker, SQLite store), against nietest_daemon/testing/fake_nieta and two
 nietest_daemon/testing/fake_feishu.py webhooks, all on 127.0.0.1:
 
 1. **baseline**: no faults;

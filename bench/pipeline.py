@@ -62,7 +62,7 @@ def status_kib(pid: int, key: str) -> int:
 
 
 class FakeAPI:
-    """nietest_daemon/testing/fake_nieta.py in its own process (so its CPU use is measurable)."""
+    """nietest_daemon/testing/fake_nieta in its own process (so its CPU use is measurable)."""
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(

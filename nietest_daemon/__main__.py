@@ -19,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
         from nietest_daemon.core import logs
 
         logs.configure(args[0], stream=sys.__stderr__)
+    elif args[:1] == ["daemon"] and not helping:
+        # Its start line is JSON already; what it logs before it execs supervisord (the store's
+        # warnings) is too. Its prints stay as they are (its one-line errors go to stderr).
+        from nietest_daemon.core import logs
+
+        logs.configure("daemon", capture_std=False)
     from nietest_daemon.programs.cli import run
 
     return run(args)

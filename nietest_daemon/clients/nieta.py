@@ -21,6 +21,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+from nietest_daemon.clients.tls import shared_ssl_context
 from nietest_daemon.core.backoff import EQUAL, backoff, parse_retry_after
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.loopback import is_loopback
@@ -126,7 +127,7 @@ class JobStatus:
 # --- request bodies ------------------------------------------------------------------------------
 
 
-def _entity_prompt(ptype: str, uuid: str, weight: Any, name: Any, img_url: Any) -> dict[str, Any]:
+def _entity_prompt(ptype: str, uuid: Any, weight: Any, name: Any, img_url: Any) -> dict[str, Any]:
     return {
         "type": ptype,
         "value": uuid,
@@ -426,6 +427,7 @@ class NietaClient:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             follow_redirects=False,
             trust_env=trust_env,
+            verify=shared_ssl_context(trust_env),
             transport=transport,
         )
 

@@ -16,6 +16,7 @@ from redis.commands.core import Script
 
 from nietest_daemon.core.backoff import backoff
 from nietest_daemon.core.logs import get_logger
+from nietest_daemon.core.outage import Outage
 from nietest_daemon.core.redaction import redact_url
 from nietest_daemon.core.settings import Settings
 
@@ -34,9 +35,15 @@ def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
 BROKER_OUTAGE_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 
 
-def broker_unreachable(exc: BaseException | None) -> bool:
-    """Whether `exc` (an actor's exception, say) means the broker could not be reached."""
-    return isinstance(exc, BROKER_OUTAGE_ERRORS)
+def unreachable_service(exc: BaseException | None) -> str | None:
+    """What `exc` (an actor's exception, say) says could not be reached: "broker" for the broker's
+    outage errors, the `service` of any other `Outage` ("store": `StoreUnavailable`), else None.
+    The one outage predicate: a message that failed on an outage is run again, not failed."""
+    if isinstance(exc, BROKER_OUTAGE_ERRORS):
+        return "broker"
+    if isinstance(exc, Outage):
+        return exc.service
+    return None
 
 
 def lua_script(module: str, name: str) -> Script:

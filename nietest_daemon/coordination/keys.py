@@ -94,7 +94,8 @@ WATCHDOG_EVENTS = f"{PREFIX}:watchdog:events"
 
 
 def recycling(host: str, member: str) -> str:
-    """A worker (`<process>/<pid>`) exits to be recycled: how the watchdog tells a recycle from a crash."""
+    """A worker (`<process>/<pid>`) exits to be recycled: how the watchdog and the alerts listener tell a
+    recycle from a crash. Both only read it; it expires on its own."""
     return f"{PREFIX}:recycling:{host}:{member}"
 
 

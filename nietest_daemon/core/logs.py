@@ -26,11 +26,14 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import MutableMapping
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from types import TracebackType
+from typing import Any, TextIO, cast
 
 import structlog
 import structlog.tracebacks
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 from nietest_daemon.core.redaction import redact
 
@@ -44,18 +47,18 @@ def iso_timestamp(epoch: float | None = None) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
-def _timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _timestamp(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     event["timestamp"] = iso_timestamp()
     return event
 
 
-def _process_fields(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _process_fields(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     event.setdefault("pid", os.getpid())
     event.setdefault("process", os.environ.get("SUPERVISOR_PROCESS_NAME") or _PROCESS_NAME)
     return event
 
 
-def _stdlib_fields(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _stdlib_fields(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     record = event.pop("_record", None)
     event.pop("_from_structlog", None)
     if record is not None:
@@ -65,7 +68,7 @@ def _stdlib_fields(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def render_line(event: dict[str, Any]) -> str:
+def render_line(event: MutableMapping[str, Any]) -> str:
     """Serialize, redact and cap one event at MAX_LINE_BYTES."""
     event.pop("exc_info", None)
     ordered = {k: event.pop(k) for k in _CORE_KEYS if k in event}
@@ -92,11 +95,11 @@ def render_line(event: dict[str, Any]) -> str:
     return redact(json.dumps(core, default=str, ensure_ascii=False))[:MAX_LINE_BYTES]
 
 
-def _render(_: Any, __: str, event: dict[str, Any]) -> str:
+def _render(_: WrappedLogger, __: str, event: EventDict) -> str:
     return render_line(event)
 
 
-_PRE_CHAIN: list[Any] = [
+_PRE_CHAIN: list[Processor] = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
     _timestamp,
@@ -212,7 +215,11 @@ def configure(
             return
         logging.getLogger("nietest").critical(
             "unhandled exception in thread",
-            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+            # exc_value may be None (typeshed's tuple wants an exception); logging formats it as is.
+            exc_info=cast(
+                tuple[type[BaseException], BaseException, TracebackType | None],
+                (args.exc_type, args.exc_value, args.exc_traceback),
+            ),
             # Not `thread`: a LogRecord attribute; the clash made this hook raise and lose the exception.
             extra={"thread_name": getattr(args.thread, "name", None)},
         )
@@ -223,4 +230,4 @@ def configure(
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger(name)
+    return structlog.stdlib.get_logger(name)

@@ -32,7 +32,8 @@ DEFAULT_THREADS = 5
 #: would pick a victim (perhaps the broker) on a small host. No message-count limit by default: the
 #: actors keep nothing between messages, so recycling by count would only cost restarts.
 DEFAULT_MAX_MEMORY = 512 * 1024**2
-#: The exit status of a worker that recycled itself (EX_TEMPFAIL): the alerts listener tells it from a crash.
+#: The exit status of a worker that recycled itself (EX_TEMPFAIL). Listeners tell a recycle from a crash
+#: by the worker's recycle mark in the broker (coordination/counters.py), not by this status.
 RECYCLED_EXIT = 75
 MAX_PROCESSES = 64
 MAX_THREADS = 256

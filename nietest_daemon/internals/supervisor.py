@@ -13,6 +13,8 @@
   STOPPING=1 when it begins to stop.
 - `control_proxy`: the XML-RPC client of supervisord's unix control socket (`supervisor.xmlrpc`),
   optionally with a timeout (its transport's `_get_connection` replaced: it sets none).
+- `all_process_info`: supervisord's getAllProcessInfo() as `ProcessInfo` dicts (the keys of
+  supervisor/rpcinterface.py's getProcessInfo), the typed answer the programs read.
 - `EXITED_LINE`: supervisord's log line for a process exit, the only place its exit status is
   written (the PROCESS_STATE event carries none); the alerts listener reads it.
 
@@ -31,7 +33,7 @@ import time
 import xmlrpc.client
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from supervisor import loggers, poller, supervisord
 from supervisor.states import ProcessStates, SupervisorStates, getProcessStateDescription
@@ -164,7 +166,7 @@ def install_systemd_notify(environ: Mapping[str, str] = os.environ) -> SystemdNo
         except Exception as exc:  # noqa: BLE001 - never break supervisord's loop for a notification
             self.options.logger.warn(f"systemd notification failed: {type(exc).__name__}: {exc}")
 
-    supervisord.Supervisor.tick = tick  # type: ignore[method-assign]
+    supervisord.Supervisor.tick = tick
     return notifier
 
 
@@ -186,8 +188,33 @@ def control_proxy(server_url: str, timeout: float | None = None) -> xmlrpc.clien
             conn.socketfile = path
             return conn
 
-        transport._get_connection = connection  # type: ignore[attr-defined]
+        transport._get_connection = connection
     return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+
+class ProcessInfo(TypedDict):
+    """One process as supervisord's getProcessInfo() answers (times: unix seconds, 0 for never)."""
+
+    name: str
+    group: str
+    description: str
+    start: int
+    stop: int
+    now: int
+    state: int
+    statename: str  # a `ProcessState` value
+    spawnerr: str
+    exitstatus: int
+    logfile: str
+    stdout_logfile: str
+    stderr_logfile: str
+    pid: int  # 0 when not running
+
+
+def all_process_info(proxy: xmlrpc.client.ServerProxy) -> list[ProcessInfo]:
+    """supervisord's getAllProcessInfo() through `proxy` (raises what the proxy raises)."""
+    # XML-RPC answers are untyped; tests/test_internals_surface.py pins these keys to supervisor's.
+    return cast(list[ProcessInfo], proxy.supervisor.getAllProcessInfo())
 
 
 class _TimedUnixConnection(UnixStreamHTTPConnection):

@@ -32,27 +32,25 @@ def send_notice(task_id: str, event: str, round: int = 1, snapshot: dict[str, An
 
 
 _master = _settings.queue("master").name
+# dramatiq.actor(**options) returns the decorator, applied here without `@` (its typed form).
 dramatiq.actor(
-    task_steps.process_task,
     actor_name=PROCESS_TASK,
     queue_name=_master,
     max_retries=_settings.max_retries,
     time_limit=30 * _MINUTE,
-)
-dramatiq.actor(send_notice, actor_name=SEND_NOTICE, queue_name=_master, max_retries=0, time_limit=2 * _MINUTE)
+)(task_steps.process_task)
+dramatiq.actor(actor_name=SEND_NOTICE, queue_name=_master, max_retries=0, time_limit=2 * _MINUTE)(send_notice)
 for _lane in Lane:
     _queue = _settings.queue(_lane.queue_key).name
     dramatiq.actor(
-        subtasks.run_subtask,
         actor_name=RUN_SUBTASK[_lane],
         queue_name=_queue,
         max_retries=_settings.max_retries,
         time_limit=5 * _MINUTE,
-    )
+    )(subtasks.run_subtask)
     dramatiq.actor(
-        subtasks.poll_subtask,
         actor_name=POLL_SUBTASK[_lane],
         queue_name=_queue,
         max_retries=_settings.max_retries,
         time_limit=5 * _MINUTE,
-    )
+    )(subtasks.poll_subtask)

@@ -41,13 +41,15 @@ def ids_of(message: Any) -> dict[str, str]:
     return {}
 
 
-def enqueue(actor_name: str, queue_name: str, *args: Any, delay: float = 0.0, **kwargs: Any) -> dramatiq.Message:
+def enqueue(actor_name: str, queue_name: str, *args: Any, delay: float = 0.0, **kwargs: Any) -> dramatiq.Message[Any]:
     """Enqueue a message for an actor by name."""
     broker = dramatiq.get_broker()
     delay_ms = int(delay * 1000) if delay > 0 else 0
     # due_ms: when the message is meant to run, so TaskTracker's queue latency excludes a deliberate delay.
     options = {"due_ms": int(time.time() * 1000) + delay_ms}
-    message = dramatiq.Message(queue_name=queue_name, actor_name=actor_name, args=args, kwargs=kwargs, options=options)
+    message: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name=queue_name, actor_name=actor_name, args=args, kwargs=kwargs, options=options
+    )
     return broker.enqueue(message, delay=delay_ms or None)
 
 

@@ -16,7 +16,9 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from nietest_daemon.clients.feishu import Severity
 from nietest_daemon.coordination import keys
+from nietest_daemon.coordination.connection import as_text
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.domain.lifecycle import TERMINAL, Status, is_partial
 from nietest_daemon.pipeline.messages import SEND_NOTICE, enqueue, owner_of_current_message
@@ -33,7 +35,7 @@ MARKER_TTL_SECONDS = 7 * 86400
 FINAL_NOTICE_WINDOW = timedelta(hours=1)
 #: The fields of a finished task that its final notice's card shows (`snapshot_of`).
 SNAPSHOT_FIELDS = ("status", "completed_images", "failed_images", "cancelled_images", "total_images", "error")
-SEVERITY = {
+SEVERITY: dict[str, Severity] = {
     "submitted": "info",
     "completed": "success",
     "partially_completed": "warning",
@@ -151,7 +153,7 @@ def deliver(ctx: Context, task_id: str, event: str, round: int = 1, snapshot: Ma
     claim = f"sending:{owner_of_current_message()}"
     if not ctx.redis.set(marker, claim, nx=True, ex=MARKER_TTL_SECONDS):
         held = ctx.redis.get(marker)
-        if held is None or held.decode() != claim:
+        if held is None or as_text(held) != claim:
             return
     task = ctx.store.get_task(task_id)
     if task is None:

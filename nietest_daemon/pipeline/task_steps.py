@@ -31,7 +31,7 @@ def process_task(task_id: str) -> None:
         return
     if doc["status"] in TERMINAL:
         return
-    task = taskspec.validate_task(doc)
+    task = taskspec.Task.from_document(doc)
     first_run = ctx.store.mark_task_running(task_id)
     batch: list[dict[str, Any]] = []
     created = 0

@@ -223,4 +223,10 @@ def run(argv: list[str]) -> int:
     except SettingsError as exc:
         print(f"nietest: configuration error: {exc}", file=sys.stderr)
         return 2
-    return command_of(args).run(settings, args)
+    from nietest_daemon.store.base import StoreError
+
+    try:
+        return command_of(args).run(settings, args)
+    except StoreError as exc:  # the one line of any command the store failed (its address redacted)
+        print(f"nietest: {exc}", file=sys.stderr)
+        return 1

@@ -31,11 +31,11 @@ import json
 import socket
 import time
 import xmlrpc.client
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -55,6 +55,7 @@ from nietest_daemon.domain.lifecycle import STATUSES
 from nietest_daemon.domain.process_state import ProcessState
 from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.internals.dramatiq_redis import queue_stats
+from nietest_daemon.internals.supervisor import ProcessInfo, all_process_info
 from nietest_daemon.programs.alerts.kinds import AlertKind
 from nietest_daemon.programs.daemon import control_proxy
 from nietest_daemon.store import Store, open_store_for
@@ -105,10 +106,10 @@ class Probe:
             self._store = open_store_for(self.settings, timeout_seconds=PROBE_TIMEOUT_SECONDS)
         return self._store
 
-    def processes(self) -> list[dict[str, Any]] | None:
+    def processes(self) -> list[ProcessInfo] | None:
         """supervisord's process list, or None when it does not answer."""
         try:
-            return control_proxy(self.settings, PROBE_TIMEOUT_SECONDS).supervisor.getAllProcessInfo()
+            return all_process_info(control_proxy(self.settings, PROBE_TIMEOUT_SECONDS))
         except (OSError, xmlrpc.client.Error, http.client.HTTPException) as exc:
             log.warning("supervisord does not answer", error=str(exc)[:300])
             return None
@@ -127,7 +128,7 @@ class Probe:
             return redact(f"{type(exc).__name__}: {exc}")[:300]
         return None
 
-    def workers(self, infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def workers(self, infos: list[ProcessInfo]) -> list[ProcessInfo]:
         return [i for i in infos if i["group"] in self.settings.queues]
 
 
@@ -152,7 +153,7 @@ class NietestCollector(Collector):
                 log.warning("broker read failed during a scrape", error=str(exc)[:300])
         yield from self._tasks()
 
-    def _processes(self, infos: list[dict[str, Any]]) -> Iterator[Metric]:
+    def _processes(self, infos: list[ProcessInfo]) -> Iterator[Metric]:
         labels = ["program", "process"]
         up = [([i["group"], i["name"]], i["statename"] == ProcessState.RUNNING) for i in infos]
         start = [([i["group"], i["name"]], i["start"]) for i in infos if i["start"]]
@@ -161,7 +162,7 @@ class NietestCollector(Collector):
             "nietest_process_start_time_seconds", "Unix time the supervised process last started.", labels, start
         )
 
-    def _broker(self, infos: list[dict[str, Any]]) -> Iterator[Metric]:
+    def _broker(self, infos: list[ProcessInfo]) -> Iterator[Metric]:
         probe = self.probe
         depth = GaugeMetricFamily(
             "nietest_queue_messages", "Messages of each queue by state (broker-wide).", labels=["queue", "state"]
@@ -199,14 +200,16 @@ class NietestCollector(Collector):
         yield family
 
 
-def _gauge(name: str, help_text: str, labels: list[str], samples: list[tuple[list[str], float]]) -> GaugeMetricFamily:
+def _gauge(
+    name: str, help_text: str, labels: list[str], samples: Sequence[tuple[list[str], float]]
+) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, help_text, labels=labels)
     for values, value in samples:
         family.add_metric(values, float(value))
     return family
 
 
-def render_totals(totals: dict[str, float], infos: list[dict[str, Any]]) -> Iterator[Metric]:
+def render_totals(totals: dict[str, float], infos: list[ProcessInfo]) -> Iterator[Metric]:
     """The counter and histogram families from the broker's totals (coordination/counters.py), with
     the fixed label sets (and every supervised process's restarts) at 0 until counted."""
     series: dict[str, dict[tuple[tuple[str, str], ...], dict[str, float]]] = {f.name: {} for f in counters.FAMILIES}
@@ -227,14 +230,14 @@ def render_totals(totals: dict[str, float], infos: list[dict[str, Any]]) -> Iter
             key = (("program", info["group"]), ("process", info["name"]), ("reason", reason))
             series[counters.PROCESS_RESTARTS.name].setdefault(key, {})
     for family in counters.FAMILIES:
-        labels = list(family.labels)
+        label_names = list(family.labels)
         if family.kind == "counter":
-            counter = CounterMetricFamily(family.name, family.help, labels=labels)
+            counter = CounterMetricFamily(family.name, family.help, labels=label_names)
             for key, values in sorted(series[family.name].items()):
                 counter.add_metric([v for _, v in key], values.get("", 0.0))
             yield counter
             continue
-        histogram = HistogramMetricFamily(family.name, family.help, labels=labels)
+        histogram = HistogramMetricFamily(family.name, family.help, labels=label_names)
         for key, values in sorted(series[family.name].items()):
             cumulative, buckets = 0.0, []
             for bound in (*family.buckets, float("inf")):
@@ -386,7 +389,8 @@ def run(settings: Settings) -> int:
         return 1
 
     stop = install_stop_signals(interrupt=True)
-    host, port = server.server_address[:2]
+    # An AF_INET or AF_INET6 server's address starts (host, port); typeshed also allows bytes hosts.
+    host, port = cast(tuple[str, int], server.server_address[:2])
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     addr_file = settings.metrics_addr_file
     partial = addr_file.with_suffix(".tmp")

@@ -17,6 +17,7 @@ from nietest_daemon.core.settings import Settings
 from nietest_daemon.domain.process_state import ProcessState
 from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.internals.dramatiq_redis import queue_stats
+from nietest_daemon.internals.supervisor import all_process_info
 from nietest_daemon.programs.daemon import control_proxy
 
 
@@ -33,7 +34,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         proxy = control_proxy(settings)
         report["daemon"] = {"running": True, "pid": proxy.supervisor.getPID()}
         now = time.time()
-        for info in proxy.supervisor.getAllProcessInfo():
+        for info in all_process_info(proxy):
             running = info["statename"] == ProcessState.RUNNING
             report["processes"].append(
                 {

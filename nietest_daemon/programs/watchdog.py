@@ -34,8 +34,9 @@ import os
 import socket
 import threading
 import time
+import xmlrpc.client
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import redis
 
@@ -48,7 +49,7 @@ from nietest_daemon.core.settings import QUEUE_KEYS, Settings
 from nietest_daemon.core.stopping import install_stop_signals
 from nietest_daemon.domain.process_state import ProcessState
 from nietest_daemon.internals.dramatiq_redis import NietestRedisBroker, process_identity
-from nietest_daemon.internals.supervisor import control_proxy
+from nietest_daemon.internals.supervisor import ProcessInfo, all_process_info, control_proxy
 from nietest_daemon.pipeline.broker import build_broker
 
 log = get_logger(__name__)
@@ -143,7 +144,7 @@ class Watchdog:
             )
         return count
 
-    def check(self, infos: list[dict[str, Any]], now: float) -> list[str]:
+    def check(self, infos: list[ProcessInfo], now: float) -> list[str]:
         """Kill the RUNNING workers silent for longer than NIETEST_HANG_SECONDS (`infos`:
         supervisord's getAllProcessInfo()); the `group:name` of each one killed."""
         workers = [
@@ -169,7 +170,7 @@ class Watchdog:
             self._kill(info, silent, last)
         return [f"{info['group']}:{info['name']}" for info, _, _ in hung]
 
-    def _kill(self, info: dict[str, Any], silent: float, last: float | None) -> None:
+    def _kill(self, info: ProcessInfo, silent: float, last: float | None) -> None:
         key = f"{info['group']}:{info['name']}"
         log.error(
             "worker unresponsive; killing it",
@@ -194,7 +195,7 @@ class Watchdog:
         )
 
 
-def _checking(watchdog: Watchdog, rpc: Any) -> None:
+def _checking(watchdog: Watchdog, rpc: xmlrpc.client.ServerProxy) -> None:
     """The watchdog's once-a-second check of the workers' lifelines, in a thread of its own."""
 
     def kill(key: str) -> None:
@@ -203,7 +204,7 @@ def _checking(watchdog: Watchdog, rpc: Any) -> None:
     watchdog.kill = kill
     while True:
         try:
-            watchdog.check(rpc.supervisor.getAllProcessInfo(), time.time())
+            watchdog.check(all_process_info(rpc), time.time())
         except Exception as exc:  # noqa: BLE001 - the next pass tries again
             watchdog.watching_since = None
             log.warning("lifeline check failed", error=f"{type(exc).__name__}: {exc}"[:300])

@@ -16,6 +16,7 @@ from nietest_daemon.store.base import (
     RepairOutcome,
     Store,
     StoreError,
+    StoreUnavailable,
     UnknownSubtaskError,
     as_utc,
     utcnow,
@@ -32,6 +33,7 @@ __all__ = [
     "SQLiteStore",
     "Store",
     "StoreError",
+    "StoreUnavailable",
     "UnknownSubtaskError",
     "as_utc",
     "open_store",
@@ -56,8 +58,10 @@ def open_store(
 ) -> Store:
     """MongoDB when a URI or host is given, else the embedded SQLite file in `data_dir`.
 
-    `timeout_seconds` bounds MongoDB's server selection and each reply (default: pymongo's
-    10 s selection, no reply limit); a prober that must answer quickly passes a short one."""
+    `timeout_seconds` bounds each MongoDB operation, its server selection and connecting included
+    (default: `store.mongo_client.TIMEOUT_MS`, 30 s per operation); a prober that must answer
+    quickly passes a short one. Raises `StoreError` (`StoreUnavailable`: the SQLite file cannot be
+    opened)."""
     if mongo_uri or mongo_host:
         # Imported here: pymongo costs about 0.2 s of every worker start, and the embedded
         # SQLite deployment never needs it.
@@ -72,16 +76,9 @@ def open_store(
             db=mongo_db,
             task_collection=task_collection,
             subtask_collection=subtask_collection,
-            **_mongo_timeouts(timeout_seconds),
+            timeout_seconds=timeout_seconds,
         )
     return SQLiteStore(data_dir)
-
-
-def _mongo_timeouts(seconds: float | None) -> dict[str, int]:
-    if seconds is None:
-        return {}
-    ms = max(1, int(seconds * 1000))
-    return {"serverSelectionTimeoutMS": ms, "connectTimeoutMS": ms, "socketTimeoutMS": ms}
 
 
 def open_store_for(settings: Settings, timeout_seconds: float | None = None) -> Store:
@@ -101,8 +98,9 @@ def open_store_for(settings: Settings, timeout_seconds: float | None = None) -> 
 
 
 def prepare_store_for(settings: Settings) -> None:
-    """Open the store the settings name, `prepare` it (MongoDB: build its indexes) and close it: the
-    daemon's first step, before any worker opens the store. Raises whatever the store raises."""
+    """Open the store the settings name, `prepare` it (MongoDB: build its indexes, warn about its
+    durability) and close it: the daemon's first step, before any worker opens the store. Raises
+    `StoreError` (`StoreUnavailable`: not reachable)."""
     store = open_store_for(settings)
     try:
         store.prepare()

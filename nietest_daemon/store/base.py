@@ -32,6 +32,17 @@ apart by that number. A retry is refused while any subtask of the task is still 
 `prepare` builds what the store's queries need (MongoDB's indexes): the daemon calls it once at
 start; no command or worker does, so that a user who may only read can run the reading commands.
 
+Nothing but a `StoreError` leaves a store for a driver's error (`Store.__init_subclass__` wraps
+every public method of an implementation, and its constructor, in one translation: the
+implementation says which of its driver's errors mean `StoreUnavailable`). `StoreUnavailable` is
+an outage (`core.outage.Outage`): the store could not be reached or did not answer in time, the
+operation may or may not have been applied, and since every operation is safe to repeat the
+caller runs it again later (the pipeline retries the message; the command line prints one line and
+exits 1). Any other error of a driver is a `StoreError` with the driver's error chained (a bug, or
+a store a person must look at: a refused privilege, a damaged file). Errors of the store's own
+(`DuplicateTaskError`, `UnknownSubtaskError`) and a bad argument (`ValueError`) pass as they are.
+Messages name the store by its `address`, password masked, and pass through the one redactor.
+
 `request_cancel` / `cancel_task` finalise a task that has no subtask at all (the master has
 not expanded it yet) as `cancelled` straight away. The master must therefore insert its
 subtasks *first* and check `is_cancel_requested` *afterwards* (calling `cancel_task` again
@@ -40,12 +51,17 @@ when set): whichever order the two race in, no pending subtask survives a cancel
 
 from __future__ import annotations
 
+import functools
+import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
+from nietest_daemon.core.outage import Outage
+from nietest_daemon.core.redaction import redact
 from nietest_daemon.domain.lifecycle import (
     COUNTER_OF,
     COUNTERS,
@@ -73,7 +89,16 @@ TIME_FIELDS: tuple[str, ...] = ("created_at", "updated_at", "started_at", "compl
 
 
 class StoreError(Exception):
-    """Base class of the store's own errors."""
+    """Base class of the store's own errors, and of its drivers' errors as the store's edge translates them."""
+
+
+class StoreUnavailable(StoreError, Outage):
+    """The store could not be reached or did not answer in time (a connection refused or lost, a
+    server selection or operation timeout, a database file locked past the busy timeout or that
+    cannot be opened): nothing was wrong with the operation, which may or may not have been
+    applied. Run it again later."""
+
+    service = "store"
 
 
 class DuplicateTaskError(StoreError):
@@ -293,8 +318,8 @@ def is_short(task: Mapping[str, Any], counts: Mapping[str, int]) -> bool:
 
 #: How long a task and its subtasks must have been still before `repair_counts` touches it (the
 #: sweep's default): far longer than a finish can stay between its two writes (pymongo gives up on
-#: a write after its server selection timeout, 10 s, and one retry), and not so long that a task
-#: waits noticeably for its end.
+#: each write after the client's `timeoutMS`, 30 s: `store.mongo_client.TIMEOUT_MS`), and not so
+#: long that a task waits noticeably for its end.
 REPAIR_GRACE_SECONDS = 300.0
 
 
@@ -319,11 +344,95 @@ def _statuses(status: str | Iterable[str] | None) -> list[str] | None:
     return [status] if isinstance(status, str) else list(status)
 
 
+# --- the edge: drivers' errors become StoreErrors ------------------------------------------------
+
+#: The longest driver message a translated error carries (pymongo's describe the whole topology).
+_DETAIL_CHARS = 300
+#: Where a driver's message turns from the error to its settings and every server's state (pymongo).
+_DETAIL_TAILS = (" (configured timeouts:", ", Timeout:", ", Topology Description:")
+
+
+def _detail(exc: BaseException) -> str:
+    """The driver's error as one short line: its type and the first part of its message."""
+    text = " ".join(str(exc).split())
+    for tail in _DETAIL_TAILS:
+        text = text.split(tail, 1)[0]
+    if len(text) > _DETAIL_CHARS:
+        text = text[: _DETAIL_CHARS - 1] + "\u2026"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def translated(store: Store, exc: Exception) -> StoreError | None:
+    """The StoreError a driver's `exc` becomes at `store`'s edge (None: not a driver's error, it
+    passes as it is): `StoreUnavailable` when the implementation says so, else `StoreError`."""
+    if isinstance(exc, StoreError) or not isinstance(exc, store.DRIVER_ERRORS):
+        return None
+    address = getattr(store, "address", None) or type(store).__name__
+    if store._is_unavailable(exc):
+        return StoreUnavailable(redact(f"the task store ({address}) is unavailable: {_detail(exc)}"))
+    return StoreError(redact(f"the task store ({address}) failed: {_detail(exc)}"))
+
+
+@contextmanager
+def _edge(store: Store) -> Iterator[None]:
+    """Around a method of `store`: a driver's error leaves it `translated`, the driver's chained."""
+    try:
+        yield
+    except Exception as exc:
+        error = translated(store, exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _at_the_edge(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method` of a Store, run at the store's edge (`_edge`); a generator's items too."""
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def generator(self: Store, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            with _edge(self):
+                yield from method(self, *args, **kwargs)
+
+        wrapper: Callable[..., Any] = generator
+    else:
+
+        @functools.wraps(method)
+        def call(self: Store, *args: Any, **kwargs: Any) -> Any:
+            with _edge(self):
+                return method(self, *args, **kwargs)
+
+        wrapper = call
+    wrapper.__store_edge__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 # --- the interface ------------------------------------------------------------------------------
 
 
 class Store(ABC):
-    """The task store every part of the pipeline talks to. All operations are safe to repeat."""
+    """The task store every part of the pipeline talks to. All operations are safe to repeat.
+
+    An implementation names its driver's errors (`DRIVER_ERRORS`) and which of them mean the store
+    is unavailable (`_is_unavailable`); its public methods and constructor are wrapped at class
+    creation, so no driver error leaves it untranslated (see the module's docstring)."""
+
+    #: The errors of this store's driver, translated at its edge.
+    DRIVER_ERRORS: ClassVar[tuple[type[Exception], ...]] = ()
+    #: How errors and logs name the store (`sqlite <file>`, `mongodb <uri>`), its password masked.
+    address: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, member in list(vars(cls).items()):
+            public = name == "__init__" or not name.startswith("_")
+            if public and inspect.isfunction(member) and not getattr(member, "__store_edge__", False):
+                setattr(cls, name, _at_the_edge(member))
+
+    def _is_unavailable(self, exc: Exception) -> bool:
+        """Whether this driver error (one of `DRIVER_ERRORS`) means the store could not be reached
+        or did not answer in time, rather than a bug or a fault a person must fix."""
+        return False
 
     @abstractmethod
     def create_task(self, doc: Mapping[str, Any]) -> None:

@@ -11,16 +11,24 @@ A finish is exactly-once by its first write: the subtask leaves its active statu
 conditional update, which only one caller wins; only that caller `$inc`s the task, and the caller
 whose increment completes the counters finalises the task by another conditional update (from an
 active status). Moving the subtask and counting it are two writes, though: a process killed
-between them (a SIGKILL, an OOM kill, a failover longer than pymongo's one retry) leaves the
-subtask terminal and the counters one short. Nothing would then finalise the task;
-`repair_counts`, from the periodic sweep, does, once the task has been still for a grace period.
-Every write here that counts is ordered so that a cut leaves the counters short, never ahead:
-cancel moves its subtasks before it counts them, retry takes them off the counters before it
-moves them.
+between them (a SIGKILL, an OOM kill, a failover longer than the client's time limit, within
+which pymongo retries the write) leaves the subtask terminal and the counters one short. Nothing
+would then finalise the task; `repair_counts`, from the periodic sweep, does, once the task has
+been still for a grace period. Every write here that counts is ordered so that a cut leaves the
+counters short, never ahead: cancel moves its subtasks before it counts them, retry takes them off
+the counters before it moves them.
 
 Indexes (`INDEXES`) are built by `prepare`, which only the daemon calls at start: opening the
 store builds nothing, so a user who may only read can run the reading commands, and an upgrade
 that adds an index blocks one process, not all.
+
+Durability: the client pins what keeps an acknowledged write through a failover (`w="majority"`,
+`journal=True`, primary reads, `retryWrites=True`) and a time limit on every operation
+(`timeoutMS`), as keyword arguments, which win over the URI's options (store/mongo_client.py).
+`prepare` (the daemon's start) logs one warning naming what is at risk when the URI asked for
+something weaker (overridden) or the server is standalone (`durability_risks`). Errors: pymongo's
+connection, server selection and timeout errors become `StoreUnavailable`, its others `StoreError`
+(`_is_unavailable`; store/base.py translates them at the edge).
 """
 
 from __future__ import annotations
@@ -30,13 +38,23 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import pymongo
+from bson.errors import BSONError
 from pymongo import ReturnDocument, UpdateOne
-from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    ExecutionTimeout,
+    OperationFailure,
+    PyMongoError,
+    WTimeoutError,
+)
 
 if TYPE_CHECKING:
     from pymongo.collection import Collection
     from pymongo.database import Database
 
+from nietest_daemon.core.logs import get_logger
 from nietest_daemon.domain.lifecycle import (
     ACTIVE,
     COUNTER_OF,
@@ -74,7 +92,13 @@ from nietest_daemon.store.base import (
     round_of,
     utcnow,
 )
+from nietest_daemon.store.mongo_client import durability_risks, open_client
 
+log = get_logger(__name__)
+
+#: The limit of `prepare`'s index builds (the client's `timeoutMS` is for one write): an index on
+#: millions of subtasks takes minutes.
+INDEX_BUILD_TIMEOUT_SECONDS = 3600.0
 #: The task fields a finish reads back from its `$inc`; the rest of the document is read only to finalise.
 _TASK_COUNTER_FIELDS: tuple[str, ...] = (
     "status",
@@ -139,6 +163,8 @@ def _to_mongo(doc: Mapping[str, Any]) -> Doc:
 class MongoStore(Store):
     """The MongoDB store: `_id` = the document's id; only atomic single-document operations."""
 
+    DRIVER_ERRORS = (PyMongoError, BSONError)  # BSONError: a document bson cannot encode, or too large
+
     def __init__(
         self,
         db: Database[Any],
@@ -146,21 +172,41 @@ class MongoStore(Store):
         task_collection: str = "tasks",
         subtask_collection: str = "subtasks",
         client: pymongo.MongoClient[Any] | None = None,
+        address: str | None = None,
+        overridden: Iterable[str] = (),
     ) -> None:
         self.db = db
         self.tasks: Collection[Any] = db[task_collection]
         self.subtasks: Collection[Any] = db[subtask_collection]
         self._client = client
+        self.address = address or f"mongodb database {db.name}"
+        self._overridden = list(overridden)
+
+    def _is_unavailable(self, exc: Exception) -> bool:
+        """A connection refused, lost or timed out, no server selectable (`ConnectionFailure`:
+        `AutoReconnect`, `NetworkTimeout`, `ServerSelectionTimeoutError`, `NotPrimaryError`), an
+        operation or a write concern past its time (`ExecutionTimeout`, `WTimeoutError`, any error
+        of `timeoutMS`), or an error the server labels retryable (a failover or a shutdown still
+        under way after pymongo's own retry). Every other error (a refused privilege, a document
+        too large, a bad query) is no outage: retrying would only repeat it."""
+        if isinstance(exc, ConnectionFailure | ExecutionTimeout | WTimeoutError):
+            return True
+        return isinstance(exc, PyMongoError) and (exc.timeout or exc.has_error_label("RetryableWriteError"))
 
     def prepare(self) -> None:
-        """Build `INDEXES` (each returns at once when it exists), then drop `RETIRED_INDEXES`."""
-        for role, collection in (("tasks", self.tasks), ("subtasks", self.subtasks)):
-            for keys in INDEXES[role]:
-                self._ensure_index(collection, list(keys))
-            present = set(collection.index_information())
-            for name in RETIRED_INDEXES[role]:
-                if name in present:
-                    collection.drop_index(name)
+        """Build `INDEXES` (each returns at once when it exists), then drop `RETIRED_INDEXES`; log
+        one warning when the deployment is less durable than the store needs (`durability_risks`)."""
+        with pymongo.timeout(INDEX_BUILD_TIMEOUT_SECONDS):
+            for role, collection in (("tasks", self.tasks), ("subtasks", self.subtasks)):
+                for keys in INDEXES[role]:
+                    self._ensure_index(collection, list(keys))
+                present = set(collection.index_information())
+                for name in RETIRED_INDEXES[role]:
+                    if name in present:
+                        collection.drop_index(name)
+        risks = durability_risks(self._overridden, self.db.command("hello"))
+        if risks:
+            log.warning("MongoDB store: durability at risk", store=self.address, risks=risks)
 
     @staticmethod
     def _ensure_index(collection: Collection[Any], keys: list[tuple[str, int]]) -> None:
@@ -183,21 +229,28 @@ class MongoStore(Store):
         db: str = "task_db",
         task_collection: str = "tasks",
         subtask_collection: str = "subtasks",
+        timeout_seconds: float | None = None,
         **client_options: Any,
     ) -> MongoStore:
-        """Connect with a URI, or host/port/user/password; the database is always `db`."""
-        options: dict[str, Any] = {"tz_aware": True, "serverSelectionTimeoutMS": 10_000, **client_options}
-        if uri:
-            client: pymongo.MongoClient[Any] = pymongo.MongoClient(uri, **options)
-        elif host:
-            if user is not None:
-                options.setdefault("username", user)
-            if password is not None:
-                options.setdefault("password", password)
-            client = pymongo.MongoClient(host=host, port=port, **options)
-        else:
-            raise ValueError("MongoStore.from_settings needs a uri or a host")
-        return cls(client[db], task_collection=task_collection, subtask_collection=subtask_collection, client=client)
+        """Connect with a URI, or host/port/user/password; the database is always `db`. No I/O:
+        pymongo connects in the background. The client's settings: `mongo_client.open_client`."""
+        opened = open_client(
+            uri=uri,
+            host=host,
+            port=port,
+            user=user,
+            password=password,
+            timeout_seconds=timeout_seconds,
+            **client_options,
+        )
+        return cls(
+            opened.client[db],
+            task_collection=task_collection,
+            subtask_collection=subtask_collection,
+            client=opened.client,
+            address=opened.address if uri else f"{opened.address}/{db}",
+            overridden=opened.overridden,
+        )
 
     # --- tasks ---------------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """What `nietest report` and `nietest export` share: a stored task read as a grid of variables.
 
-A task's dimensions come from its stored document through `taskspec.validate_task` (the stored
-document is itself a valid task); a subtask's place is its `variable_indices`, one index per
-dimension. Subtasks are read with `Store.iter_subtasks`, a page at a time.
+A task's dimensions come from its stored document through `taskspec.Task.from_document` (this
+version's documents, each variable's values in `variables_map`, and earlier ones, which kept them
+twice); a subtask's place is its `variable_indices`, one index per dimension. Subtasks are read
+with `Store.iter_subtasks`, a page at a time.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def load_task(store: Store, task_id: str) -> TaskView:
     if doc is None:
         raise ResultsError(f"no task {task_id}")
     try:
-        task = taskspec.validate_task(doc)
+        task = taskspec.Task.from_document(doc)
     except taskspec.TaskValidationError as exc:
         raise ResultsError(f"task {task_id}: its stored document is not a valid task ({exc})") from None
     return TaskView(doc, task)

@@ -1,16 +1,13 @@
 """`SQLiteStore`: the embedded default, a WAL-mode SQLite file in the data dir.
 
 Safe for many worker processes and threads at once: one connection per thread, `BEGIN IMMEDIATE`
-around every read-modify-write, a busy timeout instead of failing on a held lock. Moving a subtask
-and counting it on its task happen in one transaction, and so do a cancel's chunk of subtasks and
-their count, and a whole retry (its moves, the counters lost by exactly what moved, the reopened
-task): a process that dies anywhere leaves all of it or nothing, so `repair_counts` never finds a
-task to repair here (it is implemented all the same: the contract asks it of every store).
-
-The schema and its indexes are made when the file is opened (`CREATE ... IF NOT EXISTS`: nothing
-to do once made; the file belongs to the daemon's user, so no privilege can be missing, and an
-index a new version adds is built once, by the first process to open the file, under the write
-lock): `prepare` has nothing left to do.
+around every read-modify-write, a busy timeout instead of failing on a held lock (the file, its
+schema and its connections: store/sqlite_file.py). Moving a subtask and counting it on its task
+happen in one transaction, and so do a cancel's chunk of subtasks and their count, and a whole
+retry (its moves, the counters lost by exactly what moved, the reopened task): a process that dies
+anywhere leaves all of it or nothing, so `repair_counts` never finds a task to repair here (it is
+implemented all the same: the contract asks it of every store). Opening the file makes its schema
+and indexes: `prepare` has nothing left to do.
 
 Two things keep the write lock short, so that ten threads finishing subtasks do not queue on it:
 - the threads of one process take turns on a mutex before `BEGIN IMMEDIATE`, and only one of them
@@ -19,19 +16,18 @@ Two things keep the write lock short, so that ten threads finishing subtasks do 
   `task_state`, beside the document (its prompts and variables can be tens of KB): a finish reads
   and rewrites that row only, and the document only when it finalises the task. Reads merge the
   two; every write of a whole task writes both.
+
+A query of several statuses runs once per status, each along an index, and the pages are merged
+(`_merged`): one `IN (...)` would sort.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import os
 import sqlite3
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,8 +43,6 @@ from nietest_daemon.domain.lifecycle import (
     progress_of,
 )
 from nietest_daemon.store.base import (
-    HISTORY_FIELDS,
-    TIME_FIELDS,
     CancelOutcome,
     Doc,
     DuplicateTaskError,
@@ -56,7 +50,6 @@ from nietest_daemon.store.base import (
     RepairOutcome,
     RetryOutcome,
     Store,
-    StoreError,
     UnknownSubtaskError,
     _statuses,
     as_utc,
@@ -72,64 +65,33 @@ from nietest_daemon.store.base import (
     round_of,
     utcnow,
 )
+from nietest_daemon.store.sqlite_file import (
+    HISTORY_ENTRY_SQL,
+    SQLITE_FILENAME,
+    STATE_COLUMNS,
+    STATE_FIELDS,
+    STATE_PLACEHOLDERS,
+    STATE_SELECT,
+    TERMINAL_SQL,
+    SQLiteFile,
+    dumps,
+    loads,
+)
 
-SQLITE_FILENAME = "nietest.sqlite3"
+__all__ = ["HISTORY_ENTRY_SQL", "SQLITE_FILENAME", "SQLiteStore"]
 
-#: A task's changing fields, kept in `task_state` (the values there win over the document's).
-_STATE_FIELDS = ("total_images", *COUNTERS, "progress", "cancel_requested", "updated_at")
-_STATE_COLUMNS = ", ".join(_STATE_FIELDS)
-_STATE_SELECT = ", ".join(f"s.{name}" for name in _STATE_FIELDS)  # from task_state joined as `s`
-_STATE_PLACEHOLDERS = ", ".join("?" * len(_STATE_FIELDS))
-_TERMINAL_SQL = ", ".join(f"'{status}'" for status in sorted(TERMINAL))
 _Row = TypeVar("_Row")
-
-
-def _history_entry_sql() -> str:
-    """`base.history_entry` as an SQL expression over a subtask row: a json_object of the fields
-    `base.HISTORY_FIELDS` names, each read from the row's document. `round` is read as `round_of`
-    reads it (a positive integer, else 1); times are ISO text in the document already."""
-
-    def value(key: str) -> str:
-        path = f"json_extract(doc, '$.{key}')"
-        if key == "round":
-            return f"CASE WHEN json_type(doc, '$.round') = 'integer' AND {path} > 0 THEN {path} ELSE 1 END"
-        return path
-
-    pairs = ", ".join(f"'{key}', {value(key)}" for key in HISTORY_FIELDS)
-    return f"json_object({pairs})"
-
-
-#: An `error_history` entry as SQL, from the one definition of its fields (`base.HISTORY_FIELDS`).
-HISTORY_ENTRY_SQL = _history_entry_sql()
-
-_SQLITE_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, status TEXT NOT NULL, created_at TEXT NOT NULL,"
-    " doc TEXT NOT NULL)",
-    # Each query is served by one index, its ORDER BY included (tests/test_store_indexes.py): a
-    # query of several statuses runs once per status and the pages are merged (`_merged`).
-    "CREATE INDEX IF NOT EXISTS tasks_status_created_id ON tasks (status, created_at, id)",
-    "CREATE INDEX IF NOT EXISTS tasks_created_id ON tasks (created_at, id)",
-    "DROP INDEX IF EXISTS tasks_status_created",  # what earlier versions built instead
-    "DROP INDEX IF EXISTS tasks_created",
-    "CREATE TABLE IF NOT EXISTS subtasks (id TEXT PRIMARY KEY, task_id TEXT NOT NULL, status TEXT NOT NULL,"
-    " updated_at TEXT NOT NULL, doc TEXT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS subtasks_task_status_id ON subtasks (task_id, status, id)",
-    # A task's subtasks in id order, a page at a time (`iter_subtasks`: report, export), with no sort.
-    "CREATE INDEX IF NOT EXISTS subtasks_task_id ON subtasks (task_id, id)",
-    "CREATE INDEX IF NOT EXISTS subtasks_status_updated_id ON subtasks (status, updated_at, id)",
-    "DROP INDEX IF EXISTS subtasks_task_status",
-    "DROP INDEX IF EXISTS subtasks_status_updated",
-    "CREATE TABLE IF NOT EXISTS task_state (task_id TEXT PRIMARY KEY, total_images INTEGER NOT NULL,"
-    " processed_images INTEGER NOT NULL, completed_images INTEGER NOT NULL, failed_images INTEGER NOT NULL,"
-    " cancelled_images INTEGER NOT NULL, progress REAL NOT NULL, cancel_requested INTEGER NOT NULL,"
-    " updated_at TEXT NOT NULL)",
-    # A data file written before task_state existed: its tasks' state comes out of their documents.
-    f"INSERT OR IGNORE INTO task_state ({_STATE_COLUMNS}, task_id) SELECT"
-    " coalesce(json_extract(doc, '$.total_images'), 0), coalesce(json_extract(doc, '$.processed_images'), 0),"
-    " coalesce(json_extract(doc, '$.completed_images'), 0), coalesce(json_extract(doc, '$.failed_images'), 0),"
-    " coalesce(json_extract(doc, '$.cancelled_images'), 0), coalesce(json_extract(doc, '$.progress'), 0.0),"
-    " coalesce(json_extract(doc, '$.cancel_requested'), 0), coalesce(json_extract(doc, '$.updated_at'), created_at),"
-    " id FROM tasks WHERE id NOT IN (SELECT task_id FROM task_state)",
+#: SQLite's primary result codes that mean the file cannot be used now (`SQLiteStore._is_unavailable`).
+_UNAVAILABLE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,  # a lock held past the busy timeout
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_READONLY,  # a file or directory that may not be written (permissions, a read-only mount)
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,  # a missing or unreadable data dir
+        sqlite3.SQLITE_PROTOCOL,  # a WAL lock protocol error: a race with another process, retried
+    }
 )
 
 
@@ -151,117 +113,35 @@ def _subtask_order(doc: Doc) -> tuple[str, str]:
     return doc["id"], doc["id"]
 
 
-def _json_default(value: object) -> object:
-    if isinstance(value, datetime):
-        return iso_text(value)
-    raise TypeError(f"cannot store a {type(value).__name__} in the task store")
-
-
-def _dumps(doc: Mapping[str, Any]) -> str:
-    return json.dumps(doc, default=_json_default, ensure_ascii=False, separators=(",", ":"))
-
-
-def _loads(text: str) -> Doc:
-    doc: Doc = json.loads(text)
-    for name in TIME_FIELDS:
-        value = doc.get(name)
-        if isinstance(value, str):
-            doc[name] = as_utc(datetime.fromisoformat(value))
-    return doc
-
-
 class SQLiteStore(Store):
     """The embedded store: one WAL-mode SQLite file, documents as JSON plus indexed columns."""
+
+    DRIVER_ERRORS = (sqlite3.Error, OSError)
 
     def __init__(
         self, data_dir: str | os.PathLike[str], *, filename: str = SQLITE_FILENAME, busy_timeout: float = 60.0
     ) -> None:
         self.path = Path(data_dir) / filename
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.busy_timeout = busy_timeout
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._write_mutex = threading.Lock()
-        self._conns: list[sqlite3.Connection] = []
-        self._pid = os.getpid()
-        self._closed = False
-        self._init_schema()
+        self.address = f"sqlite {self.path}"
+        self._file = SQLiteFile(self.path, busy_timeout)
 
-    # --- connections and transactions --------------------------------------------------------------
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        return conn
-
-    def _conn(self) -> sqlite3.Connection:
-        """This thread's connection (a new one after a fork: a connection never crosses processes)."""
-        if self._closed:
-            raise StoreError("the store is closed")
-        pid = os.getpid()
-        if pid != self._pid:  # forked: abandon (never close) the parent's connections and mutex
-            with self._lock:
-                if pid != self._pid:
-                    self._pid, self._conns, self._local = pid, [], threading.local()
-                    self._write_mutex = threading.Lock()
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-            with self._lock:
-                self._conns.append(conn)
-        return conn
-
-    @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
-        """Held around every write; yields this thread's connection. The threads of a process take
-        turns on a mutex before SQLite's lock, rather than meet in SQLite's busy handler, which
-        sleeps up to 100 ms between tries while the lock is held for well under one."""
-        conn = self._conn()
-        with self._write_mutex:
-            yield conn
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: `BEGIN IMMEDIATE` takes the write lock before anything is read."""
-        with self._writing() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
-    def _write(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-        """One statement as its own transaction (autocommit); the rows it returns (`RETURNING`)."""
-        with self._writing() as conn:
-            return conn.execute(sql, params).fetchall()
-
-    def _init_schema(self) -> None:
-        deadline = time.monotonic() + self.busy_timeout
-        while True:
-            try:
-                conn = self._conn()
-                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                    conn.execute("PRAGMA journal_mode = WAL")
-                with self._tx() as conn:
-                    for statement in _SQLITE_SCHEMA:
-                        conn.execute(statement)
-                return
-            except sqlite3.OperationalError as exc:  # another process switching the journal mode
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+    def _is_unavailable(self, exc: Exception) -> bool:
+        """The file cannot be reached, or not now: an OSError (the data dir), or SQLite's codes for
+        a lock held past the busy timeout, a file that cannot be opened or written (permissions, a
+        read-only or full disk) and I/O errors. Every other code is a bug (an SQL error, a
+        constraint) or a damaged file (`SQLITE_CORRUPT`, `SQLITE_NOTADB`) that retrying cannot mend."""
+        if isinstance(exc, OSError):
+            return True
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in _UNAVAILABLE_CODES
 
     # --- row helpers -------------------------------------------------------------------------------
 
     @staticmethod
     def _read(conn: sqlite3.Connection, table: str, key: str) -> Doc | None:
         row = conn.execute(f"SELECT doc FROM {table} WHERE id = ?", (key,)).fetchone()
-        return _loads(row[0]) if row else None
+        return loads(row[0]) if row else None
 
     @staticmethod
     def _state_row(task: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -277,16 +157,16 @@ class SQLiteStore(Store):
     @staticmethod
     def _with_state(doc_text: str, state: tuple[Any, ...]) -> Doc:
         """A task document, its `task_state` row laid over it."""
-        task = _loads(doc_text)
+        task = loads(doc_text)
         if state[0] is not None:  # a LEFT JOIN found the row
-            task.update(zip(_STATE_FIELDS, state, strict=True))
+            task.update(zip(STATE_FIELDS, state, strict=True))
             task["cancel_requested"] = bool(task["cancel_requested"])
             task["updated_at"] = as_utc(datetime.fromisoformat(task["updated_at"]))
         return task
 
     def _read_task(self, conn: sqlite3.Connection, task_id: str) -> Doc | None:
         row = conn.execute(
-            f"SELECT t.doc, {_STATE_SELECT} FROM tasks t LEFT JOIN task_state s ON s.task_id = t.id WHERE t.id = ?",
+            f"SELECT t.doc, {STATE_SELECT} FROM tasks t LEFT JOIN task_state s ON s.task_id = t.id WHERE t.id = ?",
             (task_id,),
         ).fetchone()
         return self._with_state(row[0], row[1:]) if row else None
@@ -294,13 +174,13 @@ class SQLiteStore(Store):
     @classmethod
     def _write_task(cls, conn: sqlite3.Connection, task: Doc) -> None:
         """Write a whole task: its document, and its state row."""
-        conn.execute("UPDATE tasks SET status = ?, doc = ? WHERE id = ?", (task["status"], _dumps(task), task["id"]))
+        conn.execute("UPDATE tasks SET status = ?, doc = ? WHERE id = ?", (task["status"], dumps(task), task["id"]))
         cls._write_state(conn, task)
 
     @classmethod
     def _write_state(cls, conn: sqlite3.Connection, task: Doc) -> None:
         conn.execute(
-            f"INSERT OR REPLACE INTO task_state ({_STATE_COLUMNS}, task_id) VALUES ({_STATE_PLACEHOLDERS}, ?)",
+            f"INSERT OR REPLACE INTO task_state ({STATE_COLUMNS}, task_id) VALUES ({STATE_PLACEHOLDERS}, ?)",
             cls._state_row(task),
         )
 
@@ -308,19 +188,19 @@ class SQLiteStore(Store):
     def _read_counters(conn: sqlite3.Connection, task_id: str) -> Doc | None:
         """The task's status and `task_state` row (a small read: the document stays on disk)."""
         found = conn.execute(
-            f"SELECT t.status, {_STATE_SELECT} FROM tasks t JOIN task_state s ON s.task_id = t.id WHERE t.id = ?",
+            f"SELECT t.status, {STATE_SELECT} FROM tasks t JOIN task_state s ON s.task_id = t.id WHERE t.id = ?",
             (task_id,),
         ).fetchone()
         if found is None:
             return None
-        view = dict(zip(_STATE_FIELDS, found[1:], strict=True))
+        view = dict(zip(STATE_FIELDS, found[1:], strict=True))
         return {**view, "id": task_id, "status": found[0], "updated_at": datetime.fromisoformat(view["updated_at"])}
 
     @classmethod
     def _write_counters(cls, conn: sqlite3.Connection, view: Doc) -> None:
         """Write a counter view back into its task's state row."""
         conn.execute(
-            f"UPDATE task_state SET ({_STATE_COLUMNS}) = ({_STATE_PLACEHOLDERS}) WHERE task_id = ?",
+            f"UPDATE task_state SET ({STATE_COLUMNS}) = ({STATE_PLACEHOLDERS}) WHERE task_id = ?",
             cls._state_row(view),
         )
 
@@ -328,12 +208,12 @@ class SQLiteStore(Store):
     def _write_subtask(conn: sqlite3.Connection, sub: Doc) -> None:
         conn.execute(
             "UPDATE subtasks SET status = ?, updated_at = ?, doc = ? WHERE id = ?",
-            (sub["status"], iso_text(sub["updated_at"]), _dumps(sub), sub["id"]),
+            (sub["status"], iso_text(sub["updated_at"]), dumps(sub), sub["id"]),
         )
 
     def _modify_subtask(self, subtask_id: str, change: Callable[[Doc], bool]) -> tuple[Doc | None, bool]:
         """Read-modify-write one subtask in a write transaction; `change` edits it and says whether to save."""
-        with self._tx() as conn:
+        with self._file.tx() as conn:
             sub = self._read(conn, "subtasks", subtask_id)
             if sub is None:
                 return None, False
@@ -347,31 +227,31 @@ class SQLiteStore(Store):
     def create_task(self, doc: Mapping[str, Any]) -> None:
         task = new_task_doc(doc, utcnow())
         try:
-            with self._tx() as conn:
+            with self._file.tx() as conn:
                 conn.execute(
                     "INSERT INTO tasks (id, status, created_at, doc) VALUES (?, ?, ?, ?)",
-                    (task["id"], task["status"], iso_text(task["created_at"]), _dumps(task)),
+                    (task["id"], task["status"], iso_text(task["created_at"]), dumps(task)),
                 )
                 self._write_state(conn, task)
         except sqlite3.IntegrityError:
             raise DuplicateTaskError(task["id"]) from None
 
     def get_task(self, task_id: str) -> Doc | None:
-        return self._read_task(self._conn(), task_id)
+        return self._read_task(self._file.conn(), task_id)
 
     def count_tasks(self) -> dict[str, int]:
         counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
-        for status, n in self._conn().execute("SELECT status, COUNT(*) FROM tasks GROUP BY status"):
+        for status, n in self._file.conn().execute("SELECT status, COUNT(*) FROM tasks GROUP BY status"):
             counts[status] = n
         return counts
 
     def list_tasks(self, limit: int = 20, status: str | Iterable[str] | None = None) -> list[Doc]:
         wanted = _statuses(status)
         sql = (
-            f"SELECT t.created_at, t.id, t.doc, {_STATE_SELECT} FROM tasks t LEFT JOIN task_state s ON s.task_id = t.id"
+            f"SELECT t.created_at, t.id, t.doc, {STATE_SELECT} FROM tasks t LEFT JOIN task_state s ON s.task_id = t.id"
         )
         order = " ORDER BY t.created_at DESC, t.id DESC LIMIT ?"
-        conn = self._conn()
+        conn = self._file.conn()
         if wanted is None:
             rows = conn.execute(sql + order, (int(limit),)).fetchall()
         else:
@@ -380,7 +260,7 @@ class SQLiteStore(Store):
         return [self._with_state(r[2], r[3:]) for r in rows]
 
     def mark_task_running(self, task_id: str) -> bool:
-        with self._tx() as conn:
+        with self._file.tx() as conn:
             task = self._read_task(conn, task_id)
             if task is None or task["status"] != Status.PENDING:
                 return False
@@ -393,11 +273,15 @@ class SQLiteStore(Store):
 
     def is_cancel_requested(self, task_id: str) -> bool:
         # Every subtask message asks this: one small row, never the task document.
-        row = self._conn().execute("SELECT cancel_requested FROM task_state WHERE task_id = ?", (task_id,)).fetchone()
+        row = (
+            self._file.conn()
+            .execute("SELECT cancel_requested FROM task_state WHERE task_id = ?", (task_id,))
+            .fetchone()
+        )
         return bool(row and row[0])
 
     def fail_task(self, task_id: str, error: str) -> bool:
-        with self._tx() as conn:
+        with self._file.tx() as conn:
             task = self._read_task(conn, task_id)
             if task is None or task["status"] in TERMINAL:
                 return False
@@ -414,7 +298,7 @@ class SQLiteStore(Store):
         inserted = 0
 
         def flush() -> int:
-            with self._tx() as conn:
+            with self._file.tx() as conn:
                 before = conn.total_changes
                 conn.executemany(
                     "INSERT OR IGNORE INTO subtasks (id, task_id, status, updated_at, doc) VALUES (?, ?, ?, ?, ?)",
@@ -424,7 +308,7 @@ class SQLiteStore(Store):
 
         for doc in docs:
             sub = new_subtask_doc(task_id, doc, now)
-            rows.append((sub["id"], task_id, sub["status"], iso_text(now), _dumps(sub)))
+            rows.append((sub["id"], task_id, sub["status"], iso_text(now), dumps(sub)))
             if len(rows) >= chunk:
                 inserted += flush()
                 rows = []
@@ -433,11 +317,11 @@ class SQLiteStore(Store):
         return inserted
 
     def get_subtask(self, subtask_id: str) -> Doc | None:
-        return self._read(self._conn(), "subtasks", subtask_id)
+        return self._read(self._file.conn(), "subtasks", subtask_id)
 
     def get_subtask_for_work(self, subtask_id: str) -> tuple[Doc | None, bool]:
         row = (
-            self._conn()
+            self._file.conn()
             .execute(
                 "SELECT s.doc, st.cancel_requested FROM subtasks s LEFT JOIN task_state st ON st.task_id = s.task_id"
                 " WHERE s.id = ?",
@@ -445,7 +329,7 @@ class SQLiteStore(Store):
             )
             .fetchone()
         )
-        return (_loads(row[0]), bool(row[1])) if row else (None, False)
+        return (loads(row[0]), bool(row[1])) if row else (None, False)
 
     def list_subtasks(
         self,
@@ -463,16 +347,16 @@ class SQLiteStore(Store):
             args.append(after)
         tail = " ORDER BY id" + (" LIMIT ?" if limit is not None else "")
         bound = [int(limit)] if limit is not None else []
-        conn = self._conn()
+        conn = self._file.conn()
         if wanted is None:
-            return [_loads(r[0]) for r in conn.execute(sql + tail, [*args, *bound])]
+            return [loads(r[0]) for r in conn.execute(sql + tail, [*args, *bound])]
         sql += " AND status = ?"
-        pages = [[_loads(r[0]) for r in conn.execute(sql + tail, [*args, s, *bound])] for s in wanted]
+        pages = [[loads(r[0]) for r in conn.execute(sql + tail, [*args, s, *bound])] for s in wanted]
         return _merged(pages, limit, _subtask_order, newest_first=False)
 
     def count_subtasks(self, task_id: str) -> dict[str, int]:
         counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
-        rows = self._conn().execute(
+        rows = self._file.conn().execute(
             "SELECT status, COUNT(*) FROM subtasks WHERE task_id = ? GROUP BY status", (task_id,)
         )
         for status, n in rows:
@@ -484,18 +368,18 @@ class SQLiteStore(Store):
 
     def start_subtask(self, subtask_id: str) -> Doc | None:
         now = iso_text(utcnow())
-        rows = self._write(
+        rows = self._file.write(
             "UPDATE subtasks SET status = :processing, updated_at = :now, doc = json_set(doc,"
             " '$.status', :processing, '$.attempts', coalesce(json_extract(doc, '$.attempts'), 0) + 1,"
             " '$.updated_at', :now, '$.started_at', coalesce(json_extract(doc, '$.started_at'), :now))"
-            f" WHERE id = :id AND status NOT IN ({_TERMINAL_SQL}) RETURNING doc",
+            f" WHERE id = :id AND status NOT IN ({TERMINAL_SQL}) RETURNING doc",
             {"processing": Status.PROCESSING, "now": now, "id": subtask_id},
         )
-        return _loads(rows[0][0]) if rows else None
+        return loads(rows[0][0]) if rows else None
 
     def record_job(self, subtask_id: str, job_uuid: str, seed: int | None) -> bool:
         now = iso_text(utcnow())
-        rows = self._write(
+        rows = self._file.write(
             "UPDATE subtasks SET updated_at = :now,"
             " doc = json_set(doc, '$.job_uuid', :job_uuid, '$.seed', :seed, '$.updated_at', :now)"
             " WHERE id = :id AND json_extract(doc, '$.job_uuid') IS NULL RETURNING 1",
@@ -516,7 +400,7 @@ class SQLiteStore(Store):
 
     def record_poll(self, subtask_id: str) -> int:
         now = iso_text(utcnow())
-        rows = self._write(
+        rows = self._file.write(
             "UPDATE subtasks SET updated_at = :now, doc = json_set(doc,"
             " '$.poll_count', coalesce(json_extract(doc, '$.poll_count'), 0) + 1, '$.updated_at', :now)"
             " WHERE id = :id RETURNING json_extract(doc, '$.poll_count')",
@@ -597,13 +481,13 @@ class SQLiteStore(Store):
         self, subtask_id: str, status: Status, *, result: str | None = None, error: str | None = None
     ) -> FinishOutcome | None:
         views: dict[str, Doc] = {}
-        with self._tx() as conn:
+        with self._file.tx() as conn:
             outcome = self._finish_in_tx(conn, subtask_id, check_terminal(status), result, error, views)
             self._write_views(conn, views)
         return outcome
 
     def finalise_task(self, task_id: str) -> Status | None:
-        with self._tx() as conn:
+        with self._file.tx() as conn:
             task = self._read_task(conn, task_id)
             if task is None:
                 return None
@@ -613,7 +497,7 @@ class SQLiteStore(Store):
             return final
 
     def cancel_task(self, task_id: str, *, chunk: int = 500) -> CancelOutcome:
-        with self._tx() as conn:
+        with self._file.tx() as conn:
             task = self._read_task(conn, task_id)
             if task is None:
                 return CancelOutcome(task_id, found=False)
@@ -624,7 +508,7 @@ class SQLiteStore(Store):
         cancelled, finalised, final_status, final_task = 0, False, None, None
         while True:
             views: dict[str, Doc] = {}
-            with self._tx() as conn:
+            with self._file.tx() as conn:
                 ids = [
                     r[0]
                     for r in conn.execute(
@@ -654,7 +538,7 @@ class SQLiteStore(Store):
     def retry_subtasks(self, task_id: str, statuses: Iterable[str] = (Status.FAILED,)) -> RetryOutcome:
         wanted = check_retryable(statuses)
         # One transaction: the subtasks and the task move together, so nothing is half done.
-        with self._tx() as conn:
+        with self._file.tx() as conn:
             task = self._read_task(conn, task_id)
             if task is None:
                 return RetryOutcome(task_id, found=False)
@@ -705,19 +589,19 @@ class SQLiteStore(Store):
 
     def repair_counts(self, older_than: datetime) -> list[RepairOutcome]:
         cutoff = iso_text(older_than)
-        candidates = self._conn().execute(
+        candidates = self._file.conn().execute(
             "SELECT t.id FROM tasks t JOIN task_state s ON s.task_id = t.id WHERE t.status = ? AND s.updated_at < ?",
             (Status.PROCESSING, cutoff),
         )
         repaired: list[RepairOutcome] = []
         for (task_id,) in candidates.fetchall():
-            busy = self._conn().execute(
+            busy = self._file.conn().execute(
                 "SELECT 1 FROM subtasks WHERE task_id = ? AND status IN (?, ?) LIMIT 1",
                 (task_id, Status.PENDING, Status.PROCESSING),
             )
             if busy.fetchone() is not None:  # work left (a task waiting in line): no write lock taken
                 continue
-            with self._tx() as conn:
+            with self._file.tx() as conn:
                 outcome = self._repair_in_tx(conn, task_id, cutoff)
             if outcome is not None:
                 repaired.append(outcome)
@@ -748,14 +632,14 @@ class SQLiteStore(Store):
         return RepairOutcome(task_id, before, after, final is not None, final, task if final is not None else None)
 
     def prepare(self) -> None:
-        """Nothing to do: opening the file made its schema and indexes (see the module's docstring)."""
+        """Nothing to do: opening the file made its schema and indexes (store/sqlite_file.py)."""
 
     def find_stale_subtasks(self, older_than: datetime, limit: int = 100) -> list[Doc]:
-        rows = self._conn().execute(
+        rows = self._file.conn().execute(
             "SELECT doc FROM subtasks WHERE status = ? AND updated_at < ? ORDER BY updated_at, id LIMIT ?",
             (Status.PROCESSING, iso_text(older_than), int(limit)),
         )
-        return [_loads(r[0]) for r in rows]
+        return [loads(r[0]) for r in rows]
 
     # --- a seam for tests ----------------------------------------------------------------------------
 
@@ -763,14 +647,14 @@ class SQLiteStore(Store):
         """This thread's connection (autocommit): what a test uses to look at the file (pragmas,
         query plans, a trace of the statements the store runs) or to leave it as an earlier version
         of the store or a crash would. A write through it bypasses every rule of the store."""
-        return self._conn()
+        return self._file.conn()
 
     def set_task_fields(self, task_id: str, **fields: Any) -> Doc:
         """Overwrite fields of a stored task as given, in one write transaction; the task after.
 
         A test's way to put a task in a state no operation of the store makes (a finaliser that
         died after counting, an end an hour ago): no rule of the store is applied."""
-        with self._tx() as conn:
+        with self._file.tx() as conn:
             task = self._read_task(conn, task_id)
             if task is None:
                 raise LookupError(f"no task {task_id!r}")
@@ -779,9 +663,4 @@ class SQLiteStore(Store):
             return task
 
     def close(self) -> None:
-        with self._lock:
-            conns, self._conns = (self._conns, []) if self._pid == os.getpid() else ([], [])
-            self._closed = True
-        for conn in conns:
-            with suppress(sqlite3.Error):
-                conn.close()
+        self._file.close()

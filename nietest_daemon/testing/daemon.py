@@ -21,6 +21,7 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 
 from nietest_daemon.core import settings as settings_module
+from nietest_daemon.domain.process_state import ProcessState
 from nietest_daemon.testing.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,7 +120,7 @@ class Daemon:
 
         def all_running() -> dict[str, list[dict[str, Any]]] | None:
             groups = self.groups()
-            running = {g: [p for p in ps if p["state"] == "RUNNING"] for g, ps in groups.items()}
+            running = {g: [p for p in ps if p["state"] == ProcessState.RUNNING] for g, ps in groups.items()}
             if all(len(running.get(g, [])) == n for g, n in expected.items()):
                 return running
             return None
@@ -168,7 +169,7 @@ class Daemon:
         return groups
 
     def pids(self) -> dict[str, int]:
-        return {p["name"]: p["pid"] for p in self.status()["processes"] if p["state"] == "RUNNING"}
+        return {p["name"]: p["pid"] for p in self.status()["processes"] if p["state"] == ProcessState.RUNNING}
 
     @property
     def redis(self) -> redis.Redis:

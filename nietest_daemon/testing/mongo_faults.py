@@ -16,7 +16,11 @@ can go wrong with one:
   can run every interleaving of two operations;
 - `deny_index_builds` makes `create_index(es)` fail as for a user without the privilege;
 - `bulk_write` runs its requests one by one, as a server runs an unordered bulk write (each
-  write atomic, the batch not), and counts as one round trip.
+  write atomic, the batch not), and counts as one round trip;
+- an inserted document over MongoDB's 16 MiB (`MAX_BSON_BYTES`, as BSON) is refused with
+  pymongo's `DocumentTooLarge`, before anything is sent, as pymongo refuses it;
+- `command("hello")` answers as a replica set's primary does (`hello`: `STANDALONE_HELLO` makes the
+  server standalone); other commands go to mongomock.
 """
 
 from __future__ import annotations
@@ -27,10 +31,32 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pymongo.errors import OperationFailure
+import bson
+from pymongo.errors import DocumentTooLarge, OperationFailure
 from pymongo.operations import UpdateMany, UpdateOne
 
 Sort = tuple[tuple[str, int], ...]
+
+#: MongoDB's largest document, as BSON (`maxBsonObjectSize`).
+MAX_BSON_BYTES = 16 * 1024 * 1024
+#: `hello` as a replica set's primary answers it (the part the store reads), and as a standalone server does.
+REPLICA_SET_HELLO: dict[str, Any] = {
+    "isWritablePrimary": True,
+    "setName": "rs0",
+    "maxBsonObjectSize": MAX_BSON_BYTES,
+    "ok": 1.0,
+}
+STANDALONE_HELLO: dict[str, Any] = {"isWritablePrimary": True, "maxBsonObjectSize": MAX_BSON_BYTES, "ok": 1.0}
+
+
+def check_bson_size(document: Mapping[str, Any]) -> None:
+    """Raise `DocumentTooLarge` as pymongo does for a document over `MAX_BSON_BYTES`."""
+    size = len(bson.encode(document))
+    if size > MAX_BSON_BYTES:
+        raise DocumentTooLarge(
+            f"BSON document too large ({size} bytes) - the connected server supports BSON document sizes"
+            f" up to {MAX_BSON_BYTES} bytes."
+        )
 
 
 @dataclass(frozen=True)
@@ -208,6 +234,16 @@ class FaultyCollection:
     def find(self, *args: Any, **kwargs: Any) -> _Cursor:
         return _Cursor(self, args, kwargs)
 
+    def insert_one(self, document: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        check_bson_size(document)
+        return self.__getattr__("insert_one")(document, *args, **kwargs)
+
+    def insert_many(self, documents: Iterable[Mapping[str, Any]], *args: Any, **kwargs: Any) -> Any:
+        documents = list(documents)
+        for document in documents:
+            check_bson_size(document)
+        return self.__getattr__("insert_many")(documents, *args, **kwargs)
+
     def bulk_write(self, requests: Sequence[Any], ordered: bool = True, **kwargs: Any) -> _BulkResult:
         def run() -> _BulkResult:
             result = _BulkResult()
@@ -276,6 +312,7 @@ class FaultyDatabase:
     calls: list[Call] = field(default_factory=list)
     queries: list[Call] = field(default_factory=list)
     turns: Turns | None = None
+    hello: dict[str, Any] = field(default_factory=lambda: dict(REPLICA_SET_HELLO))
     _faults: list[Fault] = field(default_factory=list)
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -284,6 +321,13 @@ class FaultyDatabase:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.db, name)
+
+    def command(self, command: str | Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """A database command, one round trip: `hello` answers `self.hello`, others go to mongomock."""
+        name = command if isinstance(command, str) else next(iter(command))
+        if name in ("hello", "isMaster", "ismaster"):
+            return self.perform(Call("$cmd", name), lambda: dict(self.hello))
+        return self.perform(Call("$cmd", str(name)), lambda: self.db.command(command, *args, **kwargs))
 
     # --- faults ----------------------------------------------------------------------------------
 

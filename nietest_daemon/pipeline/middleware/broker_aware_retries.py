@@ -1,6 +1,7 @@
-"""`BrokerAwareRetries`: Dramatiq's Retries, except that an actor which failed only because the
-broker was unreachable is retried (with a short backoff) whatever MAX_RETRIES says: the failure is
-not the message's, and a dead letter would leave its subtask to the sweep.
+"""`BrokerAwareRetries`: Dramatiq's Retries, except that an actor which failed only because a
+service was unreachable (the broker, or the task store: `StoreUnavailable`) is retried (with a short
+backoff) whatever MAX_RETRIES says: the failure is not the message's, and a dead letter would leave
+its subtask to the sweep.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import Retries
 
-from nietest_daemon.coordination.connection import BROKER_OUTAGE_ERRORS, broker_unreachable
+from nietest_daemon.coordination.connection import BROKER_OUTAGE_ERRORS, unreachable_service
 from nietest_daemon.core.backoff import backoff
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.pipeline.messages import ids_of
 
 log = get_logger(__name__)
 
-#: Retries of a message whose actor failed on a broker connection error (about 14 minutes in all).
+#: Retries of a message whose actor failed on an outage of the broker or the store (about 14 minutes in all).
 BROKER_ERROR_RETRIES = 20
 BROKER_ERROR_MAX_BACKOFF_MS = 60_000
 BROKER_ENQUEUE_PATIENCE_SECONDS = 600.0
@@ -26,14 +27,15 @@ BROKER_ENQUEUE_PATIENCE_SECONDS = 600.0
 
 class BrokerAwareRetries(Retries):
     def after_process_message(self, broker: dramatiq.Broker, message: Any, *, result=None, exception=None) -> None:
-        attempts = message.options.get("broker_error_retries", 0)
-        if not broker_unreachable(exception) or attempts >= BROKER_ERROR_RETRIES:
+        attempts = message.options.get("broker_error_retries", 0)  # the name predates store outages
+        service = unreachable_service(exception)
+        if service is None or attempts >= BROKER_ERROR_RETRIES:
             super().after_process_message(broker, message, result=result, exception=exception)
             return
         message.options["broker_error_retries"] = attempts + 1
         delay = int(backoff(attempts, base=500, cap=BROKER_ERROR_MAX_BACKOFF_MS))
         log.warning(
-            "broker unreachable during the message; retrying it",
+            f"{service} unreachable during the message; retrying it",
             error=str(exception),
             retry_in_ms=delay,
             **ids_of(message),

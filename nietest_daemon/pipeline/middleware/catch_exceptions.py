@@ -1,7 +1,8 @@
 """`CatchExceptions`: when an actor fails for good (after Dramatiq's own retries, MAX_RETRIES),
 the subtask or task it worked on is marked failed with the error text, so nothing stays
 `processing`; the traceback is logged as a structured field by the worker thread, and the worker
-keeps running.
+keeps running. A failure that was only an outage (the broker or the store unreachable) fails
+nothing: the subtask stays processing, for the sweep.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import Middleware
 
-from nietest_daemon.coordination.connection import broker_unreachable
+from nietest_daemon.coordination.connection import unreachable_service
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.domain.lifecycle import Status
 from nietest_daemon.domain.subtask import Subtask
@@ -28,9 +29,11 @@ class CatchExceptions(Middleware):
         if exception is None or not message.failed:
             return
         ids = ids_of(message)
-        if broker_unreachable(exception):
-            # The broker blinked: not the subtask's fault. It stays processing and the sweep resumes it.
-            log.warning("broker unreachable during the message; left for the sweep", error=str(exception), **ids)
+        service = unreachable_service(exception)
+        if service is not None:
+            # The broker or the store blinked: not the subtask's fault. It stays processing and the
+            # sweep resumes it.
+            log.warning(f"{service} unreachable during the message; left for the sweep", error=str(exception), **ids)
             return
         error = f"{type(exception).__name__}: {exception}"[:2000]
         try:

@@ -7,9 +7,9 @@ threads and handed to `Engine.handle`, by the engine thread's loop and by the dr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from nietest_daemon.coordination.events import FailureRun, QueueRecovered, WorkerUnresponsive
+from nietest_daemon.internals.supervisor import ProcessInfo
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class BrokerPing:
 class ProcessSnapshot:
     """supervisord's getAllProcessInfo(), asked at monotonic `asked` (once, at start)."""
 
-    infos: list[dict[str, Any]]
+    infos: list[ProcessInfo]
     asked: float
     mono: float
     wall: float

@@ -34,7 +34,7 @@ from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.redaction import set_secrets
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.core.stopping import StopRequest, install_stop_signals
-from nietest_daemon.internals.supervisor import control_proxy
+from nietest_daemon.internals.supervisor import all_process_info, control_proxy
 from nietest_daemon.programs.alerts.engine import Engine
 from nietest_daemon.programs.alerts.inputs import (
     BrokerPing,
@@ -179,7 +179,7 @@ class Listener:
             rpc = self._rpc()
             if rpc is None:
                 return True
-            infos: Any = rpc.supervisor.getAllProcessInfo()
+            infos = all_process_info(rpc)
         except Exception as exc:
             if first:
                 log.warning("cannot ask supervisord for its processes yet; retrying", error=clean(str(exc)))

@@ -1,168 +1,32 @@
-r"""A fake Nieta image API: a real HTTP server on 127.0.0.1, for tests and benchmarks.
-
-In a test::
-
-    from nietest_daemon.testing.fake_nieta import FakeNieta, Rule
-
-    with FakeNieta(generation_time=0.2) as api:
-        api.add_rule("failure", marker="st-7", error="GPU on fire")   # jobs whose prompts contain st-7 fail
-        api.add_rule("http_500", endpoint="create", times=2)          # the next two creates answer 500
-        client = NietaClient(api.token, api.url, api.ops_url)
-        ...
-        assert api.created_count("st-7") == 1
-        print(api.stats())
-
-The standard host is `api.url`, the Lumina host `api.ops_url` (the same server under `/ops`; jobs
-belong to the host that created them). As a separate process, for benchmarks::
-
-    python -m nietest_daemon.testing.fake_nieta --port 8089 --latency 0.05 --latency-jitter 0.2 --generation-time 2.0 \
-        --rule '{"action": "failure", "marker": "x"}'
-
-prints one JSON line `{"url": ..., "ops_url": ..., "token": ..., "pid": ...}` when it is ready,
-serves until SIGTERM / SIGINT, then prints its stats as one JSON line. Control endpoints (not
-authenticated, not counted): `GET /_fake/stats`, `GET /_fake/created_counts?pattern=REGEX`,
-`POST /_fake/rules` (a rule object or a list), `POST /_fake/reset`, `POST /_fake/config`
-(`{"latency": s, "generation_time": s}`).
-
-Rules (`Rule`, first matching one wins, separately for "response" and "outcome" actions):
-
-- selection: `endpoint` ("create", "poll", "any"), `nth` (1-based index of the request on that
-  endpoint, counting every authenticated request), `marker` (substring of the job's prompts),
-  `lumina` (True: ops host only, False: standard only), `times` (how often it applies; None = always),
-  `probability` (applies to that share of the requests it selects, drawn at random).
-- outcomes of a created job (create rules): `failure` (`error`, put in `error_field`),
-  `illegal_image`, `timeout`, `no_url` (SUCCESS without an artifact url), `status` (any
-  `task_status`), `never` (stays PENDING), `slow` (success after `generation_time`); any
-  outcome rule may set `generation_time`.
-- answers (any endpoint): `http_500` (or `status`), `http_429` (`retry_after`), `http` (`status`,
-  `body`), `drop` (close the connection without an answer), `html` (an HTML error page, 502),
-  `empty` (200, empty body), `huge` (200, `size` bytes), `wrong_type` (200, a JSON list or `body`),
-  `raw` (`status`, `body` sent as is, `content_type`), `unknown_job` (poll: 404 task not found),
-  `shape` (create: the uuid in another `shape`: string, bare, uuid, task_uuid, id, task_id,
-  data, data.uuid, data.task_uuid, data.id, data.task_id), `delay` (answer normally after `delay`).
-  Every rule may set `delay`: seconds to wait before its answer (a client read timeout).
-"""
+"""The fake Nieta API's HTTP server: `FakeNieta` (start and stop, scripting, inspection, the
+control endpoints) and how it serves a request; what it answers is in answers.py."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ipaddress
 import json
-import os
 import random
 import re
-import signal
 import socket
 import sys
 import threading
 import time
 import uuid as uuid_module
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from nietest_daemon.testing.fake_nieta.answers import PNG_1X1, Job, dumps, job_state, scripted, uuid_in_shape
+from nietest_daemon.testing.fake_nieta.rules import SHAPES, Rule
 
 DEFAULT_TOKEN = "fake-nieta-token-0123456789"
 OPS_PREFIX = "/ops"
 CREATE_PATH = "/v3/make_image"
 POLL_PREFIX = "/v1/artifact/task/"
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
-
-OUTCOME_ACTIONS = frozenset({"failure", "illegal_image", "timeout", "no_url", "status", "never", "slow", "success"})
-RESPONSE_ACTIONS = frozenset(
-    {
-        "http_500",
-        "http_429",
-        "http",
-        "drop",
-        "html",
-        "empty",
-        "huge",
-        "wrong_type",
-        "raw",
-        "unknown_job",
-        "shape",
-        "delay",
-    }
-)
-SHAPES = frozenset(
-    {"string", "bare", "uuid", "task_uuid", "id", "task_id", "data", "data.uuid", "data.task_uuid", "data.id"}
-    | {"data.task_id"}
-)
-# A 1x1 transparent PNG: what the fake's artifact urls serve.
-PNG_1X1 = bytes.fromhex(
-    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
-    "1f15c4890000000d49444154789c6360000002000001e221bc330000000049454e44ae426082"
-)
-HTML_ERROR_PAGE = (
-    "<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head>"
-    "<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
-)
-
-
-@dataclass
-class Rule:
-    """One scripted behaviour (see the module docstring)."""
-
-    action: str
-    endpoint: str = "create"
-    nth: int | None = None
-    marker: str | None = None
-    lumina: bool | None = None
-    times: int | None = None
-    error: str | None = None
-    error_field: str = "err_msg"
-    status: int | None = None
-    task_status: str | None = None
-    body: Any = None
-    content_type: str | None = None
-    retry_after: float | str | None = None
-    delay: float = 0.0
-    generation_time: float | None = None
-    shape: str = "string"
-    size: int = 4 * 1024 * 1024
-    probability: float | None = None
-    used: int = 0
-
-    def __post_init__(self) -> None:
-        if self.action not in OUTCOME_ACTIONS | RESPONSE_ACTIONS:
-            raise ValueError(f"unknown fake rule action {self.action!r}")
-        if self.endpoint not in ("create", "poll", "any"):
-            raise ValueError(f"unknown fake rule endpoint {self.endpoint!r}")
-        if self.action in OUTCOME_ACTIONS and self.endpoint != "create":
-            raise ValueError(f"outcome action {self.action!r} applies to create rules only")
-        if self.action == "shape" and self.shape not in SHAPES:
-            raise ValueError(f"unknown uuid shape {self.shape!r}")
-        if self.probability is not None and not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"probability must be within [0, 1], got {self.probability!r}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Rule:
-        known = {f.name for f in fields(cls)} - {"used"}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown rule fields: {sorted(unknown)}")
-        return cls(**data)
-
-    @property
-    def is_outcome(self) -> bool:
-        return self.action in OUTCOME_ACTIONS
-
-    def active(self) -> bool:
-        return self.times is None or self.used < self.times
-
-    def matches(self, endpoint: str, nth: int, text: str, ops: bool) -> bool:
-        if self.endpoint not in ("any", endpoint) or not self.active():
-            return False
-        if self.nth is not None and self.nth != nth:
-            return False
-        if self.lumina is not None and self.lumina != ops:
-            return False
-        if self.marker is not None and self.marker not in text:
-            return False
-        return self.probability is None or random.random() < self.probability
 
 
 @dataclass
@@ -179,23 +43,6 @@ class Recorded:
     time: float  # time.time() at arrival
     status: int | None = None  # the answer's HTTP status (None: no answer / still in flight)
     job_uuid: str | None = None
-
-
-@dataclass
-class Job:
-    uuid: str
-    created: float  # monotonic
-    created_at: float  # wall clock
-    body: Any
-    text: str  # the prompts as JSON: what markers are matched against
-    ops: bool
-    generation_time: float
-    outcome: Rule | None = None
-    polls: int = 0
-
-
-def _dumps(data: Any) -> bytes:
-    return json.dumps(data, ensure_ascii=False).encode()
 
 
 class _Server(ThreadingHTTPServer):
@@ -471,7 +318,7 @@ class FakeNieta:
             length = 0
         if length > MAX_REQUEST_BYTES:
             handler.close_connection = True
-            handler.send(413, _dumps({"message": "request too large"}))
+            handler.send(413, dumps({"message": "request too large"}))
             return
         raw = handler.rfile.read(length) if length > 0 else b""
 
@@ -532,10 +379,10 @@ class FakeNieta:
             if record.method == "GET" and api_path.startswith("/_image/"):
                 handler.send(200, PNG_1X1, "image/png")
                 return 200
-            handler.send(404, _dumps({"code": 404, "message": f"no route {record.method} {record.path}"}))
+            handler.send(404, dumps({"code": 404, "message": f"no route {record.method} {record.path}"}))
             return 404
         if handler.headers.get("X-Token") != self.token:
-            handler.send(401, _dumps({"code": 401, "message": "invalid or missing X-Token"}))
+            handler.send(401, dumps({"code": 401, "message": "invalid or missing X-Token"}))
             return 401
 
         job: Job | None = None
@@ -563,7 +410,7 @@ class FakeNieta:
         if response_rule is not None and response_rule.delay > 0:
             time.sleep(response_rule.delay)
         if response_rule is not None and response_rule.action not in ("delay", "shape"):
-            return self._scripted(handler, response_rule, record)
+            return self._scripted(handler, response_rule)
 
         if record.endpoint == "create":
             return self._create(handler, record, text, outcome_rule, response_rule)
@@ -576,66 +423,29 @@ class FakeNieta:
                 return rule
         return None
 
-    def _scripted(self, handler: _Handler, rule: Rule, record: Recorded) -> int | None:
-        action = rule.action
-        if action == "drop":
+    def _scripted(self, handler: _Handler, rule: Rule) -> int | None:
+        answer = scripted(rule, self._huge)
+        if answer is None:  # drop
             handler.close_connection = True
             with contextlib.suppress(OSError):
                 handler.connection.shutdown(socket.SHUT_RDWR)
             return None
-        if action == "http_500":
-            status = rule.status or 500
-            handler.send(status, _dumps({"code": status, "message": rule.error or "internal server error"}))
-            return status
-        if action == "http_429":
-            headers = {"Retry-After": str(rule.retry_after)} if rule.retry_after is not None else {}
-            handler.send(429, _dumps({"code": 429, "message": rule.error or "too many requests"}), headers=headers)
-            return 429
-        if action == "http":
-            status = rule.status or 400
-            body = rule.body if rule.body is not None else {"code": status, "message": rule.error or "bad request"}
-            content = body.encode() if isinstance(body, str) else body if isinstance(body, bytes) else _dumps(body)
-            headers = {"Retry-After": str(rule.retry_after)} if rule.retry_after is not None else {}
-            handler.send(status, content, rule.content_type or "application/json", headers)
-            return status
-        if action == "html":
-            status = rule.status or 502
-            handler.send(status, (rule.body or HTML_ERROR_PAGE).encode(), "text/html; charset=utf-8")
-            return status
-        if action == "empty":
-            status = rule.status or 200
-            handler.send(status, b"", rule.content_type or "application/json")
-            return status
-        if action == "huge":
-            status = rule.status or 200
-            with self._lock:
-                huge = self._huge_cache.get(rule.size)
-                if huge is None:
-                    huge = self._huge_cache[rule.size] = b'{"uuid": "' + b"x" * rule.size + b'"}'
-            handler.send(status, huge)
-            return status
-        if action == "wrong_type":
-            status = rule.status or 200
-            handler.send(status, _dumps(rule.body if rule.body is not None else [1, 2, 3]))
-            return status
-        if action == "raw":
-            status = rule.status or 200
-            body = rule.body if rule.body is not None else ""
-            handler.send(
-                status, body if isinstance(body, bytes) else str(body).encode(), rule.content_type or "text/plain"
-            )
-            return status
-        if action == "unknown_job":
-            handler.send(404, _dumps({"code": 404, "message": "task not found"}))
-            return 404
-        raise AssertionError(f"unhandled action {action}")  # pragma: no cover
+        handler.send(answer.status, answer.body, answer.content_type, answer.headers)
+        return answer.status
+
+    def _huge(self, size: int) -> bytes:
+        with self._lock:
+            huge = self._huge_cache.get(size)
+            if huge is None:
+                huge = self._huge_cache[size] = b'{"uuid": "' + b"x" * size + b'"}'
+        return huge
 
     def _create(
         self, handler: _Handler, record: Recorded, text: str, outcome: Rule | None, modifier: Rule | None
     ) -> int:
         body = record.body
         if not isinstance(body, dict) or not isinstance(body.get("rawPrompt"), list):
-            handler.send(400, _dumps({"code": 400, "message": "invalid body: rawPrompt is required"}))
+            handler.send(400, dumps({"code": 400, "message": "invalid body: rawPrompt is required"}))
             return 400
         generation_time = self.generation_time
         if outcome is not None and outcome.generation_time is not None:
@@ -657,68 +467,18 @@ class FakeNieta:
                 for found in set(self.marker_regex.findall(text)):
                     self._marker_counts[found if isinstance(found, str) else found[0]] += 1
         shape = modifier.shape if modifier is not None and modifier.action == "shape" else self.create_shape
-        content_type, content = self._uuid_in_shape(job.uuid, shape)
+        content_type, content = uuid_in_shape(job.uuid, shape)
         handler.send(200, content, content_type)
         return 200
 
-    @staticmethod
-    def _uuid_in_shape(job_uuid: str, shape: str) -> tuple[str, bytes]:
-        if shape == "string":
-            return "application/json", _dumps(job_uuid)
-        if shape == "bare":
-            return "text/plain", job_uuid.encode()
-        if shape == "data":
-            return "application/json", _dumps({"code": 0, "data": job_uuid})
-        if shape.startswith("data."):
-            return "application/json", _dumps({"code": 0, "message": "ok", "data": {shape[5:]: job_uuid}})
-        return "application/json", _dumps({shape: job_uuid, "status": "PENDING"})
-
     def _poll(self, handler: _Handler, record: Recorded, job: Job | None) -> int:
         if job is None:
-            handler.send(404, _dumps({"code": 404, "message": "task not found"}))
+            handler.send(404, dumps({"code": 404, "message": "task not found"}))
             return 404
         with self._lock:
             job.polls += 1
-        handler.send(200, _dumps(self._job_state(job)))
+        handler.send(200, dumps(job_state(job, self.ops_url if job.ops else self.url)))
         return 200
-
-    def _job_state(self, job: Job) -> dict[str, Any]:
-        elapsed = time.monotonic() - job.created
-        rule = job.outcome
-        action = rule.action if rule is not None else "success"
-        base: dict[str, Any] = {"uuid": job.uuid, "task_uuid": job.uuid}
-        if action == "never" or elapsed < job.generation_time:
-            status = "PENDING" if action == "never" or elapsed < job.generation_time / 2 else "RUNNING"
-            return {**base, "task_status": status, "artifacts": []}
-        image = {"uuid": str(uuid_module.uuid5(uuid_module.NAMESPACE_URL, job.uuid)), "status": "SUCCESS"}
-        host = f"{self.ops_url if job.ops else self.url}"
-        if action in ("success", "slow"):
-            return {**base, "task_status": "SUCCESS", "artifacts": [{**image, "url": f"{host}/_image/{job.uuid}.png"}]}
-        if action == "no_url":
-            return {**base, "task_status": "SUCCESS", "artifacts": [image]}
-        assert rule is not None  # the other outcomes come from a rule
-        if action == "failure":
-            return {
-                **base,
-                "task_status": "FAILURE",
-                "artifacts": [],
-                rule.error_field: rule.error or "generation failed",
-            }
-        if action == "illegal_image":
-            state = {**base, "task_status": "ILLEGAL_IMAGE", "artifacts": [{**image, "status": "ILLEGAL_IMAGE"}]}
-            if rule.error:
-                state[rule.error_field] = rule.error
-            return state
-        if action == "timeout":
-            state = {**base, "task_status": "TIMEOUT", "artifacts": []}
-            if rule.error:
-                state[rule.error_field] = rule.error
-            return state
-        # "status": any task_status, artifacts from `body`
-        state = {**base, "task_status": rule.task_status, "artifacts": rule.body if rule.body is not None else []}
-        if rule.error:
-            state[rule.error_field] = rule.error
-        return state
 
     # --- control endpoints (standalone use) -------------------------------------------------------
 
@@ -745,62 +505,9 @@ class FakeNieta:
                 self.generation_time = float(data.get("generation_time", self.generation_time))
                 result = {"latency": self.latency, "generation_time": self.generation_time}
             else:
-                handler.send(404, _dumps({"message": f"no control endpoint {path}"}))
+                handler.send(404, dumps({"message": f"no control endpoint {path}"}))
                 return
         except (ValueError, TypeError) as exc:
-            handler.send(400, _dumps({"message": str(exc)}))
+            handler.send(400, dumps({"message": str(exc)}))
             return
-        handler.send(200, _dumps(result))
-
-
-# --- standalone ------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="A fake Nieta image API on 127.0.0.1 (tests and benchmarks).")
-    parser.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
-    parser.add_argument("--port", type=int, default=0, help="port (0: any free port; the ready line tells)")
-    parser.add_argument("--token", default=DEFAULT_TOKEN, help="the X-Token the fake accepts")
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds every API request waits before answering")
-    parser.add_argument("--latency-jitter", type=float, default=0.0, help="a random extra latency, up to N seconds")
-    parser.add_argument("--generation-time", type=float, default=0.0, help="seconds until a job is SUCCESS")
-    parser.add_argument("--rule", action="append", default=[], help="a rule as a JSON object (repeatable)")
-    parser.add_argument("--rules-file", help="a JSON file holding a list of rules")
-    parser.add_argument("--create-shape", default="string", choices=sorted(SHAPES), help="shape of the create answer")
-    parser.add_argument("--marker-regex", help="count created jobs per match of this regex (see /_fake/stats)")
-    parser.add_argument("--no-record", action="store_true", help="do not keep every request in memory")
-    parser.add_argument("--stats-interval", type=float, default=0.0, help="print stats to stderr every N seconds")
-    args = parser.parse_args(argv)
-
-    rules: list[Any] = [json.loads(text) for text in args.rule]
-    if args.rules_file:
-        with open(args.rules_file, encoding="utf-8") as fh:
-            rules += json.load(fh)
-    fake = FakeNieta(
-        args.token,
-        host=args.host,
-        port=args.port,
-        generation_time=args.generation_time,
-        latency=args.latency,
-        latency_jitter=args.latency_jitter,
-        rules=rules,
-        create_shape=args.create_shape,
-        record=not args.no_record,
-        marker_regex=args.marker_regex,
-    )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    fake.start()
-    ready = {"url": fake.url, "ops_url": fake.ops_url, "token": fake.token, "pid": os.getpid()}
-    print(json.dumps(ready), flush=True)
-    interval = args.stats_interval if args.stats_interval > 0 else None
-    while not stop.wait(interval):
-        print(json.dumps(fake.stats()), file=sys.stderr, flush=True)
-    fake.stop()
-    print(json.dumps(fake.stats()), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        handler.send(200, dumps(result))
