@@ -24,7 +24,7 @@ then hands its messages back, as above. The alerts listener is told (`worker unr
 (coordination/counters.py): `hang` when this watchdog killed the process for silence, `recycle`
 when the worker marked its exit as one before leaving, else `crash`.
 
-Its stdout is the event protocol (`event_listener.py`); its JSON log goes to stderr.
+Its stdout is the event protocol (`clients/supervisor_events.py`); its JSON log goes to stderr.
 """
 
 from __future__ import annotations
