@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 from nietest_daemon.core.logs import get_logger
 
@@ -42,7 +42,28 @@ def _loads(text: str | bytes) -> object:
 
 
 @dataclass(frozen=True)
-class WorkerUnresponsive:
+class _Event:
+    """What every event shares: its JSON form is its fields plus its `kind`."""
+
+    KIND: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.KIND, **asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: object) -> Self:
+        raise NotImplementedError
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Self:
+        return cls.from_dict(_loads(text))
+
+
+@dataclass(frozen=True)
+class WorkerUnresponsive(_Event):
     """The watchdog killed worker `process` (pid `pid`) after `silent_seconds` without a sign of life."""
 
     KIND: ClassVar[str] = "unresponsive"
@@ -53,12 +74,6 @@ class WorkerUnresponsive:
     silent_seconds: float
     host: str
     at: float  # unix time of the kill
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.KIND, **asdict(self)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: object) -> WorkerUnresponsive:
@@ -75,13 +90,9 @@ class WorkerUnresponsive:
             ),
         )
 
-    @classmethod
-    def from_json(cls, text: str | bytes) -> WorkerUnresponsive:
-        return cls.from_dict(_loads(text))
-
 
 @dataclass(frozen=True)
-class FailureRun:
+class FailureRun(_Event):
     """`failures` consecutive subtasks of `queue` failed (the alert threshold); `errors`: the latest, newest first."""
 
     KIND: ClassVar[str] = "failure_run"
@@ -90,18 +101,6 @@ class FailureRun:
     failures: int
     errors: tuple[str, ...]
     at: float  # unix time
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.KIND,
-            "queue": self.queue,
-            "failures": self.failures,
-            "errors": list(self.errors),
-            "at": self.at,
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: object) -> FailureRun:
@@ -117,13 +116,9 @@ class FailureRun:
             ),
         )
 
-    @classmethod
-    def from_json(cls, text: str | bytes) -> FailureRun:
-        return cls.from_dict(_loads(text))
-
 
 @dataclass(frozen=True)
-class QueueRecovered:
+class QueueRecovered(_Event):
     """A subtask of `queue` succeeded after a run of `failures` failures that had been reported."""
 
     KIND: ClassVar[str] = "recovered"
@@ -132,12 +127,6 @@ class QueueRecovered:
     failures: int
     at: float  # unix time
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.KIND, **asdict(self)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
     @classmethod
     def from_dict(cls, data: object) -> QueueRecovered:
         return _decode(
@@ -145,10 +134,6 @@ class QueueRecovered:
             data,
             lambda d: cls(queue=str(d["queue"]), failures=int(d["failures"]), at=float(d["at"])),
         )
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> QueueRecovered:
-        return cls.from_dict(_loads(text))
 
 
 #: What coordination/streaks.py reports.
@@ -168,7 +153,7 @@ def streak_event_from_json(text: str | bytes) -> StreakEvent:
 
 
 @dataclass(frozen=True)
-class RecycleMark:
+class RecycleMark(_Event):
     """Worker `process` (pid `pid`) on `host` exits to be recycled, for `reason` (its limit)."""
 
     KIND: ClassVar[str] = "recycle"
@@ -178,12 +163,6 @@ class RecycleMark:
     pid: int
     reason: str
     at: float  # unix time of the mark
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.KIND, **asdict(self)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: object) -> RecycleMark:
@@ -198,10 +177,6 @@ class RecycleMark:
                 at=float(d["at"]),
             ),
         )
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> RecycleMark:
-        return cls.from_dict(_loads(text))
 
 
 def decode_each(decode: Callable[[object], T], items: Iterable[object], what: str) -> list[T]:
