@@ -86,6 +86,21 @@ BAD: dict[str, list[str]] = {
     "NIETEST_METRICS_ADDR": ["9464", "localhost", "127.0.0.1:99999", "http://127.0.0.1:9464", "[::1]"],
     "NIETEST_METRICS_TOKEN": ["short", "has space in it 1234567", "tök" * 8],
     "NIETEST_ACTOR_MODULES": ["tests/e2e_actors.py", "a-b", "1abc", "os;rm"],
+    "NIETEST_FAIR_SHARE": ["people", "owners", "1"],
+    "NIETEST_OWNER_WEIGHTS": [
+        "alice",
+        "alice=0",
+        "alice=-1",
+        "alice=two",
+        "alice=1001",
+        "alice=nan",
+        "alice=inf",
+        "=2",
+        "alice=1,alice=2",
+        "ci=0.5,bob",
+        "al\x07ice=2",
+        "a" * 129 + "=2",
+    ],
 }
 for _key in ("MASTER", "MASTER_OPS", "SUBTASK", "SUBTASK_OPS"):
     BAD[f"NIETEST_{_key}_PROCESSES"] = ["-1", "two", "65", "1.5"]

@@ -36,8 +36,10 @@ def test_every_subcommand_has_exactly_one_entry() -> None:
         ["status", "--json"],
         ["status", "T1", "--json"],
         ["submit", "task.json", "--wait"],
+        ["submit", "task.json", "--owner", "alice"],
         ["cancel", "T1"],
         ["tasks", "--status", "failed", "--limit", "3", "--json"],
+        ["tasks", "--owner", "alice", "--status", "pending"],
         ["report", "T1", "-o", "r.html", "--rows", "a", "--cols", "b"],
         ["retry", "T1", "--cancelled"],
         ["export", "T1", "--format", "csv"],
@@ -69,3 +71,11 @@ def test_the_parser_and_the_table_import_no_program() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['nietest_daemon.programs.cli']"
+
+
+def test_owner_options_reach_their_commands() -> None:
+    parser = cli.build_parser()
+    assert parser.parse_args(["submit", "t.json", "--owner", "alice"]).owner == "alice"
+    assert parser.parse_args(["submit", "t.json"]).owner is None  # submit picks the default
+    assert parser.parse_args(["tasks", "--owner", "bob"]).owner == "bob"
+    assert "owner" in cli.COMMANDS["submit"].keywords and "owner" in cli.COMMANDS["tasks"].keywords

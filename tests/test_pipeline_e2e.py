@@ -508,7 +508,7 @@ def test_cancel_during_a_run_stops_new_jobs(daemon: Daemon, store: Store, api: F
     holders = keys.slot_holders(Lane.STANDARD)
     wait_for(lambda: daemon.redis.zcard(holders) == 0, 10, what="slots of the cancelled task freed")
     assert not daemon.redis.exists(keys.sched_ready(Lane.STANDARD, task_id))
-    assert daemon.redis.zscore(keys.sched_tasks(Lane.STANDARD), task_id) is None
+    assert not daemon.redis.hexists(keys.sched_task_owner(Lane.STANDARD), task_id)
     # Cancelling again is harmless and sends nothing more.
     daemon.run("cancel", task_id)
     settle(daemon, hook, task_id)

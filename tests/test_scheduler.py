@@ -1,5 +1,6 @@
 """Fair admission (coordination/scheduler.py) against a real valkey-server: caps, weighted
-round-robin across tasks, giving a place back, cancel, leases. Deterministic clocks throughout."""
+round-robin across owners and within an owner across tasks, giving a place back, cancel, leases.
+Deterministic clocks throughout."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 import redis
 
 from nietest_daemon.coordination import keys, streaks
-from nietest_daemon.coordination.connection import run_scripts
-from nietest_daemon.coordination.scheduler import Scheduler
+from nietest_daemon.coordination.connection import as_text, run_scripts
+from nietest_daemon.coordination.scheduler import Scheduler, TaskShare
 from nietest_daemon.testing.valkey import PrivateValkey
 
 
@@ -37,6 +38,22 @@ def ids(task: str, n: int) -> list[str]:
 
 def task_of(subtask_id: str) -> str:
     return subtask_id.split(":", 1)[0]
+
+
+def owner_of(subtask_id: str) -> str:
+    """Tests name tasks `<owner>-<n>`."""
+    return task_of(subtask_id).split("-", 1)[0]
+
+
+def per_owner(admitted: Counter[str]) -> Counter[str]:
+    by_owner: Counter[str] = Counter()
+    for task, n in admitted.items():
+        by_owner[owner_of(task)] += n
+    return by_owner
+
+
+def sched_keys(client: redis.Redis) -> list[str]:
+    return sorted(as_text(k) for k in client.keys(f"{keys.SCHED_PREFIX}:*"))
 
 
 def run_steady(s: Scheduler, steps: int) -> Counter[str]:
@@ -208,3 +225,153 @@ def test_script_calls_in_one_round_trip_survive_a_script_flush(client: redis.Red
     held, again = run_scripts(client, s.hold_call("a:1"), s.hold_call("b:9"))
     assert held == 1 and again == 0  # a:1 holds its slot; the cap (a:1, a:2) leaves none for b:9
     assert s.in_flight() == 2
+
+
+# --- owners ----------------------------------------------------------------------------------------
+
+
+def test_an_owner_with_one_task_gets_half_against_an_owner_with_ten(client: redis.Redis) -> None:
+    s = Scheduler(client, "standard", cap=10, lease_seconds=60, clock=Clock())
+    for n in range(10):
+        s.add(f"a-{n}", ids(f"a-{n}", 300), owner="a")
+    s.add("b-0", ids("b-0", 3000), owner="b")
+    admitted = run_steady(s, 1000)
+    by_owner = per_owner(admitted)
+    assert abs(by_owner["b"] - by_owner["a"]) <= 1, by_owner
+    a_tasks = [admitted[f"a-{n}"] for n in range(10)]
+    assert max(a_tasks) - min(a_tasks) <= 1, admitted  # a's half, in turn between its ten tasks
+
+
+def test_owner_weights_give_proportional_shares(client: redis.Redis) -> None:
+    s = Scheduler(client, "standard", cap=10, lease_seconds=60, clock=Clock())
+    s.add("a-0", ids("a-0", 3000), owner="a", owner_weight=2.0)
+    s.add("a-1", ids("a-1", 3000), owner="a", owner_weight=2.0)
+    s.add("b-0", ids("b-0", 3000), owner="b", owner_weight=1.0)
+    s.add("c-0", ids("c-0", 3000), owner="c", owner_weight=0.5)
+    admitted = run_steady(s, 700)
+    by_owner = per_owner(admitted)
+    assert by_owner["a"] / by_owner["b"] == pytest.approx(2.0, rel=0.02), by_owner
+    assert by_owner["b"] / by_owner["c"] == pytest.approx(2.0, rel=0.02), by_owner
+
+
+def test_within_an_owner_priorities_still_share_its_slots(client: redis.Redis) -> None:
+    s = Scheduler(client, "standard", cap=10, lease_seconds=60, clock=Clock())
+    s.add("a-p3", ids("a-p3", 3000), weight=3, owner="a")
+    s.add("a-p1", ids("a-p1", 3000), weight=1, owner="a")
+    s.add("b-0", ids("b-0", 3000), owner="b")
+    admitted = run_steady(s, 800)
+    assert admitted["a-p3"] / admitted["a-p1"] == pytest.approx(3.0, rel=0.02), admitted
+    assert admitted["a-p3"] + admitted["a-p1"] == pytest.approx(admitted["b-0"], abs=1), admitted
+
+
+def test_task_mode_is_the_per_task_round_robin(client: redis.Redis) -> None:
+    """NIETEST_FAIR_SHARE=task: every task under the pseudo-owner "" (`admission.owner_of`), so
+    eleven equal tasks take one turn each, whoever submitted them."""
+    from nietest_daemon.core.settings import FairShare, load
+    from nietest_daemon.pipeline.admission import owner_of as admission_owner_of
+
+    task_mode = load({"NIETEST_FAIR_SHARE": "task", "NIETEST_OWNER_WEIGHTS": "a=5"})
+    assert task_mode.fair_share is FairShare.TASK
+    assert admission_owner_of(task_mode, {"owner": "a"}) == ("", 1.0)
+    owner_mode = load({"NIETEST_OWNER_WEIGHTS": "a=5"})
+    assert admission_owner_of(owner_mode, {"owner": "a"}) == ("a", 5.0)
+    assert admission_owner_of(owner_mode, {"owner": "b"}) == ("b", 1.0)
+    assert admission_owner_of(owner_mode, {"owner": None}) == ("", 1.0)  # stored before owners
+    assert admission_owner_of(owner_mode, {}) == ("", 1.0)
+
+    s = Scheduler(client, "standard", cap=11, lease_seconds=60, clock=Clock())
+    tasks = [f"a-{n}" for n in range(10)] + ["b-0"]
+    for task in tasks:
+        owner, owner_weight = admission_owner_of(task_mode, {"owner": owner_of(task)})
+        s.add(task, ids(task, 100), owner=owner, owner_weight=owner_weight)
+    admitted = run_steady(s, 550)
+    assert set(admitted) == set(tasks)
+    assert max(admitted.values()) - min(admitted.values()) <= 1, admitted
+    assert [o.owner for o in s.owner_shares()] == [""]
+
+
+def test_an_owner_arriving_late_starts_at_the_clock(client: redis.Redis) -> None:
+    s = Scheduler(client, "standard", cap=1, lease_seconds=60, clock=Clock())
+    s.add("a-0", ids("a-0", 200), owner="a")
+    order = s.admit()
+    for _ in range(50):  # "a" builds up 50 turns of pass while alone
+        order = s.release(order[0])
+    s.add("b-0", ids("b-0", 200), owner="b")
+    turns = []
+    for _ in range(20):
+        order = s.release(order[0])
+        turns += [owner_of(i) for i in order]
+    assert turns[:2] in (["a", "b"], ["b", "a"]) and Counter(turns) == {"a": 10, "b": 10}, turns  # no burst
+    # a task arriving late at an active owner starts at that owner's clock: in turn with its sibling
+    s.add("b-1", ids("b-1", 200), owner="b")
+    b_tasks = []
+    for _ in range(20):
+        order = s.release(order[0])
+        b_tasks += [task_of(i) for i in order if owner_of(i) == "b"]
+    assert Counter(b_tasks) == {"b-0": 5, "b-1": 5}, b_tasks
+
+
+def test_every_key_goes_once_the_tasks_drain_or_are_cancelled(client: redis.Redis) -> None:
+    s = Scheduler(client, "standard", cap=3, lease_seconds=60, clock=Clock())
+    s.add("a-0", ids("a-0", 4), owner="a", owner_weight=2)
+    s.add("a-1", ids("a-1", 50), owner="a", owner_weight=2)
+    s.add("b-0", ids("b-0", 50), owner="b")
+    s.add("c-0", ids("c-0", 2), owner="c")
+    held = s.admit()
+    assert s.cancel("a-1")[0] > 0 and s.cancel("b-0")[0] > 0
+    assert {o.owner for o in s.owner_shares() if o.active} == {"a", "c"}
+    while held:
+        held = held[1:] + s.release(held[0])
+    assert s.active_tasks() == [] and s.owner_shares() == [] and s.waiting() == 0
+    assert sched_keys(client) == []
+    assert client.zcard(keys.slot_holders("standard")) == 0
+    # and the lane starts afresh: a new owner at pass 0
+    s.add("d-0", ids("d-0", 1), owner="d")
+    assert client.zscore(keys.sched_owners("standard"), "d") == 0.0
+    assert s.cancel("d-0") == (1, 0) and sched_keys(client) == []
+
+
+def test_an_add_under_another_owner_moves_the_task(client: redis.Redis) -> None:
+    s = Scheduler(client, "standard", cap=1, lease_seconds=60, clock=Clock())
+    s.add("t-0", ids("t-0", 5), owner="alice", owner_weight=2)
+    s.add("u-0", ids("u-0", 5), owner="bob")
+    assert s.admit() == ["t-0:0"]
+    assert s.replace("t-0", ids("t-0", 5), owner="", owner_weight=1.0) == 4  # a reload in task mode
+    by_owner = {o.owner: o for o in s.owner_shares()}
+    assert set(by_owner) == {"", "bob"} and [t.task_id for t in by_owner[""].tasks] == ["t-0"]
+    assert by_owner[""].weight == 1.0 and by_owner[""].tasks[0].holding == 1
+    assert not client.exists(keys.sched_owner_tasks("standard", "alice"))
+    assert client.hget(keys.sched_owner_weights("standard"), "alice") is None
+    s.add("u-0", [], owner="bob", owner_weight=3)  # the weight is recorded again on every add
+    assert {o.owner: o.weight for o in s.owner_shares()}["bob"] == 3.0
+
+
+def test_owner_shares_show_weight_waiting_and_holding(client: redis.Redis) -> None:
+    s = Scheduler(client, "standard", cap=4, lease_seconds=60, clock=Clock())
+    s.add("a-0", ids("a-0", 1), weight=2, owner="a", owner_weight=2)
+    s.add("a-1", ids("a-1", 10), owner="a", owner_weight=2)
+    s.add("b-0", ids("b-0", 10), owner="b")
+    s.admit()
+    by_task = {share.task_id: share for share in s.shares()}
+    assert by_task["a-0"] == TaskShare("a-0", 1, 0, 1, "", active=False)  # its line ran dry: owner forgotten
+    assert by_task["a-1"].owner == "a" and by_task["b-0"].owner == "b"
+    owners = {o.owner: o for o in s.owner_shares({"a-0": "a"})}  # the caller names the rest (the store)
+    assert set(owners) == {"a", "b"} and owners["a"].weight == 2.0 and owners["b"].weight == 1.0
+    # weight 2 against 1, ties to the first by name: a, b, a, a
+    assert (owners["a"].holding, owners["b"].holding) == (3, 1)
+    assert (owners["a"].ready, owners["b"].ready) == (8, 9)
+    assert {t.task_id for t in owners["a"].tasks} == {"a-0", "a-1"}
+
+
+def test_a_ready_list_of_an_older_version_is_not_counted_as_waiting(client: redis.Redis) -> None:
+    """Upgraded mid-campaign: the ready list is there, the owner sets are not. Only an active task's
+    list counts (so `admission.repair` puts it back in line); the retired keys go."""
+    client.rpush(keys.sched_ready("standard", "old"), *ids("old", 5))
+    client.zadd(keys.sched_tasks("standard"), {"old": 3.0})
+    client.set(keys.sched_clock("standard"), 3.0)
+    s = Scheduler(client, "standard", cap=2, lease_seconds=60, clock=Clock())
+    assert s.waiting() == 0 and s.shares(["old"]) == [TaskShare("old", 1, 0, 0, "", active=False)]
+    assert s.admit() == []
+    assert s.drop_retired_keys() == 2
+    assert s.replace("old", ids("old", 5), owner="alice") == 5
+    assert s.admit() == ["old:0", "old:1"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nietest_daemon.core.redaction import redact_url
-from nietest_daemon.core.settings import SettingsError, load
+from nietest_daemon.core.settings import FairShare, SettingsError, load
 
 
 def test_defaults_follow_the_design() -> None:
@@ -31,6 +31,16 @@ def test_defaults_follow_the_design() -> None:
     assert s.nieta_api_base_url == "https://api.talesofai.cn"
     assert s.nieta_ops_api_base_url == "https://ops.api.talesofai.cn"
     assert (s.mongo_db, s.task_collection, s.subtask_collection) == ("task_db", "tasks", "subtasks")
+    assert s.fair_share is FairShare.OWNER and s.owner_weights == {} and s.owner_weight("anyone") == 1.0
+
+
+def test_fair_share_and_owner_weights() -> None:
+    s = load({"NIETEST_FAIR_SHARE": " Task ", "NIETEST_OWNER_WEIGHTS": " alice = 2, ci=0.5 ,bob smith=1e-3,"})
+    assert s.fair_share is FairShare.TASK
+    assert s.owner_weights == {"alice": 2.0, "ci": 0.5, "bob smith": 0.001}
+    assert (s.owner_weight("alice"), s.owner_weight("ci"), s.owner_weight("carol")) == (2.0, 0.5, 1.0)
+    assert load({"NIETEST_OWNER_WEIGHTS": "x=1000"}).owner_weights == {"x": 1000.0}
+    assert load({"NIETEST_FAIR_SHARE": "owner"}).fair_share is FairShare.OWNER
 
 
 def test_broker_url_wins_over_host_and_host_builds_a_url() -> None:
@@ -105,6 +115,11 @@ def test_supervisor_env_exports_validated_values() -> None:
         ("NIETEST_SUBTASKS_PROCESSES", "3", "unknown queue 'SUBTASKS'"),
         ("NIETEST_LOGLEVEL", "INFO", "unknown nietest variable"),
         ("NIETEST_RUN_DIR", "/" + "r" * 120, "too long for a unix socket"),
+        ("NIETEST_FAIR_SHARE", "people", "must be owner or task, got 'people'"),
+        ("NIETEST_OWNER_WEIGHTS", "alice=2,bob", "entry 'bob' must be name=weight"),
+        ("NIETEST_OWNER_WEIGHTS", "alice=0", "entry 'alice=0': the weight must be between 0.001 and 1000"),
+        ("NIETEST_OWNER_WEIGHTS", "ci=half", "entry 'ci=half': the weight must be a number"),
+        ("NIETEST_OWNER_WEIGHTS", "ci=1,ci=2", "owner 'ci' is given twice"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str, words: str) -> None:

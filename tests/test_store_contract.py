@@ -181,6 +181,81 @@ def test_list_tasks_newest_first_and_by_status(store: Store) -> None:
     assert [t["id"] for t in store.list_tasks(status=active, limit=3)] == ["t4", "t3", "t2"]
 
 
+def test_list_tasks_of_an_owner_alone_and_with_statuses(store: Store) -> None:
+    owners = ["alice", "bob", "alice", None, "alice", "bob"]
+    for i, owner in enumerate(owners):
+        store.create_task(task_doc(f"t{i}", 1, **({} if owner is None else {"owner": owner})))
+        time.sleep(0.003)  # distinct millisecond timestamps
+    store.mark_task_running("t2")
+    store.fail_task("t4", "broken")
+    assert [t["id"] for t in store.list_tasks(owner="alice")] == ["t4", "t2", "t0"]
+    assert [t["id"] for t in store.list_tasks(owner="alice", limit=2)] == ["t4", "t2"]
+    assert [t["owner"] for t in store.list_tasks(owner="bob")] == ["bob", "bob"]
+    assert [t["id"] for t in store.list_tasks(owner="alice", status=Status.PENDING)] == ["t0"]
+    active = [Status.PENDING, Status.PROCESSING]
+    assert [t["id"] for t in store.list_tasks(owner="alice", status=active)] == ["t2", "t0"]
+    assert [t["id"] for t in store.list_tasks(owner="alice", status=[*active, Status.FAILED], limit=2)] == ["t4", "t2"]
+    assert store.list_tasks(owner="carol") == [] and store.list_tasks(owner="bob", status=Status.FAILED) == []
+    assert [t["id"] for t in store.list_tasks(status=Status.PENDING)] == ["t5", "t3", "t1", "t0"]  # every owner
+    assert store.get_task("t3")["owner"] is None  # type: ignore[index]
+
+
+def test_owner_extra_and_payload_digest_are_stored_and_extra_round_trips(store: Store) -> None:
+    extra = {"user_id": 42, "meta": {"ids": [2**63 - 1, -(2**63), 0], "x": 0.5, "deep": [[{"a": None}]]}}
+    task = validate_task({**task_document_input(), **extra})
+    assert task.extra == extra
+    store.create_task({"id": "t", "owner": "42", "payload_sha256": "ab" * 32, **task.to_document()})
+    got = store.get_task("t")
+    assert got is not None
+    assert (got["owner"], got["payload_sha256"], got["extra"]) == ("42", "ab" * 32, extra)
+    assert Task.from_document(got) == task
+    assert Task.from_document(store.list_tasks(owner="42")[0]) == task
+    store.mark_task_running("t")  # a whole-task write keeps them
+    store.fail_task("t", "broken")
+    again = store.get_task("t")
+    assert again is not None and again["owner"] == "42" and again["extra"] == extra
+    store.create_task(task_doc("plain", 1))  # a document without them (a test's, or an older caller's)
+    plain = store.get_task("plain")
+    assert plain is not None and (plain["owner"], plain["extra"], plain["payload_sha256"]) == (None, {}, None)
+
+
+def task_document_input() -> dict[str, Any]:
+    return {"name": "campaign", "prompts": [{"type": "freetext", "value": "1girl", "weight": 1.0}]}
+
+
+def test_a_task_stored_before_owners_existed_reads_fine(make_store: StoreFactory) -> None:
+    """A document with no `owner`, `extra` or `payload_sha256` at all (stored by an earlier version)
+    reads back, is listed, is a valid task with no extra, and is no owner's."""
+    store = make_store()
+    task = validate_task(task_document_input())
+    doc = {"id": "old", **task.to_document()}
+    store.create_task(doc)
+    if make_store.db is not None:
+        make_store.db.db.tasks.update_one({"_id": "old"}, {"$unset": {"owner": "", "extra": "", "payload_sha256": ""}})
+    else:
+        assert isinstance(store, SQLiteStore)
+        store.connection().execute(
+            "UPDATE tasks SET doc = json_remove(doc, '$.owner', '$.extra', '$.payload_sha256') WHERE id = 'old'"
+        )
+    old = store.get_task("old")
+    assert old is not None and not {"owner", "extra", "payload_sha256"} & set(old)
+    assert old.get("owner") is None and Task.from_document(old) == task and Task.from_document(old).extra == {}
+    assert [t["id"] for t in store.list_tasks()] == ["old"]
+    assert store.list_tasks(owner="alice") == [] and store.list_tasks(owner="alice", status=Status.PENDING) == []
+    assert store.mark_task_running("old") and store.get_task("old")["status"] == Status.PROCESSING  # type: ignore[index]
+
+
+def test_a_sqlite_file_from_before_owners_gets_its_owner_indexes(tmp_path: Path) -> None:
+    with SQLiteStore(tmp_path) as s:
+        s.create_task(task_doc("t", 1))
+        for name in ("tasks_owner_created_id", "tasks_owner_status_created_id"):
+            s.connection().execute(f"DROP INDEX {name}")  # the file as an earlier version left it
+    with SQLiteStore(tmp_path) as again:
+        names = {row[0] for row in again.connection().execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"tasks_owner_created_id", "tasks_owner_status_created_id"} <= names
+        assert again.list_tasks(owner="alice") == [] and [t["id"] for t in again.list_tasks()] == ["t"]
+
+
 def test_count_tasks_by_status(store: Store) -> None:
     assert store.count_tasks() == dict.fromkeys(STATUSES, 0)
     for i in range(4):

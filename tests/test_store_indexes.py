@@ -83,6 +83,10 @@ def workload(store: Store) -> set[str]:
     store.list_tasks()
     store.list_tasks(limit=5, status=Status.PENDING)
     store.list_tasks(limit=100, status=list(TERMINAL))
+    store.create_task({"id": "owned", "name": "alice's", "owner": "alice", "total_images": 1})
+    store.list_tasks(owner="alice")
+    store.list_tasks(limit=5, status=Status.PENDING, owner="alice")
+    store.list_tasks(limit=100, status=list(TERMINAL), owner="alice")
     store.count_tasks()
     store.mark_task_running("t")
     store.is_cancel_requested("t")
@@ -131,6 +135,11 @@ def test_every_query_of_the_mongo_store_is_served_by_an_index() -> None:
     queries = [q for q in db.queries if q.collection in ("tasks", "subtasks")]
     assert len(queries) > 40
     assert unserved(db, queries) == []
+    # `list_tasks(owner=...)`, alone and with statuses, each along an owner index
+    owned = [q for q in queries if q.filter and "owner" in q.filter]
+    assert len(owned) == 3
+    assert serves([("owner", 1), ("created_at", 1), ("_id", 1)], owned[0])
+    assert all(serves([("owner", 1), ("status", 1), ("created_at", 1), ("_id", 1)], q) for q in owned[1:])
 
 
 def test_the_index_check_fails_a_query_no_index_serves() -> None:
@@ -149,6 +158,10 @@ def test_the_index_check_fails_a_query_no_index_serves() -> None:
     assert not serves(
         [("task_id", 1), ("_id", 1)], Call("subtasks", "find", {"task_id": "t", "updated_at": {"$gte": 1}})
     )
+    by_owner = Call("tasks", "find", {"owner": "a", "status": {"$in": ["x", "y"]}}, (("created_at", -1), ("_id", -1)))
+    assert not serves([("status", 1), ("created_at", 1), ("_id", 1)], by_owner)
+    assert not serves([("owner", 1), ("created_at", 1), ("_id", 1)], by_owner)
+    assert serves([("owner", 1), ("status", 1), ("created_at", 1), ("_id", 1)], by_owner)
 
 
 def test_every_statement_of_the_sqlite_store_is_served_by_an_index(tmp_path: Path) -> None:
@@ -172,3 +185,10 @@ def test_every_statement_of_the_sqlite_store_is_served_by_an_index(tmp_path: Pat
     assert bad == {}
     assert any("subtasks_task_status_id" in plan for plan in plans.values())
     assert any("tasks_status_created_id" in plan for plan in plans.values())
+    # `list_tasks(owner=...)`: the owner indexes, whose expression the query repeats exactly
+    owned = {sql: plan for sql, plan in plans.items() if "$.owner" in sql}
+    assert len(owned) == 2 + len(TERMINAL)  # alone; then once per status asked for
+    assert all(
+        ("tasks_owner_status_created_id" if "t.status" in sql else "tasks_owner_created_id") in plan
+        for sql, plan in owned.items()
+    )

@@ -15,7 +15,7 @@ import mongomock
 import pytest
 
 from nietest_daemon.core import settings as settings_module
-from nietest_daemon.domain.task_size import MAX_TASK_BYTES, json_bytes
+from nietest_daemon.domain.task_size import MAX_TASK_BYTES, bson_bytes, json_bytes, stored_bytes
 from nietest_daemon.domain.taskspec import MAX_TEXT_CHARS, PARAMETERS, Task, TaskValidationError, validate_task
 from nietest_daemon.programs import task_commands
 from nietest_daemon.store import SQLiteStore, StoreError, StoreUnavailable
@@ -218,3 +218,43 @@ def test_the_previous_versions_document_of_a_task_under_the_limit_was_too_large_
     store.create_task({"id": "new", **task.to_document()})  # stored once, it fits
     got = store.get_task("new")
     assert got is not None and Task.from_document(got) == task
+
+
+# --- the fields nietest does not use ---------------------------------------------------------------------
+
+
+def test_bson_bytes_is_the_size_bson_encodes() -> None:
+    values = [
+        {},
+        {"a": [0, 1, -(2**31), 2**31, 2**63 - 1, 1.5, None, True, "猫", ""], "b": {"c": {"d": []}}},
+        {"user_id": "x" * 1000, "n": -7},
+    ]
+    for value in values:
+        assert bson_bytes(value) == len(bson.encode(value))
+
+
+def test_extra_counts_at_its_bson_size_where_that_is_bigger() -> None:
+    """Millions of tiny values are cheap in JSON and not in BSON (a `0` in an array: 2 bytes of JSON,
+    up to 15 of BSON): the limit counts `extra` at the bigger of the two, so a task that passes fits
+    in MongoDB's 16 MiB too."""
+    doc = task_with_values(["a"], ids=[0] * 100_000)
+    task = validate_task(doc, max_bytes=None)
+    stored = {"id": "t", **task.to_document()}
+    assert json_bytes(stored) < 400_000 < len(bson.encode(stored)) <= stored_bytes(task) + 1000
+    with pytest.raises(TaskValidationError) as refused:
+        validate_task(doc, max_bytes=json_bytes(task.to_document()) + 1000)
+    assert refused.value.field == "ids"
+    assert "bytes of UTF-8 JSON, the fields nietest does not use counted as BSON)" in refused.value.problem
+    text = validate_task(task_with_values(["a"], note="x" * 5000))  # text: a few bytes more in BSON
+    assert 0 < stored_bytes(text) - json_bytes(text.to_document()) < 10
+
+
+def test_the_biggest_field_may_be_one_nietest_does_not_use() -> None:
+    doc = task_with_values(["a", "b"], meta={"blob": "z" * 4000})
+    with pytest.raises(TaskValidationError, match="over the limit") as refused:
+        validate_task(doc, max_bytes=3000)
+    assert refused.value.field == "meta"
+    doc = task_with_values(["a", "b"], **{"odd key": "z" * 4000})
+    with pytest.raises(TaskValidationError) as refused:
+        validate_task(doc, max_bytes=3000)
+    assert refused.value.field == '["odd key"]'

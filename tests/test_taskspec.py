@@ -10,6 +10,7 @@ import json
 import math
 import tracemalloc
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -466,10 +467,14 @@ def test_parse_task_refuses_bad_json_and_nan() -> None:
     assert err.value.field == "lumina_cfg.value"
 
 
-def test_unknown_top_level_keys_are_ignored() -> None:
+def test_unknown_top_level_keys_are_kept_as_extra_and_change_nothing_else() -> None:
     doc = example()
     doc.update({"batch_size": 4, "user_id": "x", "variables_map": "junk"})
-    assert validate_task(doc) == validate_task(example())
+    task = validate_task(doc)
+    assert task.extra == {"batch_size": 4, "user_id": "x", "variables_map": "junk"}
+    assert replace(task, extra={}) == validate_task(example())
+    stored = task.to_document()
+    assert stored["extra"] == task.extra and stored["variables_map"] != "junk"  # the task's own map
 
 
 def test_omitted_and_null_parameters_take_defaults() -> None:
@@ -766,3 +771,76 @@ def test_mutated_tasks_validate_or_are_refused(doc: dict[str, Any], data: st.Dat
 def test_parse_task_junk_text(text: str | bytes) -> None:
     with contextlib.suppress(TaskValidationError):
         parse_task(text)
+
+
+# --- the fields nietest does not use (Task.extra) -----------------------------------------------------
+
+
+def test_extra_keeps_every_json_value_and_round_trips_through_the_stored_document() -> None:
+    extra = {
+        "user_id": 12345,
+        "meta": {"ids": [1, -(2**63), 2**63 - 1], "ratio": 0.5, "ok": True, "none": None, "a.b": "dotted"},
+        "tags": ["猫", "line\nbreak", ""],
+        "status": "what the front end calls it",  # a stored task's field name, kept apart under `extra`
+    }
+    task = validate_task(minimal(**extra))
+    assert task.extra == extra
+    doc = task.to_document()
+    assert doc["extra"] == extra and doc["extra"] is not task.extra
+    doc["extra"]["meta"]["ids"].append(7)  # a fresh copy: the task is unchanged
+    assert task.extra["meta"]["ids"] == [1, -(2**63), 2**63 - 1]
+    assert Task.from_document(task.to_document()) == task
+    assert Task.from_document(json.loads(json.dumps(task.to_document()))) == task
+    assert validate_task(minimal()).to_document()["extra"] == {}
+
+
+def test_a_stored_documents_own_fields_are_not_taken_for_extra() -> None:
+    doc = {**validate_task(minimal(user_id="u")).to_document(), "id": "t1", "status": "pending", "owner": "u"}
+    assert Task.from_document(doc).extra == {"user_id": "u"}
+    del doc["extra"]  # a document stored before `extra` existed
+    assert Task.from_document(doc).extra == {}
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "problem"),
+    [
+        ({"meta": {"ids": [1, 2, 3, 2**63]}}, "meta.ids[3]", "must be an integer within signed 64 bits"),
+        ({"n": -(2**63) - 1}, "n", "within signed 64 bits"),
+        ({"n": 10**400}, "n", "got an integer of 1329 bits"),
+        ({"x": {"y": math.nan}}, "x.y", "must be a finite number, got nan"),
+        ({"x": [math.inf]}, "x[0]", "must be a finite number"),
+        ({"x": "\ud800"}, "x", "lone surrogate"),
+        ({"x": {1: "a"}}, "x", "keys must be strings, got integer"),
+        ({"x": {"$set": 1}}, 'x["$set"]', "must not start with $"),
+        ({"$where": 1}, '["$where"]', "must not start with $"),
+        ({"x": {"a\x00b": 1}}, "x", "must not contain U+0000"),
+        ({"x": {"a b": {1, 2}}}, 'x["a b"]', "must be a JSON value, got set"),
+    ],
+)
+def test_extra_that_a_store_cannot_keep_is_refused_naming_its_path(extra: dict, field: str, problem: str) -> None:
+    with pytest.raises(TaskValidationError) as refused:
+        validate_task(minimal(**extra))
+    assert refused.value.field == field and problem in refused.value.problem
+
+
+def test_extra_nests_at_most_32_levels() -> None:
+    def nested(levels: int) -> Any:
+        value: Any = 0
+        for i in range(levels):
+            value = {"k": value} if i % 2 else [value]
+        return value
+
+    assert validate_task(minimal(deep=nested(32))).extra["deep"] == nested(32)
+    with pytest.raises(TaskValidationError, match="more than 32 levels deep") as refused:
+        validate_task(minimal(deep=nested(33)))
+    assert refused.value.field == "deep" + "[0].k" * 16  # the 33rd container
+
+
+def test_parse_task_keeps_extra_and_input_fields_are_not_extra() -> None:
+    text = json.dumps({**example(), "user_id": 7, "owner": "alice"})
+    task = parse_task(text)
+    assert task.extra == {"user_id": 7, "owner": "alice"}
+    from nietest_daemon.domain.taskspec import INPUT_FIELDS
+
+    assert set(INPUT_FIELDS) == {"name", "priority", "prompts", *PARAMETERS}
+    assert set(example()) <= set(INPUT_FIELDS)

@@ -18,22 +18,50 @@ def slot_holders(api: str) -> str:
 
 
 # --- fair admission (coordination/scheduler.py) --------------------------------------------------
+# Two levels of stride scheduling per lane: owners (people) by owner pass, then each owner's tasks
+# by task pass. A task is *active* while it is in `sched_task_owner`; every key below but the ready
+# lists and the weights holds active tasks and owners only, so a lane that drained leaves none.
 SCHED_PREFIX = f"{PREFIX}:sched"
 
 
-def sched_tasks(api: str) -> str:
-    """Sorted set: the tasks with subtasks ready for a slot of `api`, scored by their pass (virtual time)."""
-    return f"{SCHED_PREFIX}:{api}:tasks"
+def sched_owners(api: str) -> str:
+    """Sorted set: the owners with an active task of `api`, scored by their pass (virtual time)."""
+    return f"{SCHED_PREFIX}:{api}:owners"
+
+
+def sched_owner_weights(api: str) -> str:
+    """Hash: owner -> weight (NIETEST_OWNER_WEIGHTS, 1 by default) of the owners in `sched_owners`."""
+    return f"{SCHED_PREFIX}:{api}:owner-weights"
+
+
+def sched_owner_clock(api: str) -> str:
+    """The pass of the owner admitted last: where a newly active owner starts (gone when none is active)."""
+    return f"{SCHED_PREFIX}:{api}:owner-clock"
+
+
+def sched_owner_tasks_prefix(api: str) -> str:
+    """Prefix of the per-owner task sets; the scripts append the owner ("" in task mode)."""
+    return f"{SCHED_PREFIX}:{api}:owner-tasks:"
+
+
+def sched_owner_tasks(api: str, owner: str) -> str:
+    """Sorted set: the active tasks of one owner, scored by their pass."""
+    return f"{sched_owner_tasks_prefix(api)}{owner}"
+
+
+def sched_task_clocks(api: str) -> str:
+    """Hash: owner -> the pass of its task admitted last: where that owner's newly active task starts."""
+    return f"{SCHED_PREFIX}:{api}:task-clocks"
+
+
+def sched_task_owner(api: str) -> str:
+    """Hash: task id -> its owner, for every active task (the set of active tasks)."""
+    return f"{SCHED_PREFIX}:{api}:task-owner"
 
 
 def sched_weights(api: str) -> str:
-    """Hash: task id -> weight (its priority) of the tasks in `sched_tasks`."""
+    """Hash: task id -> weight (its priority) of the active tasks."""
     return f"{SCHED_PREFIX}:{api}:weights"
-
-
-def sched_clock(api: str) -> str:
-    """The pass of the task admitted last: where a newly ready task starts."""
-    return f"{SCHED_PREFIX}:{api}:clock"
 
 
 def sched_ready_prefix(api: str) -> str:
@@ -44,6 +72,17 @@ def sched_ready_prefix(api: str) -> str:
 def sched_ready(api: str, task_id: str) -> str:
     """List: the subtask ids of one task waiting for a slot of `api`, in dispatch order."""
     return f"{sched_ready_prefix(api)}{task_id}"
+
+
+def sched_tasks(api: str) -> str:
+    """Retired (one level of tasks, before owners): a sorted set of tasks by pass. Nothing writes it;
+    the sweep deletes what an older version left (`Scheduler.drop_retired_keys`)."""
+    return f"{SCHED_PREFIX}:{api}:tasks"
+
+
+def sched_clock(api: str) -> str:
+    """Retired with `sched_tasks`: the pass of the task admitted last."""
+    return f"{SCHED_PREFIX}:{api}:clock"
 
 
 # --- failure streaks (coordination/streaks.py) ---------------------------------------------------

@@ -2,28 +2,35 @@
 
 A subtask waiting for a slot costs one list entry (its id) in the broker, not a message:
 
-- `add(task, ids, weight)` appends a task's subtask ids to its ready list and makes the task
-  active (a member of the lane's task set, scored by its *pass*);
-- `admit()` is one atomic script: while a slot is free, it takes the active task with the
-  lowest pass, pops its next subtask, makes it a slot holder (with a lease) and advances the
-  task's pass by 1 / weight. It returns the admitted ids: the caller enqueues a run message for
+- `add(task, ids, weight, owner=, owner_weight=)` appends a task's subtask ids to its ready list
+  and makes the task active: a member of its owner's task set (scored by the task's *pass*), the
+  owner a member of the lane's owner set (scored by the owner's pass);
+- `admit()` is one atomic script: while a slot is free, it takes the active owner with the lowest
+  pass, then that owner's active task with the lowest pass, pops the task's next subtask, makes it
+  a slot holder (with a lease) and advances the task's pass by 1 / weight (its priority) and the
+  owner's by 1 / owner weight. It returns the admitted ids: the caller enqueues a run message for
   each, and for nothing else.
 
-This is stride scheduling, a weighted round-robin: N active tasks of equal weight are admitted in
-turn whatever their sizes and arrival order; a task of weight 3 is admitted three times as often
-as one of weight 1. A task whose ready list runs dry leaves the set, so a task that cannot use its
-share leaves it to the others; a task that becomes ready starts at the pass of the last admission
-(`clock`), so it neither jumps ahead of the others nor waits behind credit they built up.
+This is stride scheduling, a weighted round-robin, on two levels: N active owners of equal weight
+are admitted in turn whatever the number and sizes of their tasks, an owner of weight 2 twice as
+often as one of weight 1; within an owner, its tasks take turns the same way by priority. With
+`NIETEST_FAIR_SHARE=task` every task is added under the one pseudo-owner "" (so are tasks without
+an owner), which leaves only the level of tasks. A task whose ready list runs dry leaves its owner's
+set, and an owner without an active task leaves the lane, so whoever cannot use its share leaves
+it to the others. A newly active owner starts at the pass of the owner admitted last (the lane's
+clock) and a newly active task at the pass of its owner's task admitted last (the owner's clock):
+neither jumps ahead of the others nor waits behind credit they built up.
 
 Holders are scored by their lease expiry; every poll `renew`s it, so the slot of a holder whose
-process died comes back by itself. `cancel(task)`
-drops a task's ready list, its entry and its holders in one step, whatever its size.
+process died comes back by itself. `cancel(task)` drops a task's ready list, its entries (and its
+owner's, when it was the owner's last task) and its holders in one step, whatever its size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -43,12 +50,37 @@ _CANCEL_SCRIPT = lua_script(__name__, "cancel")
 
 @dataclass(frozen=True)
 class TaskShare:
-    """One active task of a lane, as `nietest status` shows it."""
+    """One task of a lane, as `nietest status` shows it. A task is active while subtasks of it wait;
+    one that only holds slots (its line ran dry) is not, and the broker no longer knows its owner
+    or weight (`owner` "", `weight` 1)."""
 
     task_id: str
     weight: int
-    ready: int  # subtasks waiting for a slot
+    ready: int  # subtasks waiting for a slot (0 when not active)
     holding: int  # slots its subtasks hold now
+    owner: str = ""
+    active: bool = True
+
+
+@dataclass(frozen=True)
+class OwnerShare:
+    """One owner of a lane with its tasks ("" is the pseudo-owner of task mode and of ownerless tasks)."""
+
+    owner: str
+    weight: float  # as recorded by the last `add` of its tasks (1 for an owner that is not active)
+    tasks: tuple[TaskShare, ...]
+
+    @property
+    def ready(self) -> int:
+        return sum(t.ready for t in self.tasks)
+
+    @property
+    def holding(self) -> int:
+        return sum(t.holding for t in self.tasks)
+
+    @property
+    def active(self) -> bool:
+        return any(t.active for t in self.tasks)
 
 
 class Scheduler:
@@ -73,20 +105,41 @@ class Scheduler:
         self.lease_seconds = lease_seconds
         self.clock = clock
         self.holders = keys.slot_holders(api)
-        self.tasks = keys.sched_tasks(api)
+        self.owners = keys.sched_owners(api)
+        self.owner_weights = keys.sched_owner_weights(api)
+        self.task_owner = keys.sched_task_owner(api)
         self.weights = keys.sched_weights(api)
+        # the keys every script that changes the sets takes, in this order (see lua/scheduler_*.lua)
+        self._sets = [
+            self.owners,
+            self.owner_weights,
+            keys.sched_owner_clock(api),
+            keys.sched_task_clocks(api),
+            self.task_owner,
+            self.weights,
+        ]
 
     # --- waiting ---------------------------------------------------------------------------------
 
-    def add(self, task_id: str, subtask_ids: Iterable[str], weight: int = 1, *, front: bool = False) -> int:
+    def add(
+        self,
+        task_id: str,
+        subtask_ids: Iterable[str],
+        weight: int = 1,
+        *,
+        owner: str = "",
+        owner_weight: float = 1.0,
+        front: bool = False,
+    ) -> int:
         """Queue subtasks of a task for a slot (at the back, or at the front to give a place back);
-        the task becomes active with `weight`. How many of its subtasks wait now."""
-        ready = keys.sched_ready(self.api, task_id)
-        key_list = [self.tasks, self.weights, keys.sched_clock(self.api), ready]
-        where = "front" if front else "back"
+        the task becomes active with `weight` under `owner` (moved there if it was active under
+        another), the owner with `owner_weight`. How many of its subtasks wait now."""
+        key_list = [*self._sets, keys.sched_ready(self.api, task_id), keys.sched_owner_tasks(self.api, owner)]
+        head = [task_id, weight, owner, owner_weight, "front" if front else "back"]
+        head.append(keys.sched_owner_tasks_prefix(self.api))
 
         def push(batch: list[str]) -> int:
-            return int(ScriptCall(_ADD_SCRIPT, key_list, [task_id, weight, where, *batch]).run(self.client))
+            return int(ScriptCall(_ADD_SCRIPT, key_list, [*head, *batch]).run(self.client))
 
         waiting = 0
         batch: list[str] = []
@@ -99,12 +152,15 @@ class Scheduler:
             waiting = push(batch)
         return waiting
 
-    def replace(self, task_id: str, subtask_ids: Iterable[str], weight: int = 1) -> int:
+    def replace(
+        self, task_id: str, subtask_ids: Iterable[str], weight: int = 1, *, owner: str = "", owner_weight: float = 1.0
+    ) -> int:
         """Make `subtask_ids` the task's whole ready list (a re-expansion, a repair): idempotent,
         unlike `add`. Subtasks that hold a slot now are left out. How many wait now."""
         held = {as_text(h) for h in self.client.zrange(self.holders, 0, -1)}
         self.client.delete(keys.sched_ready(self.api, task_id))
-        return self.add(task_id, (i for i in subtask_ids if i not in held), weight)
+        wanted = (i for i in subtask_ids if i not in held)
+        return self.add(task_id, wanted, weight, owner=owner, owner_weight=owner_weight)
 
     def admit(self, limit: int = 0, *, releasing: str = "") -> list[str]:
         """Fill the free slots fairly (at most `limit`, 0: all), after giving up the slot of
@@ -113,10 +169,11 @@ class Scheduler:
 
     def _admit_call(self, limit: int, releasing: str) -> ScriptCall:
         now = self.clock()
+        prefixes = [keys.sched_ready_prefix(self.api), keys.sched_owner_tasks_prefix(self.api)]
         return ScriptCall(
             _ADMIT_SCRIPT,
-            [self.holders, self.tasks, self.weights, keys.sched_clock(self.api)],
-            [self.cap, now, now + self.lease_seconds, keys.sched_ready_prefix(self.api), limit, releasing],
+            [self.holders, *self._sets],
+            [self.cap, now, now + self.lease_seconds, *prefixes, limit, releasing],
         )
 
     def cancel(self, task_id: str) -> tuple[int, int]:
@@ -124,10 +181,15 @@ class Scheduler:
         slots freed). The caller then calls `admit` to hand the freed slots on."""
         dropped, released = ScriptCall(
             _CANCEL_SCRIPT,
-            [self.holders, self.tasks, self.weights, keys.sched_ready(self.api, task_id)],
-            [task_id, f"{task_id}:"],
+            [self.holders, *self._sets, keys.sched_ready(self.api, task_id)],
+            [task_id, f"{task_id}:", keys.sched_owner_tasks_prefix(self.api)],
         ).run(self.client)
         return int(dropped), int(released)
+
+    def drop_retired_keys(self) -> int:
+        """Delete what a version without owners left in this lane (its task set and clock): the sweep
+        calls it; the ready lists it left are put back in line by `admission.repair`."""
+        return int(self.client.delete(keys.sched_tasks(self.api), keys.sched_clock(self.api)))
 
     # --- holding -----------------------------------------------------------------------------------
 
@@ -164,7 +226,8 @@ class Scheduler:
         return int(self.client.zcount(self.holders, self.clock(), "+inf"))
 
     def active_tasks(self) -> list[str]:
-        return [as_text(t) for t in self.client.zrange(self.tasks, 0, -1)]
+        """The tasks with subtasks waiting, by id."""
+        return sorted(as_text(t) for t in self.client.hkeys(self.task_owner))
 
     def waiting(self) -> int:
         """Subtasks waiting for a slot, over every active task (one LLEN per active task)."""
@@ -177,17 +240,38 @@ class Scheduler:
             return sum(int(n) for n in pipe.execute())
 
     def shares(self, task_ids: Sequence[str] = ()) -> list[TaskShare]:
-        """Weight, waiting and holding counts of the active tasks (and of `task_ids`, active or not)."""
-        tasks = list(dict.fromkeys([*self.active_tasks(), *task_ids]))
-        holders = [as_text(h) for h in self.client.zrangebyscore(self.holders, self.clock(), "+inf")]
+        """Owner, weight, waiting and holding counts of the active tasks, of the tasks holding a slot
+        and of `task_ids` (active or not). Only an active task's ready list counts as waiting: a list
+        left by an older version waits for no admission until `admission.repair` puts it back."""
+        owners = {as_text(t): as_text(o) for t, o in self.client.hgetall(self.task_owner).items()}
+        holding: dict[str, int] = {}
+        for holder in self.client.zrangebyscore(self.holders, self.clock(), "+inf"):
+            task_id = as_text(holder).split(":", 1)[0]
+            holding[task_id] = holding.get(task_id, 0) + 1
+        tasks = list(dict.fromkeys([*sorted(owners), *sorted(holding), *task_ids]))
+        active = [t for t in tasks if t in owners]
         with self.client.pipeline(transaction=False) as pipe:
-            for task_id in tasks:
+            for task_id in active:
                 pipe.llen(keys.sched_ready(self.api, task_id))
                 pipe.hget(self.weights, task_id)
-            answers = pipe.execute()
+            answers = iter(pipe.execute())
+        counted = {t: (int(next(answers)), int(next(answers) or 1)) for t in active}
         shares = []
-        for i, task_id in enumerate(tasks):
-            ready, weight = answers[2 * i], answers[2 * i + 1]
-            holding = sum(1 for h in holders if h.startswith(f"{task_id}:"))
-            shares.append(TaskShare(task_id, int(weight or 1), int(ready), holding))
+        for task_id in tasks:
+            ready, weight = counted.get(task_id, (0, 1))
+            owner, is_active = owners.get(task_id, ""), task_id in owners
+            shares.append(TaskShare(task_id, weight, ready, holding.get(task_id, 0), owner, is_active))
         return shares
+
+    def owner_shares(self, owners_of: Mapping[str, str] | None = None) -> list[OwnerShare]:
+        """The lane's owners with their tasks (`shares()`), by owner. A task that only holds slots
+        has left the lane's sets with its owner: `owners_of` (task id -> owner, e.g. read from the
+        store) names it; such a task with no entry there counts under ""."""
+        shares = self.shares()
+        weights = {as_text(o): float(w) for o, w in self.client.hgetall(self.owner_weights).items()}
+        grouped: dict[str, list[TaskShare]] = {}
+        for share in shares:
+            if not share.active:
+                share = dataclasses.replace(share, owner=(owners_of or {}).get(share.task_id, ""))
+            grouped.setdefault(share.owner, []).append(share)
+        return [OwnerShare(owner, weights.get(owner, 1.0), tuple(tasks)) for owner, tasks in sorted(grouped.items())]

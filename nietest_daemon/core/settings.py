@@ -7,10 +7,12 @@ daemon refuses to start before anything is spawned.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,6 +39,20 @@ DEFAULT_MAX_MEMORY = 512 * 1024**2
 RECYCLED_EXIT = 75
 MAX_PROCESSES = 64
 MAX_THREADS = 256
+
+
+class FairShare(StrEnum):
+    """What the job slots of a lane are shared between first (coordination/scheduler.py)."""
+
+    OWNER = "owner"  # between owners (weighted), then between each owner's tasks by priority
+    TASK = "task"  # between tasks by priority, whoever submitted them
+
+
+#: Bounds of an owner's weight: a ratio of a million between the extremes, and a pass step (1 / weight)
+#: that stays far above the rounding of a double however long a lane runs.
+MIN_OWNER_WEIGHT = 0.001
+MAX_OWNER_WEIGHT = 1000.0
+MAX_OWNER_NAME_CHARS = 128
 
 
 class SettingsError(ValueError):
@@ -132,6 +148,37 @@ def _url(*schemes: str, secret: bool = False) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+def _fair_share(raw: str) -> FairShare:
+    value = raw.strip().lower()
+    try:
+        return FairShare(value)
+    except ValueError:
+        raise ValueError(f"must be owner or task, got {raw.strip()!r}") from None
+
+
+def _owner_weights(raw: str) -> dict[str, float]:
+    """`name=weight` entries separated by commas, e.g. `alice=2,ci=0.5`; an owner not named weighs 1."""
+    weights: dict[str, float] = {}
+    for entry in (part.strip() for part in raw.split(",")):
+        if not entry:
+            continue
+        name, equals, number = (part.strip() for part in entry.partition("="))
+        if not equals or not name:
+            raise ValueError(f"entry {entry!r} must be name=weight (e.g. alice=2,ci=0.5)")
+        if len(name) > MAX_OWNER_NAME_CHARS or not name.isprintable():
+            raise ValueError(f"entry {entry!r}: an owner name is 1 to {MAX_OWNER_NAME_CHARS} printable characters")
+        if name in weights:
+            raise ValueError(f"entry {entry!r}: owner {name!r} is given twice")
+        try:
+            weight = float(number)
+        except ValueError:
+            raise ValueError(f"entry {entry!r}: the weight must be a number") from None
+        if not (math.isfinite(weight) and MIN_OWNER_WEIGHT <= weight <= MAX_OWNER_WEIGHT):
+            raise ValueError(f"entry {entry!r}: the weight must be between {MIN_OWNER_WEIGHT} and {MAX_OWNER_WEIGHT:g}")
+        weights[name] = weight
+    return weights
 
 
 def _text(raw: str) -> str:
@@ -274,6 +321,8 @@ class Settings:
     metrics_addr: tuple[str, int] | None  # None: no metrics program
     metrics_token: str | None
     actor_modules: tuple[str, ...]
+    fair_share: FairShare = FairShare.OWNER
+    owner_weights: Mapping[str, float] = field(default_factory=dict)  # owners not named weigh 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     # --- derived values -------------------------------------------------------------------------
@@ -318,6 +367,10 @@ class Settings:
         if self.embedded_broker:
             return f"embedded valkey {self.broker_url}"
         return f"redis {redact_url(self.broker_url)}"
+
+    def owner_weight(self, owner: str) -> float:
+        """An owner's weight in the fair share of the slots (NIETEST_OWNER_WEIGHTS; 1 when not named)."""
+        return self.owner_weights.get(owner, 1.0)
 
     def queue(self, key: str) -> QueueSettings:
         try:
@@ -466,6 +519,8 @@ def _load(env: dict[str, str], seen: dict[str, None]) -> Settings:
         metrics_addr=metrics_addr,
         metrics_token=get("NIETEST_METRICS_TOKEN", _bearer_token),
         actor_modules=get("NIETEST_ACTOR_MODULES", _modules, ()),
+        fair_share=get("NIETEST_FAIR_SHARE", _fair_share, FairShare.OWNER),
+        owner_weights=get("NIETEST_OWNER_WEIGHTS", _owner_weights, {}),
     )
 
     # A mistyped NIETEST_* variable would otherwise be silently ignored.

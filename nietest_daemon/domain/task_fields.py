@@ -19,6 +19,8 @@ from nietest_daemon.domain.images import MAX_TASK_SEED
 PROMPT_TYPES = ("freetext", "oc_vtoken_adaptor", "elementum")
 #: The seven parameters, in dimension order.
 PARAMETERS = ("ratio", "seed", "use_polish", "is_lumina", "lumina_model_name", "lumina_cfg", "lumina_step")
+#: The top-level fields of a task's JSON that nietest uses; any other is kept as it is (`check_extra`).
+INPUT_FIELDS: tuple[str, ...] = ("name", "priority", "prompts", *PARAMETERS)
 #: Value of a parameter the task omits (or gives as null).
 PARAMETER_DEFAULTS: dict[str, Any] = {
     "ratio": "1:1",
@@ -53,6 +55,10 @@ MAX_RATIO_PART = 100
 MAX_LUMINA_CFG = 100.0
 MAX_LUMINA_STEP = 1000
 MAX_WEIGHT = 100.0
+#: The integers an unknown field may hold: MongoDB stores none outside signed 64 bits.
+MIN_STORED_INT, MAX_STORED_INT = -(2**63), 2**63 - 1
+#: How deeply objects and arrays may nest in an unknown field's value.
+MAX_EXTRA_DEPTH = 32
 
 _RATIO_STRICT = re.compile(r"[1-9][0-9]{0,2}:[1-9][0-9]{0,2}")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -62,6 +68,8 @@ _NOT_TEXT = re.compile("[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 #: Not in one-line fields either: tab, line breaks and the bidirectional formatting characters.
 _LINE_BREAKS = frozenset("\t\n\r\u2028\u2029")
 _NOT_LINE = re.compile("[\t\n\r\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class TaskValidationError(ValueError):
@@ -419,3 +427,73 @@ def check_prompts(doc: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
                 "prompts", "some combinations have no non-empty prompt (every prompt is empty or may be empty)"
             )
     return prompts
+
+
+# --- the fields nietest does not use ----------------------------------------------------------------
+
+
+def field_path(parent: str, key: str) -> str:
+    """The path of `key` of an object at `parent` ("": the task itself), as messages name it:
+    `meta.x`, or `meta["a.b"]` for a key that is not a plain name."""
+    if _PLAIN_KEY.fullmatch(key):
+        return f"{parent}.{key}" if parent else key
+    shown = key if len(key) <= 40 else key[:37] + "..."
+    return f"{parent}[{json.dumps(shown, ensure_ascii=not shown.isprintable())}]"
+
+
+def _key(key: Any, parent: str) -> str:
+    """A key of an object in an unknown field: text that MongoDB can store as a field name."""
+    where = parent or "task"
+    if not isinstance(key, str):
+        raise TaskValidationError(where, f"keys must be strings, got {kind_of(key)} {_show(key)}")
+    if _SURROGATE.search(key):
+        raise TaskValidationError(where, f"key {_show(key)} must be valid Unicode text, found a lone surrogate")
+    if "\x00" in key:
+        raise TaskValidationError(where, f"key {_show(key)} must not contain U+0000 (MongoDB cannot store it)")
+    if key.startswith("$"):
+        raise TaskValidationError(field_path(parent, key), "a field name must not start with $ (MongoDB reserves it)")
+    return key
+
+
+def _json_value(value: Any, path: str, depth: int) -> Any:
+    """A copy of a JSON value that every store keeps as it is; TaskValidationError naming `path`."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        bad = _SURROGATE.search(value)
+        if bad:
+            raise TaskValidationError(
+                path, f"must be valid Unicode text, found a lone surrogate at position {bad.start() + 1}"
+            )
+        return value
+    if isinstance(value, int):
+        if not MIN_STORED_INT <= value <= MAX_STORED_INT:
+            got = _show(value) if value.bit_length() <= 128 else f"an integer of {value.bit_length()} bits"
+            raise TaskValidationError(
+                path, f"must be an integer within signed 64 bits (MongoDB stores no larger), got {got}"
+            )
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TaskValidationError(path, f"must be a finite number, got {value!r}")
+        return float(value)
+    if isinstance(value, Mapping | list | tuple):
+        if depth >= MAX_EXTRA_DEPTH:
+            raise TaskValidationError(path, f"nests objects and arrays more than {MAX_EXTRA_DEPTH} levels deep")
+        if isinstance(value, Mapping):
+            return {_key(k, path): _json_value(v, field_path(path, k), depth + 1) for k, v in value.items()}
+        return [_json_value(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+    raise TaskValidationError(path, f"must be a JSON value, got {kind_of(value)}")
+
+
+def check_extra(doc: Mapping[Any, Any]) -> dict[str, Any]:
+    """The top-level fields of a task's JSON that nietest does not use (not `INPUT_FIELDS`), copied:
+    kept with the task, as long as every store can keep them as they are (JSON values, integers
+    within signed 64 bits, finite numbers, at most `MAX_EXTRA_DEPTH` levels deep, field names that
+    do not start with `$`). TaskValidationError names the offending field as the task writes it
+    (`meta.ids[3]`)."""
+    return {
+        _key(key, ""): _json_value(value, field_path("", key), 0)
+        for key, value in doc.items()
+        if key not in INPUT_FIELDS
+    }

@@ -13,16 +13,19 @@ importable from here.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 from nietest_daemon.domain.expansion import SubtaskSpec, expand, subtask_at, subtask_id
 from nietest_daemon.domain.task_fields import (
     DEFAULT_MAX_SUBTASKS,
+    INPUT_FIELDS,
+    MAX_EXTRA_DEPTH,
     MAX_LUMINA_CFG,
     MAX_LUMINA_STEP,
     MAX_NAME_CHARS,
@@ -40,6 +43,7 @@ from nietest_daemon.domain.task_fields import (
     PROMPT_TYPES,
     Parameter,
     TaskValidationError,
+    check_extra,
     check_integer,
     check_parameter,
     check_prompts,
@@ -51,6 +55,8 @@ from nietest_daemon.domain.task_size import MAX_TASK_BYTES, check_stored_size
 
 __all__ = [
     "DEFAULT_MAX_SUBTASKS",
+    "INPUT_FIELDS",
+    "MAX_EXTRA_DEPTH",
     "MAX_LUMINA_CFG",
     "MAX_LUMINA_STEP",
     "MAX_NAME_CHARS",
@@ -111,6 +117,9 @@ class Task:
     prompts: tuple[dict[str, Any], ...]
     parameters: tuple[Parameter, ...]  # in PARAMETERS order
     dimensions: tuple[Dimension, ...]
+    #: The top-level fields of the task's JSON that nietest does not use (`user_id`, whatever the
+    #: front end adds), kept with the task as they were given (task_fields.check_extra).
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -168,14 +177,18 @@ class Task:
         doc["variables"] = self.variables()
         doc["variables_map"] = self.variables_map()
         doc["total_images"] = self.total_subtasks
+        doc["extra"] = copy.deepcopy(dict(self.extra))
         return doc
 
     @classmethod
     def from_document(cls, doc: Mapping[str, Any]) -> Task:
         """The task a stored document holds: `to_document`'s, or an earlier version's, which kept
         each variable's values twice (in the variable and in `variables_map`). TaskValidationError
-        when it is no valid task. A stored task was accepted once: its size is not judged again."""
-        return validate_task(_with_values(doc), max_bytes=None)
+        when it is no valid task. A stored task was accepted once: its size is not judged again, and
+        its `extra` is the stored one (none before owners existed), not the document's other fields."""
+        stored = doc.get("extra")
+        extra = copy.deepcopy(dict(stored)) if isinstance(stored, Mapping) else {}
+        return _validate(_with_values(doc), DEFAULT_MAX_SUBTASKS, None, extra)
 
     @cached_property
     def _parameters_by_name(self) -> dict[str, Parameter]:
@@ -228,7 +241,14 @@ def validate_task(
     """Validate and normalise a task document; raise TaskValidationError naming the bad field.
 
     The task may expand to at most `max_subtasks` subtasks, and its stored document may be at most
-    `max_bytes` (domain/task_size.py; None: not checked)."""
+    `max_bytes` (domain/task_size.py; None: not checked). The fields other than `INPUT_FIELDS` are
+    kept as `Task.extra` (task_fields.check_extra)."""
+    return _validate(doc, max_subtasks, max_bytes, None)
+
+
+def _validate(doc: object, max_subtasks: int, max_bytes: int | None, extra: Mapping[str, Any] | None) -> Task:
+    """`validate_task`, with the task's `extra` given (a stored task's), or None: the document's
+    fields other than `INPUT_FIELDS`."""
     if isinstance(max_subtasks, bool) or not isinstance(max_subtasks, int) or max_subtasks < 1:
         raise ValueError(f"max_subtasks must be a positive integer, got {max_subtasks!r}")
     if not isinstance(doc, Mapping):
@@ -269,7 +289,7 @@ def validate_task(
                 f"{dim.field}.variable_values",
                 f"the task would expand to {everything} subtasks ({sizes}), over the cap of {max_subtasks}",
             )
-    task = Task(name, priority, prompts, parameters, tuple(dimensions))
+    task = Task(name, priority, prompts, parameters, tuple(dimensions), check_extra(doc) if extra is None else extra)
     if max_bytes is not None:
         check_stored_size(task, max_bytes)
     return task

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 #: Actor names, by lane where there is one of each.
 PROCESS_TASK = "process_task"
 SEND_NOTICE = "send_notice"
+#: The seed's master actor, which producers written for the seed enqueue by name (pipeline/producer.py).
+SEED_SUBMIT = "test_submit_master"
 RUN_SUBTASK = {Lane.STANDARD: "run_subtask", Lane.LUMINA: "run_lumina_subtask"}
 POLL_SUBTASK = {Lane.STANDARD: "poll_subtask", Lane.LUMINA: "poll_lumina_subtask"}
 
@@ -29,6 +31,7 @@ POLL_SUBTASK = {Lane.STANDARD: "poll_subtask", Lane.LUMINA: "poll_lumina_subtask
 ID_ARGUMENT = {
     PROCESS_TASK: "task_id",
     SEND_NOTICE: "task_id",
+    SEED_SUBMIT: "task_id",
     **{name: "subtask_id" for name in (*RUN_SUBTASK.values(), *POLL_SUBTASK.values())},
 }
 
@@ -36,9 +39,10 @@ ID_ARGUMENT = {
 def ids_of(message: Any) -> dict[str, str]:
     """The task or subtask id a message is about, keyed as log lines name it (may be empty)."""
     key = ID_ARGUMENT.get(message.actor_name)
-    if key and message.args and isinstance(message.args[0], str):
-        return {key: message.args[0][:200]}
-    return {}
+    if not key:
+        return {}
+    value = message.args[0] if message.args else (message.kwargs or {}).get(key)
+    return {key: value[:200]} if isinstance(value, str) else {}
 
 
 def enqueue(actor_name: str, queue_name: str, *args: Any, delay: float = 0.0, **kwargs: Any) -> dramatiq.Message[Any]:

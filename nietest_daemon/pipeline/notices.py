@@ -123,6 +123,8 @@ def card_lines(ctx: Context, task: dict[str, Any], event: str, round: int | None
     round = round_of(task) if round is None else round
     total = int(task.get("total_images") or 0)
     lines = [f"**{task.get('name')}**", f"task id: {task['id']}"]
+    if task.get("owner"):
+        lines.append(f"owner: {task['owner']}")
     if event == "submitted":
         lines.append(f"images: {total}")
     else:

@@ -87,8 +87,9 @@ def sweep(
             notices.task_finished(ctx, ctx.store.get_task(task["id"]) or task)
         elif admission.repair(ctx, task):
             requeued += 1
-    for lane in ctx.schedulers:  # a slot freed by an expired lease, or by a release whose dispatch was lost
-        admission.dispatch(ctx, lane)
+    for lane, slots in ctx.schedulers.items():
+        slots.drop_retired_keys()  # left by a version before owners (its ready lists: admission.repair)
+        admission.dispatch(ctx, lane)  # a slot freed by an expired lease, or by a release whose dispatch was lost
     # A finaliser that died between the store update and the enqueue of the notice (a sweep, or
     # `nietest cancel`) leaves no message to redeliver: look at the tasks that ended lately. Only
     # the 100 finished tasks created last: a retried older task is not among them.

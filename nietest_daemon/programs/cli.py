@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the daemon (processes, queues, broker, store), or one task's progress",
         description="Without TASK_ID: each supervised process (state, pid, uptime), each queue's ready, "
         "in-progress, delayed and dead-letter counts, and the broker and store in use. With TASK_ID: that "
-        "task's status, counters, progress and its errors grouped by text.",
+        "task's owner, status, counters, progress and its errors grouped by text.",
     )
     status.add_argument("task_id", nargs="?", metavar="TASK_ID", help="a task id printed by `nietest submit`")
     status.add_argument("--json", action="store_true", dest="as_json", help="print one JSON document")
@@ -97,9 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate a task file, store it and enqueue it; prints the task id",
         description="Validate TASK.json (the front end's task format; see examples/task.json), store the "
         "task as pending and enqueue it. A malformed task is refused with the offending field named, and "
-        "nothing is stored. Needs NIETA_XTOKEN.",
+        "nothing is stored; fields nietest does not use are kept with the task. The task's owner (job slots "
+        "are shared fairly between owners) is --owner, else the file's `owner` or `user_id`, else the "
+        "user running the command. Needs NIETA_XTOKEN.",
     )
     submit.add_argument("task_file", metavar="TASK.json")
+    submit.add_argument(
+        "--owner",
+        metavar="NAME",
+        help="who the task is for: one line of printable text, at most 128 characters (default: the file's "
+        "`owner` or `user_id`, else the invoking user)",
+    )
     submit.add_argument(
         "--wait",
         action="store_true",
@@ -113,18 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("task_id", metavar="TASK_ID")
     tasks = sub.add_parser(
         "tasks",
-        help="recent tasks, newest first: status, progress, counts, priority, age",
+        help="recent tasks, newest first: status, progress, counts, priority, age, owner",
         description="List the most recent tasks, newest first: id, status, progress, completed/total, "
-        "failed and cancelled images, priority, age and name. A status marked * is a partial completion.",
+        "failed and cancelled images, priority, age, owner and name. A status marked * is a partial completion.",
     )
     tasks.add_argument("--status", choices=[s.value for s in STATUSES], help="only tasks in this status")
+    tasks.add_argument("--owner", metavar="NAME", help="only the tasks of this owner")
     tasks.add_argument("--limit", type=_positive, default=20, metavar="N", help="at most N tasks (default 20)")
     tasks.add_argument("--json", action="store_true", dest="as_json", help="print one JSON list")
     report = sub.add_parser(
         "report",
         help="write a task's images as an HTML matrix along two of its variables",
         description="Write one self-contained HTML file (no script, inline CSS; only the images are fetched, "
-        "lazily): the task's name, status, counts, fixed parameters and timings, then one grid per combination "
+        "lazily): the task's name, owner, status, counts, fixed parameters and timings, then one grid per combination "
         "of the other variables, with ROWS down and COLS across (by default the first two variables). A cell "
         "shows the image (linking to the full one), its seed and variable values; or the error; or that it is "
         "cancelled or pending; and the errors of earlier attempts (`nietest retry`). Large grids come in "
@@ -149,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="print one row per subtask of a task, as CSV or JSON lines",
         description="Print a header line, then one row per subtask: its id, one column per variable, status, "
-        "image URL, seed, error, start and end times, duration, attempt, earlier errors, job uuid, coordinate. "
+        "image URL, seed, error, start and end times, duration, attempt, earlier errors, job uuid, coordinate, "
+        "the task's owner. "
         "csv: RFC 4180 (CRLF line ends); jsonl: the header line is an object describing the task and columns.",
     )
     export.add_argument("task_id", metavar="TASK_ID")
@@ -197,9 +207,9 @@ COMMANDS: dict[str, Command] = {
     "metrics": Command("metrics:run"),
     "ctl": Command("daemon:ctl", ("args",)),
     "status": Command("overview:run", keywords=("as_json",)),
-    "submit": Command("task_commands:submit", ("task_file",), ("wait",)),
+    "submit": Command("task_commands:submit", ("task_file",), ("wait", "owner")),
     "cancel": Command("task_commands:cancel", ("task_id",)),
-    "tasks": Command("task_commands:tasks", keywords=("status", "limit", "as_json")),
+    "tasks": Command("task_commands:tasks", keywords=("status", "limit", "as_json", "owner")),
     "report": Command("report:run", ("task_id",), ("output", "rows", "cols")),
     "retry": Command("task_commands:retry", ("task_id",), ("failed", "cancelled")),
     "export": Command("export:run", ("task_id",), ("fmt",)),

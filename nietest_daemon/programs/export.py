@@ -3,7 +3,8 @@
 A header line first, then the rows, streamed: the subtasks are read a page at a time
 (`Store.iter_subtasks`), in the store's order (by subtask id; `variable_indices` gives each row's
 place in the grid). Columns: `subtask_id`, one per variable (its value as people read it), then
-`FIXED_COLUMNS`.
+`FIXED_COLUMNS`, in that order; a column added later goes at the end (`owner`, the task's owner
+on every row, came last), so that a script reading the columns by position keeps working.
 
 - csv: RFC 4180 (the `csv` module: fields with a comma, a quote or a line break are quoted,
   quotes doubled; lines end in CRLF). `earlier_errors` is JSON text there.
@@ -51,6 +52,7 @@ FIXED_COLUMNS = (
     "earlier_errors",
     "job_uuid",
     "variable_indices",
+    "owner",
 )
 
 
@@ -62,6 +64,7 @@ def rows_of(store: Store, view: TaskView) -> Iterator[list[Any]]:
     """One row per subtask in `columns_of` order: the variables' labels (text), then the fixed
     columns typed (None, numbers, lists)."""
     all_labels = [labels(d) for d in view.dimensions]
+    owner = view.doc.get("owner")
     for sub in store.iter_subtasks(view.id):
         place = indices_of(sub, view.dimensions)
         values = [all_labels[d][i] for d, i in enumerate(place)] if place is not None else [None] * len(all_labels)
@@ -83,6 +86,7 @@ def rows_of(store: Store, view: TaskView) -> Iterator[list[Any]]:
             earlier,
             sub.get("job_uuid"),
             list(sub.get("variable_indices") or []),
+            owner,
         ]
 
 
@@ -91,6 +95,7 @@ def header_of(view: TaskView, columns: Sequence[str]) -> dict[str, Any]:
     task = {
         "id": view.id,
         "name": doc.get("name"),
+        "owner": doc.get("owner"),
         "status": doc.get("status"),
         "round": round_of(doc),
         "priority": doc.get("priority"),

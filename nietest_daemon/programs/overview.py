@@ -1,4 +1,5 @@
-"""`nietest status`: supervised processes, queue statistics, broker and store in use."""
+"""`nietest status`: supervised processes, queue statistics, broker and store in use, and each lane's
+job slots: the share of each owner and of each of its tasks."""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ import redis
 
 from nietest_daemon.coordination import lifelines
 from nietest_daemon.coordination.connection import redis_client
-from nietest_daemon.coordination.scheduler import Scheduler
-from nietest_daemon.core.settings import Settings
+from nietest_daemon.coordination.scheduler import OwnerShare, Scheduler, TaskShare
+from nietest_daemon.core.settings import FairShare, Settings
 from nietest_daemon.domain.process_state import ProcessState
 from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.internals.dramatiq_redis import queue_stats
 from nietest_daemon.internals.supervisor import all_process_info
 from nietest_daemon.programs.daemon import control_proxy
+from nietest_daemon.store import StoreError, open_store_for
+
+#: How long `status` waits for the store when it names the owners of tasks that only hold slots.
+STORE_TIMEOUT_SECONDS = 5.0
 
 
 def collect(settings: Settings) -> dict[str, Any]:
@@ -60,8 +65,13 @@ def collect(settings: Settings) -> dict[str, Any]:
                 "threads": q.threads,
                 **queue_stats(client, q.name),
             }
-        for lane, cap in ((Lane.STANDARD, settings.max_jobs), (Lane.LUMINA, settings.max_lumina_jobs)):
-            report["slots"][lane.value] = slot_report(Scheduler(client, lane, cap, lease_seconds=0))
+        lanes = [
+            Scheduler(client, Lane.STANDARD, settings.max_jobs, lease_seconds=0),
+            Scheduler(client, Lane.LUMINA, settings.max_lumina_jobs, lease_seconds=0),
+        ]
+        owners = owners_of_holders(settings, lanes)
+        for slots in lanes:
+            report["slots"][str(slots.api)] = slot_report(slots, owners, settings.fair_share)
         workers = [p for p in report["processes"] if p["group"] in settings.queues and p["pid"]]
         beats = lifelines.last_beats(
             client, socket.gethostname(), [lifelines.member(p["name"].split(":", 1)[1], p["pid"]) for p in workers]
@@ -78,25 +88,73 @@ def collect(settings: Settings) -> dict[str, Any]:
     return report
 
 
-def slot_report(slots: Scheduler) -> dict[str, Any]:
-    """One lane's job slots: in use against the cap, subtasks waiting, and each active task's
-    priority (its weight) and current share of the slots in use."""
-    shares = slots.shares()
+def owners_of_holders(settings: Settings, lanes: list[Scheduler]) -> dict[str, str]:
+    """The owners of tasks that hold slots with nothing left waiting, read from the store (the broker
+    forgets a task's owner once its line runs dry). Empty in task mode, or when the store does not answer."""
+    if settings.fair_share is FairShare.TASK:
+        return {}
+    tasks = {s.task_id for slots in lanes for s in slots.shares() if not s.active}
+    if not tasks:
+        return {}
+    owners: dict[str, str] = {}
+    try:
+        store = open_store_for(settings, timeout_seconds=STORE_TIMEOUT_SECONDS)
+        try:
+            for task_id in sorted(tasks):
+                owner = (store.get_task(task_id) or {}).get("owner")
+                if isinstance(owner, str):
+                    owners[task_id] = owner
+        finally:
+            store.close()
+    except StoreError:
+        pass  # shown under the owner "" (none): the broker's part of the report still stands
+    return owners
+
+
+def _share(holding: int, in_use: int) -> float:
+    return round(holding / in_use, 3) if in_use else 0.0
+
+
+def _task_entry(share: TaskShare, in_use: int) -> dict[str, Any]:
+    return {
+        "task_id": share.task_id,
+        "owner": share.owner,
+        "priority": share.weight,
+        "waiting": share.ready,
+        "holding": share.holding,
+        "share": _share(share.holding, in_use),
+        "active": share.active,  # False: its line ran dry, only its running subtasks hold slots
+    }
+
+
+def slot_report(
+    slots: Scheduler, owners_of: dict[str, str] | None = None, fair_share: FairShare = FairShare.OWNER
+) -> dict[str, Any]:
+    """One lane's job slots: in use against the cap, subtasks waiting, each owner's weight and share
+    of the slots in use, and each of its tasks' priority (its weight) and share."""
+    owners: list[OwnerShare] = slots.owner_shares(owners_of)
     in_use = slots.in_flight()
+
+    def by_holding(shares: list[TaskShare] | tuple[TaskShare, ...]) -> list[TaskShare]:
+        return sorted(shares, key=lambda s: (-s.holding, s.task_id))
+
     return {
         "in_use": in_use,
         "cap": slots.cap,
-        "waiting": sum(s.ready for s in shares),
-        "tasks": [
+        "waiting": sum(o.ready for o in owners),
+        "fair_share": fair_share.value,
+        "owners": [
             {
-                "task_id": s.task_id,
-                "priority": s.weight,
-                "waiting": s.ready,
-                "holding": s.holding,
-                "share": round(s.holding / in_use, 3) if in_use else 0.0,
+                "owner": o.owner,
+                "weight": o.weight,
+                "waiting": o.ready,
+                "holding": o.holding,
+                "share": _share(o.holding, in_use),
+                "tasks": [_task_entry(t, in_use) for t in by_holding(o.tasks)],
             }
-            for s in sorted(shares, key=lambda s: (-s.holding, s.task_id))
+            for o in sorted(owners, key=lambda o: (-o.holding, o.owner))
         ],
+        "tasks": [_task_entry(t, in_use) for t in by_holding([t for o in owners for t in o.tasks])],
     }
 
 
@@ -105,6 +163,32 @@ def _uptime(seconds: int | None) -> str:
         return "-"
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def _shown(text: str) -> str:
+    """An owner as one line of plain text (names are validated printable; this is the last guard)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _slot_lines(lane: str, slots: dict[str, Any]) -> list[str]:
+    """One lane: its counts, then each owner (owner mode) and each of its tasks with their shares."""
+    lines = [f"{lane:<24} {slots['in_use']:>7} {slots['cap']:>5} {slots['waiting']:>8}"]
+    by_owner = slots.get("fair_share") == FairShare.OWNER
+    for o in slots.get("owners", []):
+        indent = "  "
+        if by_owner:
+            owner = _shown(o["owner"]) or "(none)"
+            lines.append(
+                f"  owner {owner:<33} weight {o['weight']:>5g}  holding {o['holding']:>4}"
+                f"  waiting {o['waiting']:>6}  share {o['share']:.0%}"
+            )
+            indent = "    "
+        for t in o["tasks"]:
+            lines.append(
+                f"{indent}task {t['task_id']:<32} priority {t['priority']:>3}  holding {t['holding']:>4}"
+                f"  waiting {t['waiting']:>6}  share {t['share']:.0%}"
+            )
+    return lines
 
 
 def render(report: dict[str, Any]) -> str:
@@ -130,13 +214,8 @@ def render(report: dict[str, Any]) -> str:
         )
     if report["slots"]:
         lines += ["", f"{'JOB SLOTS':<24} {'IN USE':>7} {'CAP':>5} {'WAITING':>8}"]
-        for lane, s in report["slots"].items():
-            lines.append(f"{lane:<24} {s['in_use']:>7} {s['cap']:>5} {s['waiting']:>8}")
-            for t in s["tasks"]:
-                lines.append(
-                    f"  task {t['task_id']:<32} priority {t['priority']:>3}  holding {t['holding']:>4}"
-                    f"  waiting {t['waiting']:>6}  share {t['share']:.0%}"
-                )
+        for lane, slots in report["slots"].items():
+            lines += _slot_lines(lane, slots)
     if report.get("broker_error"):
         lines.append(f"broker unreachable: {report['broker_error']}")
     return "\n".join(lines)

@@ -6,7 +6,7 @@ images, each loaded lazily (`loading="lazy"`) when it comes into view. Every val
 the page is escaped (`html.escape`, quotes included): prompts are user input. A link or an image
 is made only of an http(s) URL.
 
-Layout: a header (name, status, counts, fixed parameters, variables, timings), then one grid per
+Layout: a header (name, owner, status, counts, fixed parameters, variables, timings), then one grid per
 combination of the variables that are neither the rows nor the columns. A grid is cut into blocks
 of at most `CELLS_PER_BLOCK` cells (whole rows), each a `<details>` element: only the first is
 open and a closed block is not laid out, so a 50 000-image task is one file (16 MB) that a browser
@@ -233,6 +233,7 @@ class Report:
         total = int(doc.get("total_images") or 0)
         rows: list[tuple[str, str]] = [
             ("task id", esc(doc["id"])),
+            ("owner", esc(doc.get("owner")) or "\u2014"),  # escaped, as every value
             ("status", f'<span class="status s-{esc(status)}">{esc(status)}</span>'),
             ("round", esc(round_of(doc))),
             ("priority", esc(doc.get("priority"))),

@@ -3,6 +3,7 @@ tasks from the command line."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nietest_daemon.core.settings import Settings
-from nietest_daemon.domain import taskspec
+from nietest_daemon.domain import owners, taskspec
 from nietest_daemon.domain.lifecycle import TERMINAL, Status, is_partial
 from nietest_daemon.store.base import round_of
 
@@ -33,8 +34,24 @@ def _broker(settings: Settings) -> Any:
     return build_broker(settings)
 
 
-def submit(settings: Settings, path: str, *, wait: bool) -> int:
-    """Validate, store (pending), enqueue the master message, print the task id."""
+def invoking_user() -> str:
+    """Who runs the command (`getpass.getuser`: $LOGNAME, $USER, ... or the password database), as
+    an owner; "unknown" when it cannot be told or is no valid owner."""
+    try:
+        return owners.check_owner(getpass.getuser(), "user")
+    except Exception:  # getuser: KeyError or OSError with no user to name; an odd name: TaskValidationError
+        return "unknown"
+
+
+def submit(settings: Settings, path: str, *, wait: bool, owner: str | None = None) -> int:
+    """Validate, store (pending, with its owner), enqueue the master message, print the task id.
+
+    The owner is `owner` (--owner), else the file's `owner` or `user_id`, else the invoking user."""
+    if owner is not None:
+        try:
+            owner = owners.check_owner(owner, "--owner")
+        except taskspec.TaskValidationError as exc:
+            return _error(str(exc))
     file = Path(path)
     too_large = f"{path}: invalid task: task: larger than {MAX_TASK_FILE_BYTES // 1024 // 1024} MB"
     try:
@@ -48,6 +65,7 @@ def submit(settings: Settings, path: str, *, wait: bool) -> int:
         return _error(too_large)
     try:
         task = taskspec.parse_task(text)
+        owner = owner or owners.owner_in(task.extra) or invoking_user()
     except taskspec.TaskValidationError as exc:
         return _error(f"{path}: invalid task: {exc}")
     if not settings.nieta_xtoken:
@@ -63,7 +81,7 @@ def submit(settings: Settings, path: str, *, wait: bool) -> int:
         broker.client.ping()
     except Exception as exc:
         return _error(f"broker {settings.broker_description} unreachable: {exc}")
-    store.create_task({"id": task_id, **task.to_document()})
+    store.create_task({"id": task_id, **task.to_document(), "owner": owner})
     try:
         enqueue(PROCESS_TASK, settings.queue("master").name, task_id)
     except Exception as exc:
@@ -111,6 +129,7 @@ def task_report(settings: Settings, task_id: str) -> dict[str, Any] | None:
     return {
         "id": task_id,
         "name": task.get("name"),
+        "owner": task.get("owner"),
         "status": task.get("status"),
         "partially_completed": is_partial(task),
         "total_images": task.get("total_images"),
@@ -137,6 +156,7 @@ def status(settings: Settings, task_id: str, *, as_json: bool) -> int:
         print(json.dumps(report, indent=2, default=str))
         return 0
     print(f"task     {report['id']}  {report['name']}")
+    print(f"owner    {owners.shown_owner(report['owner'])}")
     print(f"status   {report['status']}" + ("  (partially completed)" if report["partially_completed"] else ""))
     print(
         f"progress {report['progress']}%  {report['processed_images']}/{report['total_images']}  "
@@ -170,6 +190,10 @@ def cancel(settings: Settings, task_id: str) -> int:
 # --- nietest tasks / nietest retry --------------------------------------------------------------------
 
 
+def _clipped(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+
 def _age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -184,6 +208,7 @@ def task_line(task: dict[str, Any], now: datetime) -> dict[str, Any]:
     return {
         "id": task["id"],
         "name": task.get("name"),
+        "owner": task.get("owner"),
         "status": task.get("status"),
         "partially_completed": is_partial(task),
         "progress": task.get("progress"),
@@ -199,13 +224,19 @@ def task_line(task: dict[str, Any], now: datetime) -> dict[str, Any]:
     }
 
 
-def tasks(settings: Settings, *, status: str | None, limit: int, as_json: bool) -> int:
-    """The most recent tasks, newest first (`Store.list_tasks`: the (status, created_at) index)."""
+def tasks(settings: Settings, *, status: str | None, limit: int, as_json: bool, owner: str | None = None) -> int:
+    """The most recent tasks, newest first, of one status and / or one owner (`Store.list_tasks`:
+    along the (owner, status, created_at) indexes)."""
     from nietest_daemon.store import open_store_for, utcnow
 
+    if owner is not None:
+        try:
+            owner = owners.check_owner(owner, "--owner")
+        except taskspec.TaskValidationError as exc:
+            return _error(str(exc))
     store = open_store_for(settings)
     try:
-        found = store.list_tasks(limit=limit, status=status)
+        found = store.list_tasks(limit=limit, status=status, owner=owner)
     finally:
         store.close()
     now = utcnow()
@@ -214,21 +245,22 @@ def tasks(settings: Settings, *, status: str | None, limit: int, as_json: bool) 
         print(json.dumps(lines, indent=2, default=str, ensure_ascii=False))
         return 0
     if not lines:
-        print("no tasks" + (f" {status}" if status else ""))
+        print("no tasks" + (f" {status}" if status else "") + (f" of {owner}" if owner else ""))
         return 0
     print(
         f"{'ID':32}  {'STATUS':10}  {'PROGRESS':>8}  {'DONE/TOTAL':>11}  {'FAILED':>6}  {'CANCEL':>6}  PRIO  "
-        f"{'AGE':>4}  NAME"
+        f"{'AGE':>4}  {'OWNER':16}  NAME"
     )
     for t in lines:
-        name = str(t["name"] or "")
-        name = name if len(name) <= 40 else name[:39] + "\u2026"
+        name = _clipped(str(t["name"] or ""), 40)
+        who = _clipped(owners.shown_owner(t["owner"]), 16)
         status_text = str(t["status"]) + ("*" if t["partially_completed"] else "")
         done = f"{t['completed_images'] or 0}/{t['total_images'] or 0}"
         age = _age(t["age_seconds"]) if t["age_seconds"] is not None else "?"
         print(
             f"{t['id']:32}  {status_text:10}  {float(t['progress'] or 0):7.1f}%  {done:>11}  "
-            f"{t['failed_images'] or 0:>6}  {t['cancelled_images'] or 0:>6}  {t['priority'] or 0:>4}  {age:>4}  {name}"
+            f"{t['failed_images'] or 0:>6}  {t['cancelled_images'] or 0:>6}  {t['priority'] or 0:>4}  {age:>4}  "
+            f"{who:16}  {name}"
         )
     if any(t["partially_completed"] for t in lines):
         print("* partially completed: some images failed (`nietest retry TASK_ID` runs them again)")

@@ -7,7 +7,10 @@ Documents are plain dicts carrying an `id` field and the stored fields listed be
 out as timezone-aware UTC datetimes (millisecond precision, as BSON stores them). Tasks also
 carry `cancel_requested` (bool) and `cancel_requested_at`. `total_images` is taken from the
 document given to `create_task` (submit knows the size of the expansion): finalisation
-compares against it.
+compares against it. `owner` (domain/owners.py: who submitted the task; None in a task stored
+before owners existed), `extra` (the task JSON's fields nietest does not use; {} when none) and
+`payload_sha256` (a producer message's digest, else None) are taken from that document as they
+are; `list_tasks` filters by owner along an index.
 
 A subtask leaves a non-terminal state exactly once, through `finish_subtask`; only the call
 that actually moved it increments the task's counters, and the call whose increment brings
@@ -76,7 +79,8 @@ TASK_FIELDS: tuple[str, ...] = (
     "id", "name", "status", "priority", "created_at", "updated_at", "started_at", "completed_at",
     "total_images", "processed_images", "completed_images", "failed_images", "cancelled_images",
     "progress", "prompts", "ratio", "seed", "batch_size", "use_polish", "is_lumina", "lumina_model_name",
-    "lumina_cfg", "lumina_step", "variables", "variables_map", "error", "round",
+    "lumina_cfg", "lumina_step", "variables", "variables_map", "error", "round", "owner", "extra",
+    "payload_sha256",
 )  # fmt: skip
 SUBTASK_FIELDS: tuple[str, ...] = (
     "id", "task_id", "status", "variable_indices", "prompts", "ratio", "width", "height", "seed", "use_polish",
@@ -232,6 +236,8 @@ def new_task_doc(doc: Mapping[str, Any], now: datetime) -> Doc:
         round=1,
     )
     task.update(dict.fromkeys(COUNTERS, 0))
+    if task["extra"] is None:
+        task["extra"] = {}
     return task
 
 
@@ -443,8 +449,11 @@ class Store(ABC):
         """The task document, or None."""
 
     @abstractmethod
-    def list_tasks(self, limit: int = 20, status: str | Iterable[str] | None = None) -> list[Doc]:
-        """Tasks, newest first, optionally only those in `status` (one or several)."""
+    def list_tasks(
+        self, limit: int = 20, status: str | Iterable[str] | None = None, owner: str | None = None
+    ) -> list[Doc]:
+        """Tasks, newest first, optionally only those in `status` (one or several) and only those of
+        `owner`; each query along one index, its order included."""
 
     @abstractmethod
     def count_tasks(self) -> dict[str, int]:

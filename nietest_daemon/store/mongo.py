@@ -121,6 +121,8 @@ INDEXES: dict[str, tuple[IndexKeys, ...]] = {
         (("created_at", 1), ("_id", 1)),  # list_tasks: newest first
         (("status", 1), ("created_at", 1), ("_id", 1)),  # list_tasks of some statuses; count_tasks
         (("status", 1), ("updated_at", 1), ("_id", 1)),  # repair_counts: processing tasks still since a time
+        (("owner", 1), ("created_at", 1), ("_id", 1)),  # list_tasks of an owner
+        (("owner", 1), ("status", 1), ("created_at", 1), ("_id", 1)),  # list_tasks of an owner, some statuses
     ),
     "subtasks": (
         (("task_id", 1), ("status", 1), ("_id", 1)),  # a task's subtasks of some statuses by id; counts
@@ -267,9 +269,13 @@ class MongoStore(Store):
     def count_tasks(self) -> dict[str, int]:
         return {status: self.tasks.count_documents({"status": status}) for status in STATUSES}
 
-    def list_tasks(self, limit: int = 20, status: str | Iterable[str] | None = None) -> list[Doc]:
+    def list_tasks(
+        self, limit: int = 20, status: str | Iterable[str] | None = None, owner: str | None = None
+    ) -> list[Doc]:
         wanted = _statuses(status)
         query: Doc = {} if wanted is None else {"status": {"$in": wanted}}
+        if owner is not None:
+            query["owner"] = owner
         cursor = self.tasks.find(query).sort([("created_at", -1), ("_id", -1)]).limit(int(limit))
         return [d for d in map(_from_mongo, cursor) if d is not None]
 

@@ -67,6 +67,7 @@ from nietest_daemon.store.base import (
 )
 from nietest_daemon.store.sqlite_file import (
     HISTORY_ENTRY_SQL,
+    OWNER_SQL,
     SQLITE_FILENAME,
     STATE_COLUMNS,
     STATE_FIELDS,
@@ -245,18 +246,27 @@ class SQLiteStore(Store):
             counts[status] = n
         return counts
 
-    def list_tasks(self, limit: int = 20, status: str | Iterable[str] | None = None) -> list[Doc]:
+    def list_tasks(
+        self, limit: int = 20, status: str | Iterable[str] | None = None, owner: str | None = None
+    ) -> list[Doc]:
         wanted = _statuses(status)
         sql = (
             f"SELECT t.created_at, t.id, t.doc, {STATE_SELECT} FROM tasks t LEFT JOIN task_state s ON s.task_id = t.id"
         )
         order = " ORDER BY t.created_at DESC, t.id DESC LIMIT ?"
         conn = self._file.conn()
+        owned = [] if owner is None else [(f"{OWNER_SQL} = ?", owner)]  # the owner indexes' own expression
+
+        def page(filters: list[tuple[str, str]]) -> list[tuple[Any, ...]]:
+            where = " WHERE " + " AND ".join(test for test, _ in filters) if filters else ""
+            return conn.execute(sql + where + order, (*(value for _, value in filters), int(limit))).fetchall()
+
         if wanted is None:
-            rows = conn.execute(sql + order, (int(limit),)).fetchall()
+            rows = page(owned)
         else:
-            pages = [conn.execute(sql + " WHERE t.status = ?" + order, (s, int(limit))).fetchall() for s in wanted]
-            rows = _merged(pages, int(limit), _task_order, newest_first=True)
+            rows = _merged(
+                [page([*owned, ("t.status = ?", s)]) for s in wanted], int(limit), _task_order, newest_first=True
+            )
         return [self._with_state(r[2], r[3:]) for r in rows]
 
     def mark_task_running(self, task_id: str) -> bool:

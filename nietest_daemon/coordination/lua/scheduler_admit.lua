@@ -1,30 +1,63 @@
--- Fill the free slots fairly: stride scheduling (coordination/scheduler.py, Scheduler.admit).
--- KEYS: holders, tasks, weights, clock. ARGV: cap, now, lease expiry, ready prefix, limit (0: none),
+-- Fill the free slots fairly: stride scheduling on two levels, owners then each owner's tasks
+-- (coordination/scheduler.py, Scheduler.admit).
+-- KEYS: holders, owners, owner weights, owner clock, task clocks, task -> owner, task weights.
+-- ARGV: cap, now, lease expiry, ready-list prefix, owner-task-set prefix, limit (0: none),
 -- a holder to release first ("": none). Returns the admitted ids, in order.
-if ARGV[6] ~= "" then redis.call("zrem", KEYS[1], ARGV[6]) end
-redis.call("zremrangebyscore", KEYS[1], "-inf", ARGV[2])
-local free = tonumber(ARGV[1]) - redis.call("zcard", KEYS[1])
-local limit = tonumber(ARGV[5])
+local holders, owners, owner_weights, owner_clock, task_clocks, task_owner, weights =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+
+-- The task leaves its owner's set; an owner left without a task leaves the lane; a lane left
+-- without an owner forgets its clock. So a drained lane leaves no key but its holders.
+local function leave(task, owner)
+  local tasks = ARGV[5] .. owner
+  redis.call("zrem", tasks, task)
+  redis.call("hdel", task_owner, task)
+  redis.call("hdel", weights, task)
+  if redis.call("zcard", tasks) == 0 then
+    redis.call("zrem", owners, owner)
+    redis.call("hdel", owner_weights, owner)
+    redis.call("hdel", task_clocks, owner)
+    if redis.call("zcard", owners) == 0 then redis.call("del", owner_clock) end
+  end
+end
+
+if ARGV[7] ~= "" then redis.call("zrem", holders, ARGV[7]) end
+redis.call("zremrangebyscore", holders, "-inf", ARGV[2])
+local free = tonumber(ARGV[1]) - redis.call("zcard", holders)
+local limit = tonumber(ARGV[6])
 if limit > 0 and limit < free then free = limit end
 local admitted = {}
 while free > 0 do
-  local head = redis.call("zrange", KEYS[2], 0, 0, "WITHSCORES")
+  local head = redis.call("zrange", owners, 0, 0, "WITHSCORES")
   if #head == 0 then break end
-  local task, pass = head[1], tonumber(head[2])
-  local ready = ARGV[4] .. task
-  local id = redis.call("lpop", ready)
-  if id then
-    redis.call("zadd", KEYS[1], ARGV[3], id)
-    redis.call("set", KEYS[4], head[2])
-    admitted[#admitted + 1] = id
-    free = free - 1
-  end
-  if redis.call("llen", ready) == 0 then
-    redis.call("zrem", KEYS[2], task)
-    redis.call("hdel", KEYS[3], task)
-  elseif id then
-    local weight = tonumber(redis.call("hget", KEYS[3], task) or "1")
-    redis.call("zadd", KEYS[2], pass + 1 / weight, task)
+  local owner, owner_pass = head[1], head[2]
+  local first = redis.call("zrange", ARGV[5] .. owner, 0, 0, "WITHSCORES")
+  if #first == 0 then -- an owner without a task (no script leaves one): it leaves
+    redis.call("zrem", owners, owner)
+    redis.call("hdel", owner_weights, owner)
+    redis.call("hdel", task_clocks, owner)
+  else
+    local task, task_pass = first[1], first[2]
+    local ready = ARGV[4] .. task
+    local id = redis.call("lpop", ready)
+    if id then
+      redis.call("zadd", holders, ARGV[3], id)
+      redis.call("set", owner_clock, owner_pass)
+      redis.call("hset", task_clocks, owner, task_pass)
+      admitted[#admitted + 1] = id
+      free = free - 1
+    end
+    if redis.call("llen", ready) == 0 then
+      leave(task, owner)
+    elseif id then
+      local weight = tonumber(redis.call("hget", weights, task) or "1")
+      redis.call("zadd", ARGV[5] .. owner, tonumber(task_pass) + 1 / weight, task)
+    end
+    if id and redis.call("zscore", owners, owner) then
+      local weight = tonumber(redis.call("hget", owner_weights, owner) or "1")
+      redis.call("zadd", owners, tonumber(owner_pass) + 1 / weight, owner)
+    end
   end
 end
+if redis.call("zcard", owners) == 0 then redis.call("del", owner_clock) end
 return admitted
