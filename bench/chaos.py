@@ -2,18 +2,23 @@
 and the APIs misbehave.
 
     .venv/bin/python bench/chaos.py [--subtasks 300] [--kill-every 3] [--min-kills 10] [--seed 7]
+                                    [--store sqlite|postgresql]
 
 Two runs of the same two tasks (priorities 1 and 3, submitted together, each of standard and
 Lumina subtasks mixed, sharing the job slots) on a real `nietest daemon`
-(embedded valkey broker, SQLite store), against nietest_daemon/testing/fake_nieta and two
-nietest_daemon/testing/fake_feishu.py webhooks, all on 127.0.0.1:
+(embedded valkey broker; a SQLite store, or with `--store postgresql` a temporary database of the
+PostgreSQL server nietest_daemon/testing/postgres.py finds), against
+nietest_daemon/testing/fake_nieta and two nietest_daemon/testing/fake_feishu.py webhooks, all on
+127.0.0.1:
 
 1. **baseline**: no faults;
 2. **chaos**: the fake API answers with random latency and a fault mix (5% HTTP 500, 2% 429,
    1% dropped connections, 2% FAILURE, 1% ILLEGAL_IMAGE, 1% TIMEOUT, per request or job); a
    random worker is killed with SIGKILL every few seconds until the tasks end (at least
    `--min-kills`); the embedded broker's valkey-server is killed with SIGKILL once; both
-   webhooks hang (accept, never answer) for a while.
+   webhooks hang (accept, never answer) for a while; on PostgreSQL, every connection of the
+   daemon to its database is terminated once (`pg_terminate_backend`, as a server restart or a
+   network cut would leave them), a quarter of the way through the kills.
 
 After each run it checks, and prints: every subtask reached exactly one terminal state; each
 task's counters equal a recount and its final state follows from them; no subtask created more
@@ -47,6 +52,7 @@ from typing import Any
 
 import redis
 
+from bench import stores
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.domain.lifecycle import COUNTER_OF, TERMINAL, Status, final_task_status
@@ -64,6 +70,9 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER_GROUPS = ("master", "master_ops", "subtask", "subtask_ops")
 FINAL_TITLES = ("Task completed", "Task partially completed", "Task failed", "Task cancelled")
 MONGO_PASSWORD = "chaos-Mongo-pw-5b1e"  # given to the daemon (unused by the SQLite store) to prove it is never logged
+# In the PostgreSQL store's URL: the test server trusts its loopback clients (never asks for it),
+# so it is given to the daemon only to prove that it is never logged.
+STORE_PASSWORD = "chaos-Pg-pw-37c0"
 WEBHOOK_SECRET = "chaos-hook-secret-91ad"
 
 
@@ -112,6 +121,9 @@ class ChaosConfig:
     max_lumina_jobs: int = 8
     timeout: float = 900.0
     seed: int = 7
+    store: str = "sqlite"  # or "postgresql": a temporary database of testing/postgres.py's server
+    kill_store: bool = True  # PostgreSQL only: terminate the daemon's connections to its database once
+    heartbeat_timeout: float = 60.0  # NIETEST_BROKER_HEARTBEAT_TIMEOUT
     extra_rules: list[dict[str, Any]] = field(default_factory=list)  # taken before the random mix
 
 
@@ -130,6 +142,9 @@ class ChaosReport:
     unresponsive_kills: int = 0  # workers the watchdog killed for silence
     recycles: int = 0  # workers that recycled past their memory limit
     broker_killed: bool = False
+    store: str = "sqlite"
+    store_connections_killed: int = 0  # PostgreSQL: the daemon's connections terminated at once
+    store_outages: int = 0  # messages retried because the store could not be reached
     lost: int = 0  # subtasks not in exactly one terminal state
     jobs_created: int = 0
     duplicate_jobs: int = 0  # jobs beyond 1 + the TIMEOUT resubmits owed
@@ -236,11 +251,13 @@ def environment(cfg: ChaosConfig, *, faults: bool) -> Iterator[tuple[DaemonProce
     )
     task_hook, alert_hook = FakeFeishu(WEBHOOK_SECRET), FakeFeishu(WEBHOOK_SECRET)
     daemon: DaemonProcess | None = None
-    with api, task_hook, alert_hook:
+    with api, task_hook, alert_hook, stores.store_env(cfg.store, password=STORE_PASSWORD) as store:
         try:
             max_polls = max(60, int(6 * cfg.generation_time / cfg.polling_interval))
             env = {
                 **api.env(),
+                **store,
+                "NIETEST_BROKER_HEARTBEAT_TIMEOUT": str(cfg.heartbeat_timeout),
                 "FEISHU_TASK_WEBHOOK_URL": task_hook.url,
                 "FEISHU_ALERT_WEBHOOK_URL": alert_hook.url,
                 "FEISHU_WEBHOOK_SECRET": WEBHOOK_SECRET,
@@ -288,6 +305,7 @@ class Chaos(threading.Thread):
         self.kills: list[str] = []
         self.kill_times: list[float] = []
         self.broker_killed = False
+        self.store_killed: int | None = None  # connections terminated, once done
         self.errors: list[str] = []
         self.stops: list[tuple[str, float]] = []
         self.stopped: list[tuple[float, int]] = []  # (resume at, pid)
@@ -324,6 +342,8 @@ class Chaos(threading.Thread):
         started = time.monotonic()
         hung = False
         broker_at = self.cfg.kill_every * (self.cfg.min_kills // 2 + 0.5)  # mid-way through the kills
+        store_at = self.cfg.kill_every * (self.cfg.min_kills // 4 + 0.5)  # a quarter of the way
+        store_url = self.daemon.settings.store_url if self.cfg.kill_store else None
         next_kill = self.cfg.kill_every * self.rng.uniform(0.7, 1.3)
         while not self.stop.wait(0.2):
             elapsed = time.monotonic() - started
@@ -336,6 +356,9 @@ class Chaos(threading.Thread):
                     for hook in self.hooks:
                         hook.hang_for(self.cfg.hang_seconds)
                     hung = True
+                if store_url and self.store_killed is None and elapsed >= store_at:
+                    self.store_killed = stores.terminate_connections(store_url)
+                    continue
                 if self.cfg.kill_broker and not self.broker_killed and elapsed >= broker_at:
                     os.kill(int((self.daemon.settings.run_dir / "valkey.pid").read_text()), signal.SIGKILL)
                     self.broker_killed = True
@@ -362,7 +385,7 @@ def card_text(message: Any) -> tuple[str, str]:
 
 
 def run_chaos(cfg: ChaosConfig, *, faults: bool, label: str, say: Callable[[str], None] = print) -> ChaosReport:
-    report = ChaosReport(label)
+    report = ChaosReport(label, store=cfg.store)
     rng = random.Random(cfg.seed)
     random.seed(cfg.seed)  # the fake's fault draws (approximately repeatable: threads interleave)
     per_task = cfg.subtasks // len(cfg.priorities)
@@ -405,6 +428,9 @@ def run_chaos(cfg: ChaosConfig, *, faults: bool, label: str, say: Callable[[str]
                     chaos.broker_killed,
                 )
                 report.check(not chaos.errors, f"chaos thread errors: {chaos.errors[:3]}")
+                report.store_connections_killed = chaos.store_killed or 0
+                if cfg.store == "postgresql" and cfg.kill_store:
+                    report.check(bool(chaos.store_killed), "no connection of the daemon to its store was terminated")
                 report.stops = chaos.stops
             say(f"[{label}] tasks ended after {report.wall_seconds:.1f} s; settling")
             settle(daemon, task_hook, list(task_ids), report)
@@ -432,6 +458,8 @@ def check_watchdog(report: ChaosReport, daemon: DaemonProcess, cfg: ChaosConfig)
     ]
     report.unresponsive_kills = sum(1 for r in records if r.get("event") == "worker unresponsive; killing it")
     report.recycles = sum(1 for r in records if str(r.get("event", "")).startswith("recycling:"))
+    # pipeline/middleware: "store unreachable during the message; retrying it" (or "left for the sweep")
+    report.store_outages = sum(1 for r in records if str(r.get("event", "")).startswith("store unreachable"))
     report.long_stops = sum(1 for _, seconds in report.stops if seconds > cfg.worker_hang_seconds + 2)
     report.check(
         not report.long_stops or report.unresponsive_kills > 0,
@@ -581,6 +609,8 @@ def check_alerts(report: ChaosReport, hook: FakeFeishu, coalesce_seconds: float)
 
 def check_logs(report: ChaosReport, daemon: DaemonProcess, api: FakeNieta, *hooks: FakeFeishu) -> None:
     secrets = {"the Nieta token": api.token, "the webhook secret": WEBHOOK_SECRET, "the Mongo password": MONGO_PASSWORD}
+    if daemon.settings.store_url and STORE_PASSWORD in daemon.settings.store_url:
+        secrets["the store password"] = STORE_PASSWORD
     for n, hook in enumerate(hooks):
         secrets[f"webhook URL {n}"] = hook.url
         secrets[f"webhook token {n}"] = hook.token
@@ -611,8 +641,14 @@ def describe(report: ChaosReport) -> list[str]:
         f"[{report.label}] wall time {report.wall_seconds:.1f} s (by priority: "
         + ", ".join(f"{p}: {t:.1f} s" for p, t in report.task_seconds.items())
         + f"); tasks {report.task_status}; subtasks {report.statuses}",
-        f"[{report.label}] kills survived: {len(report.kills)} workers (SIGKILL) + broker: {report.broker_killed}; "
-        f"subtasks lost: {report.lost}; image jobs: {report.jobs_created}, beyond those owed: {report.duplicate_jobs}",
+        f"[{report.label}] kills survived: {len(report.kills)} workers (SIGKILL) + broker: {report.broker_killed}"
+        + (
+            f" + store connections: {report.store_connections_killed} (messages retried for it: {report.store_outages})"
+            if report.store == "postgresql"
+            else ""
+        )
+        + f"; subtasks lost: {report.lost}; image jobs: {report.jobs_created}, "
+        f"beyond those owed: {report.duplicate_jobs}",
         f"[{report.label}] workers stopped (SIGSTOP, then SIGCONT): {len(report.stops)}, "
         f"{report.long_stops} of them past NIETEST_HANG_SECONDS; killed by the watchdog for silence: "
         f"{report.unresponsive_kills}; recycled past their memory limit: {report.recycles}",
@@ -636,9 +672,13 @@ def main() -> int:
     parser.add_argument("--min-kills", type=int, default=10, help="at least this many worker kills")
     parser.add_argument("--seed", type=int, default=7, help="seed of the kill schedule and the fault draws")
     parser.add_argument("--skip-baseline", action="store_true", help="only the chaos run")
+    stores.add_store_option(parser)
     args = parser.parse_args()
-    cfg = ChaosConfig(subtasks=args.subtasks, kill_every=args.kill_every, min_kills=args.min_kills, seed=args.seed)
+    cfg = ChaosConfig(
+        subtasks=args.subtasks, kill_every=args.kill_every, min_kills=args.min_kills, seed=args.seed, store=args.store
+    )
     print(f"python {platform.python_version()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
+    print(f"store: {args.store}")
     reports = []
     if not args.skip_baseline:
         reports.append(run_chaos(cfg, faults=False, label="baseline"))

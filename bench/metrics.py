@@ -1,8 +1,10 @@
 """What a scrape of `/metrics` costs as the store and the broker fill up.
 
     .venv/bin/python bench/metrics.py [--sizes 5000,50000,500000] [--tasks 2000] [--scrapes 200]
+                                      [--store sqlite|postgresql]
 
-A real `nietest daemon` (embedded valkey, SQLite store, its `metrics` program). The baseline is
+A real `nietest daemon` (embedded valkey, its `metrics` program; the SQLite store, or with
+`--store postgresql` a fresh PostgreSQL database: bench/stores.py). The baseline is
 measured first, in the same run, on the empty store. Then, for each size, one task of that many
 subtasks is added (stored, and all of them waiting in the task's ready list in the broker, as a
 campaign waiting for job slots is), plus `--tasks` small finished tasks in all; after each step
@@ -21,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import stores  # noqa: E402
 from bench.pipeline import daemon  # noqa: E402
 from nietest_daemon.coordination.connection import redis_client  # noqa: E402
 from nietest_daemon.coordination.scheduler import Scheduler  # noqa: E402
@@ -52,10 +55,12 @@ def main() -> int:
     parser.add_argument("--sizes", default="5000,50000,500000", help="subtasks of the task added at each step")
     parser.add_argument("--tasks", type=int, default=2000, help="small tasks stored in all (spread over the steps)")
     parser.add_argument("--scrapes", type=int, default=200)
+    stores.add_store_option(parser)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
 
-    with daemon() as (settings, _env):
+    print(f"store: {args.store}", flush=True)
+    with daemon(args.store) as (settings, _env):
         addr_file = settings.metrics_addr_file
         addr = wait_for(lambda: addr_file.exists() and addr_file.read_text().strip(), 30, "metrics address")
         url = f"http://{addr}/metrics"

@@ -1,6 +1,6 @@
 """The task pipeline's concurrency, overhead and memory, against the fake Nieta API on loopback.
 
-    .venv/bin/python bench/pipeline.py [--subtasks 500]
+    .venv/bin/python bench/pipeline.py [--subtasks 500] [--store sqlite|postgresql]
 
 1. Concurrency: 500 subtasks, fake generation time 2 s, polling interval 0.5 s,
    NIETEST_MAX_JOBS=200, 2 subtask processes x 5 threads. Wall time to finish the task for
@@ -11,7 +11,9 @@
    second through the whole pipeline (store writes included) versus bare Dramatiq no-op
    messages per second on the same broker and processes.
 3. Memory: peak resident memory (VmHWM) of each subtask worker with 500 jobs in flight.
-Every phase runs a real `nietest daemon` (embedded valkey broker, SQLite store).
+Every phase runs a real `nietest daemon` (embedded valkey broker; the SQLite store in its data dir,
+or with `--store postgresql` a fresh database of the PostgreSQL server that
+nietest_daemon/testing/postgres.py finds: bench/stores.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import dramatiq
 import httpx
 import redis
 
+from bench import stores
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.domain.lifecycle import TERMINAL
@@ -91,7 +94,14 @@ class FakeAPI:
 
 
 @contextlib.contextmanager
-def daemon(**overrides: str) -> Iterator[tuple[settings_module.Settings, dict[str, str]]]:
+def daemon(store: str = "sqlite", **overrides: str) -> Iterator[tuple[settings_module.Settings, dict[str, str]]]:
+    """A real `nietest daemon` in a fresh home on `store` (bench/stores.py), stopped on exit."""
+    with stores.store_env(store) as store_settings, _daemon(**store_settings, **overrides) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def _daemon(**overrides: str) -> Iterator[tuple[settings_module.Settings, dict[str, str]]]:
     home = Path(tempfile.mkdtemp(prefix="ntp-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("NIETEST_")}
     env.update(
@@ -195,6 +205,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subtasks", type=int, default=500)
     parser.add_argument("--skip-baseline", action="store_true", help="skip (b), which takes about two minutes")
+    stores.add_store_option(parser)
     args = parser.parse_args()
     n = args.subtasks
     work = Path(tempfile.mkdtemp(prefix="ntp-bench-"))
@@ -203,7 +214,8 @@ def main() -> int:
     try:
         # 1. concurrency --------------------------------------------------------------------------------
         api.configure(generation_time=2.0)
-        with daemon(**api.env(), NIETEST_MAX_JOBS="200", IMAGE_POLLING_INTERVAL="0.5") as (settings, env):
+        limits = {"NIETEST_MAX_JOBS": "200", "IMAGE_POLLING_INTERVAL": "0.5"}
+        with daemon(args.store, **api.env(), **limits) as (settings, env):
             fake_cpu = cpu_seconds(api.proc.pid)
             elapsed, task = run_task(settings, env, task_file(work, n), timeout=300)
             fake_cpu = cpu_seconds(api.proc.pid) - fake_cpu
@@ -219,7 +231,8 @@ def main() -> int:
 
         # 2. overhead: rounds of the pipeline and of no-ops, alternating, medians ------------------------
         api.configure(generation_time=0.0)
-        with daemon(**api.env(), NIETEST_MAX_JOBS="100000", IMAGE_POLLING_INTERVAL="0.05") as (settings, env):
+        limits = {"NIETEST_MAX_JOBS": "100000", "IMAGE_POLLING_INTERVAL": "0.05"}
+        with daemon(args.store, **api.env(), **limits) as (settings, env):
             pipeline_rates, noop_rates, completed = [], [], 0
             client = redis.Redis.from_url(settings.broker_url)
             for _ in range(OVERHEAD_ROUNDS):
@@ -237,7 +250,8 @@ def main() -> int:
 
         # 3. memory at 500 jobs in flight ----------------------------------------------------------------
         api.configure(generation_time=15.0)
-        with daemon(**api.env(), NIETEST_MAX_JOBS="100000", IMAGE_POLLING_INTERVAL="0.5") as (settings, env):
+        limits = {"NIETEST_MAX_JOBS": "100000", "IMAGE_POLLING_INTERVAL": "0.5"}
+        with daemon(args.store, **api.env(), **limits) as (settings, env):
             store_task = task_file(work, n)
             submit(env, store_task)
             wait_for(lambda: api.stats()["jobs"] >= n, 60, "all jobs in flight", interval=0.1)
@@ -258,7 +272,7 @@ def main() -> int:
         ),
         "?",
     )
-    print(f"machine: {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}")
+    print(f"machine: {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}; store: {args.store}")
     print(f"1. concurrency: {n} subtasks, generation 2 s, polling 0.5 s, NIETEST_MAX_JOBS=200, 2 x 5 threads")
     print(f"   (a) nietest                      {elapsed:7.1f} s   ({completed} completed)")
     if "b" in results:

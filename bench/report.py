@@ -1,8 +1,10 @@
 """Bench: `nietest report`, `nietest export` and the store side of `nietest retry` on a 50 000-image task.
 
-    .venv/bin/python -m bench.report [--keep DIR]
+    .venv/bin/python -m bench.report [--keep DIR] [--store sqlite|postgresql]
 
-Builds, in a SQLite store in a temporary directory, one task of 100 styles x 20 ratios x 25 seeds
+Builds, in a SQLite store in a temporary directory (or with `--store postgresql` a fresh
+PostgreSQL database, migrated as a daemon's start does: bench/stores.py), one task of 100 styles
+x 20 ratios x 25 seeds
 = 50 000 subtasks as submit and the workers would leave it (90 % completed with an image URL,
 8 % failed, 2 % cancelled; each through `Store.finish_subtask`), then times and prints:
 
@@ -10,7 +12,7 @@ Builds, in a SQLite store in a temporary directory, one task of 100 styles x 20 
   seed) and with `--rows seed --cols style` (20 grids of 25 x 100, one per ratio), the file sizes
   and the peak memory;
 - the CSV and JSON-lines exports (to /dev/null);
-- `Store.retry_subtasks` of the 4 000 failed subtasks (one SQLite transaction), then the task list;
+- `Store.retry_subtasks` of the 4 000 failed subtasks (one transaction), then the task list;
 - when Debian's chromium is there, how long headless Chromium takes to load the report and dump
   its DOM (the page with its 50 blocks folded).
 """
@@ -27,10 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import stores
 from nietest_daemon.domain import taskspec
 from nietest_daemon.domain.lifecycle import Status
 from nietest_daemon.programs import export, report
-from nietest_daemon.store import SQLiteStore
+from nietest_daemon.store import Store
 from nietest_daemon.testing import task_documents as taskdocs
 
 STYLES, RATIOS, SEEDS = 100, 20, 25
@@ -55,7 +58,7 @@ def timed(label: str, fn: Any) -> Any:
     return result
 
 
-def build(store: SQLiteStore, task_id: str) -> None:
+def build(store: Store, task_id: str) -> None:
     task = taskspec.validate_task(task_document())
     assert task.total_subtasks == 50_000
     store.create_task({"id": task_id, **task.to_document()})
@@ -77,74 +80,84 @@ def build(store: SQLiteStore, task_id: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--keep", metavar="DIR", help="build in DIR and keep it (default: a temporary directory)")
+    parser.add_argument(
+        "--keep", metavar="DIR", help="build in DIR and keep it (default: a temporary directory; SQLite only)"
+    )
+    stores.add_store_option(parser)
     args = parser.parse_args(argv)
+    if args.keep and args.store != "sqlite":
+        parser.error("--keep keeps a SQLite store: a PostgreSQL bench database is always dropped")
     directory = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="nt-bench-report-"))
     directory.mkdir(parents=True, exist_ok=True)
-    task_id = "bench50k"
-    store = SQLiteStore(directory / "data")
+    print(f"store: {args.store}")
     try:
-        if store.get_task(task_id) is None:
-            timed("build: 50 000 subtasks, each finished through the store", lambda: build(store, task_id))
-        task = store.get_task(task_id)
-        assert task is not None
-        print(
-            f"task: {task['status']}, {task['completed_images']} completed, {task['failed_images']} failed, "
-            f"{task['cancelled_images']} cancelled of {task['total_images']}"
-        )
-        default = directory / "report-default.html"
-        cells = timed(
-            "report, default axes (style x ratio, a grid per seed)",
-            lambda: report.write_report(store, task_id, default),
-        )
-        other = directory / "report-seed-by-style.html"
-        timed(
-            "report, --rows seed --cols style (a grid per ratio)",
-            lambda: report.write_report(store, task_id, other, rows="seed", cols="style"),
-        )
-        print(f"  {cells} cells; {default.stat().st_size / 1e6:.1f} MB and {other.stat().st_size / 1e6:.1f} MB")
-        with open(os.devnull, "w") as null:
-            rows = timed("export --format csv (to /dev/null)", lambda: export.export(store, task_id, "csv", null))
-            timed("export --format jsonl (to /dev/null)", lambda: export.export(store, task_id, "jsonl", null))
-        print(f"  {rows} rows each")
-        chromium = shutil.which("chromium")
-        if chromium:
-            profile = directory / "chromium-profile"
-            # Headless Chromium does not lazy-load: it fetches all 45 000 images (here from a host
-            # that does not resolve), which a browser showing the page does not. Images off, it
-            # measures what the page itself costs to load and lay out.
-            timed(
-                "chromium --headless --screenshot, images off",
-                lambda: subprocess.run(
-                    [
-                        chromium,
-                        "--headless",
-                        "--no-sandbox",
-                        "--disable-gpu",
-                        f"--user-data-dir={profile}",
-                        "--blink-settings=imagesEnabled=false",
-                        f"--screenshot={directory / 'report.png'}",
-                        "--window-size=1280,2000",
-                        default.as_uri(),
-                    ],
-                    capture_output=True,
-                    check=True,
-                    timeout=300,
-                ),
-            )
-        if task["status"] != Status.PROCESSING:
-            outcome = timed(
-                "Store.retry_subtasks of the 4 000 failed (one transaction)", lambda: store.retry_subtasks(task_id)
-            )
-            print(f"  reset {outcome.reset}, task {outcome.task['status']} round {outcome.round}")
-        timed("Store.list_tasks(limit=20)", lambda: store.list_tasks(limit=20))
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"peak resident memory of this process: {peak:.0f} MiB")
+        with stores.bench_store(args.store, directory / "data") as store:
+            run(store, directory)
     finally:
-        store.close()
         if not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
     return 0
+
+
+def run(store: Store, directory: Path) -> None:
+    """Build the task (unless a kept directory has it), then time each step."""
+    task_id = "bench50k"
+    if store.get_task(task_id) is None:
+        timed("build: 50 000 subtasks, each finished through the store", lambda: build(store, task_id))
+    task = store.get_task(task_id)
+    assert task is not None
+    print(
+        f"task: {task['status']}, {task['completed_images']} completed, {task['failed_images']} failed, "
+        f"{task['cancelled_images']} cancelled of {task['total_images']}"
+    )
+    default = directory / "report-default.html"
+    cells = timed(
+        "report, default axes (style x ratio, a grid per seed)",
+        lambda: report.write_report(store, task_id, default),
+    )
+    other = directory / "report-seed-by-style.html"
+    timed(
+        "report, --rows seed --cols style (a grid per ratio)",
+        lambda: report.write_report(store, task_id, other, rows="seed", cols="style"),
+    )
+    print(f"  {cells} cells; {default.stat().st_size / 1e6:.1f} MB and {other.stat().st_size / 1e6:.1f} MB")
+    with open(os.devnull, "w") as null:
+        rows = timed("export --format csv (to /dev/null)", lambda: export.export(store, task_id, "csv", null))
+        timed("export --format jsonl (to /dev/null)", lambda: export.export(store, task_id, "jsonl", null))
+    print(f"  {rows} rows each")
+    chromium = shutil.which("chromium")
+    if chromium:
+        profile = directory / "chromium-profile"
+        # Headless Chromium does not lazy-load: it fetches all 45 000 images (here from a host
+        # that does not resolve), which a browser showing the page does not. Images off, it
+        # measures what the page itself costs to load and lay out.
+        timed(
+            "chromium --headless --screenshot, images off",
+            lambda: subprocess.run(
+                [
+                    chromium,
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    f"--user-data-dir={profile}",
+                    "--blink-settings=imagesEnabled=false",
+                    f"--screenshot={directory / 'report.png'}",
+                    "--window-size=1280,2000",
+                    default.as_uri(),
+                ],
+                capture_output=True,
+                check=True,
+                timeout=300,
+            ),
+        )
+    if task["status"] != Status.PROCESSING:
+        outcome = timed(
+            "Store.retry_subtasks of the 4 000 failed (one transaction)", lambda: store.retry_subtasks(task_id)
+        )
+        print(f"  reset {outcome.reset}, task {outcome.task['status']} round {outcome.round}")
+    timed("Store.list_tasks(limit=20)", lambda: store.list_tasks(limit=20))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak resident memory of this process: {peak:.0f} MiB")
 
 
 if __name__ == "__main__":

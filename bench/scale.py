@@ -1,10 +1,11 @@
 """Campaign size: one task each of 1,000, 10,000 and 50,000 subtasks against a fast fake API.
 
-    .venv/bin/python -m bench.scale [--sizes 1000,10000,50000] [--max-jobs 200]
+    .venv/bin/python -m bench.scale [--sizes 1000,10000,50000] [--max-jobs 200] [--store sqlite|postgresql]
 
-Each size runs on a fresh real `nietest daemon` (embedded valkey, SQLite store; 1 master,
-2 x 5 subtask threads) against the fake Nieta API in its own process: a job finishes 0.05 s
-after its create, polls are 0.05 s apart. For each size it prints:
+Each size runs on a fresh real `nietest daemon` (embedded valkey; the SQLite store, or with
+`--store postgresql` a fresh PostgreSQL database: bench/stores.py; 1 master, 2 x 5 subtask
+threads) against the fake Nieta API in its own process: a job finishes 0.05 s after its create,
+polls are 0.05 s apart. For each size it prints:
 
 - throughput (subtasks per second, from the task's stored submission to its end), and its ratio
   to the first size's, measured in the same run (the target: >= 0.8 for 10x and 50x the first size);
@@ -16,7 +17,7 @@ after its create, polls are 0.05 s apart. For each size it prints:
   does not grow with the line: the messages of the running subtasks, the workers' keys. Beside
   it, used_memory at the peak over the idle daemon's;
 - peak resident memory (VmHWM) of each subtask worker (the target: independent of the size);
-- the SQLite store's size at the end.
+- the store's size at the end (the SQLite file with its WAL, or `pg_database_size`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
+from bench import stores
 from bench.pipeline import FakeAPI, daemon, status_kib, submit, worker_pids
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.coordination.scheduler import Scheduler
@@ -70,9 +71,9 @@ def task_document(size: int) -> dict:
     )
 
 
-def run_size(api: FakeAPI, size: int, max_jobs: int, timeout: float) -> Result:
+def run_size(api: FakeAPI, size: int, max_jobs: int, timeout: float, store_kind: str = "sqlite") -> Result:
     overrides = {"NIETEST_MAX_JOBS": str(max_jobs), "IMAGE_POLLING_INTERVAL": "0.05", **api.env()}
-    with daemon(**overrides) as (settings, env):
+    with daemon(store_kind, **overrides) as (settings, env):
         api.configure(0.05)
         client = redis_client(settings)
         slots = Scheduler(client, Lane.STANDARD, max_jobs, lease_seconds=0)
@@ -116,8 +117,7 @@ def run_size(api: FakeAPI, size: int, max_jobs: int, timeout: float) -> Result:
         hwm = [status_kib(pid, "VmHWM") / 1024 for pid in worker_pids(settings, "subtask")]
         store.close()
         client.close()
-        db = Path(settings.data_dir) / "nietest.sqlite3"
-        store_mib = sum(p.stat().st_size for p in db.parent.glob("nietest.sqlite3*")) / 2**20
+        store_mib = stores.store_mib(settings)
         return Result(
             size=size,
             seconds=seconds,
@@ -137,14 +137,18 @@ def main() -> int:
     parser.add_argument("--sizes", default="1000,10000,50000")
     parser.add_argument("--max-jobs", type=int, default=200)
     parser.add_argument("--timeout", type=float, default=3600.0)
+    stores.add_store_option(parser)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"machine: {platform.machine()}, Python {platform.python_version()}; cap {args.max_jobs} slots")
+    print(
+        f"machine: {platform.machine()}, Python {platform.python_version()}; cap {args.max_jobs} slots;"
+        f" store: {args.store}"
+    )
     api = FakeAPI()
     results: list[Result] = []
     try:
         for size in sizes:
-            r = run_size(api, size, args.max_jobs, args.timeout)
+            r = run_size(api, size, args.max_jobs, args.timeout, args.store)
             results.append(r)
             ratio = r.throughput / results[0].throughput
             print(

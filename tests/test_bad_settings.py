@@ -48,6 +48,21 @@ BAD: dict[str, list[str]] = {
     "REDIS_PORT": ["70000", "0", "six"],
     "REDIS_DB": ["16", "-1", "zero"],
     "MONGO_URI": ["postgres://u:{secret}@h/db", "mongodb://", "not a url"],
+    "NIETEST_STORE_URL": [
+        "mysql://u:{secret}@db/nietest",
+        "postgresql://u:{secret}@db:99999/nietest",
+        "postgresql://u:{secret}@db:5432/",
+        "postgresql://u:p/{secret}@db/nietest",  # a '/' in the password, not percent-encoded
+        "postgresql://u:{secret}@db/nietest?ssl mode=require",
+        "postgres:nietest",
+        "sqlite://nietest.db",
+        "sqlite:nietest.db",
+        "sqlite:///{file}/tasks.db",
+        "sqlite:///tmp/",
+        "mongodb://",
+        "mongodb+srv://u:{secret}@/x",
+        "127.0.0.1:5432",
+    ],
     "FEISHU_WEBHOOK_URL": [
         "ftp://open.feishu.cn/open-apis/bot/v2/hook/{secret}",
         "open.feishu.cn/open-apis/bot/v2/hook/{secret}",

@@ -4,6 +4,11 @@ the sweep, and failure streaks.
 All against a private valkey-server (real Redis semantics, real Lua); the pipeline cases also use
 a real SQLite store in a temporary directory, the real Dramatiq Redis broker (messages are
 inspected in valkey, not run) and the fake Nieta API over HTTP.
+
+The cases marked `@on_both_stores` (a finish counted once, cancels, the sweep's resume, finalise
+and repair, a retry) run on the PostgreSQL store as well: one database of the machine's server for
+the module, its schema made once, emptied before each case (they skip, saying why, when no server
+answers). The others do not touch what differs between the stores.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 import dramatiq
 import dramatiq.broker
+import psycopg
 import pytest
 import redis
 from dramatiq.middleware import CurrentMessage
@@ -39,6 +45,8 @@ from nietest_daemon.pipeline.context import Context, build_context
 from nietest_daemon.pipeline.subtasks import CREATE_INTERRUPTED, MAX_ATTEMPTS, finish, poll_subtask, run_subtask
 from nietest_daemon.pipeline.sweep import sweep
 from nietest_daemon.pipeline.task_steps import cancel_task
+from nietest_daemon.store.postgres import PostgresStore
+from nietest_daemon.testing import postgres
 from nietest_daemon.testing.fake_nieta import FakeNieta
 from nietest_daemon.testing.valkey import PrivateValkey
 from nietest_daemon.testing.waiting import wait_for
@@ -106,10 +114,40 @@ def _module_api() -> Iterator[FakeNieta]:
         yield api
 
 
+@pytest.fixture(scope="module")
+def _postgres_url() -> Iterator[str]:
+    """One database of the machine's PostgreSQL for this module's cases on that store, its schema
+    made once (as a daemon's start does); dropped after."""
+    reason = postgres.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with postgres.temporary_database() as url:
+        with PostgresStore.from_url(url) as store:
+            store.prepare()
+        yield url
+
+
+def _emptied(url: str) -> str:
+    """The database with no task left (DELETE: a few rows; TRUNCATE would make new files)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM subtasks")
+        conn.execute("DELETE FROM tasks")
+    return url
+
+
+#: Run the case with the SQLite store and with the PostgreSQL store (`pipe`'s parameter).
+on_both_stores = pytest.mark.parametrize("pipe", ["sqlite", "postgresql"], indirect=True)
+
+
 @pytest.fixture
 def pipe(
-    valkey: PrivateValkey, short_tmp: Path, monkeypatch: pytest.MonkeyPatch, _module_api: FakeNieta
+    request: pytest.FixtureRequest,
+    valkey: PrivateValkey,
+    short_tmp: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    _module_api: FakeNieta,
 ) -> Iterator[Pipeline]:
+    """The pipeline on a SQLite store in `short_tmp`, or (parameter "postgresql") on the module's database."""
     server = valkey
     api = _module_api
     api.reset()  # one fake API for the module (stopping a server costs ~50 ms), emptied for each test
@@ -119,6 +157,8 @@ def pipe(
         "NIETEST_MAX_JOBS": "1",
         **api.env(),
     }
+    if getattr(request, "param", "sqlite") == "postgresql":
+        env["NIETEST_STORE_URL"] = _emptied(request.getfixturevalue("_postgres_url"))
     settings = settings_module.load(env)
     monkeypatch.setattr(dramatiq.broker, "global_broker", dramatiq.broker.global_broker)
     broker = build_broker(settings)
@@ -173,6 +213,7 @@ def test_a_subtask_cancelled_while_it_waited_hands_its_admission_on(pipe: Pipeli
     assert len(pipe.api.requests_to("create")) == 1
 
 
+@on_both_stores
 def test_cancel_drops_the_tasks_line_and_slots_for_the_others(pipe: Pipeline) -> None:
     (a,) = pipe.add_task("cx", 1)  # holds the only slot
     pipe.add_task("cx2", 0, queue=False)
@@ -293,6 +334,7 @@ def test_a_stale_poll_copy_does_not_go_on_polling(pipe: Pipeline) -> None:
     assert holders(pipe) == [a]
 
 
+@on_both_stores
 def test_any_poll_copy_may_end_a_subtask_and_it_is_counted_once(pipe: Pipeline) -> None:
     (a,) = pipe.add_task("t", 1)
     pipe.clear()
@@ -320,6 +362,7 @@ def test_a_run_that_finds_another_creating_comes_back_later(pipe: Pipeline) -> N
     assert pipe.ctx.redis.get(keys.creating(a)) is None
 
 
+@on_both_stores
 def test_no_job_is_created_for_a_task_cancelled_before_the_create(pipe: Pipeline) -> None:
     (a,) = pipe.add_task("t", 1)
     real_start = pipe.ctx.store.start_subtask
@@ -337,6 +380,7 @@ def test_no_job_is_created_for_a_task_cancelled_before_the_create(pipe: Pipeline
     assert pipe.ctx.schedulers[Lane.STANDARD].in_flight() == 0
 
 
+@on_both_stores
 def test_the_sweep_resumes_or_fails_subtasks_stuck_in_processing(pipe: Pipeline) -> None:
     polled, unstarted, exhausted, fresh = pipe.add_task("t", 4, queue=False)
     store = pipe.ctx.store
@@ -368,6 +412,7 @@ def test_the_sweep_resumes_or_fails_subtasks_stuck_in_processing(pipe: Pipeline)
     assert store.get_subtask(unstarted)["attempts"] == 2  # the resumption counts as an attempt
 
 
+@on_both_stores
 def test_the_sweep_finalises_a_task_whose_finaliser_died(pipe: Pipeline) -> None:
     (a,) = pipe.add_task("t", 1)
     store = pipe.ctx.store
@@ -382,6 +427,27 @@ def test_the_sweep_finalises_a_task_whose_finaliser_died(pipe: Pipeline) -> None
     notices = [json.loads(m) for m in pipe.ctx.redis.hvals(bodies_key(master))]
     assert [(m["actor_name"], m["args"]) for m in notices] == [("send_notice", ["t", "completed"])]
     assert sweep(pipe.ctx)["finalised"] == 0  # once
+
+
+@on_both_stores
+def test_the_sweep_repairs_counters_a_lost_increment_left_short(pipe: Pipeline) -> None:
+    """A finish whose increment never landed (MongoStore's two writes; by hand elsewhere) leaves the
+    task processing for ever: once it has been still for the grace, the sweep sets its counters to
+    the recount, finalises it and enqueues its final notice, once."""
+    a, b = pipe.add_task("t", 2, queue=False)
+    store = pipe.ctx.store
+    finish(pipe.ctx, subtask(pipe, a), Status.COMPLETED, result="http://x/a.png")
+    assert store.finish_subtask(b, Status.FAILED, error="boom").finalised
+    store.set_task_fields("t", status=Status.PROCESSING, completed_at=None, processed_images=1, failed_images=0)
+    master = pipe.ctx.settings.queue("master").name
+    pipe.ctx.redis.delete(queue_key(master), bodies_key(master))
+    assert sweep(pipe.ctx)["repaired"] == 0  # within the grace: a finisher may be between its writes
+    assert sweep(pipe.ctx, repair_after_seconds=-1)["repaired"] == 1
+    task = store.get_task("t")
+    assert task is not None and task["status"] == Status.COMPLETED and task["error"].startswith("partially")
+    assert {k: task[k] for k in store.recount("t")} == store.recount("t")
+    assert master_notices(pipe) == [["t", "partially_completed"]]
+    assert sweep(pipe.ctx, repair_after_seconds=-1)["repaired"] == 0  # once
 
 
 def test_the_sweep_enqueues_a_final_notice_its_finaliser_never_sent(pipe: Pipeline) -> None:
@@ -501,6 +567,7 @@ def master_notices(pipe: Pipeline) -> list[list[Any]]:
     return sorted(m["args"] for m in bodies if m["actor_name"] == "send_notice")
 
 
+@on_both_stores
 def test_retry_runs_only_the_failed_subtasks_through_the_job_slots(pipe: Pipeline) -> None:
     from nietest_daemon.pipeline.retry import retry_task
 
@@ -570,6 +637,7 @@ def test_the_command_refuses_with_a_clear_message(pipe: Pipeline, capsys: pytest
     assert capsys.readouterr().err.startswith("nietest: another retry of task t is in progress")
 
 
+@on_both_stores
 def test_a_retry_interrupted_before_it_queued_is_finished_by_the_sweep_or_a_second_retry(pipe: Pipeline) -> None:
     from nietest_daemon.pipeline.retry import RetryRefused, retry_task
 

@@ -45,7 +45,11 @@ IMAGE_RGB = (30, 144, 255)  # the colour of every image the local server serves
 COMPLETED_RGB = (0xF3, 0xFB, 0xF4)  # td.completed
 FAILED_RGB = (0xFD, 0xEC, 0xEC)  # td.failed
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no chromium (apt-get install chromium)")
+# A real browser process per test (about 1-2 s each): the e2e tier, not the quick loop.
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no chromium (apt-get install chromium)"),
+]
 
 
 # --- a PNG: written for the image server, read back from the screenshot --------------------------------

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nietest_daemon.core.redaction import redact_url
-from nietest_daemon.core.settings import FairShare, SettingsError, load
+from nietest_daemon.core.redaction import Redactor, redact_url
+from nietest_daemon.core.settings import FairShare, SettingsError, StoreKind, load
 
 
 def test_defaults_follow_the_design() -> None:
@@ -61,6 +61,72 @@ def test_webhooks_fall_back_to_the_default_bot() -> None:
 def test_mongo_selects_the_store() -> None:
     assert load({"MONGO_HOST": "db1"}).store_description == "mongodb db1:27017/task_db"
     assert load({"MONGO_URI": "mongodb://u:secret@db2/x"}).store_description == "mongodb mongodb://u:***@db2/x"
+    assert load({"MONGO_HOST": "db1"}).store_kind is StoreKind.MONGODB
+    default = load({"NIETEST_HOME": "/srv/nt"})
+    assert default.store_kind is StoreKind.SQLITE and default.store_url is None
+    assert default.sqlite_path == Path("/srv/nt/data/nietest.sqlite3")
+
+
+@pytest.mark.parametrize(
+    ("url", "kind", "description"),
+    [
+        (
+            "postgresql://nietest:pa%2Fss@db.example:5432/nietest?sslmode=require",
+            StoreKind.POSTGRESQL,
+            "postgresql postgresql://nietest:***@db.example:5432/nietest?sslmode=require",
+        ),
+        ("POSTGRES://db.example/nietest", StoreKind.POSTGRESQL, "postgresql postgres://db.example/nietest"),
+        ("postgresql:///nietest", StoreKind.POSTGRESQL, "postgresql postgresql:///nietest"),  # the default socket
+        (
+            "postgresql://nt@h1:5432,h2:5433/nietest?password=pa%2Fss&connect_timeout=5",
+            StoreKind.POSTGRESQL,
+            "postgresql postgresql://nt@h1:5432,h2:5433/nietest?password=***&connect_timeout=5",
+        ),
+        ("postgresql://[::1]:5432/nietest", StoreKind.POSTGRESQL, "postgresql postgresql://[::1]:5432/nietest"),
+        ("mongodb://u:pa%2Fss@db2/x", StoreKind.MONGODB, "mongodb mongodb://u:***@db2/x"),
+        (
+            "mongodb+srv://u:pa%2Fss@cluster.example/x",
+            StoreKind.MONGODB,
+            "mongodb mongodb+srv://u:***@cluster.example/x",
+        ),
+        ("sqlite:///srv/nt/tasks.db", StoreKind.SQLITE, "sqlite /srv/nt/tasks.db"),
+        ("sqlite:////srv/nt/tasks.db", StoreKind.SQLITE, "sqlite /srv/nt/tasks.db"),  # SQLAlchemy's absolute form
+        ("sqlite:///srv/my%20tasks.db", StoreKind.SQLITE, "sqlite /srv/my tasks.db"),
+    ],
+)
+def test_store_url_selects_the_store_by_scheme(url: str, kind: StoreKind, description: str) -> None:
+    s = load({"NIETEST_STORE_URL": f"  {url} ", "NIETEST_HOME": "/srv/nt"})
+    assert s.store_kind is kind and s.store_description == description
+    assert s.store_url is not None and s.store_url.lower() == url.lower()
+    # The password, as written and percent-decoded, is a secret: masked in every log line.
+    if "pa%2Fss" in url:
+        assert {"pa%2Fss", "pa/ss"} <= set(s.secrets())
+        redactor = Redactor(s.secrets())
+        said = redactor(f"the driver said: pa/ss (pa%2Fss) refused for {url}")
+        assert "pa/ss" not in said and "pa%2Fss" not in said and "***" in said
+
+
+def test_a_sqlite_url_names_the_file() -> None:
+    s = load({"NIETEST_STORE_URL": "sqlite:///srv/other/tasks.db", "NIETEST_HOME": "/srv/nt"})
+    assert s.sqlite_path == Path("/srv/other/tasks.db")
+    assert s.data_dir == Path("/srv/nt/data")  # the broker's data and the rest stay in the data dir
+
+
+@pytest.mark.parametrize("other", [{"MONGO_URI": "mongodb://u:hunter2@db/x"}, {"MONGO_HOST": "db"}])
+def test_a_store_url_and_a_mongo_store_are_an_error_naming_both(other: dict[str, str]) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load({"NIETEST_STORE_URL": "postgresql://nt:hunter2@db/nietest", **other})
+    message = str(caught.value)
+    assert caught.value.variable == "NIETEST_STORE_URL" and next(iter(other)) in message
+    assert message.startswith("NIETEST_STORE_URL: ") and "hunter2" not in message
+    # MONGO_DB and the collection names are not stores: they apply to a mongodb:// NIETEST_STORE_URL
+    s = load({"NIETEST_STORE_URL": "mongodb://db/x", "MONGO_DB": "campaigns", "TASK_COLLECTION": "t"})
+    assert (s.store_kind, s.mongo_db, s.task_collection) == (StoreKind.MONGODB, "campaigns", "t")
+
+
+def test_the_test_suites_postgres_url_is_not_an_unknown_variable() -> None:
+    """.ci/run exports it for pytest, and every `nietest` a test starts inherits it."""
+    assert load({"NIETEST_TEST_POSTGRES_URL": "postgresql://postgres@127.0.0.1:5432/postgres"}) == load({})
 
 
 def test_supervisor_env_exports_validated_values() -> None:
@@ -137,6 +203,12 @@ def test_bad_values_name_the_variable(variable: str, value: str, words: str) -> 
         ("BROKER_REDIS_URL", "redis://:hun/ter2@redis:6379/0"),  # "hun" would be read as the port
         ("MONGO_URI", "mongodb://user:hun#ter2@host/db"),
         ("MONGO_URI", "mongodb://user:12/hunter2@host/db"),  # parses, with the password in the path
+        ("NIETEST_STORE_URL", "postgresql://user:hun/ter2@db/nietest"),
+        ("NIETEST_STORE_URL", "postgresql://user:hunter2@db:5432/"),  # no database
+        ("NIETEST_STORE_URL", "postgresql://user:hun#ter2@db/nietest"),
+        ("NIETEST_STORE_URL", "postgresql://user@db/nietest?password=hunter2&ssl mode=x"),
+        ("NIETEST_STORE_URL", "mysql://user:hunter2@db/nietest"),
+        ("NIETEST_STORE_URL", "mongodb://user:hun/ter2@db/x"),
         ("NIETA_API_BASE_URL", "https://u:hunter2@api.example:99999/"),
     ],
 )

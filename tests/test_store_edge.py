@@ -8,6 +8,8 @@
   no outage. SQLite: the same for a file locked past the busy timeout, and a damaged file.
 - The pipeline retries a message that failed on `StoreUnavailable`, whatever MAX_RETRIES says, and
   does not fail its subtask (the real middleware stack, driven as tests/test_middleware.py does).
+- PostgreSQL, for real: every method on a server that is down (a port nothing listens on) raises
+  `StoreUnavailable`, on a database that does not exist a `StoreError` and no outage.
 - The command line prints one line naming the store, and exits 1 (real `nietest` processes).
 """
 
@@ -23,6 +25,7 @@ from typing import Any
 import dramatiq
 import dramatiq.broker
 import mongomock
+import psycopg
 import pytest
 import structlog
 from pymongo.errors import (
@@ -45,6 +48,8 @@ from nietest_daemon.pipeline.context import build_context
 from nietest_daemon.pipeline.messages import RUN_SUBTASK
 from nietest_daemon.store import SQLiteStore, Store, StoreError, StoreUnavailable, open_store, utcnow
 from nietest_daemon.store.mongo import MongoStore
+from nietest_daemon.store.postgres import PostgresStore
+from nietest_daemon.testing import postgres as machine_postgres
 from nietest_daemon.testing.daemon import NIETEST, clean_env
 from nietest_daemon.testing.mongo_faults import FaultyClient
 from nietest_daemon.testing.valkey import PrivateValkey
@@ -219,6 +224,44 @@ def test_a_damaged_sqlite_file_is_a_store_error_and_no_outage(tmp_path: Path) ->
         SQLiteStore(tmp_path)  # the constructor, which makes the schema, is at the edge too
     assert not isinstance(raised.value, StoreUnavailable)
     assert isinstance(raised.value.__cause__, sqlite3.DatabaseError)
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", sorted(CALLS))
+def test_every_method_of_the_postgres_store_raises_store_unavailable_when_the_server_is_down(method: str) -> None:
+    """A real connection to a port nothing listens on: refused at once, named in one line."""
+    port = closed_port()
+    store = PostgresStore.from_url(f"postgresql://nietest:s3cret-pass@127.0.0.1:{port}/task_db")
+    with pytest.raises(StoreUnavailable) as raised:
+        CALLS[method](store)
+    text = str(raised.value)
+    assert text.startswith(
+        f"the task store (postgresql postgresql://nietest:***@127.0.0.1:{port}/task_db) is unavailable:"
+        " OperationalError: connection failed: "
+    )
+    assert "Connection refused" in text and "s3cret" not in text and "\n" not in text
+    assert isinstance(raised.value.__cause__, psycopg.OperationalError)
+    store.close()
+
+
+@pytest.mark.skipif(
+    machine_postgres.unavailable_reason() is not None, reason=str(machine_postgres.unavailable_reason())
+)
+@pytest.mark.parametrize("method", sorted(CALLS))
+def test_every_method_of_the_postgres_store_on_a_missing_database_is_a_store_error(method: str) -> None:
+    """The machine's server, a database that does not exist: no outage, retrying cannot mend it."""
+    url = machine_postgres.database_url(machine_postgres.server_url() or "", "nt_no_such_database")
+    store = PostgresStore.from_url(url)
+    with pytest.raises(StoreError) as raised:
+        CALLS[method](store)
+    assert not isinstance(raised.value, StoreUnavailable)
+    assert str(raised.value).startswith(
+        f"the task store ({store.address}) failed: OperationalError: connection failed:"
+    )
+    assert 'database "nt_no_such_database" does not exist' in str(raised.value)
+    store.close()
 
 
 # --- the pipeline: an outage, not the message's fault ---------------------------------------------------

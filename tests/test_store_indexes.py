@@ -6,6 +6,7 @@ each store while its queries are recorded: MongoDB's filters and sorts through
 index: MongoDB's equality fields, then its sort, then its ranges, as a prefix of one index of
 `prepare`'s; SQLite's `EXPLAIN QUERY PLAN` with no temporary B-tree (a sort) and no table scan.
 A new query without an index fails here, and so does a new operation the workload leaves out.
+PostgreSQL's statements are EXPLAINed at scale, with this workload, in tests/test_postgres_plans.py.
 """
 
 from __future__ import annotations

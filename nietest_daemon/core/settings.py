@@ -18,6 +18,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from nietest_daemon.core.redaction import MIN_SECRET_CHARS, redact, redact_url
+from nietest_daemon.core.store_urls import ESCAPE_HINT as _ESCAPE_HINT
+from nietest_daemon.core.store_urls import (
+    SQLITE_FILENAME,
+    STORE_SCHEMES,
+    STORE_URL_FORMS,
+    check_sqlite_file,
+    masked_url,
+    postgres_url,
+    shown_url,
+    sqlite_path_of,
+    url_passwords,
+)
+from nietest_daemon.core.store_urls import StoreKind as StoreKind  # settings.StoreKind: part of the settings' API
 
 #: The four queues: command-line key -> (variable holding the queue name, its default).
 QUEUE_NAME_VARS: dict[str, tuple[str, str]] = {
@@ -118,9 +131,6 @@ def _memory_limit(raw: str) -> int:
     return value
 
 
-_ESCAPE_HINT = "percent-encode special characters of the user name and password (%2F for /, %23 for #, %40 for @)"
-
-
 def _url(*schemes: str, secret: bool = False) -> Callable[[str], str]:
     """A URL with one of `schemes`. A `secret` URL (a Feishu webhook: whoever has it can post) is
     never echoed beyond its scheme and host; any other one only with its password redacted."""
@@ -148,6 +158,22 @@ def _url(*schemes: str, secret: bool = False) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+def _store_url(raw: str) -> str:
+    """NIETEST_STORE_URL: a PostgreSQL, MongoDB or SQLite store, by its scheme."""
+    value = raw.strip()
+    scheme = value.partition(":")[0].lower()
+    kind = STORE_SCHEMES.get(scheme)
+    if kind is None or (kind is not StoreKind.SQLITE and not value[len(scheme) :].startswith("://")):
+        raise ValueError(f"must be a URL like {STORE_URL_FORMS}, got {shown_url(value)!r}")
+    value = scheme + value[len(scheme) :]  # the scheme in lower case, as every reader compares it
+    if kind is StoreKind.MONGODB:
+        return _url("mongodb", "mongodb+srv")(value)
+    if kind is StoreKind.SQLITE:
+        check_sqlite_file(sqlite_path_of(value))
+        return value
+    return postgres_url(value)
 
 
 def _fair_share(raw: str) -> FairShare:
@@ -323,6 +349,7 @@ class Settings:
     actor_modules: tuple[str, ...]
     fair_share: FairShare = FairShare.OWNER
     owner_weights: Mapping[str, float] = field(default_factory=dict)  # owners not named weigh 1
+    store_url: str | None = None  # NIETEST_STORE_URL; None: MONGO_URI / MONGO_HOST, else SQLite in the data dir
     extra: dict[str, Any] = field(default_factory=dict)
 
     # --- derived values -------------------------------------------------------------------------
@@ -355,12 +382,32 @@ class Settings:
         return int(self.drain_seconds) + 10
 
     @property
+    def store_kind(self) -> StoreKind:
+        """The store in use: NIETEST_STORE_URL's scheme, else MongoDB with MONGO_URI / MONGO_HOST, else SQLite."""
+        if self.store_url:
+            return StoreKind.of_url(self.store_url)
+        if self.mongo_uri or self.mongo_host:
+            return StoreKind.MONGODB
+        return StoreKind.SQLITE
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The SQLite file: the one `sqlite:///...` names, else nietest.sqlite3 in the data dir."""
+        if self.store_url and self.store_kind is StoreKind.SQLITE:
+            return sqlite_path_of(self.store_url)
+        return self.data_dir / SQLITE_FILENAME
+
+    @property
     def store_description(self) -> str:
+        """The store in use, its password masked: the start line, `nietest status`, error messages."""
+        kind = self.store_kind
+        if kind is StoreKind.SQLITE:
+            return f"sqlite {self.sqlite_path}"
+        if self.store_url:
+            return f"{kind} {masked_url(self.store_url)}"
         if self.mongo_uri:
             return f"mongodb {redact_url(self.mongo_uri)}"
-        if self.mongo_host:
-            return f"mongodb {self.mongo_host}:{self.mongo_port}/{self.mongo_db}"
-        return f"sqlite {self.data_dir / 'nietest.sqlite3'}"
+        return f"mongodb {self.mongo_host}:{self.mongo_port}/{self.mongo_db}"
 
     @property
     def broker_description(self) -> str:
@@ -382,9 +429,9 @@ class Settings:
         """Values that must never appear in a log line."""
         values = [self.nieta_xtoken, self.feishu_webhook_secret, self.mongo_password, self.metrics_token]
         values += [self.feishu_webhook_url, self.feishu_task_webhook_url, self.feishu_alert_webhook_url]
-        for url in (self.external_broker_url, self.mongo_uri):
+        for url in (self.external_broker_url, self.mongo_uri, self.store_url):
             if url:
-                values.append(urlsplit(url).password)
+                values += url_passwords(url)
         return [v for v in values if v and len(v) >= MIN_SECRET_CHARS]
 
     def supervisor_env(self) -> dict[str, str]:
@@ -409,6 +456,9 @@ class Settings:
 
 # Variables nietest owns but that are not fields of their own.
 _OWN_EXTRA = {"NIETEST_BROKER_PROCESSES", "NIETEST_METRICS_PROCESSES", "NIETEST_STOP_WAIT_SECONDS", "NIETEST_PYTHON"}
+# The test suite's own: .ci/run exports the PostgreSQL server the tests use (testing/postgres.py), and
+# every `nietest` a test runs inherits it.
+_OWN_EXTRA |= {"NIETEST_TEST_POSTGRES_URL"}
 _QUEUE_COUNT = re.compile(r"^NIETEST_(.+)_(PROCESSES|THREADS|MAX_MEMORY|MAX_MESSAGES)$")
 
 
@@ -470,6 +520,14 @@ def _load(env: dict[str, str], seen: dict[str, None]) -> Settings:
         broker_url = f"redis://{redis_host}:{redis_port}/{redis_db}"
 
     mongo_uri = get("MONGO_URI", _url("mongodb", "mongodb+srv"))
+    mongo_host = get("MONGO_HOST", _host)
+    store_url = get("NIETEST_STORE_URL", _store_url)
+    if store_url is not None and (mongo_uri is not None or mongo_host is not None):
+        other = "MONGO_URI" if mongo_uri is not None else "MONGO_HOST"
+        raise SettingsError(
+            "NIETEST_STORE_URL",
+            f"and {other} both name a store: set only one (NIETEST_STORE_URL=mongodb://... replaces MONGO_URI)",
+        )
     # Set but empty turns the metrics program off (unset: the default address).
     metrics_default = None if env.get("NIETEST_METRICS_ADDR", "x").strip() == "" else ("127.0.0.1", 9464)
     metrics_addr = get("NIETEST_METRICS_ADDR", _listen_addr, metrics_default)
@@ -491,7 +549,7 @@ def _load(env: dict[str, str], seen: dict[str, None]) -> Settings:
         lumina_max_polling_attempts=get("LUMINA_MAX_POLLING_ATTEMPTS", _int(1, 100_000), 50),
         lumina_polling_interval=get("LUMINA_POLLING_INTERVAL", _float(0.05, 3600), 3.0),
         mongo_uri=mongo_uri,
-        mongo_host=get("MONGO_HOST", _host),
+        mongo_host=mongo_host,
         mongo_port=get("MONGO_PORT", _int(1, 65535), 27017),
         mongo_user=get("MONGO_USER", _text),
         mongo_password=get("MONGO_PASSWORD", _text),
@@ -521,6 +579,7 @@ def _load(env: dict[str, str], seen: dict[str, None]) -> Settings:
         actor_modules=get("NIETEST_ACTOR_MODULES", _modules, ()),
         fair_share=get("NIETEST_FAIR_SHARE", _fair_share, FairShare.OWNER),
         owner_weights=get("NIETEST_OWNER_WEIGHTS", _owner_weights, {}),
+        store_url=store_url,
     )
 
     # A mistyped NIETEST_* variable would otherwise be silently ignored.

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import xmlrpc.client
 from pathlib import Path
 
 from nietest_daemon.core.logs import iso_timestamp
-from nietest_daemon.core.redaction import redact
+from nietest_daemon.core.redaction import redact, set_secrets
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.internals import supervisor as supervisor_internals
 
@@ -88,6 +89,22 @@ def _start_line(settings: Settings) -> str:
     )
 
 
+#: How the store's errors begin (store/base.py): the daemon's line names the store once, before it.
+_NAMED_STORE = re.compile(r"^the task store \(.*?\) ")
+
+
+def _problem(exc: Exception) -> str:
+    """What went wrong while preparing the store, as one short line with every secret masked:
+    `unavailable: <driver error>`, `failed: <driver error>`, or `<type>: <message>`."""
+    text = " ".join(redact(str(exc)).split())
+    named = _NAMED_STORE.match(text)
+    if named:
+        text = text[named.end() :].removeprefix("is ")
+        if text.startswith(("unavailable: ", "failed: ")):
+            return text[:500]
+    return f"{type(exc).__name__}: {text}"[:500]
+
+
 def run(settings: Settings) -> int:
     """Exec supervisord (JSON logs, prompt respawn: see nietest_daemon/programs/supervisord.py) in the foreground.
 
@@ -101,13 +118,13 @@ def run(settings: Settings) -> int:
     settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.run_dir.chmod(0o700)
     print(_start_line(settings), flush=True)
+    set_secrets(settings.secrets())  # the store's password, masked in whatever its driver says
     from nietest_daemon.store import prepare_store_for  # here: `ctl` and `status` import this module
 
-    try:  # the store's indexes (MongoDB), built here once rather than by every process that opens it
+    try:  # indexes (MongoDB), migrations (PostgreSQL): once here, before any process opens the store
         prepare_store_for(settings)
-    except Exception as exc:  # unreachable, or a user who may not build indexes: say so, start nothing
-        problem = redact(f"{type(exc).__name__}: {exc}")[:500]
-        print(f"nietest: could not prepare the store ({settings.store_description}): {problem}", file=sys.stderr)
+    except Exception as exc:  # unreachable, refused, a newer schema: say so in one line, start nothing
+        print(f"nietest: could not prepare the store ({settings.store_description}): {_problem(exc)}", file=sys.stderr)
         return 1
     os.chdir(settings.data_dir)
     argv = [sys.executable, "-m", "nietest_daemon.programs.supervisord", "-n", "-c", str(config_path())]

@@ -1,13 +1,21 @@
-"""The task store: one interface (`Store`), two implementations, one contract.
+"""The task store: one interface (`Store`), three implementations, one contract.
 
-`open_store` picks MongoDB when a URI or host is configured, else the embedded SQLite file.
+- `SQLiteStore` (store/sqlite.py): the embedded default, one file on one host;
+- `MongoStore` (store/mongo.py): MongoDB, shared by daemons on several hosts;
+- `PostgresStore` (store/postgres.py): PostgreSQL, shared as well.
+
+`open_store` picks one: by the scheme of a store URL (NIETEST_STORE_URL: `postgresql://`,
+`mongodb://`, `sqlite:///abs/path.db`), else MongoDB when a MongoDB URI or host is given, else the
+SQLite file in the data dir. The drivers of the shared stores (pymongo, psycopg) are imported only
+when their store is opened: a worker of the embedded deployment never pays for them.
 """
 
 from __future__ import annotations
 
 import os
 
-from nietest_daemon.core.settings import Settings
+from nietest_daemon.core.settings import Settings, StoreKind
+from nietest_daemon.core.store_urls import sqlite_path_of
 from nietest_daemon.store.base import (
     CancelOutcome,
     Doc,
@@ -33,6 +41,7 @@ __all__ = [
     "SQLiteStore",
     "Store",
     "StoreError",
+    "StoreKind",
     "StoreUnavailable",
     "UnknownSubtaskError",
     "as_utc",
@@ -46,6 +55,7 @@ __all__ = [
 def open_store(
     *,
     data_dir: str | os.PathLike[str],
+    store_url: str | None = None,
     mongo_uri: str | None = None,
     mongo_host: str | None = None,
     mongo_port: int = 27017,
@@ -56,12 +66,27 @@ def open_store(
     subtask_collection: str = "subtasks",
     timeout_seconds: float | None = None,
 ) -> Store:
-    """MongoDB when a URI or host is given, else the embedded SQLite file in `data_dir`.
+    """The store `store_url` names by its scheme (a `mongodb://` one read as `mongo_uri` is, with
+    `mongo_db` and the collections); else MongoDB when a URI or host is given; else the embedded
+    SQLite file in `data_dir`. Opening builds nothing: `prepare` does (the daemon's start).
 
-    `timeout_seconds` bounds each MongoDB operation, its server selection and connecting included
-    (default: `store.mongo_client.TIMEOUT_MS`, 30 s per operation); a prober that must answer
-    quickly passes a short one. Raises `StoreError` (`StoreUnavailable`: the SQLite file cannot be
-    opened)."""
+    `timeout_seconds` bounds each operation of a shared store, its connecting included (defaults:
+    `store.mongo_client.TIMEOUT_MS`, 30 s; PostgreSQL's in store/postgres.py); a prober that must
+    answer quickly passes a short one. Raises `StoreError` (`StoreUnavailable`: the SQLite file
+    cannot be opened); ValueError for a URL no store reads, or a URL and a MongoDB URI or host."""
+    if store_url:
+        if mongo_uri or mongo_host:
+            raise ValueError("a store URL and a MongoDB URI or host name two stores: give one")
+        kind = StoreKind.of_url(store_url)
+        if kind is StoreKind.POSTGRESQL:
+            # Imported here, as pymongo is below: an embedded deployment's workers never load psycopg.
+            from nietest_daemon.store.postgres import PostgresStore
+
+            return PostgresStore.from_url(store_url, timeout_seconds=timeout_seconds)
+        if kind is StoreKind.SQLITE:
+            path = sqlite_path_of(store_url)
+            return SQLiteStore(path.parent, filename=path.name)
+        mongo_uri = store_url
     if mongo_uri or mongo_host:
         # Imported here: pymongo costs about 0.2 s of every worker start, and the embedded
         # SQLite deployment never needs it.
@@ -82,9 +107,11 @@ def open_store(
 
 
 def open_store_for(settings: Settings, timeout_seconds: float | None = None) -> Store:
-    """The store the settings name (`open_store` with the settings' MongoDB fields and data dir)."""
+    """The store the settings name (`Settings.store_kind`): `open_store` with NIETEST_STORE_URL,
+    the MongoDB fields and the data dir."""
     return open_store(
         data_dir=settings.data_dir,
+        store_url=settings.store_url,
         mongo_uri=settings.mongo_uri,
         mongo_host=settings.mongo_host,
         mongo_port=settings.mongo_port,
@@ -98,9 +125,10 @@ def open_store_for(settings: Settings, timeout_seconds: float | None = None) -> 
 
 
 def prepare_store_for(settings: Settings) -> None:
-    """Open the store the settings name, `prepare` it (MongoDB: build its indexes, warn about its
-    durability) and close it: the daemon's first step, before any worker opens the store. Raises
-    `StoreError` (`StoreUnavailable`: not reachable)."""
+    """Open the store the settings name, `prepare` it and close it: the daemon's first step, before
+    any worker opens the store. MongoDB builds its indexes and warns about its durability;
+    PostgreSQL applies its migrations under an advisory lock; SQLite made its schema when opened.
+    Raises `StoreError` (`StoreUnavailable`: not reachable)."""
     store = open_store_for(settings)
     try:
         store.prepare()

@@ -25,10 +25,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from nietest_daemon.core.store_urls import SQLITE_FILENAME as SQLITE_FILENAME  # one definition, in core
 from nietest_daemon.domain.lifecycle import COUNTERS, TERMINAL
 from nietest_daemon.store.base import HISTORY_FIELDS, TIME_FIELDS, Doc, StoreError, as_utc, iso_text
-
-SQLITE_FILENAME = "nietest.sqlite3"
 
 #: A task's changing fields, kept in `task_state` (the values there win over the document's).
 STATE_FIELDS = ("total_images", *COUNTERS, "progress", "cancel_requested", "updated_at")
