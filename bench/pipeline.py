@@ -9,7 +9,9 @@
    ceil(500 / 200) x (2 s + 0.5 s). The fake API's own load is printed beside.
 2. Overhead: zero generation time and the shortest polling interval (0.05 s): subtasks per
    second through the whole pipeline (store writes included) versus bare Dramatiq no-op
-   messages per second on the same broker and processes.
+   messages per second on the same broker and processes; and where the CPU went during the
+   pipeline rounds, per subtask: the workers, the broker, the fake API and (PostgreSQL) the
+   server's processes serving the daemon's database.
 3. Memory: peak resident memory (VmHWM) of each subtask worker with 500 jobs in flight.
 Every phase runs a real `nietest daemon` (embedded valkey broker; the SQLite store in its data dir,
 or with `--store postgresql` a fresh database of the PostgreSQL server that
@@ -148,6 +150,18 @@ def worker_pids(settings: settings_module.Settings, group: str) -> list[int]:
     return [p["pid"] for p in control_proxy(settings).supervisor.getAllProcessInfo() if p["group"] == group]
 
 
+def cpu_by_part(settings: settings_module.Settings, api_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by each part of the daemon, the fake API and the store's server."""
+    parts = {f"{group} workers": worker_pids(settings, group) for group in ("master", "subtask")}
+    valkey = settings.run_dir / "valkey.pid"
+    parts["broker (valkey)"] = [int(valkey.read_text())] if valkey.exists() else []
+    parts["fake API"] = [api_pid]
+    used = {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in parts.items()}
+    if settings.store_url:
+        used["PostgreSQL server"] = stores.server_cpu_seconds(settings.store_url)
+    return used
+
+
 def task_file(directory: Path, subtasks: int) -> Path:
     values = [f"bench style {i}" for i in range(subtasks)]
     task = taskdocs.task_document(f"bench {subtasks}", [taskdocs.variable_prompt("v", values, name="style")])
@@ -235,8 +249,12 @@ def main() -> int:
         with daemon(args.store, **api.env(), **limits) as (settings, env):
             pipeline_rates, noop_rates, completed = [], [], 0
             client = redis.Redis.from_url(settings.broker_url)
+            cpu: dict[str, float] = {}
             for _ in range(OVERHEAD_ROUNDS):
+                before = cpu_by_part(settings, api.proc.pid)
                 elapsed, task = run_task(settings, env, task_file(work, n), timeout=300)
+                for part, seconds in cpu_by_part(settings, api.proc.pid).items():
+                    cpu[part] = cpu.get(part, 0.0) + seconds - before.get(part, 0.0)
                 pipeline_rates.append(n / elapsed)
                 completed += task["completed_images"]
                 client.delete("bench:noop_done")
@@ -247,6 +265,7 @@ def main() -> int:
             client.close()
             pipeline_rate, noop_rate = statistics.median(pipeline_rates), statistics.median(noop_rates)
             results["overhead"] = (pipeline_rate, noop_rate, pipeline_rates, noop_rates, completed)
+            results["cpu"] = {part: 1000 * seconds / completed for part, seconds in cpu.items()}
 
         # 3. memory at 500 jobs in flight ----------------------------------------------------------------
         api.configure(generation_time=15.0)
@@ -295,6 +314,12 @@ def main() -> int:
     print(
         f"   ratio           {ratio:.3f} subtasks per no-op message "
         f"(a subtask is 3 messages with the poll's hop through the delay queue, 2 HTTP calls, 3 store writes)"
+    )
+    cpu = results["cpu"]
+    print(
+        f"   CPU per subtask in the pipeline rounds: {sum(cpu.values()):.2f} ms ("
+        + ", ".join(f"{part} {ms:.2f}" for part, ms in cpu.items())
+        + ")"
     )
     print(f"3. memory with {results['in_flight']} jobs in flight, per subtask worker (peak VmHWM / current VmRSS):")
     for hwm, rss in results["memory"]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -87,6 +88,25 @@ def store_mib(settings: Settings) -> float:
         return int(row[0] if row else 0) / 2**20
     db = settings.sqlite_path
     return sum(p.stat().st_size for p in db.parent.glob(db.name + "*")) / 2**20
+
+
+def server_cpu_seconds(url: str) -> float:
+    """CPU seconds used so far by the server processes serving the database of `url` (its
+    backends, found by the database name in their titles: the server must run on this machine)."""
+    name = urlsplit(url).path.lstrip("/")
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")[0]
+            if title.startswith("postgres:") and f" {name} " in f"{title} ":
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / ticks
+        except OSError:
+            continue  # it ended meanwhile
+    return total
 
 
 def terminate_connections(url: str) -> int:

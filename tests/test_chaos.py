@@ -76,7 +76,9 @@ def test_chaos_run_on_postgresql_survives_its_connections_being_cut_too() -> Non
     if reason:
         pytest.skip(reason)
     report = run_and_check(short_run(store="postgresql", subtasks=40, heartbeat_timeout=10.0))
-    # The pools' connections, cut under the workers: the messages that met a dead one were retried.
-    assert report.store_connections_killed > 0 and report.store_outages > 0
+    # The pools' connections, cut under the workers. Whether a message meets a dead one (and is retried,
+    # `store_outages`) depends on timing: the pool checks a connection it hands out after a failure, so
+    # a cut idle connection costs nothing. What must hold is above: nothing lost, nothing paid twice.
+    assert report.store_connections_killed > 0, report
     assert report.faults_seen["timeout"] and report.faults_seen["failure"], report
     assert report.stops and report.long_stops and report.unresponsive_kills
