@@ -2,12 +2,13 @@
 and the APIs misbehave.
 
     .venv/bin/python bench/chaos.py [--subtasks 300] [--kill-every 3] [--min-kills 10] [--seed 7]
-                                    [--store sqlite|postgresql]
+                                    [--store sqlite|postgresql] [--broker embedded|redis]
 
 Two runs of the same two tasks (priorities 1 and 3, submitted together, each of standard and
 Lumina subtasks mixed, sharing the job slots) on a real `nietest daemon`
-(embedded valkey broker; a SQLite store, or with `--store postgresql` a temporary database of the
-PostgreSQL server nietest_daemon/testing/postgres.py finds), against
+(its embedded valkey broker, or with `--broker redis` a database of the machine's Redis; a SQLite
+store, or with `--store postgresql` a temporary database of the PostgreSQL server
+nietest_daemon/testing/postgres.py finds: bench/stores.py), against
 nietest_daemon/testing/fake_nieta and two nietest_daemon/testing/fake_feishu.py webhooks, all on
 127.0.0.1:
 
@@ -15,7 +16,8 @@ nietest_daemon/testing/fake_nieta and two nietest_daemon/testing/fake_feishu.py 
 2. **chaos**: the fake API answers with random latency and a fault mix (5% HTTP 500, 2% 429,
    1% dropped connections, 2% FAILURE, 1% ILLEGAL_IMAGE, 1% TIMEOUT, per request or job); a
    random worker is killed with SIGKILL every few seconds until the tasks end (at least
-   `--min-kills`); the embedded broker's valkey-server is killed with SIGKILL once; both
+   `--min-kills`); the embedded broker's valkey-server is killed with SIGKILL once (on the
+   machine's Redis, every connection to the run's database is cut instead: `CLIENT KILL`); both
    webhooks hang (accept, never answer) for a while; on PostgreSQL, every connection of the
    daemon to its database is terminated once (`pg_terminate_backend`, as a server restart or a
    network cut would leave them), a quarter of the way through the kills.
@@ -53,14 +55,14 @@ from typing import Any
 import redis
 
 from bench import stores
-from nietest_daemon.coordination.connection import redis_client
-from nietest_daemon.core import settings as settings_module
 from nietest_daemon.domain.lifecycle import COUNTER_OF, TERMINAL, Status, final_task_status
 from nietest_daemon.internals.dramatiq_redis import bodies_key, dead_letter_name, queue_stats
 from nietest_daemon.pipeline.subtasks import TIMEOUT_RESUBMITS
 from nietest_daemon.programs.daemon import control_proxy
 from nietest_daemon.store import open_store_for
+from nietest_daemon.testing import machine_redis
 from nietest_daemon.testing import task_documents as taskdocs
+from nietest_daemon.testing.daemon import Daemon
 from nietest_daemon.testing.fake_feishu import FakeFeishu
 from nietest_daemon.testing.fake_nieta import FakeNieta
 from nietest_daemon.testing.waiting import wait_for
@@ -107,7 +109,7 @@ class ChaosConfig:
     fault_scale: float = 1.0
     kill_every: float = 3.0  # seconds between worker kills (jittered)
     min_kills: int = 10  # the task is made to last long enough for this many
-    kill_broker: bool = True
+    kill_broker: bool = True  # the embedded one is killed; the machine's Redis has its connections cut
     stop_every: float = 5.0  # seconds between SIGSTOPs of a random worker (jittered; 0: none)
     worker_hang_seconds: float = 10.0  # NIETEST_HANG_SECONDS: a worker stopped longer is killed
     leak_max_memory: str = "128MB"  # NIETEST_SUBTASK_OPS_MAX_MEMORY, which bench/chaos_leak.py leaks past ("": none)
@@ -122,6 +124,7 @@ class ChaosConfig:
     timeout: float = 900.0
     seed: int = 7
     store: str = "sqlite"  # or "postgresql": a temporary database of testing/postgres.py's server
+    broker: str = "embedded"  # or "redis": a database of the machine's Redis (testing/machine_redis.py)
     kill_store: bool = True  # PostgreSQL only: terminate the daemon's connections to its database once
     heartbeat_timeout: float = 60.0  # NIETEST_BROKER_HEARTBEAT_TIMEOUT
     extra_rules: list[dict[str, Any]] = field(default_factory=list)  # taken before the random mix
@@ -141,7 +144,8 @@ class ChaosReport:
     long_stops: int = 0  # stops longer than NIETEST_HANG_SECONDS + 2 s
     unresponsive_kills: int = 0  # workers the watchdog killed for silence
     recycles: int = 0  # workers that recycled past their memory limit
-    broker_killed: bool = False
+    broker_killed: bool = False  # the broker's fault happened (killed, or its connections cut)
+    broker_connections_cut: int = 0  # the machine's Redis: the connections to the run's database cut at once
     store: str = "sqlite"
     store_connections_killed: int = 0  # PostgreSQL: the daemon's connections terminated at once
     store_outages: int = 0  # messages retried because the store could not be reached
@@ -177,69 +181,27 @@ def task_document(subtasks: int, *, prefix: str = "cz", priority: int = 1) -> di
     )
 
 
-class DaemonProcess:
-    """A `nietest daemon` in its own session, with its settings and a supervisor proxy."""
+class ChaosDaemon(Daemon):
+    """testing/daemon.py's `Daemon` with bench/ on its path (for bench/chaos_leak.py), and
+    supervisord's own view of its workers (with their start times)."""
 
     def __init__(self, home: Path, env: dict[str, str]) -> None:
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("NIETEST_")}
-        self.env.update(
-            NIETEST_HOME=str(home),
-            NIETEST_METRICS_ADDR="127.0.0.1:0",
-            PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench")]),
-            **env,
-        )
-        self.settings = settings_module.load(self.env)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nietest_daemon", "daemon"],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        wait_for(self.settings.control_socket.exists, 30, "the control socket")
-        wait_for(lambda: all(p["statename"] == "RUNNING" for p in self.processes()), 60, "every process RUNNING")
-        # supervisord calls the embedded broker RUNNING a moment before valkey has made its socket.
-        client = redis_client(self.settings, socket_timeout=2)
-        try:
-            wait_for(client.ping, 30, "the broker answers")
-        finally:
-            client.close()
-
-    def processes(self) -> list[dict[str, Any]]:
-        return control_proxy(self.settings).supervisor.getAllProcessInfo()
+        super().__init__(home, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench")]), **env)
 
     def workers(self, *, running_for: float = 0.0) -> list[dict[str, Any]]:
         now = time.time()
         return [
             p
-            for p in self.processes()
+            for p in control_proxy(self.settings).supervisor.getAllProcessInfo()
             if p["group"] in WORKER_GROUPS and p["statename"] == "RUNNING" and now - p["start"] >= running_for
         ]
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "nietest_daemon", *args], env=self.env, capture_output=True, text=True, timeout=60
-        )
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait(10)
-
-    def log_files(self) -> list[Path]:
-        return sorted(p for p in self.settings.log_dir.rglob("*") if p.is_file())
+        return self.run(*args, timeout=60, check=False)
 
 
 @contextlib.contextmanager
-def environment(cfg: ChaosConfig, *, faults: bool) -> Iterator[tuple[DaemonProcess, FakeNieta, FakeFeishu, FakeFeishu]]:
+def environment(cfg: ChaosConfig, *, faults: bool) -> Iterator[tuple[ChaosDaemon, FakeNieta, FakeFeishu, FakeFeishu]]:
     home = Path(tempfile.mkdtemp(prefix="ntc-", dir="/tmp"))  # short: unix socket paths
     rules = [*cfg.extra_rules, *fault_rules(cfg.fault_scale)] if faults else []
     api = FakeNieta(
@@ -250,13 +212,20 @@ def environment(cfg: ChaosConfig, *, faults: bool) -> Iterator[tuple[DaemonProce
         marker_regex=r"cz-\d{4}",
     )
     task_hook, alert_hook = FakeFeishu(WEBHOOK_SECRET), FakeFeishu(WEBHOOK_SECRET)
-    daemon: DaemonProcess | None = None
-    with api, task_hook, alert_hook, stores.store_env(cfg.store, password=STORE_PASSWORD) as store:
+    daemon: ChaosDaemon | None = None
+    with (
+        api,
+        task_hook,
+        alert_hook,
+        stores.store_env(cfg.store, password=STORE_PASSWORD) as store,
+        stores.broker_env(cfg.broker) as broker,
+    ):
         try:
             max_polls = max(60, int(6 * cfg.generation_time / cfg.polling_interval))
             env = {
                 **api.env(),
                 **store,
+                **broker,
                 "NIETEST_BROKER_HEARTBEAT_TIMEOUT": str(cfg.heartbeat_timeout),
                 "FEISHU_TASK_WEBHOOK_URL": task_hook.url,
                 "FEISHU_ALERT_WEBHOOK_URL": alert_hook.url,
@@ -280,16 +249,15 @@ def environment(cfg: ChaosConfig, *, faults: bool) -> Iterator[tuple[DaemonProce
                 "IMAGE_MAX_POLLING_ATTEMPTS": str(max_polls),
                 "LUMINA_MAX_POLLING_ATTEMPTS": str(max_polls),
             }
-            daemon = DaemonProcess(home, env)
-            daemon.start()
+            daemon = ChaosDaemon(home, env)
+            daemon.start(wait=False).wait_running(60)
             yield daemon, api, task_hook, alert_hook
         finally:
-            if daemon is not None:
-                daemon.stop()
-                # nothing of this home may outlive the daemon
-                for line in subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True).stdout.split():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(line), signal.SIGKILL)
+            if daemon is not None and daemon.proc is not None:
+                try:
+                    daemon.stop(120)
+                except (subprocess.TimeoutExpired, TimeoutError):
+                    daemon.kill_everything()  # nothing of this home may outlive the daemon
             shutil.rmtree(home, ignore_errors=True)
 
 
@@ -298,13 +266,14 @@ class Chaos(threading.Thread):
     webhooks, and SIGSTOPs a random worker every `stop_every` s (then SIGCONT), every other time for
     longer than NIETEST_HANG_SECONDS (the watchdog kills it), else for less (it resumes)."""
 
-    def __init__(self, cfg: ChaosConfig, daemon: DaemonProcess, hooks: list[FakeFeishu], rng: random.Random) -> None:
+    def __init__(self, cfg: ChaosConfig, daemon: ChaosDaemon, hooks: list[FakeFeishu], rng: random.Random) -> None:
         super().__init__(name="chaos", daemon=True)
-        self.cfg, self.daemon, self.hooks, self.rng = cfg, daemon, hooks, rng
+        self.cfg, self.target, self.hooks, self.rng = cfg, daemon, hooks, rng
         self.stop = threading.Event()
         self.kills: list[str] = []
         self.kill_times: list[float] = []
         self.broker_killed = False
+        self.broker_cut = 0  # connections cut, on the machine's Redis
         self.store_killed: int | None = None  # connections terminated, once done
         self.errors: list[str] = []
         self.stops: list[tuple[str, float]] = []
@@ -316,7 +285,7 @@ class Chaos(threading.Thread):
         restarted a moment ago (supervisord counts a death within `startsecs` as a failed start, and
         ten of those in a row would make it FATAL)."""
         leaking = LEAKING_GROUP if self.cfg.leak_max_memory else None
-        return [v for v in self.daemon.workers(running_for=2.0) if v["group"] != leaking]
+        return [v for v in self.target.workers(running_for=2.0) if v["group"] != leaking]
 
     def _stops(self, elapsed: float) -> None:
         """SIGCONT the workers whose stop is over; SIGSTOP another when one is due."""
@@ -338,12 +307,19 @@ class Chaos(threading.Thread):
             self.stopped.append((elapsed + seconds, victim["pid"]))
             self.stops.append((f"{victim['group']}:{victim['name']}", round(seconds, 1)))
 
+    def _fault_broker(self) -> int:
+        """Kill the embedded valkey-server; cut every connection to the machine's Redis database."""
+        if self.cfg.broker == "redis":
+            return machine_redis.cut_clients(self.target.settings.broker_url)
+        os.kill(int((self.target.settings.run_dir / "valkey.pid").read_text()), signal.SIGKILL)
+        return 0
+
     def run(self) -> None:
         started = time.monotonic()
         hung = False
         broker_at = self.cfg.kill_every * (self.cfg.min_kills // 2 + 0.5)  # mid-way through the kills
         store_at = self.cfg.kill_every * (self.cfg.min_kills // 4 + 0.5)  # a quarter of the way
-        store_url = self.daemon.settings.store_url if self.cfg.kill_store else None
+        store_url = self.target.settings.store_url if self.cfg.kill_store else None
         next_kill = self.cfg.kill_every * self.rng.uniform(0.7, 1.3)
         while not self.stop.wait(0.2):
             elapsed = time.monotonic() - started
@@ -360,8 +336,7 @@ class Chaos(threading.Thread):
                     self.store_killed = stores.terminate_connections(store_url)
                     continue
                 if self.cfg.kill_broker and not self.broker_killed and elapsed >= broker_at:
-                    os.kill(int((self.daemon.settings.run_dir / "valkey.pid").read_text()), signal.SIGKILL)
-                    self.broker_killed = True
+                    self.broker_cut, self.broker_killed = self._fault_broker(), True
                     continue
                 # A stopped worker is the watchdog's to kill (or to see resume).
                 stopped = {pid for _, pid in self.stopped}
@@ -422,11 +397,8 @@ def run_chaos(cfg: ChaosConfig, *, faults: bool, label: str, say: Callable[[str]
                 wait_for(lambda: len(chaos.kills) >= cfg.min_kills, cfg.kill_every * (cfg.min_kills + 5), "kills")
                 chaos.stop.set()
                 chaos.join(30)
-                report.kills, report.kill_times, report.broker_killed = (
-                    chaos.kills,
-                    chaos.kill_times,
-                    chaos.broker_killed,
-                )
+                report.kills, report.kill_times = chaos.kills, chaos.kill_times
+                report.broker_killed, report.broker_connections_cut = chaos.broker_killed, chaos.broker_cut
                 report.check(not chaos.errors, f"chaos thread errors: {chaos.errors[:3]}")
                 report.store_connections_killed = chaos.store_killed or 0
                 if cfg.store == "postgresql" and cfg.kill_store:
@@ -451,7 +423,7 @@ def run_chaos(cfg: ChaosConfig, *, faults: bool, label: str, say: Callable[[str]
     return report
 
 
-def check_watchdog(report: ChaosReport, daemon: DaemonProcess, cfg: ChaosConfig) -> None:
+def check_watchdog(report: ChaosReport, daemon: ChaosDaemon, cfg: ChaosConfig) -> None:
     """The watchdog killed the workers stopped for too long; a leaking worker recycled."""
     records = [
         json.loads(line) for path in daemon.log_files() for line in path.read_text(errors="replace").splitlines()
@@ -469,7 +441,7 @@ def check_watchdog(report: ChaosReport, daemon: DaemonProcess, cfg: ChaosConfig)
         report.check(report.recycles > 0, "the leaking worker never recycled")
 
 
-def settle(daemon: DaemonProcess, task_hook: FakeFeishu, task_ids: list[str], report: ChaosReport) -> None:
+def settle(daemon: ChaosDaemon, task_hook: FakeFeishu, task_ids: list[str], report: ChaosReport) -> None:
     """Wait for the final notices and for every queue to be empty (nothing more on its way)."""
     with contextlib.suppress(TimeoutError):
         wait_for(lambda: all(final_notices(task_hook, t) for t in task_ids), 60, "the final task notices")
@@ -607,7 +579,7 @@ def check_alerts(report: ChaosReport, hook: FakeFeishu, coalesce_seconds: float)
     report.check(len(about_kills) < max(2, len(report.kills)), "restart alerts were not coalesced")
 
 
-def check_logs(report: ChaosReport, daemon: DaemonProcess, api: FakeNieta, *hooks: FakeFeishu) -> None:
+def check_logs(report: ChaosReport, daemon: ChaosDaemon, api: FakeNieta, *hooks: FakeFeishu) -> None:
     secrets = {"the Nieta token": api.token, "the webhook secret": WEBHOOK_SECRET, "the Mongo password": MONGO_PASSWORD}
     if daemon.settings.store_url and STORE_PASSWORD in daemon.settings.store_url:
         secrets["the store password"] = STORE_PASSWORD
@@ -642,6 +614,7 @@ def describe(report: ChaosReport) -> list[str]:
         + ", ".join(f"{p}: {t:.1f} s" for p, t in report.task_seconds.items())
         + f"); tasks {report.task_status}; subtasks {report.statuses}",
         f"[{report.label}] kills survived: {len(report.kills)} workers (SIGKILL) + broker: {report.broker_killed}"
+        + (f" (connections cut: {report.broker_connections_cut})" if report.broker_connections_cut else "")
         + (
             f" + store connections: {report.store_connections_killed} (messages retried for it: {report.store_outages})"
             if report.store == "postgresql"
@@ -673,12 +646,18 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=7, help="seed of the kill schedule and the fault draws")
     parser.add_argument("--skip-baseline", action="store_true", help="only the chaos run")
     stores.add_store_option(parser)
+    stores.add_broker_option(parser)
     args = parser.parse_args()
     cfg = ChaosConfig(
-        subtasks=args.subtasks, kill_every=args.kill_every, min_kills=args.min_kills, seed=args.seed, store=args.store
+        subtasks=args.subtasks,
+        kill_every=args.kill_every,
+        min_kills=args.min_kills,
+        seed=args.seed,
+        store=args.store,
+        broker=args.broker,
     )
     print(f"python {platform.python_version()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
-    print(f"store: {args.store}")
+    print(f"store: {args.store}; broker: {args.broker}")
     reports = []
     if not args.skip_baseline:
         reports.append(run_chaos(cfg, faults=False, label="baseline"))

@@ -1,8 +1,10 @@
-"""The task store a bench runs on: `--store sqlite` (the default) or `--store postgresql`.
+"""The task store a bench runs on: `--store sqlite` (the default) or `--store postgresql`; and its
+broker: `--broker embedded` (the default: the daemon's own valkey-server) or `--broker redis` (a
+database of the machine's Redis of its own: nietest_daemon/testing/machine_redis.py).
 
 SQLite is the file in the daemon's data dir, as in a default deployment. PostgreSQL is a fresh
 database (`nt_<hex>`) on the server nietest_daemon/testing/postgres.py finds (the machine's on
-127.0.0.1:5432, or `NIETEST_TEST_POSTGRES_URL`), created for one daemon and dropped after it:
+127.0.0.1:5432, or `TEST_POSTGRES_URL`), created for one daemon and dropped after it:
 the daemon gets it as `NIETEST_STORE_URL` and prepares it (its migrations) at start, as in a
 deployment. Its commits do not wait for the disk (`synchronous_commit = off` on that database,
 see `temporary_database`); the SQLite store's do not either (WAL, `synchronous = NORMAL`), so
@@ -23,9 +25,10 @@ import psycopg
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.store import SQLiteStore, Store
 from nietest_daemon.store.postgres import PostgresStore
-from nietest_daemon.testing import postgres
+from nietest_daemon.testing import machine_redis, postgres
 
 STORES = ("sqlite", "postgresql")
+BROKERS = ("embedded", "redis")
 
 
 def add_store_option(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +38,31 @@ def add_store_option(parser: argparse.ArgumentParser) -> None:
         default="sqlite",
         help="the task store: the SQLite file in the daemon's data dir, or a temporary PostgreSQL database",
     )
+
+
+def add_broker_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--broker",
+        choices=BROKERS,
+        default="embedded",
+        help="the broker: the daemon's embedded valkey-server, or a database of the machine's Redis (127.0.0.1:6379)",
+    )
+
+
+@contextlib.contextmanager
+def broker_env(kind: str) -> Iterator[dict[str, str]]:
+    """The daemon's broker settings for `kind`: none for the embedded broker, else BROKER_REDIS_URL
+    naming a database of the machine's Redis claimed for the run (emptied and released on exit)."""
+    if kind == "embedded":
+        yield {}
+        return
+    if kind != "redis":
+        raise ValueError(f"no broker {kind!r}: one of {', '.join(BROKERS)}")
+    reason = machine_redis.available()
+    if reason:
+        raise SystemExit(f"--broker redis: {reason}")
+    with machine_redis.claimed_database() as url:
+        yield {"BROKER_REDIS_URL": url}
 
 
 @contextlib.contextmanager

@@ -1,13 +1,14 @@
 """The fault-injection run of bench/chaos.py, shortened: two tasks, priorities 1 and 3, sharing the
-job slots; a worker killed every ~2 s, the broker killed once, both webhooks hanging for 6 s,
+job slots; a worker killed every ~2 s, the broker faulted once, both webhooks hanging for 6 s,
 workers stopped (SIGSTOP) now and then, every other time past the watchdog's 5 s, a leaking
 subtask_ops worker recycled, three times the issue's fault rates.
 
-Twice: on the SQLite store (30 subtasks a task, at the default heartbeat timeout, 60 s), and on
-the PostgreSQL store, where every connection of the daemon to its database is also terminated once
-(20 subtasks a task, and a 10 s heartbeat timeout so that the messages the broker's kill stranded
-come back sooner: the run costs about half as much). The PostgreSQL run skips, saying why, when no
-server answers (nietest_daemon/testing/postgres.py).
+Twice: on the embedded broker (killed) and the SQLite store (30 subtasks a task, at the default
+heartbeat timeout, 60 s); and on real shared servers, a database of the machine's Redis and one of
+the PostgreSQL server (20 subtasks a task), where every connection of the daemon to each is cut
+once (`CLIENT KILL`, `pg_terminate_backend`), as a server restart or a network cut would. The
+second run skips, saying why, when either server does not answer
+(nietest_daemon/testing/machine_redis.py, nietest_daemon/testing/postgres.py).
 
 The benchmark itself (300 subtasks, the issue's rates, a fault-free baseline beside it) is
 `.venv/bin/python bench/chaos.py [--store postgresql]`; its figures are in docs/benchmarks.md.
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 
 from bench import chaos
-from nietest_daemon.testing import postgres
+from nietest_daemon.testing import machine_redis, postgres
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +56,7 @@ def short_run(**overrides: Any) -> chaos.ChaosConfig:
 
 
 def run_and_check(cfg: chaos.ChaosConfig) -> chaos.ChaosReport:
-    report = chaos.run_chaos(cfg, faults=True, label=f"test {cfg.store}")
+    report = chaos.run_chaos(cfg, faults=True, label=f"test {cfg.store}, {cfg.broker} broker")
     print("\n".join(chaos.describe(report)))
     assert report.problems == []
     assert len(report.kills) >= cfg.min_kills and report.broker_killed
@@ -71,14 +72,15 @@ def test_chaos_run_loses_nothing_pays_nothing_twice_and_leaks_nothing() -> None:
     assert report.stops and report.long_stops and report.unresponsive_kills and report.recycles
 
 
-def test_chaos_run_on_postgresql_survives_its_connections_being_cut_too() -> None:
-    reason = postgres.unavailable_reason()
+def test_chaos_run_on_the_real_redis_and_postgresql_survives_their_connections_being_cut() -> None:
+    reason = machine_redis.available() or postgres.unavailable_reason()
     if reason:
         pytest.skip(reason)
-    report = run_and_check(short_run(store="postgresql", subtasks=40, heartbeat_timeout=10.0))
-    # The pools' connections, cut under the workers. Whether a message meets a dead one (and is retried,
-    # `store_outages`) depends on timing: the pool checks a connection it hands out after a failure, so
-    # a cut idle connection costs nothing. What must hold is above: nothing lost, nothing paid twice.
-    assert report.store_connections_killed > 0, report
+    report = run_and_check(short_run(store="postgresql", broker="redis", subtasks=40))
+    # Every connection to each server, cut under the workers. Whether a message meets a dead one (and
+    # is retried: `store_outages`) depends on timing: the pools check a connection they hand out after
+    # a failure, so a cut idle connection costs nothing. What must hold is above: nothing lost, nothing
+    # paid twice, every final notice sent once.
+    assert report.broker_connections_cut > 0 and report.store_connections_killed > 0, report
     assert report.faults_seen["timeout"] and report.faults_seen["failure"], report
     assert report.stops and report.long_stops and report.unresponsive_kills

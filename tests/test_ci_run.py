@@ -70,7 +70,7 @@ def test_ci_makes_sure_postgres_answers_before_the_tests() -> None:
     block = _postgres_block()
     # The machine's server (found by testing/postgres.py), else a private one whose URL pytest is given.
     assert "pg_answers postgresql://postgres@127.0.0.1:5432/postgres" in block
-    assert 'export NIETEST_TEST_POSTGRES_URL="postgresql://postgres@127.0.0.1:$port/postgres"' in block
+    assert 'export TEST_POSTGRES_URL="postgresql://postgres@127.0.0.1:$port/postgres"' in block
     assert "trap stop_private_postgres EXIT" in block and "runuser -u" in block
 
 
@@ -95,10 +95,10 @@ def test_ci_starts_a_private_postgres_when_the_machine_has_none(tmp_path: Path) 
     script = (
         "set -euo pipefail\n"
         + _postgres_block()
-        + 'echo "URL=$NIETEST_TEST_POSTGRES_URL"\necho "DIR=$pg_dir"\n'
-        + 'psql -w -X -A -t -c "select 40 + 2" "$NIETEST_TEST_POSTGRES_URL"\n'
+        + 'echo "URL=$TEST_POSTGRES_URL"\necho "DIR=$pg_dir"\n'
+        + 'psql -w -X -A -t -c "select 40 + 2" "$TEST_POSTGRES_URL"\n'
     )
-    env = {k: v for k, v in os.environ.items() if k != "NIETEST_TEST_POSTGRES_URL"}
+    env = {k: v for k, v in os.environ.items() if k != "TEST_POSTGRES_URL"}
     env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
     done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr

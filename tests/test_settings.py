@@ -124,11 +124,6 @@ def test_a_store_url_and_a_mongo_store_are_an_error_naming_both(other: dict[str,
     assert (s.store_kind, s.mongo_db, s.task_collection) == (StoreKind.MONGODB, "campaigns", "t")
 
 
-def test_the_test_suites_postgres_url_is_not_an_unknown_variable() -> None:
-    """.ci/run exports it for pytest, and every `nietest` a test starts inherits it."""
-    assert load({"NIETEST_TEST_POSTGRES_URL": "postgresql://postgres@127.0.0.1:5432/postgres"}) == load({})
-
-
 def test_supervisor_env_exports_validated_values() -> None:
     env = load(
         {

@@ -5,6 +5,8 @@
   drains it).
 - `FailureRun` / `QueueRecovered`: a queue's run of failed subtasks began / ended (pushed by the
   Lua script of coordination/streaks.py, whose JSON these match; the alerts listener drains them).
+- `HostLost` / `HostBack`: a host was declared lost and its work handed back / it beats again
+  (coordination/hosts.py pushes them; the alerts listener of any host drains them, so one sends).
 - `RecycleMark`: a worker about to exit to be recycled says so (programs/worker.py), under a key
   of its own per process and pid with a TTL (coordination/counters.py). The watchdog and the
   alerts listener both read it; neither deletes it.
@@ -177,6 +179,70 @@ class RecycleMark(_Event):
                 at=float(d["at"]),
             ),
         )
+
+
+@dataclass(frozen=True)
+class HostLost(_Event):
+    """Host `host` gave no sign of life for `silent_seconds`; daemon `taken_over_by` (a host name)
+    handed back the `messages` its workers held, which continue `subtasks` subtasks elsewhere."""
+
+    KIND: ClassVar[str] = "host_lost"
+
+    host: str
+    silent_seconds: float
+    taken_over_by: str
+    messages: int
+    subtasks: int
+    at: float  # unix time of the takeover's end
+
+    @classmethod
+    def from_dict(cls, data: object) -> HostLost:
+        return _decode(
+            cls.KIND,
+            data,
+            lambda d: cls(
+                host=str(d["host"]),
+                silent_seconds=float(d["silent_seconds"]),
+                taken_over_by=str(d["taken_over_by"]),
+                messages=int(d["messages"]),
+                subtasks=int(d["subtasks"]),
+                at=float(d["at"]),
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class HostBack(_Event):
+    """Host `host`, declared lost `lost_seconds` ago, beats again (its workers were restarted, so
+    nothing it held before runs: coordination/hosts.py)."""
+
+    KIND: ClassVar[str] = "host_back"
+
+    host: str
+    lost_seconds: float
+    workers_restarted: int
+    at: float
+
+    @classmethod
+    def from_dict(cls, data: object) -> HostBack:
+        return _decode(
+            cls.KIND,
+            data,
+            lambda d: cls(
+                host=str(d["host"]),
+                lost_seconds=float(d["lost_seconds"]),
+                workers_restarted=int(d["workers_restarted"]),
+                at=float(d["at"]),
+            ),
+        )
+
+
+HostEvent = HostLost | HostBack
+
+
+def host_event_from_dict(data: object) -> HostEvent:
+    kind = data.get("kind") if isinstance(data, Mapping) else None
+    return HostBack.from_dict(data) if kind == HostBack.KIND else HostLost.from_dict(data)
 
 
 def decode_each(decode: Callable[[object], T], items: Iterable[object], what: str) -> list[T]:

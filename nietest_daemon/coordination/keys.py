@@ -143,6 +143,31 @@ def alive(process_token: str) -> str:
     return f"{PREFIX}:alive:{process_token}"
 
 
+# --- hosts (coordination/hosts.py) ---------------------------------------------------------------
+#: Hash: host name -> JSON `HostRecord` of every daemon that ever registered on this broker.
+HOSTS = f"{PREFIX}:hosts"
+#: List: JSON host events (a host lost, a host back), drained by the alerts listener of any host.
+HOST_EVENTS = f"{PREFIX}:hosts:events"
+
+
+def host_lease(host: str) -> str:
+    """The live daemon named `host`: its daemon id, with a TTL of NIETEST_HOST_LOST_SECONDS that its
+    host keeper renews every second. Gone: the daemon stopped, died or lost the broker."""
+    return f"{PREFIX}:host:{host}:lease"
+
+
+def host_takeover(host: str) -> str:
+    """The daemon handing back lost `host`'s work: its daemon id, with a short TTL it renews while it
+    works. Gone before the record says `handed_back`: the taker was lost too, another resumes."""
+    return f"{PREFIX}:host:{host}:takeover"
+
+
+def alive_pattern(host: str) -> str:
+    """A SCAN pattern of the `alive` marks of every worker process of `host` (coordination/markers.py
+    makes each process token start with `<host>:`)."""
+    return f"{PREFIX}:alive:{host}:*"
+
+
 # --- tasks and periodic work --------------------------------------------------------------------
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import uuid
 from collections.abc import Iterable
 
@@ -25,6 +24,7 @@ import redis
 
 from nietest_daemon.coordination import keys
 from nietest_daemon.coordination.connection import ScriptCall, as_text, lua_script
+from nietest_daemon.core.settings import default_host_name
 
 CHAIN_TTL_SECONDS = 86400
 CREATING_LOCK_SECONDS = 180  # longer than one create call with all the client's retries
@@ -167,10 +167,12 @@ _process_token: tuple[int, str] | None = None
 
 
 def process_token() -> str:
-    """This process, unique across hosts and restarts (pid reuse included)."""
+    """This process, unique across hosts and restarts (pid reuse included): `<host>:<pid>:<random>`,
+    the host being the daemon's NIETEST_HOST_NAME (a takeover finds a lost host's marks by it)."""
     global _process_token
     if _process_token is None or _process_token[0] != os.getpid():
-        _process_token = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+        host = os.environ.get("NIETEST_HOST_NAME") or default_host_name()
+        _process_token = (os.getpid(), f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
     return _process_token[1]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -250,6 +251,27 @@ def _host(raw: str) -> str:
     return value
 
 
+_HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def _host_name(raw: str) -> str:
+    """A daemon's name on the broker: it goes into Redis keys and broker ids (`<host>/<process>/...`),
+    so no `/`, `:` or spaces."""
+    name = raw.strip()
+    if not _HOST_NAME.match(name):
+        raise ValueError("1 to 63 characters: letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+def default_host_name() -> str:
+    """The machine's host name, cut to what NIETEST_HOST_NAME accepts (its first label if need be)."""
+    name = socket.gethostname().strip()
+    if _HOST_NAME.match(name):
+        return name
+    label = re.sub(r"[^A-Za-z0-9._-]", "-", name.split(".")[0])[:63].lstrip("._-")
+    return label or "localhost"
+
+
 def _queue_name(raw: str) -> str:
     value = raw.strip()
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}", value) or value.endswith((".DQ", ".XQ")):
@@ -350,6 +372,8 @@ class Settings:
     fair_share: FairShare = FairShare.OWNER
     owner_weights: Mapping[str, float] = field(default_factory=dict)  # owners not named weigh 1
     store_url: str | None = None  # NIETEST_STORE_URL; None: MONGO_URI / MONGO_HOST, else SQLite in the data dir
+    host_name: str = "localhost"  # NIETEST_HOST_NAME: this daemon's name on the broker (coordination/hosts.py)
+    host_lost_seconds: float = 10.0  # NIETEST_HOST_LOST_SECONDS: a host silent this long is lost
     extra: dict[str, Any] = field(default_factory=dict)
 
     # --- derived values -------------------------------------------------------------------------
@@ -447,6 +471,7 @@ class Settings:
             "NIETEST_BROKER_PROCESSES": "1" if self.embedded_broker else "0",
             "NIETEST_METRICS_PROCESSES": "1" if self.metrics_addr else "0",
             "NIETEST_START_RETRIES": str(self.start_retries),
+            "NIETEST_HOST_NAME": self.host_name,
         }
         for q in self.queues.values():
             env[f"NIETEST_{q.key.upper()}_PROCESSES"] = str(q.processes)
@@ -456,9 +481,6 @@ class Settings:
 
 # Variables nietest owns but that are not fields of their own.
 _OWN_EXTRA = {"NIETEST_BROKER_PROCESSES", "NIETEST_METRICS_PROCESSES", "NIETEST_STOP_WAIT_SECONDS", "NIETEST_PYTHON"}
-# The test suite's own: .ci/run exports the PostgreSQL server the tests use (testing/postgres.py), and
-# every `nietest` a test runs inherits it.
-_OWN_EXTRA |= {"NIETEST_TEST_POSTGRES_URL"}
 _QUEUE_COUNT = re.compile(r"^NIETEST_(.+)_(PROCESSES|THREADS|MAX_MEMORY|MAX_MESSAGES)$")
 
 
@@ -580,6 +602,8 @@ def _load(env: dict[str, str], seen: dict[str, None]) -> Settings:
         fair_share=get("NIETEST_FAIR_SHARE", _fair_share, FairShare.OWNER),
         owner_weights=get("NIETEST_OWNER_WEIGHTS", _owner_weights, {}),
         store_url=store_url,
+        host_name=get("NIETEST_HOST_NAME", _host_name, default_host_name()),
+        host_lost_seconds=get("NIETEST_HOST_LOST_SECONDS", _float(3, 3600), 10.0),
     )
 
     # A mistyped NIETEST_* variable would otherwise be silently ignored.

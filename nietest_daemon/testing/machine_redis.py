@@ -57,3 +57,17 @@ def _empty_but_lock(client: redis.Redis) -> None:
     for key in client.scan_iter(count=1000):
         if key != LOCK_KEY.encode():
             client.delete(key)
+
+
+def cut_clients(url: str) -> int:
+    """Close every connection to the database `url` names but this one (`CLIENT KILL`), as a
+    server restart or a network cut would; returns how many were closed. The database's data
+    stays: that is what a fault of the machine's Redis can be made to do without stopping it."""
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        own = client.client_id()
+        db = client.connection_pool.connection_kwargs.get("db", 0)
+        victims = [c["id"] for c in client.client_list() if int(c["db"]) == db and int(c["id"]) != own]
+        return sum(int(client.client_kill_filter(_id=str(v)) or 0) for v in victims)
+    finally:
+        client.close()

@@ -1,6 +1,6 @@
 """The machine's PostgreSQL for tests: its URL, why it is not there, and fresh databases on it.
 
-`server_url()` is `NIETEST_TEST_POSTGRES_URL` when set, else the machine's server at
+`server_url()` is `TEST_POSTGRES_URL` when set, else the machine's server at
 `postgresql://postgres@127.0.0.1:5432/postgres` if it answers within a second, else None (tests
 skip with `unavailable_reason()`; `.ci/run` makes sure one answers). `temporary_database()`
 creates a database `nt_<hex>` for its caller and drops it after (`WITH (FORCE)`: connections a
@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-ENV = "NIETEST_TEST_POSTGRES_URL"
+ENV = "TEST_POSTGRES_URL"
 MACHINE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 PREFIX = "nt_"
 
