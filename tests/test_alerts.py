@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from nietest_daemon.coordination.events import FailureRun, QueueRecovered, WorkerUnresponsive
+from nietest_daemon.coordination.events import FailureRun, HostBack, HostLost, QueueRecovered, WorkerUnresponsive
 from nietest_daemon.core.redaction import set_secrets
 from nietest_daemon.core.settings import load
 from nietest_daemon.domain.process_state import ProcessState
@@ -234,6 +234,23 @@ def test_failure_run_and_recovery_from_streak_events() -> None:
     assert recovered.severity == "success" and "after 9 consecutive failures" in recovered.content
 
 
+def test_a_lost_host_and_its_return_are_one_card_each() -> None:
+    sent: list[Alert] = []
+    engine, clock = make_engine(sent), Clock()
+    engine.handle(FromBroker(HostLost("h9", 12.4, "h1", 7, 5, clock.wall), clock.mono))
+    clock.advance(30)
+    engine.handle(FromBroker(HostBack("h9", 31.0, 4, clock.wall), clock.mono))
+    engine.handle(FromBroker(HostBack("h8", 1.0, 1, clock.wall), clock.mono))
+    run_for(engine, clock, 11)
+    lost, back = sent
+    assert lost.title == "Host lost: h9" and lost.severity == "critical" and lost.queue is None
+    assert "**h9** gave no sign of life for 12s" in lost.content and "taken over by **h1**" in lost.content
+    assert "7 messages it held went back to the queues, continuing 5 subtasks" in lost.content
+    assert back.title == "2 hosts back" and back.severity == "success"
+    assert "**h9** beats again, 31s after it was declared lost" in back.content
+    assert "restarted its 4 workers" in back.content and "restarted its 1 worker " in back.content
+
+
 def test_broker_outage_is_reported_once_after_the_grace_then_its_end() -> None:
     sent: list[Alert] = []
     engine, clock = make_engine(sent, NIETEST_ALERT_COALESCE_SECONDS="0"), Clock()
@@ -364,6 +381,7 @@ def test_alert_kinds_carry_severity_titles_and_the_send_order() -> None:
         (AlertKind.FATAL, AlertKind.PROCESS_RECOVERED),
         (AlertKind.FAILURE_RUN, AlertKind.QUEUE_RECOVERED),
         (AlertKind.BROKER_DOWN, AlertKind.BROKER_UP),
+        (AlertKind.HOST_LOST, AlertKind.HOST_BACK),
     ):
         assert order.index(problem) < order.index(recovery)
         assert recovery.severity == "success" and problem.severity == "critical"
@@ -421,6 +439,14 @@ def _inputs(clock: Clock) -> dict[str, tuple[Input, Callable[[Engine, list[Alert
             FromBroker(QueueRecovered("nietest_subtask", 7, wall), mono),
             lambda engine, sent: [a.kind for a in sent] == ["queue_recovered"],
         ),
+        "host lost": (
+            FromBroker(HostLost("h9", 11.0, "h1", 3, 2, wall), mono),
+            lambda engine, sent: [a.title for a in sent] == ["Host lost: h9"] and "3 messages" in sent[0].content,
+        ),
+        "host back": (
+            FromBroker(HostBack("h9", 20.0, 2, wall), mono),
+            lambda engine, sent: [a.title for a in sent] == ["Host back: h9"] and "2 workers" in sent[0].content,
+        ),
         "listener restart": (
             ListenerRestart(pid=77, started_at=wall - 30, restarts=1, mono=mono),
             lambda engine, sent: (
@@ -470,7 +496,15 @@ def test_the_shutdown_drain_hands_every_kind_of_input_to_the_engine(
     finally:
         listener.redis.close()
     assert handled == inputs and listener.inbox.empty()
-    assert {a.kind for a in sent} == {"fatal", "unresponsive", "failure_run", "queue_recovered", "listener_restart"}
+    assert {a.kind for a in sent} == {
+        "fatal",
+        "unresponsive",
+        "failure_run",
+        "queue_recovered",
+        "host_lost",
+        "host_back",
+        "listener_restart",
+    }
     assert engine.procs["subtask:subtask_03"].pid == 43 and engine.broker_down_since is not None
 
 

@@ -114,3 +114,13 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""
+
+
+def test_ci_installs_the_multihost_rigs_tools() -> None:
+    """The multi-host rig (testing/multihost.py) drives `ip` and `nft`: installed as Prometheus and
+    Chromium are, before the tests."""
+    lines = _ci_lines()
+    install = next(i for i, line in enumerate(lines) if line.startswith("if [ ${#need[@]} -gt 0 ]"))
+    for command, package in (("ip", "iproute2"), ("nft", "nftables")):
+        line = f"command -v {command} >/dev/null || need+=({package})"
+        assert line in lines[:install], f".ci/run does not install {package} (for `{command}`)"

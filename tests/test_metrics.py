@@ -12,6 +12,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from threading import Thread
@@ -25,7 +26,8 @@ from redis.retry import Retry
 
 from nietest_daemon.clients.feishu import FeishuClient
 from nietest_daemon.clients.nieta import NietaClient, NietaError
-from nietest_daemon.coordination import counters, keys
+from nietest_daemon.coordination import counters, hosts, keys
+from nietest_daemon.coordination.hosts import HostRecord
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.internals.dramatiq_redis import NietestRedisBroker
 from nietest_daemon.pipeline.broker import build_broker
@@ -297,6 +299,27 @@ def test_the_exposition_passes_promtool(server: str) -> None:
     _, text = get(server + "/metrics")
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check.stdout + check.stderr
+
+
+def test_the_hosts_gauge_counts_the_daemons_on_the_broker_by_state(server: str, client: redis.Redis) -> None:
+    def hosts_gauge() -> dict[str, float]:
+        status, text = get(server + "/metrics")
+        assert status == 200
+        return {dict(labels)["state"]: v for (name, labels), v in samples(text).items() if name == "nietest_hosts"}
+
+    assert hosts_gauge() == {"up": 0, "lost": 0, "stopped": 0}  # every state, before any daemon registered
+    records = {}
+    for name in ("h1", "h2", "h3", "h4"):
+        records[name] = HostRecord(name, uuid.uuid4().hex, "10.0.0.1", 1, "", "/srv", time.time(), since=time.time())
+        assert hosts.take_lease(client, records[name], 3.0)[0]
+    hosts.mark_stopped(client, records["h3"])
+    client.delete(keys.host_lease("h4"))
+    client.zadd(keys.lifelines("h4"), {"subtask_00/1": time.time() - 10})
+    assert hosts.claim_takeover(client, "h4", daemon_id=records["h1"].daemon_id, host="h1", lost_seconds=3.0)
+    assert hosts_gauge() == {"up": 2, "lost": 1, "stopped": 1}
+    client.hset(keys.HOSTS, "h5", "not json")  # a record this version cannot read: no gauge, the rest stands
+    status, text = get(server + "/metrics")
+    assert status == 200 and "nietest_hosts" not in text and "nietest_job_slots_in_use" in text
 
 
 def test_a_token_guards_every_endpoint(settings: settings_module.Settings) -> None:

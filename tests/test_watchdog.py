@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -293,7 +292,7 @@ def test_a_leaking_worker_recycles_once_without_an_alert_and_loses_nothing(
     # Counted as a recycle, not a crash, in nietest_process_restarts_total.
     restarts = {
         counters.parse_field(f)[1]["reason"]: v
-        for f, v in counters.read(daemon.redis, socket.gethostname()).items()
+        for f, v in counters.read(daemon.redis, daemon.settings.host_name).items()
         if counters.parse_field(f)[0] == counters.PROCESS_RESTARTS.name
     }
     assert restarts == {"recycle": 1.0}

@@ -25,7 +25,7 @@ import hashlib
 import hmac
 import json
 import logging
-import socket
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +43,7 @@ from nietest_daemon.core.backoff import SPREAD, parse_retry_after
 from nietest_daemon.core.backoff import backoff as backoff_delay
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.redaction import add_secrets, redact
+from nietest_daemon.core.settings import default_host_name
 
 log = get_logger(__name__)
 
@@ -244,6 +245,11 @@ class _Job:
     truncated: bool
 
 
+def _default_host() -> str:
+    """The daemon's name (NIETEST_HOST_NAME, exported to every supervised process), else the machine's."""
+    return os.environ.get("NIETEST_HOST_NAME", "").strip() or default_host_name()
+
+
 class FeishuClient:
     """Sends cards to one Feishu custom-bot webhook; see the module docstring for the guarantees.
 
@@ -281,7 +287,7 @@ class FeishuClient:
         self.on_result = on_result
         self.secret = secret or None
         add_secrets([self.webhook_url, self.secret])
-        self.host = host if host is not None else socket.gethostname()
+        self.host = host if host is not None else _default_host()
         self.timeout = timeout
         self.deadline = deadline
         self.max_attempts = max(1, max_attempts)

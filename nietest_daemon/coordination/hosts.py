@@ -127,6 +127,8 @@ def client_address(client: redis.Redis) -> str:
     except redis.ResponseError:
         return ""
     addr = str(info.get("addr", ""))
+    if addr.startswith("/"):  # a unix socket: the broker is on this machine
+        return "a local unix socket"
     return addr.rsplit(":", 1)[0] if ":" in addr else addr
 
 

@@ -374,6 +374,9 @@ class Settings:
     store_url: str | None = None  # NIETEST_STORE_URL; None: MONGO_URI / MONGO_HOST, else SQLite in the data dir
     host_name: str = "localhost"  # NIETEST_HOST_NAME: this daemon's name on the broker (coordination/hosts.py)
     host_lost_seconds: float = 10.0  # NIETEST_HOST_LOST_SECONDS: a host silent this long is lost
+    # NIETEST_TAKEOVER_PAUSE_SECONDS: fault injection for tests (programs/host_keeper.py): the wait
+    # between claiming a lost host and handing back its work, so a test can cut the taker off mid-way.
+    takeover_pause_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     # --- derived values -------------------------------------------------------------------------
@@ -480,7 +483,14 @@ class Settings:
 
 
 # Variables nietest owns but that are not fields of their own.
-_OWN_EXTRA = {"NIETEST_BROKER_PROCESSES", "NIETEST_METRICS_PROCESSES", "NIETEST_STOP_WAIT_SECONDS", "NIETEST_PYTHON"}
+# NIETEST_DAEMON_ID: this daemon start's id, from `nietest daemon` to its host keeper (programs/host_keeper.py).
+_OWN_EXTRA = {
+    "NIETEST_BROKER_PROCESSES",
+    "NIETEST_METRICS_PROCESSES",
+    "NIETEST_STOP_WAIT_SECONDS",
+    "NIETEST_PYTHON",
+    "NIETEST_DAEMON_ID",
+}
 _QUEUE_COUNT = re.compile(r"^NIETEST_(.+)_(PROCESSES|THREADS|MAX_MEMORY|MAX_MESSAGES)$")
 
 
@@ -604,6 +614,7 @@ def _load(env: dict[str, str], seen: dict[str, None]) -> Settings:
         store_url=store_url,
         host_name=get("NIETEST_HOST_NAME", _host_name, default_host_name()),
         host_lost_seconds=get("NIETEST_HOST_LOST_SECONDS", _float(3, 3600), 10.0),
+        takeover_pause_seconds=get("NIETEST_TAKEOVER_PAUSE_SECONDS", _float(0, 60), 0.0),
     )
 
     # A mistyped NIETEST_* variable would otherwise be silently ignored.

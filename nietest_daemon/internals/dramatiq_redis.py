@@ -7,7 +7,8 @@ nietest needs four things Dramatiq's public API does not give:
   called with its positional arguments), so a dead worker's messages come back promptly;
 - a new broker id when a consumer thread restarts after a connection error, and broker ids that
   name their process (`<host>/<process>/<pid>/<random>`), so that the messages of a process that
-  exited can be handed back at once (`NietestRedisBroker.hand_back_dead`) instead of after the
+  exited, or of every process of a lost host, can be handed back at once
+  (`NietestRedisBroker.hand_back_dead`, `broker_ids_of`, `held_messages`) instead of after the
   heartbeat timeout;
 - the broker's key layout (`dramatiq:<queue>`, `.msgs`, `.DQ`, `.XQ`, `__acks__.<broker id>.<queue>`)
   for queue statistics and for handing back messages (`requeue`, the private `do_requeue` command).
@@ -27,7 +28,7 @@ import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff, current_millis, dq_name, q_name, xq_name
-from dramatiq.errors import ActorNotFound, ConnectionClosed
+from dramatiq.errors import ActorNotFound, ConnectionClosed, DecodeError
 
 from nietest_daemon.coordination.connection import as_text, lua_script
 from nietest_daemon.core.logs import get_logger
@@ -42,8 +43,10 @@ __all__ = [
     "NietestRedisConsumer",
     "ack_set_key",
     "heartbeats_key",
+    "held_messages",
     "process_identity",
     "bodies_key",
+    "broker_ids_of",
     "dead_letter_name",
     "delay_queue_name",
     "queue_key",
@@ -91,6 +94,39 @@ def dead_letter_name(queue_name: str) -> str:
     return xq_name(queue_name)
 
 
+def broker_ids_of(client: redis.Redis, identity: str, namespace: str = NAMESPACE) -> list[str]:
+    """The broker ids with a heartbeat that start with `identity`: one process's (`process_identity`)
+    or a whole host's (`<host>/`)."""
+    return [m for m in map(as_text, client.zrange(heartbeats_key(namespace), 0, -1)) if m.startswith(identity)]
+
+
+def held_messages(
+    client: redis.Redis, broker_ids: list[str], queue_names: list[str], namespace: str = NAMESPACE
+) -> list[dramatiq.Message[Any]]:
+    """The messages `broker_ids` fetched and have not acked, on `queue_names` and their delay
+    queues (what a hand-back returns); a body that is gone or does not decode is left out."""
+    queues = [name for queue in queue_names for name in (queue, delay_queue_name(queue))]
+    pairs = [(broker_id, queue) for broker_id in broker_ids for queue in queues]
+    if not pairs:
+        return []
+    with client.pipeline(transaction=False) as pipe:
+        for broker_id, queue in pairs:
+            pipe.smembers(ack_set_key(broker_id, queue, namespace))
+        held = pipe.execute()
+    with client.pipeline(transaction=False) as pipe:
+        asked = [(queue, sorted(ids)) for (_, queue), ids in zip(pairs, held, strict=True) if ids]
+        for queue, ids in asked:
+            pipe.hmget(bodies_key(queue, namespace), ids)
+        bodies = pipe.execute() if asked else []
+    messages: list[dramatiq.Message[Any]] = []
+    for body in (b for found in bodies for b in found if b is not None):
+        try:
+            messages.append(dramatiq.Message.decode(body))
+        except DecodeError:  # a bad body is the consumer's to dead-letter, not ours to count
+            continue
+    return messages
+
+
 def requeue(broker: RedisBroker, queue_name: str, messages: list[Any]) -> list[str]:
     """Hand messages this worker fetched back to their queue at once (its shutdown); their
     broker-side ids (`options["redis_message_id"]`, set by the Redis broker), which it returns."""
@@ -136,7 +172,21 @@ class NietestRedisConsumer(_RedisConsumer):
                 if message is not None:
                     self.queued_message_ids.add(message.message_id)
                     return MessageProxy(message)
-        except redis.ConnectionError as e:
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            # A timeout too (a network cut gives timeouts, not refusals): Dramatiq restarts a consumer
+            # on ConnectionClosed, but any other error ends its thread and the worker consumes no more.
+            raise ConnectionClosed(e) from None
+
+    def ack(self, message: MessageProxy) -> None:
+        try:
+            super().ack(message)
+        except redis.TimeoutError as e:  # as in `__next__`: restart the consumer, do not end its thread
+            raise ConnectionClosed(e) from None
+
+    def nack(self, message: MessageProxy) -> None:
+        try:
+            super().nack(message)
+        except redis.TimeoutError as e:
             raise ConnectionClosed(e) from None
 
     def _check(self, data: bytes | None) -> dramatiq.Message | None:
@@ -293,14 +343,18 @@ class NietestRedisBroker(RedisBroker):
 
     def hand_back_dead(self, identity: str, queue_names: list[str]) -> int:
         """Hand back at once the messages held by the broker ids of a process that has exited
-        (`identity`, its `process_identity`): each is marked dead (heartbeat 0) and maintenance
-        runs on `queue_names` and their delay queues. Returns how many messages that was.
+        (`identity`, its `process_identity`), or of every process of a lost host (`<host>/`).
+        Returns how many messages that was.
 
-        Only for a process known to be gone (supervisord saw it exit): the messages of a live one
-        would run twice.
+        Only for processes known to be gone (supervisord saw it exit, the host was declared lost):
+        the messages of a live one would run twice.
         """
+        return self.hand_back_ids(broker_ids_of(self.client, identity, self.namespace), queue_names)
+
+    def hand_back_ids(self, dead: list[str], queue_names: list[str]) -> int:
+        """Hand back the messages held by the broker ids `dead`: each is marked dead (heartbeat 0)
+        and maintenance runs on `queue_names` and their delay queues. How many messages that was."""
         beats = heartbeats_key(self.namespace)
-        dead = [m for m in map(as_text, self.client.zrange(beats, 0, -1)) if m.startswith(identity)]
         if not dead:
             return 0
         queues = [name for queue in queue_names for name in (queue, delay_queue_name(queue))]

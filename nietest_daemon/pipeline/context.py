@@ -3,9 +3,8 @@ slots), built once per process on first use."""
 
 from __future__ import annotations
 
-import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import redis
@@ -29,7 +28,7 @@ class Context:
     nieta: NietaClient | None
     notifier: FeishuClient
     schedulers: dict[Lane, Scheduler]  # job-slot admission, one per lane
-    host: str = field(default_factory=socket.gethostname)  # names this host's metrics (coordination/counters.py)
+    host: str  # NIETEST_HOST_NAME: names this host's metrics (coordination/counters.py) and its cards
 
     def queue_of(self, lane: Lane) -> str:
         return self.settings.queue(lane.queue_key).name
@@ -70,7 +69,7 @@ def build_context(settings: Settings) -> Context:
         settings.feishu_task_webhook_url,
         settings.feishu_webhook_secret,
         client,
-        host=socket.gethostname(),
+        host=settings.host_name,
         on_result=partial(counters.TALLY.feishu_message, "task"),
     )
     return Context(
@@ -83,4 +82,5 @@ def build_context(settings: Settings) -> Context:
             Lane.STANDARD: Scheduler(client, Lane.STANDARD, settings.max_jobs, lease),
             Lane.LUMINA: Scheduler(client, Lane.LUMINA, settings.max_lumina_jobs, lease),
         },
+        host=settings.host_name,
     )

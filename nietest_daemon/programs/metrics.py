@@ -42,8 +42,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from nietest_daemon.coordination import counters
+from nietest_daemon.coordination import counters, hosts
 from nietest_daemon.coordination.connection import redis_client
+from nietest_daemon.coordination.hosts import HostState
 from nietest_daemon.coordination.scheduler import Scheduler
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.loopback import is_loopback
@@ -184,7 +185,22 @@ class NietestCollector(Collector):
             capacity.add_metric([lane.value], slots.cap)
             waiting.add_metric([lane.value], slots.waiting())
         yield from (in_use, capacity, waiting)
+        yield from self._hosts()
         yield from render_totals(counters.read(probe.redis, probe.host), infos)
+
+    def _hosts(self) -> Iterator[Metric]:
+        """The daemons registered on the broker by state (coordination/hosts.py), each state at 0 until seen."""
+        try:
+            states = [record.state for record in hosts.all_records(self.probe.redis)]
+        except (ValueError, TypeError) as exc:  # a record this version cannot read: no gauge, the rest stands
+            log.warning("unreadable host record during a scrape", error=str(exc)[:300])
+            return
+        yield _gauge(
+            "nietest_hosts",
+            "Daemons registered on the broker by state: up, lost (silent, work taken over), stopped (broker-wide).",
+            ["state"],
+            [([state.value], states.count(state)) for state in HostState],
+        )
 
     def _tasks(self) -> Iterator[Metric]:
         family = GaugeMetricFamily("nietest_tasks", "Tasks in the store by status.", labels=["status"])
@@ -366,7 +382,7 @@ class _Server(ThreadingHTTPServer):
 
 def serve(settings: Settings, addr: tuple[str, int], host: str | None = None) -> ThreadingHTTPServer:
     """The bound server (not yet serving): `serve_forever()` it."""
-    endpoints = Endpoints(Probe(settings, host or socket.gethostname()))
+    endpoints = Endpoints(Probe(settings, host or settings.host_name))
     return _Server(addr, make_handler(endpoints, settings.metrics_token))
 
 

@@ -1,24 +1,33 @@
-"""`nietest status`: supervised processes, queue statistics, broker and store in use, and each lane's
-job slots: the share of each owner and of each of its tasks."""
+"""`nietest status`: supervised processes, queue statistics, broker and store in use, each lane's
+job slots (the share of each owner and of each of its tasks), and the hosts on the broker."""
 
 from __future__ import annotations
 
 import json
-import socket
 import time
 import xmlrpc.client
 from typing import Any
 
+import dramatiq
 import redis
+from dramatiq.errors import DecodeError
 
-from nietest_daemon.coordination import lifelines
-from nietest_daemon.coordination.connection import redis_client
+from nietest_daemon.coordination import hosts, keys, lifelines
+from nietest_daemon.coordination.connection import as_text, redis_client
+from nietest_daemon.coordination.hosts import HostRecord, HostState
 from nietest_daemon.coordination.scheduler import OwnerShare, Scheduler, TaskShare
 from nietest_daemon.core.settings import FairShare, Settings
 from nietest_daemon.domain.process_state import ProcessState
 from nietest_daemon.domain.subtask import Lane
-from nietest_daemon.internals.dramatiq_redis import queue_stats
+from nietest_daemon.internals.dramatiq_redis import (
+    ack_set_key,
+    bodies_key,
+    delay_queue_name,
+    heartbeats_key,
+    queue_stats,
+)
 from nietest_daemon.internals.supervisor import all_process_info
+from nietest_daemon.pipeline.messages import ids_of
 from nietest_daemon.programs.daemon import control_proxy
 from nietest_daemon.store import StoreError, open_store_for
 
@@ -34,6 +43,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         "processes": [],
         "queues": {},
         "slots": {},
+        "hosts": [],
     }
     try:
         proxy = control_proxy(settings)
@@ -74,11 +84,15 @@ def collect(settings: Settings) -> dict[str, Any]:
             report["slots"][str(slots.api)] = slot_report(slots, owners, settings.fair_share)
         workers = [p for p in report["processes"] if p["group"] in settings.queues and p["pid"]]
         beats = lifelines.last_beats(
-            client, socket.gethostname(), [lifelines.member(p["name"].split(":", 1)[1], p["pid"]) for p in workers]
+            client, settings.host_name, [lifelines.member(p["name"].split(":", 1)[1], p["pid"]) for p in workers]
         )
         for process, beat in zip(workers, beats, strict=True):
             if beat is not None:
                 process["last_sign_of_life_seconds"] = round(max(0.0, time.time() - beat), 1)
+        try:
+            report["hosts"] = host_report(client, settings)
+        except (ValueError, TypeError) as exc:  # a record this version cannot read: the rest still stands
+            report["hosts_error"] = f"unreadable host record: {exc}"[:300]
     except (redis.RedisError, OSError) as exc:
         report["broker_error"] = str(exc)
         for q in settings.queues.values():
@@ -86,6 +100,94 @@ def collect(settings: Settings) -> dict[str, Any]:
     finally:
         client.close()
     return report
+
+
+def host_report(client: redis.Redis, settings: Settings, now: float | None = None) -> list[dict[str, Any]]:
+    """Every host that registered on the broker (coordination/hosts.py): its state, its last sign of
+    life, its workers that beat within NIETEST_HOST_LOST_SECONDS, the messages its workers hold
+    (fetched, not acked: what a takeover would hand back) and the job slots held by those messages'
+    subtasks. A lost host says since when and who took it over."""
+    now = time.time() if now is None else now
+    records = hosts.all_records(client)
+    broker_ids = [as_text(m) for m in client.zrange(heartbeats_key(), 0, -1)] if records else []
+    queues = [name for q in settings.queues.values() for name in (q.name, delay_queue_name(q.name))]
+    entries = []
+    for record in records:
+        held = held_messages(client, [b for b in broker_ids if b.startswith(f"{record.name}/")], queues)
+        subtasks = _subtasks_of(client, held)
+        entries.append(_host_entry(client, record, settings, now, held, subtasks))
+    return entries
+
+
+def _host_entry(
+    client: redis.Redis,
+    record: HostRecord,
+    settings: Settings,
+    now: float,
+    held: dict[str, set[str]],
+    subtasks: set[str],
+) -> dict[str, Any]:
+    # A takeover forgets the lost host's lifelines: its record keeps the newest it had.
+    life = hosts.last_sign_of_life(client, record.name) or record.last_seen or None
+    recent = client.zrangebyscore(keys.lifelines(record.name), now - settings.host_lost_seconds, "+inf")
+    return {
+        "name": record.name,
+        "this_host": record.name == settings.host_name,
+        "state": record.state.value,
+        "since": record.since,
+        "address": record.address,
+        "pid": record.pid,
+        "started_at": record.started_at,
+        "last_sign_of_life_seconds": None if life is None else round(max(0.0, now - life), 1),
+        "workers": sum(1 for m in map(as_text, recent) if not m.startswith(f"{hosts.KEEPER_PROCESS}/")),
+        "messages_held": sum(len(ids) for ids in held.values()),
+        "slots_held": _slots_held(client, subtasks, now),
+        "taken_over_by": record.taken_over_by if record.state is HostState.LOST else "",
+        "handed_back": record.handed_back,
+    }
+
+
+def held_messages(client: redis.Redis, broker_ids: list[str], queues: list[str]) -> dict[str, set[str]]:
+    """queue -> the ids of the messages the broker ids fetched from it and did not ack (their ack sets)."""
+    with client.pipeline(transaction=False) as pipe:
+        for broker_id in broker_ids:
+            for queue in queues:
+                pipe.smembers(ack_set_key(broker_id, queue))
+        found = pipe.execute() if broker_ids else []
+    held: dict[str, set[str]] = {}
+    for i, ids in enumerate(found):
+        if ids:
+            held.setdefault(queues[i % len(queues)], set()).update(map(as_text, ids))
+    return held
+
+
+def _subtasks_of(client: redis.Redis, held: dict[str, set[str]]) -> set[str]:
+    """The subtask ids the held messages are about (their bodies, in each queue's hash)."""
+    subtasks: set[str] = set()
+    for queue, ids in held.items():
+        for body in client.hmget(bodies_key(queue), sorted(ids)):
+            if body is None:
+                continue
+            try:
+                message = dramatiq.Message.decode(body if isinstance(body, bytes) else body.encode())
+                subtask = ids_of(message).get("subtask_id")
+            except DecodeError:
+                continue  # a body no worker could run holds no slot either
+            if subtask:
+                subtasks.add(subtask)
+    return subtasks
+
+
+def _slots_held(client: redis.Redis, subtasks: set[str], now: float) -> int:
+    """How many of `subtasks` hold a job slot of either lane (an unexpired lease)."""
+    if not subtasks:
+        return 0
+    ordered = sorted(subtasks)
+    holding: set[str] = set()
+    for lane in Lane:
+        scores = client.zmscore(keys.slot_holders(lane.value), ordered)
+        holding.update(s for s, score in zip(ordered, scores, strict=True) if score is not None and score >= now)
+    return len(holding)
 
 
 def owners_of_holders(settings: Settings, lanes: list[Scheduler]) -> dict[str, str]:
@@ -191,6 +293,36 @@ def _slot_lines(lane: str, slots: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _utc(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+
+
+def _host_lines(entries: list[dict[str, Any]]) -> list[str]:
+    """One line per host: the counts, then what a state other than `up` means."""
+    lines = [
+        "",
+        f"{'HOST':<28} {'STATE':<10} {'LAST SIGN OF LIFE':>18} {'WORKERS':>7} {'MESSAGES':>8} {'SLOTS':>5}",
+    ]
+    for h in entries:
+        name = _shown(h["name"]) + (" *" if h["this_host"] else "")
+        life = h["last_sign_of_life_seconds"]
+        line = (
+            f"{name:<28} {h['state']:<10} {'-' if life is None else f'{life:.1f} s ago':>18} "
+            f"{h['workers']:>7} {h['messages_held']:>8} {h['slots_held']:>5}"
+        )
+        if h["state"] == HostState.LOST:
+            taker = _shown(h["taken_over_by"]) or "?"
+            line += f"  lost since {_utc(h['since'])}, " + (
+                f"taken over by {taker}" if h["handed_back"] else f"being taken over by {taker}"
+            )
+        elif h["state"] == HostState.STOPPED:
+            line += f"  stopped since {_utc(h['since'])}"
+        lines.append(line)
+    if any(h["this_host"] for h in entries):
+        lines.append("* this daemon's host (NIETEST_HOST_NAME)")
+    return lines
+
+
 def render(report: dict[str, Any]) -> str:
     lines = [f"broker  {report['broker']}", f"store   {report['store']}"]
     daemon = report["daemon"]
@@ -216,6 +348,10 @@ def render(report: dict[str, Any]) -> str:
         lines += ["", f"{'JOB SLOTS':<24} {'IN USE':>7} {'CAP':>5} {'WAITING':>8}"]
         for lane, slots in report["slots"].items():
             lines += _slot_lines(lane, slots)
+    if report.get("hosts"):
+        lines += _host_lines(report["hosts"])
+    if report.get("hosts_error"):
+        lines.append(report["hosts_error"])
     if report.get("broker_error"):
         lines.append(f"broker unreachable: {report['broker_error']}")
     return "\n".join(lines)

@@ -20,6 +20,10 @@ stopped (SIGSTOP), deadlocked, stuck in C with the GIL held, or holding a messag
 time limit, is killed with SIGKILL through supervisord, which starts another; its EXITED event
 then hands its messages back, as above. The alerts listener is told (`worker unresponsive`).
 
+**The host keeper** (programs/host_keeper.py) runs as a thread of this program: the daemon's lease
+on NIETEST_HOST_NAME, the fencing of this host after it was declared lost, and the takeover of the
+other hosts that are lost.
+
 **Every unrequested exit is counted** (`count_restart`) in `nietest_process_restarts_total`
 (coordination/counters.py): `hang` when this watchdog killed the process for silence, `recycle`
 when the worker marked its exit as one before leaving, else `crash`.
@@ -31,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 import time
 import xmlrpc.client
@@ -42,6 +45,7 @@ import redis
 
 from nietest_daemon.clients.supervisor_events import open_protocol_streams, parse_tokens, serve_protocol
 from nietest_daemon.coordination import counters, lifelines
+from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.coordination.events import WorkerUnresponsive
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.redaction import set_secrets
@@ -51,10 +55,12 @@ from nietest_daemon.domain.process_state import ProcessState
 from nietest_daemon.internals.dramatiq_redis import NietestRedisBroker, process_identity
 from nietest_daemon.internals.supervisor import ProcessInfo, all_process_info, control_proxy
 from nietest_daemon.pipeline.broker import build_broker
+from nietest_daemon.programs.host_keeper import HostKeeper
 
 log = get_logger(__name__)
 
 HUNG_MEMORY_SECONDS = 300.0  # how long a killed worker's exit is awaited to be counted as a hang
+KEEPER_RPC_TIMEOUT = 5.0  # the host keeper's calls to supervisord
 
 
 class Watchdog:
@@ -217,7 +223,7 @@ def run(settings: Settings) -> int:
     stdin: BinaryIO
     stdin, out_fd = open_protocol_streams()
     stop = install_stop_signals(interrupt=True)
-    watchdog = Watchdog(settings, build_broker(settings), socket.gethostname())
+    watchdog = Watchdog(settings, build_broker(settings), settings.host_name)
     log.info(
         "watchdog starting",
         host=watchdog.host,
@@ -227,9 +233,19 @@ def run(settings: Settings) -> int:
     server_url = os.environ.get("SUPERVISOR_SERVER_URL")
     if server_url:
         threading.Thread(target=_checking, args=(watchdog, control_proxy(server_url)), daemon=True).start()
+    keeper = HostKeeper(
+        settings,
+        watchdog.broker,
+        control_proxy(server_url, timeout=KEEPER_RPC_TIMEOUT) if server_url else None,
+        # A read that hangs (a partition) must not outlast the lease it is renewing.
+        client=redis_client(settings, socket_timeout=max(1.0, min(5.0, settings.host_lost_seconds / 2))),
+    )
+    threading.Thread(target=keeper.run, name="keeper", daemon=True).start()
     try:
         serve_protocol(stdin, out_fd, watchdog.handle)
         log.info("stdin closed: supervisord is gone")
+        keeper.close(graceful=False)
     except SystemExit:
         log.info("watchdog stopping", signal=stop.signal_name)
+        keeper.close(graceful=True)
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -154,7 +153,7 @@ def run(settings: Settings, queue_key: str) -> int:
     broker = build_broker(settings)
     # Broker ids that name this process: the watchdog hands its messages back the moment it exits.
     process_name = os.environ.get("SUPERVISOR_PROCESS_NAME") or f"worker-{queue_key}"
-    host = socket.gethostname()
+    host = settings.host_name
     broker.name_process(process_identity(host, process_name, os.getpid()))
     log.info(
         "worker starting",

@@ -1,15 +1,19 @@
 """`Daemon`: one real `nietest daemon` (supervisord, workers, embedded valkey) driven by a test.
 
-Also `clean_env`, the environment a test gives the processes it starts, and `pids_of_home`, which
-finds every process of one daemon. Tests and benches run from a source checkout (the package is
+Also `clean_env`, the environment a test gives the processes it starts, `pids_of_home`, which
+finds every process of one daemon, and `host_name_of`, the NIETEST_HOST_NAME a test daemon gets:
+several daemons on this machine share its host name, and two live daemons with one name refuse
+each other (coordination/hosts.py). Tests and benches run from a source checkout (the package is
 installed editable), so the repository root is two levels above this package.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +62,13 @@ def clean_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+def host_name_of(home: Path) -> str:
+    """A NIETEST_HOST_NAME unique to a daemon's home: `t-<home dir name>-<digest of its path>`."""
+    digest = hashlib.sha256(str(home.absolute()).encode()).hexdigest()[:8]
+    label = re.sub(r"[^A-Za-z0-9._-]", "-", home.name)[:40]
+    return f"t-{label}-{digest}"
+
+
 def pids_of_home(home: Path) -> list[int]:
     """Every live process whose environment carries this NIETEST_HOME (i.e. the daemon's tree)."""
     marker = f"NIETEST_HOME={home}".encode()
@@ -80,10 +91,11 @@ def _texts(values: list[bytes | str]) -> list[str]:
 
 
 class Daemon:
-    """One `nietest daemon` in its own NIETEST_HOME."""
+    """One `nietest daemon` in its own NIETEST_HOME, named `host_name_of(home)` unless `env` names it."""
 
     def __init__(self, home: Path, **env: str) -> None:
         self.home = home
+        env.setdefault("NIETEST_HOST_NAME", host_name_of(home))
         self.env = clean_env(NIETEST_HOME=str(home), **env)
         self.proc: subprocess.Popen[bytes] | None = None
         self.settings = settings_module.load(self.env)
@@ -144,11 +156,18 @@ class Daemon:
         return code
 
     def kill_everything(self) -> None:
-        for pid in pids_of_home(self.home):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        """SIGKILL every process of the daemon (a host that dies), and reap it."""
+        self.signal_everything(signal.SIGKILL)
         if self.proc is not None:
             self.proc.wait(10)
+
+    def signal_everything(self, signum: int) -> list[int]:
+        """Send `signum` to every process of the daemon (SIGSTOP, SIGCONT: a host cut off, then back); their pids."""
+        pids = pids_of_home(self.home)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signum)
+        return pids
 
     # --- control & inspection ------------------------------------------------------------------
 

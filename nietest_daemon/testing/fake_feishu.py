@@ -1,4 +1,5 @@
-"""A fake Feishu custom-bot webhook: a real HTTP server on 127.0.0.1, in a background thread.
+"""A fake Feishu custom-bot webhook: a real HTTP server in a background thread, on 127.0.0.1 (or, with
+`host=`, on an address of the multi-host test rig, started inside its services namespace).
 
     with FakeFeishu(secret="s3cret") as hook:
         hook.script(9499, 0)               # answer code 9499, then code 0 (then 0 by default)
@@ -18,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import threading
 import time
@@ -28,6 +30,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 MAX_BODY_BYTES = 20 * 1024
+RIG_NETWORK = ipaddress.ip_network("10.231.0.0/16")
+"""Besides loopback, the fake listens only on an address of the multi-host test rig's namespaces
+(testing/multihost.py's NETWORK): traffic never leaves the machine."""
 MESSAGES = {
     0: "success",
     9499: "too many request",
@@ -74,9 +79,22 @@ def expected_sign(timestamp: str, secret: str) -> str:
 
 
 class FakeFeishu:
-    """The webhook; `url` is `http://127.0.0.1:<port>/open-apis/bot/v2/hook/<token>`."""
+    """The webhook; `url` is `http://<host>:<port>/open-apis/bot/v2/hook/<token>` (host 127.0.0.1)."""
 
-    def __init__(self, secret: str | None = None, *, token: str | None = None, max_body: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        secret: str | None = None,
+        *,
+        token: str | None = None,
+        max_body: int = MAX_BODY_BYTES,
+        host: str = "127.0.0.1",
+    ) -> None:
+        address = ipaddress.ip_address(host)
+        if not (address.is_loopback or address in RIG_NETWORK):
+            raise ValueError(
+                f"the fake Feishu webhook listens on loopback or the test rig's {RIG_NETWORK} only: {host}"
+            )
+        self.host = host
         self.secret = secret
         self.token = token or str(uuid.uuid4())
         self.path = f"/open-apis/bot/v2/hook/{self.token}"
@@ -94,7 +112,7 @@ class FakeFeishu:
     @property
     def url(self) -> str:
         assert self._server is not None, "not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}{self.path}"
+        return f"http://{self.host}:{self._server.server_address[1]}{self.path}"
 
     def script(self, *replies: int | Reply) -> FakeFeishu:
         """Queue answers for the next validly signed requests (an int is a body code on HTTP 200)."""
@@ -142,7 +160,7 @@ class FakeFeishu:
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 fake._handle(self)
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server = ThreadingHTTPServer((self.host, 0), Handler)
         server.daemon_threads = True
         server.block_on_close = False  # hanging handlers must not hold up stop()
         self._server = server

@@ -28,6 +28,10 @@ FEISHU_WEBHOOK_URL; with neither, alerts are only logged):
 - **broker unreachable** (critical) / **broker reachable again** (success): the broker did not
   answer a PING for BROKER_GRACE_SECONDS. Workers wait for it with backoff (RUNNING, not
   crash-looping), so this is the one report of "workers cannot start or consume".
+- **host lost** (critical) / **host back** (success): another daemon on the broker gave no sign of
+  life for NIETEST_HOST_LOST_SECONDS and one surviving daemon handed back its work (how long it was
+  silent, who took over, how many messages and subtasks); then the host beats again, its workers
+  restarted (programs/host_keeper.py). Whichever daemon's listener drains the event sends it.
 - **listener restarted** (warning): the previous listener ended without a clean stop (it was
   killed or crashed, or the whole daemon was): a marker file in the run dir says so at start.
 

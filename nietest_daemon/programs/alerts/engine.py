@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import assert_never
 
 from nietest_daemon.clients.supervisor_events import parse_tokens
-from nietest_daemon.coordination.events import FailureRun, QueueRecovered, WorkerUnresponsive
+from nietest_daemon.coordination.events import FailureRun, HostBack, HostLost, QueueRecovered, WorkerUnresponsive
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.domain.process_state import ALIVE, ProcessState
 from nietest_daemon.programs.alerts import render
 from nietest_daemon.programs.alerts.inputs import (
+    BrokerEvent,
     BrokerPing,
     FromBroker,
     Input,
@@ -179,7 +180,7 @@ class Engine:
                 if proc.state is ProcessState.RUNNING and state is ProcessState.RUNNING:
                     proc.running_since = max(proc.spawned_at, proc.running_since or proc.spawned_at)
 
-    def _from_broker(self, event: WorkerUnresponsive | FailureRun | QueueRecovered, mono: float) -> None:
+    def _from_broker(self, event: BrokerEvent, mono: float) -> None:
         match event:
             case WorkerUnresponsive():
                 self._unresponsive(event, mono)
@@ -189,6 +190,10 @@ class Engine:
             case QueueRecovered():
                 render_recovered = partial(render.queue_recovered, event)
                 self._add(Item(AlertKind.QUEUE_RECOVERED, event.queue, event.queue, render_recovered), mono)
+            case HostLost():
+                self._add(Item(AlertKind.HOST_LOST, None, event.host, partial(render.host_lost, event)), mono)
+            case HostBack():
+                self._add(Item(AlertKind.HOST_BACK, None, event.host, partial(render.host_back, event)), mono)
             case _:
                 assert_never(event)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nietest_daemon.coordination.events import FailureRun, QueueRecovered, WorkerUnresponsive
+from nietest_daemon.coordination.events import FailureRun, HostBack, HostLost, QueueRecovered, WorkerUnresponsive
 from nietest_daemon.internals.supervisor import ProcessInfo
 
 
@@ -42,11 +42,15 @@ class ProcessSnapshot:
     wall: float
 
 
+#: The events other processes leave on the broker for the alerts listener.
+BrokerEvent = WorkerUnresponsive | FailureRun | QueueRecovered | HostLost | HostBack
+
+
 @dataclass(frozen=True)
 class FromBroker:
     """An event another process left on the broker (coordination/events.py), drained by the probe thread."""
 
-    event: WorkerUnresponsive | FailureRun | QueueRecovered
+    event: BrokerEvent
     mono: float
 
 

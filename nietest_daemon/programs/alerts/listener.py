@@ -7,7 +7,7 @@ Threads, so that acknowledging an event never waits for anything but supervisord
 - `engine`: takes the inbox's inputs (inputs.py) one at a time to `Engine.handle`, and closes
   the coalescing windows on time; finished messages go to `FeishuClient.submit_card` (whose own
   background thread does the HTTP, the retries and the cross-process rate limit).
-- `probe`: the blocking I/O: broker PING, draining the streak and watchdog events, one XML-RPC
+- `probe`: the blocking I/O: broker PING, draining the streak, watchdog and host events, one XML-RPC
   snapshot of the processes at start.
 The main thread waits for SIGTERM (or the end of stdin), hands what is still on the inbox to
 the same `Engine.handle`, sends what is pending, removes the marker and exits 0.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import queue
-import socket
 import threading
 import time
 import xmlrpc.client
@@ -28,7 +27,7 @@ import redis
 
 from nietest_daemon.clients.feishu import FeishuClient
 from nietest_daemon.clients.supervisor_events import open_protocol_streams, serve_protocol
-from nietest_daemon.coordination import counters, lifelines, streaks
+from nietest_daemon.coordination import counters, hosts, lifelines, streaks
 from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.redaction import set_secrets
@@ -50,7 +49,7 @@ from nietest_daemon.programs.alerts.supervisor_log import MARKER_NAME, ExitLog, 
 
 log = get_logger(__name__)
 
-#: How often the probe thread pings the broker and drains the streak and watchdog events.
+#: How often the probe thread pings the broker and drains the streak, watchdog and host events.
 PROBE_INTERVAL = 1.0
 #: The longest silence from supervisord (no event at all, its TICK_5 included) before the
 #: listener exits for supervisord to restart it: the protocol is out of step.
@@ -71,7 +70,7 @@ class Listener:
         self.protocol_error: BaseException | None = None
         self.last_event = time.monotonic()
         self.redis = redis_client(settings, socket_timeout=3)
-        self.host = socket.gethostname()
+        self.host = settings.host_name
         self.client = FeishuClient(
             settings.feishu_alert_webhook_url,
             settings.feishu_webhook_secret,
@@ -161,8 +160,10 @@ class Listener:
                         self.inbox.put(FromBroker(streak, time.monotonic()))
                     for report in lifelines.drain_events(self.redis):
                         self.inbox.put(FromBroker(report, time.monotonic()))
+                    for host_event in hosts.drain_events(self.redis):
+                        self.inbox.put(FromBroker(host_event, time.monotonic()))
                 except Exception as exc:
-                    log.warning("cannot read streak or watchdog events", error=clean(str(exc)))
+                    log.warning("cannot read streak, watchdog or host events", error=clean(str(exc)))
                 counters.TALLY.flush(self.redis, self.host)
             if 0 <= snapshot_tries < 30:  # supervisord answers at once, unless it is very busy starting
                 snapshot_tries = -1 if self._snapshot(first=snapshot_tries == 0) else snapshot_tries + 1

@@ -9,7 +9,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
-from nietest_daemon.coordination.events import FailureRun, QueueRecovered, WorkerUnresponsive
+from nietest_daemon.coordination.events import FailureRun, HostBack, HostLost, QueueRecovered, WorkerUnresponsive
 from nietest_daemon.core.redaction import redact
 from nietest_daemon.domain.process_state import ProcessState
 from nietest_daemon.programs.alerts.kinds import AlertKind
@@ -186,6 +186,25 @@ def failure_run(run: FailureRun, threshold: int) -> str:
 
 def queue_recovered(event: QueueRecovered) -> str:
     return f"**{event.queue}**: a subtask succeeded again after {event.failures} consecutive failures."
+
+
+def host_lost(event: HostLost) -> str:
+    n, s = event.messages, event.subtasks
+    return (
+        f"**{event.host}** gave no sign of life for {fmt_duration(event.silent_seconds)} "
+        f"(NIETEST_HOST_LOST_SECONDS): taken over by **{event.taken_over_by}** at {fmt_clock(event.at)}. "
+        f"{n} message{'s' if n != 1 else ''} it held went back to the queues, "
+        f"continuing {s} subtask{'s' if s != 1 else ''} on the other hosts."
+    )
+
+
+def host_back(event: HostBack) -> str:
+    k = event.workers_restarted
+    return (
+        f"**{event.host}** beats again, {fmt_duration(event.lost_seconds)} after it was declared lost. "
+        f"Its work had been handed back, so it restarted its {k} worker{'s' if k != 1 else ''} "
+        "(nothing they held runs twice) and takes new work again."
+    )
 
 
 def broker_down(broker: str, since: float | None, error: str | None) -> str:
