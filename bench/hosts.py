@@ -362,12 +362,8 @@ class Run:
 
     def strike_time(self) -> None:
         """Wait for mid-campaign (`fault_at` of the subtasks terminal)."""
-        wait_for(
-            lambda: self.watcher.reached(self.cfg.fault_at, self.total),
-            self.cfg.timeout,
-            "mid-campaign",
-            interval=0.05,
-        )
+        reached = functools.partial(self.watcher.reached, self.cfg.fault_at, self.total)
+        wait_for(reached, self.cfg.timeout, "mid-campaign", interval=0.05)
 
     def wait_record(self, host: str, test: Callable[[HostRecord], bool], timeout: float, what: str) -> HostRecord:
         found: HostRecord = wait_for(
@@ -659,10 +655,6 @@ def describe(report: HostsReport) -> list[str]:
     return lines
 
 
-def machine() -> str:
-    return f"python {platform.python_version()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subtasks", type=int, default=600, help="subtasks of the campaign, half of them Lumina")
@@ -678,7 +670,7 @@ def main() -> int:
         print(f"bench/hosts.py cannot run here: {reason}", file=sys.stderr)
         return 2
     cfg = HostsConfig(subtasks=args.subtasks, lost_seconds=args.lost_seconds, partition_seconds=args.partition_seconds)
-    print(machine())
+    print(f"python {platform.python_version()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
     print(
         f"3 hosts (1 master, 1 subtask and 1 subtask_ops process of {cfg.threads} threads each); "
         f"{cfg.subtasks} subtasks, NIETEST_MAX_JOBS {cfg.max_jobs} (+ as many Lumina), generation "
