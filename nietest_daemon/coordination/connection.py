@@ -93,6 +93,15 @@ def as_text(reply: object) -> str:
     return reply.decode() if isinstance(reply, bytes) else str(reply)
 
 
+def push_json(client: redis.Redis, key: str, item: str, limit: int) -> None:
+    """Append one JSON item to a list that keeps only its newest `limit` items (the event lists
+    `drain_json_list` takes from), in one round trip."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.rpush(key, item)
+        pipe.ltrim(key, -limit, -1)
+        pipe.execute()
+
+
 def drain_json_list(client: redis.Redis, key: str, limit: int) -> list[Any]:
     """Take (and remove) up to `limit` JSON items from the head of a list, oldest first."""
     with client.pipeline(transaction=True) as pipe:

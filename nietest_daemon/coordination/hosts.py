@@ -39,7 +39,7 @@ from typing import Any
 import redis
 
 from nietest_daemon.coordination import keys
-from nietest_daemon.coordination.connection import as_text, drain_json_list, lua_script
+from nietest_daemon.coordination.connection import as_text, drain_json_list, lua_script, push_json
 from nietest_daemon.coordination.events import HostEvent, decode_each, host_event_from_dict
 
 #: The keeper's own lifeline member (beside the workers' `<process>/<pid>`).
@@ -237,10 +237,7 @@ MAX_EVENTS = 1000
 
 def report_event(client: redis.Redis, event: HostEvent) -> None:
     """Tell the alerts listeners (whichever drains first sends it, once)."""
-    with client.pipeline(transaction=False) as pipe:
-        pipe.rpush(keys.HOST_EVENTS, event.to_json())
-        pipe.ltrim(keys.HOST_EVENTS, -MAX_EVENTS, -1)
-        pipe.execute()
+    push_json(client, keys.HOST_EVENTS, event.to_json(), MAX_EVENTS)
 
 
 def drain_events(client: redis.Redis, limit: int = MAX_EVENTS) -> list[HostEvent]:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import redis
 
 from nietest_daemon.coordination import keys
-from nietest_daemon.coordination.connection import drain_json_list
+from nietest_daemon.coordination.connection import drain_json_list, push_json
 from nietest_daemon.coordination.events import WorkerUnresponsive, decode_each
 
 BEAT_SECONDS = 1.0
@@ -45,10 +45,7 @@ def forget(client: redis.Redis, host: str, *members: str) -> None:
 
 def report_unresponsive(client: redis.Redis, event: WorkerUnresponsive) -> None:
     """Tell the alerts listener that the watchdog killed a silent worker."""
-    with client.pipeline(transaction=False) as pipe:
-        pipe.rpush(keys.WATCHDOG_EVENTS, event.to_json())
-        pipe.ltrim(keys.WATCHDOG_EVENTS, -MAX_EVENTS, -1)
-        pipe.execute()
+    push_json(client, keys.WATCHDOG_EVENTS, event.to_json(), MAX_EVENTS)
 
 
 def drain_events(client: redis.Redis, limit: int = MAX_EVENTS) -> list[WorkerUnresponsive]:
