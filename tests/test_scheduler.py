@@ -13,7 +13,7 @@ import redis
 
 from nietest_daemon.coordination import keys, streaks
 from nietest_daemon.coordination.connection import as_text, run_scripts
-from nietest_daemon.coordination.scheduler import Scheduler, TaskShare
+from nietest_daemon.coordination.scheduler import RESEND_AFTER_SECONDS, Scheduler, TaskShare
 from nietest_daemon.testing.valkey import PrivateValkey
 
 
@@ -156,6 +156,7 @@ def test_a_dead_holders_slot_comes_back_when_its_lease_runs_out(client: redis.Re
     s = Scheduler(client, "standard", cap=1, lease_seconds=30, clock=clock)
     s.add("t", ids("t", 2))
     assert s.admit() == ["t:0"]
+    assert s.hold("t:0")  # its run starts
     clock.now += 29
     s.renew("t:0")
     clock.now += 29
@@ -163,6 +164,62 @@ def test_a_dead_holders_slot_comes_back_when_its_lease_runs_out(client: redis.Re
     clock.now += 2
     assert s.admit() == ["t:1"]  # t:0's holder died without releasing
     assert s.hold("t:0") is False  # its late run finds no free slot
+
+
+def test_an_admission_whose_run_never_starts_is_handed_out_again_once_per_period(client: redis.Redis) -> None:
+    """The sender died (or the admit's reply was lost) before the run message went out: after
+    RESEND_AFTER_SECONDS the next admit, from any process, asks for its run message again."""
+    clock = Clock()
+    mine = Scheduler(client, "standard", cap=2, lease_seconds=120, host="h1", clock=clock)
+    other = Scheduler(client, "standard", cap=2, lease_seconds=120, host="h2", clock=clock)
+    mine.add("t", ids("t", 3))
+    assert mine.admit() == ["t:0", "t:1"]
+    assert mine.hold("t:0")  # t:0's run started; t:1's message never went out
+    assert mine.not_started() == 1
+    clock.now += RESEND_AFTER_SECONDS - 1
+    assert other.admit() == []
+    clock.now += 2
+    assert other.admit() == ["t:1"]  # sent again, by whoever admits next
+    assert as_text(client.hget(keys.sched_admitter("standard"), "t:1")) == "h2"
+    assert other.admit() == []  # not again before another period
+    assert other.hold("t:1") and other.not_started() == 0  # the copy ran
+    clock.now += RESEND_AFTER_SECONDS + 1
+    assert other.admit() == []
+
+
+def test_a_lapsed_admission_is_forgotten_and_its_slot_admitted_to_the_next(client: redis.Redis) -> None:
+    clock = Clock()
+    s = Scheduler(client, "standard", cap=1, lease_seconds=60, clock=clock)
+    s.add("t", ids("t", 2))
+    assert s.admit() == ["t:0"]
+    clock.now += 61  # t:0's lease ran out before its run started (the sweep's repair puts it back)
+    assert s.admit() == ["t:1"]
+    assert s.not_started() == 1  # t:1 only
+
+
+def test_a_takeover_takes_the_lost_hosts_admissions_that_never_started(client: redis.Redis) -> None:
+    clock = Clock()
+    lost = Scheduler(client, "standard", cap=4, lease_seconds=120, host="h3", clock=clock)
+    taker = Scheduler(client, "standard", cap=4, lease_seconds=120, host="h1", clock=clock)
+    lost.add("t", ids("t", 2))
+    taker.add("u", ids("u", 2))
+    assert sorted(lost.admit(limit=2)) == ["t:0", "u:0"]
+    assert sorted(taker.admit()) == ["t:1", "u:1"]
+    assert lost.hold("u:0")  # started: not the lost host's to send any more
+    assert taker.take_admissions("h3") == ["t:0"]
+    assert taker.take_admissions("h3") == []  # now h1's
+    assert taker.take_admissions("h1") == ["t:0", "t:1", "u:1"]
+
+
+def test_release_and_cancel_forget_admissions(client: redis.Redis) -> None:
+    s = Scheduler(client, "standard", cap=4, lease_seconds=60, host="h1", clock=Clock())
+    s.add("t", ids("t", 2))
+    s.add("u", ids("u", 1))
+    assert s.admit() == ["t:0", "u:0", "t:1"]
+    s.release("u:0")  # a run that found its subtask ended
+    assert s.not_started() == 2
+    s.cancel("t")
+    assert s.not_started() == 0 and client.hlen(keys.sched_admitter("standard")) == 0
 
 
 def test_lanes_are_separate(client: redis.Redis) -> None:

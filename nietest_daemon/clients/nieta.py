@@ -3,7 +3,10 @@
 One pooled `httpx.Client` per `NietaClient`; the pipeline builds one per process (pipeline/context.py).
 Transient failures (connect errors, timeouts, dropped connections, 5xx, 429) are retried inside
 the client with capped, jittered exponential backoff; what is left over surfaces as a
-`NietaError` whose `retryable` flag tells the caller whether trying again later can help.
+`NietaError` whose `retryable` flag tells the caller whether trying again later can help. A create
+is retried only when its request cannot have reached the API (a failure to connect) or the API
+answered: the API has no idempotency key, so a create whose answer was lost (read timeout, dropped
+connection, 504) ends at once as `in_doubt` rather than paying for a second image.
 Nothing in this module raises anything but `NietaError` for a bad answer of the API, and the
 token never appears in an exception message or a log line.
 """
@@ -56,8 +59,11 @@ class NietaError(Exception):
     """The API refused or could not be reached.
 
     `retryable`: trying again later may succeed (transient errors after the client's own retries).
-    `status_code`: the HTTP status when there was an answer. `retry_after`: seconds the API
-    asked us to wait (429/503), when it said so. `api_message`: the API's own text, if any.
+    `in_doubt`: a create whose request may have reached the API with its answer lost (a read
+    timeout, a dropped connection, a gateway timeout): a job may exist, and sending the create again
+    could pay for a second one; never `retryable`. `status_code`: the HTTP status when there was an
+    answer. `retry_after`: seconds the API asked us to wait (429/503), when it said so.
+    `api_message`: the API's own text, if any.
     """
 
     def __init__(
@@ -65,13 +71,15 @@ class NietaError(Exception):
         message: str,
         *,
         retryable: bool,
+        in_doubt: bool = False,
         status_code: int | None = None,
         retry_after: float | None = None,
         api_message: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.retryable = retryable
+        self.retryable = retryable and not in_doubt
+        self.in_doubt = in_doubt
         self.status_code = status_code
         self.retry_after = retry_after
         self.api_message = api_message
@@ -463,7 +471,9 @@ class NietaClient:
             raise NietaError(f"make_image body is not valid JSON: {exc}", retryable=False) from None
         is_lumina = bool(subtask.get("is_lumina"))
         url = f"{self.base_url(is_lumina)}/v3/make_image"
-        answer = self._request("POST", url, "make_image", content, api=_api(is_lumina), endpoint="create")
+        answer = self._request(
+            "POST", url, "make_image", content, api=_api(is_lumina), endpoint="create", resend_in_doubt=False
+        )
         job_uuid = None if answer.truncated else parse_job_uuid(answer.content)
         if not job_uuid:
             raise NietaError(
@@ -547,8 +557,20 @@ class NietaClient:
             except Exception:  # a broken hook must not turn a paid-for answer into an error
                 log.exception("the observe hook failed")
 
-    def _request(self, method: str, url: str, what: str, content: bytes | None, *, api: str, endpoint: str) -> _Answer:
-        """One call with the retry budget; returns a 2xx answer or raises NietaError."""
+    def _request(
+        self,
+        method: str,
+        url: str,
+        what: str,
+        content: bytes | None,
+        *,
+        api: str,
+        endpoint: str,
+        resend_in_doubt: bool = True,
+    ) -> _Answer:
+        """One call with the retry budget; returns a 2xx answer or raises NietaError.
+        `resend_in_doubt=False` (a create): a failure after the request may have reached the API
+        (`_maybe_delivered`) ends the call at once with an `in_doubt` error instead of a retry."""
         attempt = 0
         while True:
             retry_after: float | None = None
@@ -558,9 +580,13 @@ class NietaClient:
                 raise NietaError(f"{what}: cannot send request ({type(exc).__name__})", retryable=False) from None
             except httpx.TimeoutException as exc:
                 error = NietaError(f"{what}: {_timeout_text(exc)}", retryable=True)
+                if not resend_in_doubt and _maybe_delivered(exc):
+                    raise _in_doubt(error) from None
             except httpx.TransportError as exc:
                 detail = self._scrub(_excerpt(str(exc), 200)) or type(exc).__name__
                 error = NietaError(f"{what}: {_transport_text(exc)} ({detail})", retryable=True)
+                if not resend_in_doubt and _maybe_delivered(exc):
+                    raise _in_doubt(error) from None
             except httpx.HTTPError as exc:  # decoding errors and the like: a garbled answer
                 detail = self._scrub(_excerpt(str(exc), 200)) or type(exc).__name__
                 error = NietaError(f"{what}: unreadable answer ({detail})", retryable=True)
@@ -583,6 +609,8 @@ class NietaClient:
                 )
                 if not retryable:
                     raise error
+                if not resend_in_doubt and code == 504:  # a gateway gave up waiting: the API may have it
+                    raise _in_doubt(error)
             too_long = retry_after is not None and retry_after > self.max_retry_after
             if attempt >= self.max_retries or too_long:
                 notes = [f"gave up after {attempt + 1} attempts"] if attempt else []
@@ -610,6 +638,18 @@ class NietaClient:
 def _api(is_lumina: bool) -> str:
     """The metrics' `api` label of a host."""
     return "lumina" if is_lumina else "standard"
+
+
+def _maybe_delivered(exc: httpx.TransportError) -> bool:
+    """Whether the request may have reached the server: anything but a failure to connect (or to get
+    a connection from the pool), after which no byte of it went out."""
+    return not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
+
+def _in_doubt(error: NietaError) -> NietaError:
+    """`error`, marked as a create whose outcome nobody knows (never retried)."""
+    message = f"{error.message} (the request may have reached the API: not sent again)"
+    return NietaError(message, retryable=False, in_doubt=True, status_code=error.status_code)
 
 
 def _timeout_text(exc: httpx.TimeoutException) -> str:

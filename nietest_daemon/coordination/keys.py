@@ -24,6 +24,17 @@ def slot_holders(api: str) -> str:
 SCHED_PREFIX = f"{PREFIX}:sched"
 
 
+def sched_admitted(api: str) -> str:
+    """Sorted set: the slot holders of `api` whose run has not started, scored by when they were
+    admitted (or their run message last sent): a run message lost with its sender is sent again."""
+    return f"{SCHED_PREFIX}:{api}:admitted"
+
+
+def sched_admitter(api: str) -> str:
+    """Hash: subtask id -> the host that admitted it (sent its run message), for `sched_admitted`."""
+    return f"{SCHED_PREFIX}:{api}:admitter"
+
+
 def sched_owners(api: str) -> str:
     """Sorted set: the owners with an active task of `api`, scored by their pass (virtual time)."""
     return f"{SCHED_PREFIX}:{api}:owners"

@@ -22,8 +22,16 @@ clock) and a newly active task at the pass of its owner's task admitted last (th
 neither jumps ahead of the others nor waits behind credit they built up.
 
 Holders are scored by their lease expiry; every poll `renew`s it, so the slot of a holder whose
-process died comes back by itself. `cancel(task)` drops a task's ready list, its entries (and its
-owner's, when it was the owner's last task) and its holders in one step, whatever its size.
+process died comes back by itself. Between its admission and the start of its run (`hold`), a holder
+is also *admitted*: scored by its admission time, with the host that admitted it. Its run message
+may never have been sent (the admitting process died, or the reply of the admit script was lost in a
+cut or a broker restart): an admission older than `RESEND_AFTER_SECONDS` is handed back by the next
+`admit` anywhere for its caller to send the run message again, and a host keeper that takes over a
+lost host sends those of that host at once (`take_admissions`). A copy of a run message is harmless:
+the subtask's markers let one create its job (pipeline/subtasks.py).
+
+`cancel(task)` drops a task's ready list, its entries (and its owner's, when it was the owner's last
+task), its holders and admissions in one step, whatever its size.
 """
 
 from __future__ import annotations
@@ -37,15 +45,24 @@ import redis
 
 from nietest_daemon.coordination import keys
 from nietest_daemon.coordination.connection import ScriptCall, as_text, lua_script
+from nietest_daemon.core.logs import get_logger
+
+log = get_logger(__name__)
 
 #: Ids pushed per command (a Lua `unpack` and one round trip stay small).
 PUSH_BATCH = 1000
+#: An admission whose run has not started after this long has its run message sent again: longer
+#: than a run message waits in a busy queue, short against the slot lease (120 s).
+RESEND_AFTER_SECONDS = 30.0
+#: At most this many of those per `admit` (the rest go with the next one).
+RESEND_BATCH = 100
 
 # The scripts, in lua/scheduler_<name>.lua (their KEYS and ARGV are described there).
 _ADD_SCRIPT = lua_script(__name__, "add")
 _ADMIT_SCRIPT = lua_script(__name__, "admit")
 _HOLD_SCRIPT = lua_script(__name__, "hold")
 _CANCEL_SCRIPT = lua_script(__name__, "cancel")
+_READMIT_SCRIPT = lua_script(__name__, "readmit")
 
 
 @dataclass(frozen=True)
@@ -97,14 +114,17 @@ class Scheduler:
         cap: int,
         lease_seconds: float,
         *,
+        host: str = "",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
         self.api = api
         self.cap = cap
         self.lease_seconds = lease_seconds
+        self.host = host  # who admits through this scheduler (NIETEST_HOST_NAME)
         self.clock = clock
         self.holders = keys.slot_holders(api)
+        self.admitted = [keys.sched_admitted(api), keys.sched_admitter(api)]
         self.owners = keys.sched_owners(api)
         self.owner_weights = keys.sched_owner_weights(api)
         self.task_owner = keys.sched_task_owner(api)
@@ -164,24 +184,32 @@ class Scheduler:
 
     def admit(self, limit: int = 0, *, releasing: str = "") -> list[str]:
         """Fill the free slots fairly (at most `limit`, 0: all), after giving up the slot of
-        `releasing` if given; the admitted subtask ids, in order. One round trip."""
+        `releasing` if given: the ids to send a run message for, those admitted now in order, then
+        those admitted long ago whose run never started (see the module doc). One round trip."""
         return self.admitted_ids(self._admit_call(limit, releasing).run(self.client))
 
     def _admit_call(self, limit: int, releasing: str) -> ScriptCall:
         now = self.clock()
         prefixes = [keys.sched_ready_prefix(self.api), keys.sched_owner_tasks_prefix(self.api)]
+        resend = [self.host, now - RESEND_AFTER_SECONDS, RESEND_BATCH]
         return ScriptCall(
             _ADMIT_SCRIPT,
-            [self.holders, *self._sets],
-            [self.cap, now, now + self.lease_seconds, *prefixes, limit, releasing],
+            [self.holders, *self._sets, *self.admitted],
+            [self.cap, now, now + self.lease_seconds, *prefixes, limit, releasing, *resend],
         )
+
+    def take_admissions(self, lost_host: str) -> list[str]:
+        """The admissions of `lost_host` whose run has not started, now this host's: the caller sends
+        their run messages again (the lost host may have died before it sent them)."""
+        call = ScriptCall(_READMIT_SCRIPT, [self.holders, *self.admitted], [lost_host, self.host, self.clock()])
+        return [as_text(m) for m in call.run(self.client)]
 
     def cancel(self, task_id: str) -> tuple[int, int]:
         """Drop a task's waiting subtasks and free its slots, in one step: (ready entries dropped,
         slots freed). The caller then calls `admit` to hand the freed slots on."""
         dropped, released = ScriptCall(
             _CANCEL_SCRIPT,
-            [self.holders, *self._sets, keys.sched_ready(self.api, task_id)],
+            [self.holders, *self._sets, keys.sched_ready(self.api, task_id), *self.admitted],
             [task_id, f"{task_id}:", keys.sched_owner_tasks_prefix(self.api)],
         ).run(self.client)
         return int(dropped), int(released)
@@ -202,7 +230,9 @@ class Scheduler:
     def hold_call(self, subtask_id: str) -> ScriptCall:
         """`hold` as a call to run with others (`run_scripts`); its result is truthy when held."""
         now = self.clock()
-        return ScriptCall(_HOLD_SCRIPT, [self.holders], [subtask_id, self.cap, now, now + self.lease_seconds])
+        return ScriptCall(
+            _HOLD_SCRIPT, [self.holders, *self.admitted], [subtask_id, self.cap, now, now + self.lease_seconds]
+        )
 
     def renew(self, subtask_id: str, client: redis.Redis | None = None) -> None:
         """Extend the subtask's lease (if it holds a slot); `client` may be a pipeline to join."""
@@ -217,8 +247,21 @@ class Scheduler:
         return self._admit_call(0, subtask_id)
 
     @staticmethod
-    def admitted_ids(result: Sequence[bytes | str]) -> list[str]:
-        return [as_text(m) for m in result]
+    def admitted_ids(result: Sequence[Sequence[bytes | str]]) -> list[str]:
+        """The ids an admit script's `result` asks run messages for (admitted now, then sent again)."""
+        admitted, resend = result
+        if resend:
+            log.warning(
+                "run messages sent again: admitted, never started",
+                subtasks=len(resend),
+                subtask_ids=[as_text(m) for m in resend[:5]],
+                after_seconds=RESEND_AFTER_SECONDS,
+            )
+        return [as_text(m) for m in (*admitted, *resend)]
+
+    def not_started(self) -> int:
+        """Slot holders admitted whose run has not started yet."""
+        return int(self.client.zcard(self.admitted[0]))
 
     # --- looking -----------------------------------------------------------------------------------
 

@@ -189,6 +189,16 @@ class NietestRedisConsumer(_RedisConsumer):
         except redis.TimeoutError as e:
             raise ConnectionClosed(e) from None
 
+    def requeue(self, messages: Any) -> None:
+        """As Dramatiq's, with a broker error raised as `ConnectionClosed`: its consumer thread calls
+        this from `close()`, which survives only that; any other error ends the thread for good (the
+        process never consumes its queue again). What was not requeued stays in the old broker id's
+        ack set, handed back after the heartbeat timeout (`consume` takes a new id on the restart)."""
+        try:
+            super().requeue(messages)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise ConnectionClosed(e) from None
+
     def _check(self, data: bytes | None) -> dramatiq.Message | None:
         """The message in `data`; or None, after dead-lettering (or dropping) what cannot run."""
         if data is None:  # an id pushed on the list with no body in the hash: nothing to run or keep

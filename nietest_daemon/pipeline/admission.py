@@ -5,7 +5,8 @@ ends with `dispatch`, which admits fairly and sends the run messages.
 - `queue_task` (the master's expansion, the sweep's repair): a task's pending subtasks wait;
 - `release_slot` (a subtask's end, a transient create error): its slot goes to the next;
 - `give_back` (a run that finds no slot of its own): it waits again, first in its task's line;
-- `cancel` (a cancelled task): its waiting subtasks and slots go at once.
+- `cancel` (a cancelled task): its waiting subtasks and slots go at once;
+- `resend_admissions_of` (a host keeper's takeover): the run messages a lost host may never have sent.
 
 Each task waits under its owner (`owner_of`): slots are shared between owners first, then between
 each owner's tasks by priority (`NIETEST_FAIR_SHARE=owner`), or between tasks only (`task`).
@@ -16,12 +17,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import dramatiq
+
 from nietest_daemon.coordination.connection import ScriptCall, run_scripts
+from nietest_daemon.coordination.scheduler import Scheduler
 from nietest_daemon.core.settings import FairShare, Settings
 from nietest_daemon.domain.lifecycle import Status
 from nietest_daemon.domain.subtask import Lane, Subtask
 from nietest_daemon.pipeline.context import Context
-from nietest_daemon.pipeline.messages import send_run
+from nietest_daemon.pipeline.messages import RUN_SUBTASK, enqueue, send_run
 
 
 def weight_of(task: Mapping[str, Any] | None) -> int:
@@ -67,6 +71,19 @@ def release_slot(ctx: Context, subtask_id: str, lane: Lane, *also: ScriptCall) -
     slots = ctx.schedulers[lane]
     released, *_ = run_scripts(ctx.redis, slots.release_call(subtask_id), *also)
     dispatch(ctx, lane, slots.admitted_ids(released))
+
+
+def resend_admissions_of(
+    settings: Settings, schedulers: Mapping[Lane, Scheduler], lost_host: str, broker: dramatiq.Broker
+) -> list[str]:
+    """Send again the run messages of the subtasks that lost host `lost_host` admitted and whose run
+    never started (it may have died before it sent them): the host keeper's takeover. Their ids."""
+    sent = []
+    for lane, slots in schedulers.items():
+        for subtask_id in slots.take_admissions(lost_host):
+            enqueue(RUN_SUBTASK[lane], settings.queue(lane.queue_key).name, subtask_id, broker=broker)
+            sent.append(subtask_id)
+    return sent
 
 
 def give_back(ctx: Context, sub: Subtask) -> None:

@@ -54,9 +54,22 @@ def context(settings: Settings | None = None) -> Context:
         return _context
 
 
+def slot_lease_seconds(settings: Settings) -> float:
+    """How long a job slot stays held without a poll renewing it."""
+    return max(120.0, 10 * max(settings.image_polling_interval, settings.lumina_polling_interval))
+
+
+def build_schedulers(settings: Settings, client: redis.Redis) -> dict[Lane, Scheduler]:
+    """The job slots of each lane, admitting as this host."""
+    lease, host = slot_lease_seconds(settings), settings.host_name
+    return {
+        Lane.STANDARD: Scheduler(client, Lane.STANDARD, settings.max_jobs, lease, host=host),
+        Lane.LUMINA: Scheduler(client, Lane.LUMINA, settings.max_lumina_jobs, lease, host=host),
+    }
+
+
 def build_context(settings: Settings) -> Context:
     client = redis_client(settings, socket_timeout=10)
-    lease = max(120.0, 10 * max(settings.image_polling_interval, settings.lumina_polling_interval))
     nieta = None
     if settings.nieta_xtoken:
         nieta = NietaClient(
@@ -78,9 +91,6 @@ def build_context(settings: Settings) -> Context:
         redis=client,
         nieta=nieta,
         notifier=notifier,
-        schedulers={
-            Lane.STANDARD: Scheduler(client, Lane.STANDARD, settings.max_jobs, lease),
-            Lane.LUMINA: Scheduler(client, Lane.LUMINA, settings.max_lumina_jobs, lease),
-        },
+        schedulers=build_schedulers(settings, client),
         host=settings.host_name,
     )

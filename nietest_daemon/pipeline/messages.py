@@ -45,9 +45,16 @@ def ids_of(message: Any) -> dict[str, str]:
     return {key: value[:200]} if isinstance(value, str) else {}
 
 
-def enqueue(actor_name: str, queue_name: str, *args: Any, delay: float = 0.0, **kwargs: Any) -> dramatiq.Message[Any]:
-    """Enqueue a message for an actor by name."""
-    broker = dramatiq.get_broker()
+def enqueue(
+    actor_name: str,
+    queue_name: str,
+    *args: Any,
+    delay: float = 0.0,
+    broker: dramatiq.Broker | None = None,
+    **kwargs: Any,
+) -> dramatiq.Message[Any]:
+    """Enqueue a message for an actor by name (on `broker`, by default Dramatiq's global one)."""
+    broker = broker or dramatiq.get_broker()
     delay_ms = int(delay * 1000) if delay > 0 else 0
     # due_ms: when the message is meant to run, so TaskTracker's queue latency excludes a deliberate delay.
     options = {"due_ms": int(time.time() * 1000) + delay_ms}

@@ -51,6 +51,10 @@ CREATE_INTERRUPTED = (
     "its worker died while creating the image job; not created again, as the API may already have made it "
     "(an image is never paid for twice)"
 )
+CREATE_IN_DOUBT = (
+    "the image job's create got no answer; not sent again, as the API may already have made it "
+    "(an image is never paid for twice)"
+)
 MAX_ATTEMPTS = 8  # starts of one subtask (redeliveries, sweeps) before it is given up
 
 
@@ -221,6 +225,10 @@ def _create_job(ctx: Context, subtask_id: str, lane: Lane, errors: int, run: Cre
     try:
         job_uuid = ctx.nieta.create_job({**sub.doc, "seed": seed})
     except NietaError as exc:
+        if exc.in_doubt:  # the API may have made the job: never create again (the marker stays until this ends)
+            finish(ctx, sub, Status.FAILED, error=f"{CREATE_IN_DOUBT}: {exc}", reason="interrupted")
+            run.in_doubt = False  # ended: nothing creates for it again
+            return
         run.in_doubt = False  # the API answered with an error (or never got the request)
         if exc.retryable and errors < CREATE_ERROR_RETRIES:
             delay = max(exc.retry_after or 0.0, backoff(errors, base=5.0, jitter=SPREAD))

@@ -11,9 +11,11 @@ One `HostKeeper` per daemon, a thread of the watchdog program (programs/watchdog
 - it watches the other hosts: each one up (or lost with a hand-back unfinished) is offered to
   `hosts.claim_takeover`, which exactly one daemon wins. The winner hands back the messages the lost
   host's workers held (`broker_ids_of` / `hand_back_ids`: the broker ids are read once, at the
-  claim, so a host that rejoins meanwhile never loses the messages of its new workers), forgets its
-  processes, ends the takeover and reports `HostLost`. It claims nothing until it has reached the
-  broker without a failure for NIETEST_HOST_LOST_SECONDS: after an outage every lease has lapsed.
+  claim, so a host that rejoins meanwhile never loses the messages of its new workers), sends again
+  the run messages of the subtasks it admitted that never started (`resend_admissions_of`: it may
+  have died between an admission and the send), forgets its processes, ends the takeover and
+  reports `HostLost`. It claims nothing until it has reached the broker without a failure for
+  NIETEST_HOST_LOST_SECONDS: after an outage every lease has lapsed.
 
 On a graceful stop of the daemon (supervisord shutting down) the record says `stopped`: nothing to
 take over. Every error is logged and the loop goes on: a broker outage must not end the watchdog.
@@ -32,7 +34,7 @@ from typing import Any
 
 import redis
 
-from nietest_daemon.coordination import hosts, keys
+from nietest_daemon.coordination import counters, hosts, keys
 from nietest_daemon.coordination.connection import as_text
 from nietest_daemon.coordination.events import HostBack, HostLost
 from nietest_daemon.coordination.hosts import Claim, HostRecord, HostState, Renewal
@@ -41,6 +43,8 @@ from nietest_daemon.core.settings import QUEUE_KEYS, Settings
 from nietest_daemon.domain.process_state import ProcessState
 from nietest_daemon.internals.dramatiq_redis import NietestRedisBroker, broker_ids_of, held_messages
 from nietest_daemon.internals.supervisor import all_process_info
+from nietest_daemon.pipeline.admission import resend_admissions_of
+from nietest_daemon.pipeline.context import build_schedulers
 from nietest_daemon.pipeline.messages import ids_of
 
 log = get_logger(__name__)
@@ -50,6 +54,8 @@ PASS_SECONDS = 1.0
 REPEAT_LOG_SECONDS = 60.0
 #: How long a graceful stop waits for a pass in progress before it gives up marking the host stopped.
 STOP_WAIT_SECONDS = 5.0
+#: The recycle mark's reason of a worker killed by fencing.
+FENCED_REASON = "host fenced: its work was handed back while it was cut off"
 #: Worker processes that may hold messages: the ones the fenced keeper kills.
 _KILLED_STATES = {ProcessState.RUNNING, ProcessState.STARTING}
 
@@ -78,6 +84,7 @@ class HostKeeper:
         self.supervisor_pid = supervisor_pid if supervisor_pid is not None else os.getppid()
         self.pid = os.getpid()
         self.queues = {key: settings.queue(key).name for key in QUEUE_KEYS}  # group -> queue name
+        self.schedulers = build_schedulers(settings, self.client)
         self.record: HostRecord | None = None  # ours, once the lease is taken
         self.reached_since: float | None = None  # monotonic: the first pass of the current run of good ones
         self.stopping = threading.Event()
@@ -202,13 +209,15 @@ class HostKeeper:
         )
 
     def kill_workers(self) -> int:
-        """SIGKILL every worker process of this daemon that may hold messages; how many were killed."""
+        """SIGKILL every worker process of this daemon that may hold messages; how many were killed.
+        Each is marked as recycled first: a restart this host asked for, not a crash to alert on."""
         if self.rpc is None:
             return 0
         killed = 0
         for info in all_process_info(self.rpc):
             if info["group"] not in self.queues or info["statename"] not in _KILLED_STATES or not info["pid"]:
                 continue
+            counters.mark_recycling(self.client, self.name, info["name"], int(info["pid"]), reason=FENCED_REASON)
             try:
                 self.rpc.supervisor.signalProcess(f"{info['group']}:{info['name']}", "KILL")
             except xmlrpc.client.Fault as exc:  # it exited meanwhile
@@ -250,6 +259,9 @@ class HostKeeper:
         if not self._pause(self.settings.takeover_pause_seconds):
             return  # stopping: the takeover lock lapses and another daemon resumes
         messages = self.broker.hand_back_ids(ids, queues)
+        resent = resend_admissions_of(self.settings, self.schedulers, lost.name, self.broker)
+        subtasks.update(resent)
+        messages += len(resent)
         current = hosts.get_record(self.client, lost.name)
         if current is not None and current.state is HostState.LOST:  # not back already with new processes
             hosts.forget_processes(self.client, lost.name)
@@ -272,6 +284,7 @@ class HostKeeper:
             host=lost.name,
             silent_seconds=silent,
             messages=messages,
+            run_messages_resent=len(resent),
             subtasks=len(subtasks),
             ms=round((time.monotonic() - started) * 1000, 1),
         )
