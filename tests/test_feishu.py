@@ -186,6 +186,16 @@ def test_hanging_webhook_returns_within_the_deadline(hook: FakeFeishu, logged: C
     assert logged.named("feishu message not delivered")[0]["content"] == "content of the lost alert"
 
 
+def test_a_post_that_timed_out_is_not_posted_again(hook: FakeFeishu, logged: Captured) -> None:
+    """The webhook got it and answered late: a second post would show the card twice."""
+    hook.script(Hang(2))
+    with client_for(hook, timeout=0.5, deadline=5.0, max_attempts=3) as client:
+        result = client.send_card("t", "once")
+    assert not result.delivered and result.attempts == 1 and "timeout" in (result.error or "")
+    time.sleep(0.2)
+    assert len(hook.received) == 1
+
+
 def test_unreachable_webhook_fails_fast(logged: Captured) -> None:
     with FakeFeishu() as fake:
         url = fake.url

@@ -6,8 +6,10 @@ never takes longer than `deadline` seconds (plus one HTTP phase timeout at worst
 - Requests are signed when a secret is set: HMAC-SHA256 keyed with "{timestamp}\\n{secret}" over an
   empty message, base64; `timestamp` (seconds, as a string) and `sign` go in the body.
 - Any body `code` other than 0 is a failure, even on HTTP 200. Rate limits (HTTP 429, codes 9499 and
-  11232) and server errors (5xx, transport errors, timeouts) are retried with backoff; signature,
-  IP and keyword errors (19021, 19022, 19024) are configuration errors: never retried, logged as such.
+  11232), server errors (5xx) and failures to connect are retried with backoff; a post that may have
+  arrived (a read timeout, a dropped connection: `clients/transport.maybe_delivered`) is not, as
+  Feishu would show the card twice; signature, IP and keyword errors (19021, 19022, 19024) are
+  configuration errors: never retried, logged as such.
 - Each webhook stays under 5 requests a second and 100 a minute across every process sharing one
   Redis (`coordination.rate_limit.RateLimiter`); without Redis, or while Redis fails, an in-process
   limiter stands in.
@@ -37,6 +39,7 @@ import httpx
 import redis
 
 from nietest_daemon.clients.tls import shared_ssl_context
+from nietest_daemon.clients.transport import maybe_delivered
 from nietest_daemon.coordination.keys import FEISHU_RATE_LIMIT_PREFIX
 from nietest_daemon.coordination.rate_limit import RateLimiter
 from nietest_daemon.core.backoff import SPREAD, parse_retry_after
@@ -531,9 +534,13 @@ class FeishuClient:
                 timeout=httpx.Timeout(timeout),
             )
         except httpx.TimeoutException as exc:
-            return _Outcome(ok=False, retryable=True, error=f"timeout after {timeout:.1f}s ({type(exc).__name__})")
+            # A post that may have arrived is not sent again: Feishu would show the card twice.
+            error = f"timeout after {timeout:.1f}s ({type(exc).__name__})"
+            return _Outcome(ok=False, retryable=not maybe_delivered(exc), error=error)
         except httpx.HTTPError as exc:
-            return _Outcome(ok=False, retryable=True, error=redact(f"{type(exc).__name__}: {exc}")[:300])
+            error = redact(f"{type(exc).__name__}: {exc}")[:300]
+            delivered = isinstance(exc, httpx.TransportError) and maybe_delivered(exc)
+            return _Outcome(ok=False, retryable=not delivered, error=error)
         except httpx.InvalidURL:  # not an HTTPError; the URL itself is never echoed, and retrying cannot help
             return _Outcome(ok=False, error="the webhook URL is not a valid URL")
         status = response.status_code

@@ -25,6 +25,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from nietest_daemon.clients.tls import shared_ssl_context
+from nietest_daemon.clients.transport import maybe_delivered
 from nietest_daemon.core.backoff import EQUAL, backoff, parse_retry_after
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.loopback import is_loopback
@@ -570,7 +571,7 @@ class NietaClient:
     ) -> _Answer:
         """One call with the retry budget; returns a 2xx answer or raises NietaError.
         `resend_in_doubt=False` (a create): a failure after the request may have reached the API
-        (`_maybe_delivered`) ends the call at once with an `in_doubt` error instead of a retry."""
+        (`maybe_delivered`) ends the call at once with an `in_doubt` error instead of a retry."""
         attempt = 0
         while True:
             retry_after: float | None = None
@@ -580,12 +581,12 @@ class NietaClient:
                 raise NietaError(f"{what}: cannot send request ({type(exc).__name__})", retryable=False) from None
             except httpx.TimeoutException as exc:
                 error = NietaError(f"{what}: {_timeout_text(exc)}", retryable=True)
-                if not resend_in_doubt and _maybe_delivered(exc):
+                if not resend_in_doubt and maybe_delivered(exc):
                     raise _in_doubt(error) from None
             except httpx.TransportError as exc:
                 detail = self._scrub(_excerpt(str(exc), 200)) or type(exc).__name__
                 error = NietaError(f"{what}: {_transport_text(exc)} ({detail})", retryable=True)
-                if not resend_in_doubt and _maybe_delivered(exc):
+                if not resend_in_doubt and maybe_delivered(exc):
                     raise _in_doubt(error) from None
             except httpx.HTTPError as exc:  # decoding errors and the like: a garbled answer
                 detail = self._scrub(_excerpt(str(exc), 200)) or type(exc).__name__
@@ -638,12 +639,6 @@ class NietaClient:
 def _api(is_lumina: bool) -> str:
     """The metrics' `api` label of a host."""
     return "lumina" if is_lumina else "standard"
-
-
-def _maybe_delivered(exc: httpx.TransportError) -> bool:
-    """Whether the request may have reached the server: anything but a failure to connect (or to get
-    a connection from the pool), after which no byte of it went out."""
-    return not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
 
 
 def _in_doubt(error: NietaError) -> NietaError:
