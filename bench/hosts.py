@@ -2,7 +2,7 @@
 is killed, cut off, cut off in the middle of handing back another's work, or the broker crashes.
 
     .venv/bin/python bench/hosts.py [--subtasks 600] [--lost-seconds 5] [--partition-seconds 60]
-                                    [--faults kill,partition,taker,broker]
+                                    [--faults kill,partition,taker,broker,failover]
 
 The multi-host rig (nietest_daemon/testing/multihost.py) puts three hosts `h1..h3` on this machine as
 network namespaces, each running a real `nietest daemon` under its own NIETEST_HOST_NAME, and one
@@ -22,7 +22,8 @@ Lumina subtasks: bench/chaos.py's task) at real polling intervals scaled down, s
   claims it (`taken_over_by`) is cut off inside the pause, before it hands anything back; the third
   one resumes the hand-back once the taker's lock lapses (and declares the taker lost too); heal;
 - **broker**: the broker SIGKILLed and started again on its append-only file with every host
-  running: nothing lost, no double job, and no host declared lost.
+  running: nothing lost, no double job, and no host declared lost;
+- **failover**: the broker's primary SIGKILLed twice, under Sentinel, on two hosts of its own (bench/failover.py).
 
 After each run it checks (bench/chaos.py's checks): every subtask in exactly one terminal state;
 the task's counters equal a recount; no subtask created more image jobs than it was owed (one, plus
@@ -71,13 +72,15 @@ from nietest_daemon.testing.fake_nieta import FakeNieta
 from nietest_daemon.testing.multihost import Rig, postgres_bindir
 from nietest_daemon.testing.waiting import wait_for
 
-FAULTS = ("kill", "partition", "taker", "broker")
+FAULTS = ("kill", "partition", "taker", "broker", "failover")
 WHAT = {
     "baseline": "none (baseline)",
     "kill": "kill h3 (SIGKILL, every process)",
     "partition": "partition h2 {p:g} s, heal",
     "taker": "kill h3, partition its taker",
     "broker": "kill -9 the broker, restart",
+    "sentinel": "none (2 hosts, Sentinel: baseline)",
+    "failover": "kill -9 the primary, twice",
 }
 KILLED, CUT = "h3", "h2"
 WORKER_GROUPS = chaos.WORKER_GROUPS
@@ -97,6 +100,8 @@ class HostsConfig:
     threads: int = 6  # per subtask / subtask_ops worker process (one process each per host)
     heartbeat_timeout: float = 60.0  # NIETEST_BROKER_HEARTBEAT_TIMEOUT (its default)
     timeout: float = 600.0  # a run's campaign must end within this
+    hosts: int = 3
+    sentinels: bool = False  # the broker: a primary, a replica, three Sentinels (bench/failover.py), not one valkey
 
 
 @dataclass
@@ -183,8 +188,8 @@ class Cluster:
 
     def _build(self) -> None:
         begun = time.monotonic()
-        self.rig = self._stack.enter_context(Rig(hosts=3))
-        self.rig.start_redis()
+        self.rig = self._stack.enter_context(Rig(hosts=self.cfg.hosts))
+        self.rig.start_sentinels() if self.cfg.sentinels else self.rig.start_redis()
         self.rig.start_postgres()
         with self.rig.entered("svc"):
             self.api = FakeNieta(
@@ -198,8 +203,8 @@ class Cluster:
         self.store = RigStore(self.rig)
         self._stack.callback(self.store.close)
         self.start("h1")  # alone first: it makes the store's tables
-        self.start("h2", "h3")
-        self.say(f"rig {self.rig.prefix}: 3 hosts, broker, store and fakes up in {time.monotonic() - begun:.1f} s")
+        self.start(*self.rig.hosts[1:])
+        self.say(f"rig {self.rig.prefix}: {self.cfg.hosts} hosts, services up in {time.monotonic() - begun:.1f} s")
 
     def __enter__(self) -> Cluster:
         return self
@@ -614,16 +619,17 @@ def check_host_alerts(report: HostsReport, hook: FakeFeishu, since: int, lost: s
 
 
 def run_series(cfg: HostsConfig, faults: list[str], say: Callable[[str], None] = print) -> list[HostsReport]:
-    """The baseline, then each fault, on one cluster; the "taker" run last (it restarts the daemons)."""
-    order = sorted(faults, key=lambda f: f == "taker")
+    """The baseline, then each fault, on one cluster (the "taker" last: it restarts the daemons); "failover" apart."""
+    order = sorted((f for f in faults if f != "failover"), key=lambda f: f == "taker")
     reports: list[HostsReport] = []
-    with Cluster(cfg, say) as cluster:
-        baseline = run_fault(cluster, "baseline")
-        reports.append(baseline)
-        say(row(baseline, cfg))
-        for fault in order:
-            reports.append(run_fault(cluster, fault, baseline))
+    with Cluster(cfg, say) if order else contextlib.nullcontext() as cluster:
+        for fault in ["baseline", *order] if order else []:
+            reports.append(run_fault(cluster, fault, reports[0] if reports else None))
             say(row(reports[-1], cfg))
+    if "failover" in faults:
+        from bench import failover  # it builds on this module
+
+        reports += failover.run_series(cfg, say)
     return reports
 
 
@@ -665,8 +671,7 @@ def main() -> int:
     parser.add_argument("--faults", default=",".join(FAULTS), help=f"a comma-separated subset of {','.join(FAULTS)}")
     args = parser.parse_args()
     faults = [f for f in args.faults.split(",") if f]
-    unknown = sorted(set(faults) - set(FAULTS))
-    if unknown:
+    if unknown := sorted(set(faults) - set(FAULTS)):
         parser.error(f"unknown faults {unknown}; known: {', '.join(FAULTS)}")
     if reason := Rig.available() or (None if postgres_bindir() else "PostgreSQL is not installed"):
         print(f"bench/hosts.py cannot run here: {reason}", file=sys.stderr)
@@ -674,7 +679,7 @@ def main() -> int:
     cfg = HostsConfig(subtasks=args.subtasks, lost_seconds=args.lost_seconds, partition_seconds=args.partition_seconds)
     print(f"python {platform.python_version()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
     print(
-        f"3 hosts (1 master, 1 subtask and 1 subtask_ops process of {cfg.threads} threads each); "
+        f"3 hosts, 2 for the failover (1 master, 1 subtask and 1 subtask_ops process of {cfg.threads} threads each); "
         f"{cfg.subtasks} subtasks, NIETEST_MAX_JOBS {cfg.max_jobs} (+ as many Lumina), generation "
         f"{cfg.generation_time:g} s, polling {cfg.polling_interval:g} s; NIETEST_HOST_LOST_SECONDS "
         f"{cfg.lost_seconds:g}; faults at {cfg.fault_at:.0%} of the subtasks",
@@ -682,8 +687,7 @@ def main() -> int:
     )
     print(HEADER, flush=True)
     reports = run_series(cfg, faults, lambda line: print(line, flush=True))
-    print()
-    print(HEADER)
+    print(f"\n{HEADER}")
     for report in reports:
         print(row(report, cfg))
     for report in reports:

@@ -20,7 +20,14 @@ from typing import Any
 
 import pytest
 
-from nietest_daemon.coordination.events import FailureRun, HostBack, HostLost, QueueRecovered, WorkerUnresponsive
+from nietest_daemon.coordination.events import (
+    BrokerFailover,
+    FailureRun,
+    HostBack,
+    HostLost,
+    QueueRecovered,
+    WorkerUnresponsive,
+)
 from nietest_daemon.core.redaction import set_secrets
 from nietest_daemon.core.settings import load
 from nietest_daemon.domain.process_state import ProcessState
@@ -447,6 +454,12 @@ def _inputs(clock: Clock) -> dict[str, tuple[Input, Callable[[Engine, list[Alert
             FromBroker(HostBack("h9", 20.0, 2, wall), mono),
             lambda engine, sent: [a.title for a in sent] == ["Host back: h9"] and "2 workers" in sent[0].content,
         ),
+        "broker failover": (
+            FromBroker(BrokerFailover("nietest", "10.0.0.1:6379", "10.0.0.2:6379", 1, "h1", wall), mono),
+            lambda engine, sent: (
+                [a.title for a in sent] == ["Broker failover: nietest now at 10.0.0.2:6379 (was 10.0.0.1:6379)"]
+            ),
+        ),
         "listener restart": (
             ListenerRestart(pid=77, started_at=wall - 30, restarts=1, mono=mono),
             lambda engine, sent: (
@@ -503,6 +516,7 @@ def test_the_shutdown_drain_hands_every_kind_of_input_to_the_engine(
         "queue_recovered",
         "host_lost",
         "host_back",
+        "broker_failover",
         "listener_restart",
     }
     assert engine.procs["subtask:subtask_03"].pid == 43 and engine.broker_down_since is not None

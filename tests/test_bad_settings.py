@@ -43,7 +43,13 @@ BAD: dict[str, list[str]] = {
         "redis://:{secret}@h:99999/0",
         "unix://",
         "127.0.0.1:6379",
+        "redis+sentinel://:{secret}@h1:26379,h2:26379",  # no master name
+        "redis+sentinel://:{secret}@h1:notaport/mymaster/0",
+        "rediss+sentinel://:{secret}@h1:26379/mymaster/99",
+        "redis+sentinel://:{secret}@,h2:26379/mymaster",
     ],
+    # wrong without a redis+sentinel:// BROKER_REDIS_URL (the only thing it is for)
+    "NIETEST_REDIS_SENTINEL_PASSWORD": ["{secret}"],
     "REDIS_HOST": ["bad host", "user:{secret}@h", "a/b"],
     "REDIS_PORT": ["70000", "0", "six"],
     "REDIS_DB": ["16", "-1", "zero"],

@@ -28,10 +28,13 @@ import psycopg
 import pytest
 import redis
 from dramatiq.middleware import CurrentMessage
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from nietest_daemon.clients.feishu import SendResult
 from nietest_daemon.clients.nieta import NietaClient
 from nietest_daemon.coordination import keys, markers, streaks
+from nietest_daemon.coordination.connection import NotReplicated
 from nietest_daemon.coordination.scheduler import RESEND_AFTER_SECONDS
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.domain.lifecycle import Status
@@ -275,6 +278,26 @@ def test_a_create_whose_answer_was_lost_fails_its_subtask_and_is_never_sent_agai
     assert len(pipe.api.requests_to("create")) == 1 and pipe.messages(delayed=True) == []
     assert pipe.woken() == [b] and holders(pipe) == [b]  # its slot went to the next
     run_subtask(a)  # a copy of its message
+    assert len(pipe.api.requests_to("create")) == 1
+
+
+def test_no_create_goes_out_before_a_broker_replica_has_the_marker(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failover could lose a marker no replica has: the run stops before the create, clears the
+    marker and the lock, and its message is run again later (a broker outage error)."""
+    (a,) = pipe.add_task("t", 1)
+
+    def not_acknowledged(client: redis.Redis, subtask_id: str) -> None:
+        raise NotReplicated("no broker replica acknowledged")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(markers, "make_create_sent_durable", not_acknowledged)
+        with pytest.raises(NotReplicated):
+            run_subtask(a)
+    assert pipe.api.requests_to("create") == []
+    assert not pipe.ctx.redis.exists(keys.create_sent(a), keys.creating(a))
+    run_subtask(a)  # the retry, once a replica acknowledges (here: none to wait for)
     assert len(pipe.api.requests_to("create")) == 1
 
 
@@ -536,6 +559,26 @@ def test_a_create_of_a_live_process_is_waited_for_and_a_dead_ones_is_never_repea
     sub = pipe.ctx.store.get_subtask(a)
     assert sub["status"] == Status.FAILED and sub["error"] == CREATE_INTERRUPTED
     assert pipe.api.jobs == []  # no second create
+
+
+def test_an_end_of_create_cut_off_by_the_broker_is_made_again_by_the_housekeeping(pipe: Pipeline) -> None:
+    """A run cut off by a broker outage (a failover) before its create went out: its marker must not
+    make every later run wait for a create that is not in flight while this process lives."""
+    (a,) = pipe.add_task("t", 1)
+    client = pipe.ctx.redis
+    client.set(keys.create_sent(a), markers.process_token())
+    client.set(keys.creating(a), "msg-1")
+    away = redis.Redis(unix_socket_path="/nonexistent/broker.sock", retry=Retry(NoBackoff(), 0))
+    with pytest.raises(redis.ConnectionError):
+        markers.end_create(away, a, "msg-1", clear_create_sent=True, poll="poll-1")
+    assert client.exists(keys.create_sent(a), keys.creating(a)) == 2
+    with pytest.raises(redis.ConnectionError):
+        markers.end_pending_creates(away)  # still away: kept for the next round
+    assert markers.end_pending_creates(client) == 1
+    assert not client.exists(keys.create_sent(a), keys.creating(a), keys.poll_chain(a))  # no stale poll made current
+    assert markers.end_pending_creates(client) == 0
+    run_subtask(a)
+    assert len(pipe.api.requests_to("create")) == 1
 
 
 def test_the_create_marker_is_cleared_once_the_job_is_stored(pipe: Pipeline) -> None:

@@ -7,6 +7,8 @@
   Lua script of coordination/streaks.py, whose JSON these match; the alerts listener drains them).
 - `HostLost` / `HostBack`: a host was declared lost and its work handed back / it beats again
   (coordination/hosts.py pushes them; the alerts listener of any host drains them, so one sends).
+- `BrokerFailover`: the Sentinels named a new primary of the broker (programs/alerts/failover.py:
+  the alerts listener of the one daemon that recorded the change on the broker first sends it).
 - `RecycleMark`: a worker about to exit to be recycled says so (programs/worker.py), under a key
   of its own per process and pid with a TTL (coordination/counters.py). The watchdog and the
   alerts listener both read it; neither deletes it.
@@ -243,6 +245,36 @@ HostEvent = HostLost | HostBack
 def host_event_from_dict(data: object) -> HostEvent:
     kind = data.get("kind") if isinstance(data, Mapping) else None
     return HostBack.from_dict(data) if kind == HostBack.KIND else HostLost.from_dict(data)
+
+
+@dataclass(frozen=True)
+class BrokerFailover(_Event):
+    """The Sentinels name `new` ("host:port") as the primary of `master`, after `old`: a failover,
+    seen first by host `seen_by`; `epoch` is the Sentinels' config epoch of `new` (one more per failover)."""
+
+    KIND: ClassVar[str] = "broker_failover"
+
+    master: str
+    old: str
+    new: str
+    epoch: int
+    seen_by: str
+    at: float  # unix time it was seen
+
+    @classmethod
+    def from_dict(cls, data: object) -> BrokerFailover:
+        return _decode(
+            cls.KIND,
+            data,
+            lambda d: cls(
+                master=str(d["master"]),
+                old=str(d["old"]),
+                new=str(d["new"]),
+                epoch=int(d["epoch"]),
+                seen_by=str(d["seen_by"]),
+                at=float(d["at"]),
+            ),
+        )
 
 
 def decode_each(decode: Callable[[object], T], items: Iterable[object], what: str) -> list[T]:

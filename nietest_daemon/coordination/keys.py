@@ -179,6 +179,11 @@ def alive_pattern(host: str) -> str:
     return f"{PREFIX}:alive:{host}:*"
 
 
+# --- the broker's primary (programs/alerts/failover.py) -----------------------------------------
+#: The primary as the alerts listeners last recorded it, "<config epoch> <host:port>" (with a Sentinel
+#: URL only): the listener whose compare-and-set changes it reports the failover.
+BROKER_PRIMARY = f"{PREFIX}:broker:primary"
+
 # --- tasks and periodic work --------------------------------------------------------------------
 
 

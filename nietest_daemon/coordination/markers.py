@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import uuid
 from collections.abc import Iterable
 
 import redis
+from redis.client import Pipeline
 
 from nietest_daemon.coordination import keys
-from nietest_daemon.coordination.connection import ScriptCall, as_text, lua_script
+from nietest_daemon.coordination.connection import (
+    BROKER_OUTAGE_ERRORS,
+    ScriptCall,
+    as_text,
+    lua_script,
+    replicated,
+)
 from nietest_daemon.core.settings import default_host_name
 
 CHAIN_TTL_SECONDS = 86400
@@ -77,9 +85,39 @@ def end_create(
     same round trip: `clear_create_sent` when this run claimed the marker and no create of its is
     in doubt (the job uuid is stored, the API answered, or no request went out), and `poll`, the id
     of the poll message just enqueued, made the subtask's current poll."""
+    try:
+        _end_create(client, subtask_id, owner, clear_create_sent, poll)
+    except BROKER_OUTAGE_ERRORS:
+        # Cut off by a broker outage (a failover, a restart): left as it is, the marker would make every
+        # later run of the subtask wait for a create that is not in flight, while this process lives.
+        # The worker's housekeeping makes the call again (`end_pending_creates`), without the poll: by
+        # then a later poll may be current.
+        with _pending_lock:
+            _pending_ends[subtask_id] = (owner, clear_create_sent)
+        raise
+
+
+def end_pending_creates(client: redis.Redis) -> int:
+    """Make again the `end_create` calls a broker outage cut off (in this process); how many were
+    made. Raises on a broker error (the rest wait for the next call)."""
+    with _pending_lock:
+        pending = list(_pending_ends.items())
+    for subtask_id, (owner, clear) in pending:
+        _end_create(client, subtask_id, owner, clear, None)
+        with _pending_lock:
+            if _pending_ends.get(subtask_id) == (owner, clear):
+                del _pending_ends[subtask_id]
+    return len(pending)
+
+
+_pending_ends: dict[str, tuple[str, bool]] = {}  # subtask id -> (lock owner, clear the marker)
+_pending_lock = threading.Lock()
+
+
+def _end_create(client: redis.Redis, subtask_id: str, owner: str, clear: bool, poll: str | None) -> None:
     _END_CREATE(
         keys=[keys.creating(subtask_id), keys.create_sent(subtask_id), keys.poll_chain(subtask_id)],
-        args=[owner, int(clear_create_sent), poll or "", CHAIN_TTL_SECONDS],
+        args=[owner, int(clear), poll or "", CHAIN_TTL_SECONDS],
         client=client,
     )
 
@@ -152,13 +190,23 @@ def release_retry_lock(client: redis.Redis, task_id: str, token: str) -> bool:
 
 
 def count_timeout(client: redis.Redis, subtask_id: str, job_uuid: str) -> int:
-    """Record that this job ended TIMEOUT; return how many of the subtask's jobs did."""
+    """Record that this job ended TIMEOUT; return how many of the subtask's jobs did. The count
+    decides whether a new job is paid for: a replica has it before this returns (`replicated`)."""
     key = keys.timeouts(subtask_id)
-    with client.pipeline() as pipe:
+
+    def write(pipe: Pipeline) -> None:
         pipe.sadd(key, job_uuid)
         pipe.expire(key, CREATE_SENT_TTL_SECONDS)
         pipe.scard(key)
-        return int(pipe.execute()[2])
+
+    return int(replicated(client, write)[2])
+
+
+def make_create_sent_durable(client: redis.Redis, subtask_id: str) -> None:
+    """Before a create goes out: a replica of the broker has the create-sent marker (and everything
+    written before it), so that a failover cannot lose it and let a copy pay again. Raises
+    `NotReplicated` (a broker outage: the run is tried again later, the marker cleared meanwhile)."""
+    replicated(client, lambda pipe: pipe.expire(keys.create_sent(subtask_id), CREATE_SENT_TTL_SECONDS))
 
 
 # --- alive marks ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from nietest_daemon.core.broker_urls import SentinelTarget, is_sentinel_url, parse_sentinel_url
 from nietest_daemon.core.redaction import MIN_SECRET_CHARS, redact, redact_url
 from nietest_daemon.core.store_urls import ESCAPE_HINT as _ESCAPE_HINT
 from nietest_daemon.core.store_urls import (
@@ -159,6 +160,14 @@ def _url(*schemes: str, secret: bool = False) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+def _broker_url(raw: str) -> str:
+    """BROKER_REDIS_URL: one server (redis, rediss, unix) or its Sentinels (redis+sentinel, rediss+sentinel)."""
+    if is_sentinel_url(raw.strip()):
+        parse_sentinel_url(raw)  # ValueError: what is wrong, without the password
+        return raw.strip()
+    return _url("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")(raw)
 
 
 def _store_url(raw: str) -> str:
@@ -332,6 +341,7 @@ class Settings:
     run_dir: Path
     queues: dict[str, QueueSettings]
     external_broker_url: str | None  # None: the embedded valkey-server
+    redis_sentinel_password: str | None  # of the Sentinels, with a redis+sentinel:// broker URL
     max_retries: int
     nieta_xtoken: str | None
     nieta_api_base_url: str
@@ -390,6 +400,12 @@ class Settings:
         return self.run_dir / "broker.sock"
 
     @property
+    def sentinel(self) -> SentinelTarget | None:
+        """The Sentinels, master and database of a `redis+sentinel://` broker URL (None for one server)."""
+        url = self.external_broker_url
+        return parse_sentinel_url(url) if url and is_sentinel_url(url) else None
+
+    @property
     def broker_url(self) -> str:
         """The URL every process connects to (the embedded broker's unix socket by default)."""
         return self.external_broker_url or f"unix://{self.broker_socket}"
@@ -440,6 +456,8 @@ class Settings:
     def broker_description(self) -> str:
         if self.embedded_broker:
             return f"embedded valkey {self.broker_url}"
+        if self.sentinel is not None:
+            return f"redis via Sentinel {self.sentinel.shown()}"
         return f"redis {redact_url(self.broker_url)}"
 
     def owner_weight(self, owner: str) -> float:
@@ -455,6 +473,7 @@ class Settings:
     def secrets(self) -> list[str]:
         """Values that must never appear in a log line."""
         values = [self.nieta_xtoken, self.feishu_webhook_secret, self.mongo_password, self.metrics_token]
+        values += [self.redis_sentinel_password, self.sentinel.password if self.sentinel else None]
         values += [self.feishu_webhook_url, self.feishu_task_webhook_url, self.feishu_alert_webhook_url]
         for url in (self.external_broker_url, self.mongo_uri, self.store_url):
             if url:
@@ -544,7 +563,12 @@ def _load(env: dict[str, str], seen: dict[str, None]) -> Settings:
         if names.count(queues[key].name) > 1:
             raise SettingsError(name_var, f"queue name {queues[key].name!r} is used by another queue")
 
-    broker_url = get("BROKER_REDIS_URL", _url("redis", "rediss", "unix"))
+    broker_url = get("BROKER_REDIS_URL", _broker_url)
+    sentinel_password = get("NIETEST_REDIS_SENTINEL_PASSWORD", _text)
+    if sentinel_password is not None and not is_sentinel_url(broker_url):
+        raise SettingsError(
+            "NIETEST_REDIS_SENTINEL_PASSWORD", "is set but BROKER_REDIS_URL is not a redis+sentinel:// URL"
+        )
     redis_host = get("REDIS_HOST", _host)
     redis_port = get("REDIS_PORT", _int(1, 65535), 6379)
     redis_db = get("REDIS_DB", _int(0, 15), 0)
@@ -572,6 +596,7 @@ def _load(env: dict[str, str], seen: dict[str, None]) -> Settings:
         run_dir=run_dir,
         queues=queues,
         external_broker_url=broker_url,
+        redis_sentinel_password=sentinel_password,
         max_retries=get("MAX_RETRIES", _int(0, 100), 0),
         nieta_xtoken=get("NIETA_XTOKEN", _token),
         nieta_api_base_url=get("NIETA_API_BASE_URL", _url("http", "https"), "https://api.talesofai.cn"),

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from nietest_daemon.clients.feishu import Severity
 from nietest_daemon.coordination import keys
-from nietest_daemon.coordination.connection import as_text
+from nietest_daemon.coordination.connection import as_text, replicated
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.domain.lifecycle import TERMINAL, Status, is_partial
 from nietest_daemon.pipeline.messages import SEND_NOTICE, enqueue, owner_of_current_message
@@ -153,7 +153,8 @@ def deliver(ctx: Context, task_id: str, event: str, round: int = 1, snapshot: Ma
     # mid-post) may post again.
     marker = keys.notice(task_id, event, round)
     claim = f"sending:{owner_of_current_message()}"
-    if not ctx.redis.set(marker, claim, nx=True, ex=MARKER_TTL_SECONDS):
+    # The claim is on a replica before the post (`replicated`): a broker failover cannot lose it.
+    if not replicated(ctx.redis, lambda pipe: pipe.set(marker, claim, nx=True, ex=MARKER_TTL_SECONDS))[0]:
         held = ctx.redis.get(marker)
         if held is None or as_text(held) != claim:
             return

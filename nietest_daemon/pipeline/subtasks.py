@@ -192,6 +192,8 @@ class CreateRun:
 
 
 def _create_job(ctx: Context, subtask_id: str, lane: Lane, errors: int, run: CreateRun) -> None:
+    if run.claimed:  # before anything can send a create: a broker failover must not lose the marker
+        markers.make_create_sent_durable(ctx.redis, subtask_id)
     doc = ctx.store.start_subtask(subtask_id)
     if doc is None:  # became terminal meanwhile
         release_slot(ctx, subtask_id, lane)

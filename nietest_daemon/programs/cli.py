@@ -217,6 +217,10 @@ COMMANDS: dict[str, Command] = {
 #: `nietest status TASK_ID`: that task, rather than the daemon.
 TASK_STATUS = Command("task_commands:status", ("task_id",), ("as_json",))
 
+#: The commands that need the broker: with a Sentinel URL they first ask the Sentinels for the
+#: primary, and stop with one line naming BROKER_REDIS_URL when none can name it (daemon.sentinel_problem).
+BROKER_COMMANDS = tuple(COMMANDS[name] for name in ("daemon", "status", "submit", "cancel", "retry"))
+
 
 def command_of(args: argparse.Namespace) -> Command:
     if args.command == "status" and args.task_id:
@@ -233,6 +237,13 @@ def run(argv: list[str]) -> int:
     except SettingsError as exc:
         print(f"nietest: configuration error: {exc}", file=sys.stderr)
         return 2
+    if settings.sentinel is not None and command_of(args) in BROKER_COMMANDS:
+        from nietest_daemon.programs.daemon import sentinel_problem  # here: only with a Sentinel URL
+
+        problem = sentinel_problem(settings)
+        if problem:
+            print(f"nietest: {problem}", file=sys.stderr)
+            return 1
     from nietest_daemon.store.base import StoreError
 
     try:

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from nietest_daemon.coordination import hosts
-from nietest_daemon.coordination.connection import redis_client
+from nietest_daemon.coordination.connection import ask_sentinels, broker_primary, redis_client
 from nietest_daemon.core.logs import iso_timestamp
 from nietest_daemon.core.redaction import redact, set_secrets
 from nietest_daemon.core.settings import Settings
@@ -180,6 +182,51 @@ def take_host_name(settings: Settings, daemon_id: str) -> str | None:
     finally:
         client.close()
     return None
+
+
+def sentinel_problem(settings: Settings) -> str | None:
+    """With a `redis+sentinel://` broker URL, what keeps it from naming a usable primary, as the one
+    line a command prints before it exits (None: the Sentinels know the master, or the URL names one
+    server). No Sentinel answers, none knows the master name, they or the primary refuse the password:
+    the line names BROKER_REDIS_URL and shows the URL without its password. A primary that does not
+    answer is not a problem here: during a failover the workers wait for the next one."""
+    target = settings.sentinel
+    if target is None:
+        return None
+    views = ask_sentinels(settings)
+    url = target.shown()
+    answered = [v for v in views if v.masters is not None]
+    if not answered:
+        errors = "; ".join(dict.fromkeys(_short(v.error or "") for v in views))  # each once
+        if all(v.refused for v in views):
+            what = "the Sentinels refuse us (NIETEST_REDIS_SENTINEL_PASSWORD?)"
+        else:
+            what = "no Sentinel answers"
+        return _one_line(f"BROKER_REDIS_URL: {what} at {url} ({errors})")
+    if not any(target.master in (v.masters or {}) for v in answered):
+        known = sorted({name for v in answered for name in v.masters or {}})
+        watched = f"they watch {', '.join(map(repr, known))}" if known else "they watch no master"
+        return _one_line(f"BROKER_REDIS_URL: the Sentinels know no master {target.master!r} ({watched}): {url}")
+    client = redis_client(settings, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        primary = broker_primary(settings) or "?"
+        return _one_line(f"BROKER_REDIS_URL: the primary {primary} refuses the URL's user or password ({exc}): {url}")
+    except (redis.RedisError, OSError):
+        return None  # down, or failing over: the workers wait for it
+    finally:
+        client.close()
+    return None
+
+
+def _short(error: str) -> str:
+    """One Sentinel's error, at most 160 characters (the same error from each is shown once)."""
+    return error if len(error) <= 160 else error[:159] + "…"
+
+
+def _one_line(text: str) -> str:
+    return redact(" ".join(text.split()))[:600]
 
 
 def _hand_back_predecessor(settings: Settings, previous: hosts.HostRecord) -> None:

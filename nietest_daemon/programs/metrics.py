@@ -43,7 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from nietest_daemon.coordination import counters, hosts
-from nietest_daemon.coordination.connection import redis_client
+from nietest_daemon.coordination.connection import broker_primary, redis_client
 from nietest_daemon.coordination.hosts import HostState
 from nietest_daemon.coordination.scheduler import Scheduler
 from nietest_daemon.core.logs import get_logger
@@ -122,6 +122,14 @@ class Probe:
             return redact(f"{type(exc).__name__}: {exc}")[:300]
         return None
 
+    def primary(self) -> str | None:
+        """ "host:port" of the broker's server now (with Sentinels: the primary they name, else None)."""
+        try:
+            return broker_primary(self.settings)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("cannot ask the Sentinels for the primary", error=redact(str(exc))[:300])
+            return None
+
     def store_error(self) -> str | None:
         try:
             self.store().count_tasks()
@@ -147,6 +155,13 @@ class NietestCollector(Collector):
         yield from self._processes(infos or [])
         broker_ok = self.probe.broker_error() is None
         yield _gauge("nietest_broker_up", "1 when the broker answers a PING.", [], [([], broker_ok)])
+        primary = self.probe.primary()
+        yield _gauge(
+            "nietest_broker_primary",
+            "1 for the broker's server now: the primary the Sentinels name (none when none does), or the one server.",
+            ["address"],
+            [([primary], 1)] if primary else [],
+        )
         if broker_ok:
             try:
                 yield from self._broker(infos or [])

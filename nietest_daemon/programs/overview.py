@@ -13,7 +13,7 @@ import redis
 from dramatiq.errors import DecodeError
 
 from nietest_daemon.coordination import hosts, keys, lifelines
-from nietest_daemon.coordination.connection import as_text, redis_client
+from nietest_daemon.coordination.connection import as_text, broker_primary, redis_client
 from nietest_daemon.coordination.hosts import HostRecord, HostState
 from nietest_daemon.coordination.scheduler import OwnerShare, Scheduler, TaskShare
 from nietest_daemon.core.settings import FairShare, Settings
@@ -66,6 +66,8 @@ def collect(settings: Settings) -> dict[str, Any]:
     except (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError) as exc:
         report["daemon"]["error"] = f"control socket {settings.control_socket}: {exc}"
 
+    if settings.sentinel is not None:  # where the Sentinels say the broker is now (None: none names one)
+        report["broker_primary"] = broker_primary(settings)
     client = redis_client(settings, socket_timeout=5)
     try:
         for q in settings.queues.values():
@@ -324,7 +326,10 @@ def _host_lines(entries: list[dict[str, Any]]) -> list[str]:
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = [f"broker  {report['broker']}", f"store   {report['store']}"]
+    lines = [f"broker  {report['broker']}"]
+    if "broker_primary" in report:  # a Sentinel URL: the primary they name now
+        lines.append(f"primary {report['broker_primary'] or 'none: no Sentinel names a primary now'}")
+    lines.append(f"store   {report['store']}")
     daemon = report["daemon"]
     lines.append(
         f"daemon  {'running, pid ' + str(daemon['pid']) if daemon['running'] else 'not running'}"

@@ -56,6 +56,7 @@ def _housekeeping(broker: NietestRedisBroker, queue_name: str, interval: float, 
     while True:
         try:
             markers.mark_alive(broker.client, 3 * interval)
+            markers.end_pending_creates(broker.client)
             broker.maintain(queue_name)
             broker.maintain(delay_queue_name(queue_name))
         except (redis.RedisError, OSError) as exc:

@@ -24,6 +24,7 @@ import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
 
+from nietest_daemon.coordination.connection import redis_client
 from nietest_daemon.core import settings as settings_module
 from nietest_daemon.domain.process_state import ProcessState
 from nietest_daemon.testing.waiting import wait_for
@@ -197,7 +198,7 @@ class Daemon:
     @property
     def broker(self) -> RedisBroker:
         if self._broker is None:
-            self._broker = RedisBroker(url=self.settings.broker_url, middleware=[])
+            self._broker = RedisBroker(client=redis_client(self.settings), middleware=[])
         return self._broker
 
     def send(self, queue_key: str, action: str, *args: Any, **kwargs: Any) -> dramatiq.Message[Any]:

@@ -9,15 +9,16 @@
         rig.partition("h1"); ...; rig.heal("h1")
         rig.kill_host("h2"); rig.restart_redis()
 
-The services namespace `<prefix>-svc` holds a bridge `br0` carrying the services' address, a private
-valkey (append-only file on) and a private PostgreSQL cluster, and the fake servers a test starts there
-with `entered()`. Each host namespace `<prefix>-hN` is joined to the bridge by a veth pair: `eth0` in the
-host, `hN` on the bridge. Every link lives inside the rig's own namespaces, so nothing is added to the
-machine's network, no traffic can leave them, two rigs never clash over names or addresses, and deleting
-the namespaces removes every link. The test process itself stays in the machine's namespace, where a
-rig address is not routed: a connection to one from there would leave by the default route (and on some
-machines even be answered). Reach the services with `entered()`, `redis_client()`, `connect_postgres()`,
-or from a process started with `popen()`; `testing/daemon.py: Daemon`'s own broker client cannot.
+The services namespace `<prefix>-svc` holds a bridge `br0` carrying the services' address, a private valkey (append-only
+file on) and a private PostgreSQL cluster, and the fake servers a test starts there with `entered()`. Or, for the
+broker, `start_sentinels()`: a primary, a replica and three Sentinels (`testing/sentinel.py`, `rig.sentinels`), the
+daemons given their `redis+sentinel://` URL. Each host namespace `<prefix>-hN` is joined to the bridge by a veth pair:
+`eth0` in the host, `hN` on the bridge. Every link lives inside the rig's own namespaces, so nothing is added to the
+machine's network, no traffic can leave them, two rigs never clash over names or addresses, and deleting the namespaces
+removes every link. The test process itself stays in the machine's namespace, where a rig address is not routed: a
+connection to one from there would leave by the default route (and on some machines even be answered). Reach the
+services with `entered()`, `redis_client()`, `connect_postgres()`, or from a process started with `popen()`;
+`testing/daemon.py: Daemon`'s own broker client cannot.
 
 Each rig records itself in /run/nietest-rigs/<prefix>.json (its owner's pid and start time) before it
 makes anything: `cleanup_stale()`, run when any rig starts, removes the rigs whose owner died without
@@ -43,15 +44,17 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import psycopg
 import redis
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from nietest_daemon.internals.valkey import valkey_server_path
+from nietest_daemon.testing import sentinel
 from nietest_daemon.testing.daemon import clean_env
 from nietest_daemon.testing.waiting import wait_for
 
@@ -61,6 +64,7 @@ REGISTRY = Path("/run/nietest-rigs")
 """One JSON record per live rig: what `cleanup_stale()` needs to remove it once its owner is dead."""
 REDIS_PORT = 6379
 POSTGRES_PORT = 5432
+SENTINEL_PORTS = [REDIS_PORT, REDIS_PORT + 1, 26379, 26380, 26381]  # primary, replica, three Sentinels
 """Fixed ports: each rig's services have an address (and a namespace) of their own."""
 BRIDGE = "br0"
 HOST_LINK = "eth0"
@@ -137,6 +141,23 @@ def kill_namespace(netns: str, timeout: float = 10.0) -> int:
 
     wait_for(none_left, timeout, what=f"no process left in {netns}", interval=0.01)
     return len(killed)
+
+
+def _entering(base: type[Any], enter: Callable[[], contextlib.AbstractContextManager[None]]) -> type[Any]:
+    """The redis-py connection class `base`, each of its connections made inside a namespace (`enter`)."""
+
+    def _connect(self: Any) -> Any:
+        with enter():
+            return base._connect(self)
+
+    return type(f"{base.__name__}InNamespace", (base,), {"_connect": _connect})
+
+
+def _client_in(enter: Callable[[], contextlib.AbstractContextManager[None]], host: str, port: int) -> redis.Redis:
+    """A client of host:port whose connections are made inside a namespace (`enter`), 1-2 s timeouts."""
+    conn = _entering(redis.Connection, enter)
+    pool = redis.ConnectionPool(connection_class=conn, host=host, port=port, socket_connect_timeout=1, socket_timeout=2)
+    return redis.Redis(connection_pool=pool)
 
 
 def _delete_namespace(netns: str) -> None:
@@ -319,6 +340,7 @@ class Rig:
         self._partitions: dict[str, set[str]] = {host: set() for host in self.hosts}
         self._redis_proc: subprocess.Popen[Any] | None = None
         self._redis_args: list[str] = []
+        self.sentinels: sentinel.SentinelSet | None = None
         self._closed = False
         cleanup_stale()
         self._record_path = REGISTRY / f"{self.prefix}.json"
@@ -444,18 +466,18 @@ class Rig:
     # --- clients reaching the services from the test process -------------------------------------
 
     def redis_client(self, ns: str = SERVICES, **kwargs: Any) -> redis.Redis:
-        """A client of the services' Redis whose every connection is made from inside `ns` (the test
-        process itself is in no rig namespace: it could not reach the services' address)."""
+        """A client of the services' Redis (with `start_sentinels()`: of the primary the Sentinels name now) whose
+        every connection is made from inside `ns`: the test process is in no rig namespace."""
         if self.redis_url is None:
-            raise RuntimeError("start_redis() first")
+            raise RuntimeError("start_redis() or start_sentinels() first")
         enter = functools.partial(self.entered, ns)
-
-        class InNamespace(redis.Connection):
-            def _connect(self) -> Any:
-                with enter():
-                    return super()._connect()
-
-        return redis.Redis.from_url(self.redis_url, connection_class=InNamespace, **kwargs)
+        if self.sentinels is None:
+            return redis.Redis.from_url(self.redis_url, connection_class=_entering(redis.Connection, enter), **kwargs)
+        found = Sentinel([])
+        found.sentinels = [_client_in(enter, self.services_ip, p) for p in self.sentinels.sentinel_ports]
+        managed = _entering(SentinelManagedConnection, enter)
+        client: redis.Redis = found.master_for(sentinel.MASTER, connection_class=managed, **kwargs)
+        return client
 
     def connect_postgres(self, ns: str = SERVICES, **kwargs: Any) -> psycopg.Connection[Any]:
         """A connection to the services' PostgreSQL, made from inside `ns`."""
@@ -469,7 +491,7 @@ class Rig:
     def start_redis(self) -> str:
         """A valkey-server in the services namespace, every write in its append-only file before the
         answer (so a restart loses nothing acknowledged); its URL."""
-        if self._redis_args:
+        if self._redis_args or self.sentinels:
             raise RuntimeError("the rig's Redis is started already")
         directory = self.tmp / "redis"
         directory.mkdir()
@@ -478,6 +500,26 @@ class Rig:
         self._redis_args += ["--protected-mode", "no", "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
         self.redis_url = f"redis://{self.services_ip}:{REDIS_PORT}/0"
         self.start_redis_again()
+        return self.redis_url
+
+    def start_sentinels(self, down_after_ms: int = 2000) -> str:
+        """The broker as a primary, a replica and three Sentinels (quorum 2, `down_after_ms`) in the services
+        namespace, on fixed ports (`rig.sentinels`); its `redis+sentinel://` URL, which `daemon_env` passes on."""
+        if self.redis_url is not None:
+            raise RuntimeError("the rig's broker is started already")
+        if reason := sentinel.unavailable_reason():
+            raise RuntimeError(reason)
+        quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        self.sentinels = sentinel.SentinelSet(
+            self.tmp / "sentinels",
+            host=self.services_ip,
+            ports=SENTINEL_PORTS,
+            down_after_ms=down_after_ms,
+            popen=lambda argv: self.popen(SERVICES, argv, **quiet),
+            connect=functools.partial(_client_in, functools.partial(self.entered, SERVICES)),
+        )
+        self.sentinels.start()
+        self.redis_url = self.sentinels.url(0)
         return self.redis_url
 
     def _redis_answers(self) -> bool:
@@ -649,6 +691,8 @@ class Rig:
                 problems.append(f"process {proc.pid} ({proc.args!r}) did not exit")
         self._procs = []
         self._redis_proc = None
+        if self.sentinels is not None:
+            self.sentinels.stop()  # its processes are gone: its clients are closed
         if not problems:
             self._record_path.unlink(missing_ok=True)  # else cleanup_stale() tries again once we are gone
         if problems:

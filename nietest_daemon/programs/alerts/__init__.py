@@ -28,6 +28,9 @@ FEISHU_WEBHOOK_URL; with neither, alerts are only logged):
 - **broker unreachable** (critical) / **broker reachable again** (success): the broker did not
   answer a PING for BROKER_GRACE_SECONDS. Workers wait for it with backoff (RUNNING, not
   crash-looping), so this is the one report of "workers cannot start or consume".
+- **broker failover** (warning): with a `redis+sentinel://` BROKER_REDIS_URL, the Sentinels named a
+  new primary (the old and new addresses, the master name, the config epoch). Every daemon on the
+  broker sees it; the one whose listener recorded the change on the broker first sends it (failover.py).
 - **host lost** (critical) / **host back** (success): another daemon on the broker gave no sign of
   life for NIETEST_HOST_LOST_SECONDS and one surviving daemon handed back its work (how long it was
   silent, who took over, how many messages and subtasks); then the host beats again, its workers
@@ -40,7 +43,8 @@ share one, the queue; the colour follows the severity (kinds.py).
 
 The modules: `kinds` (AlertKind: severity, title, send order), `inputs` (what the engine is
 told), `records` (what it keeps), `engine` (the rules and the coalescing), `render` (the text),
-`supervisor_log` (supervisord's log and the marker file), `listener` (the process and its threads).
+`supervisor_log` (supervisord's log and the marker file), `failover` (the Sentinels' primary watched),
+`listener` (the process and its threads).
 """
 
 from nietest_daemon.programs.alerts.listener import run

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import assert_never
 
 from nietest_daemon.clients.supervisor_events import parse_tokens
-from nietest_daemon.coordination.events import FailureRun, HostBack, HostLost, QueueRecovered, WorkerUnresponsive
+from nietest_daemon.coordination.events import (
+    BrokerFailover,
+    FailureRun,
+    HostBack,
+    HostLost,
+    QueueRecovered,
+    WorkerUnresponsive,
+)
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.domain.process_state import ALIVE, ProcessState
@@ -194,6 +201,9 @@ class Engine:
                 self._add(Item(AlertKind.HOST_LOST, None, event.host, partial(render.host_lost, event)), mono)
             case HostBack():
                 self._add(Item(AlertKind.HOST_BACK, None, event.host, partial(render.host_back, event)), mono)
+            case BrokerFailover():
+                subject = f"{event.master} now at {event.new} (was {event.old})"
+                self._add(Item(AlertKind.BROKER_FAILOVER, None, subject, partial(render.broker_failover, event)), mono)
             case _:
                 assert_never(event)
 

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nietest_daemon.coordination.events import FailureRun, HostBack, HostLost, QueueRecovered, WorkerUnresponsive
+from nietest_daemon.coordination.events import (
+    BrokerFailover,
+    FailureRun,
+    HostBack,
+    HostLost,
+    QueueRecovered,
+    WorkerUnresponsive,
+)
 from nietest_daemon.internals.supervisor import ProcessInfo
 
 
@@ -42,8 +49,8 @@ class ProcessSnapshot:
     wall: float
 
 
-#: The events other processes leave on the broker for the alerts listener.
-BrokerEvent = WorkerUnresponsive | FailureRun | QueueRecovered | HostLost | HostBack
+#: The events other processes leave on the broker for the alerts listener (and the failover its own watch finds).
+BrokerEvent = WorkerUnresponsive | FailureRun | QueueRecovered | HostLost | HostBack | BrokerFailover
 
 
 @dataclass(frozen=True)

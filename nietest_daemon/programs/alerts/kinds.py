@@ -45,6 +45,7 @@ class AlertKind(StrEnum):
     QUEUE_RECOVERED = "queue_recovered", "success", "Queue recovered: subtasks succeed again", "{n} queues recovered"
     BROKER_DOWN = "broker_down", "critical", "Broker unreachable", "Broker unreachable"
     BROKER_UP = "broker_up", "success", "Broker reachable again", "Broker reachable again"
+    BROKER_FAILOVER = "broker_failover", "warning", "Broker failover: {one}", "Broker failovers: {n}"
     HOST_LOST = "host_lost", "critical", "Host lost: {one}", "{n} hosts lost"
     HOST_BACK = "host_back", "success", "Host back: {one}", "{n} hosts back"
     LISTENER_RESTART = "listener_restart", "warning", "Alerts listener restarted", "Alerts listener restarted"

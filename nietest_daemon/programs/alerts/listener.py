@@ -9,6 +9,8 @@ Threads, so that acknowledging an event never waits for anything but supervisord
   background thread does the HTTP, the retries and the cross-process rate limit).
 - `probe`: the blocking I/O: broker PING, draining the streak, watchdog and host events, one XML-RPC
   snapshot of the processes at start.
+- `failover` (with a `redis+sentinel://` broker URL only): asks the Sentinels for the primary every
+  second; a failover this daemon recorded first goes on the inbox (failover.py).
 The main thread waits for SIGTERM (or the end of stdin), hands what is still on the inbox to
 the same `Engine.handle`, sends what is pending, removes the marker and exits 0.
 """
@@ -29,12 +31,14 @@ from nietest_daemon.clients.feishu import FeishuClient
 from nietest_daemon.clients.supervisor_events import open_protocol_streams, serve_protocol
 from nietest_daemon.coordination import counters, hosts, lifelines, streaks
 from nietest_daemon.coordination.connection import redis_client
+from nietest_daemon.coordination.events import BrokerFailover
 from nietest_daemon.core.logs import get_logger
 from nietest_daemon.core.redaction import set_secrets
 from nietest_daemon.core.settings import Settings
 from nietest_daemon.core.stopping import StopRequest, install_stop_signals
 from nietest_daemon.internals.supervisor import all_process_info, control_proxy
 from nietest_daemon.programs.alerts.engine import Engine
+from nietest_daemon.programs.alerts.failover import FailoverWatch
 from nietest_daemon.programs.alerts.inputs import (
     BrokerPing,
     FromBroker,
@@ -170,6 +174,9 @@ class Listener:
             if self.stop.wait(PROBE_INTERVAL):
                 return
 
+    def _failover_found(self, event: BrokerFailover) -> None:
+        self.inbox.put(FromBroker(event, time.monotonic()))
+
     def _rpc(self) -> xmlrpc.client.ServerProxy | None:
         """XML-RPC to the supervisord that runs us (SUPERVISOR_SERVER_URL), or None outside supervisord."""
         return control_proxy(self.server_url) if self.server_url else None
@@ -212,6 +219,10 @@ class Listener:
             threading.Thread(target=self._probe, name="probe", daemon=True),
             threading.Thread(target=self._protocol, name="protocol", daemon=True),
         ]
+        watch = FailoverWatch(self.settings, self.redis, self.host) if self.settings.sentinel else None
+        if watch is not None:
+            report = self._failover_found
+            threads.append(threading.Thread(target=watch.run, args=(self.stop, report), name="failover", daemon=True))
         for thread in threads:
             thread.start()
 
@@ -238,6 +249,8 @@ class Listener:
         self.stop.set()  # the engine and probe threads end
         threads[0].join(2.0)
         self.shutdown()
+        if watch is not None:
+            watch.close()
         if code == 0:
             self.marker.clean_stop()
         log.info("alerts listener stopped", events=self.engine.events, exit_code=code)

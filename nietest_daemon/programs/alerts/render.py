@@ -9,7 +9,14 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
-from nietest_daemon.coordination.events import FailureRun, HostBack, HostLost, QueueRecovered, WorkerUnresponsive
+from nietest_daemon.coordination.events import (
+    BrokerFailover,
+    FailureRun,
+    HostBack,
+    HostLost,
+    QueueRecovered,
+    WorkerUnresponsive,
+)
 from nietest_daemon.core.redaction import redact
 from nietest_daemon.domain.process_state import ProcessState
 from nietest_daemon.programs.alerts.kinds import AlertKind
@@ -219,6 +226,15 @@ def broker_up(broker: str, down_for: float, since: float) -> str:
     return (
         f"The broker answers again ({broker}), after {fmt_duration(down_for)} "
         f"unreachable (since {fmt_clock(since)}). Waiting workers resume on their own."
+    )
+
+
+def broker_failover(event: BrokerFailover) -> str:
+    return (
+        f"The Sentinels made **{event.new}** the primary of **{event.master}** (config epoch {event.epoch}); "
+        f"it was {event.old}. Seen at {fmt_clock(event.at)} by {event.seen_by}. Every process finds the new "
+        "primary by itself: a few seconds of broker errors, which workers wait out. Writes the old primary "
+        "had not yet passed to a replica are lost; what guards against paying twice is in docs/architecture.md."
     )
 
 
